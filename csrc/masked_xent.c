@@ -1,0 +1,92 @@
+/* Many rows -> masked NLL and top-1 hits, in parallel over the rows that count.
+ *
+ * Rows whose weight is 0 (padding) are dropped up front into a list of active rows, so
+ * padding costs neither memory traffic nor an uneven split of work between threads: the
+ * OpenMP static schedule then hands each thread an equal share of real rows.
+ */
+#include "lmonnx_xent.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+int lmx_has_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 1 when `label` is the first index holding the row maximum, as argmax would report it. */
+static int is_first_argmax(const float *row, int64_t label, float row_max)
+{
+    if (!(row[label] == row_max))
+        return 0;
+    int64_t j = 0;
+    while (!(row[j] == row_max)) /* ends at `label` at the latest */
+        ++j;
+    return j == label;
+}
+
+int lmx_masked_xent(const float *logits, int64_t n_rows, int64_t V, const int64_t *labels,
+                    const float *weights, double *nll_out, uint8_t *hit_out, int num_threads,
+                    int64_t *bad_row)
+{
+    /* Check every counted label before reading any logits: no partial results on error. */
+    int64_t n_active = 0;
+    for (int64_t i = 0; i < n_rows; ++i) {
+        if (weights && weights[i] == 0.0f)
+            continue;
+        if (labels[i] < 0 || labels[i] >= V) {
+            *bad_row = i;
+            return LMX_BAD_LABEL;
+        }
+        ++n_active;
+    }
+
+    int64_t *active = NULL;
+    if (n_active > 0) {
+        active = (int64_t *)malloc((size_t)n_active * sizeof(int64_t));
+        if (!active)
+            return LMX_NO_MEMORY;
+    }
+    int64_t k = 0;
+    for (int64_t i = 0; i < n_rows; ++i) {
+        if (weights && weights[i] == 0.0f) {
+            nll_out[i] = 0.0;
+            if (hit_out)
+                hit_out[i] = 0;
+        } else {
+            active[k++] = i;
+        }
+    }
+
+    (void)lmx_simd_path(); /* pick the SIMD path once, before threads start */
+#ifdef _OPENMP
+    if (num_threads <= 0)
+        num_threads = omp_get_max_threads();
+    if ((int64_t)num_threads > n_active)
+        num_threads = n_active > 0 ? (int)n_active : 1;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
+#else
+    (void)num_threads;
+#endif
+    for (int64_t a = 0; a < n_active; ++a) {
+        int64_t i = active[a];
+        const float *row = logits + i * V;
+        const float *next = a + 1 < n_active ? logits + active[a + 1] * V : NULL;
+        float row_max;
+        double lse = lmx_logsumexp_row(row, V, &row_max, next, V);
+        double nll = lse - (double)row[labels[i]];
+        nll_out[i] = weights ? (double)weights[i] * nll : nll;
+        if (hit_out)
+            hit_out[i] = (uint8_t)is_first_argmax(row, labels[i], row_max);
+    }
+    free(active);
+    return LMX_OK;
+}

@@ -1,0 +1,141 @@
+# cython: language_level=3, boundscheck=False
+"""Cython boundary of the masked cross-entropy kernel.
+
+The layers, from the bottom up:
+  1. csrc/logsumexp.c   - one row's log-sum-exp with SIMD chosen at run time (C, no Python);
+  2. csrc/masked_xent.c - many rows: label checks, masked rows skipped, OpenMP over the rest;
+  3. this module        - checks shapes and dtypes while holding the GIL, converts the small
+                          arrays (labels, mask), then calls layer 2 with the GIL released;
+  4. lmonnx/xent.py     - the public facade: reductions and the documented signature.
+
+Logits are never copied when they are float32 and C-contiguous (read-only and memory-mapped
+arrays included); anything else non-contiguous is copied once, float64 logits are refused
+rather than silently doubled in memory.
+"""
+
+import numpy as np
+
+from libc.stdint cimport int64_t, uint8_t
+
+
+cdef extern from "lmonnx_xent.h" nogil:
+    int LMX_OK
+    int LMX_BAD_LABEL
+    int LMX_NO_MEMORY
+    int lmx_masked_xent(const float *logits, int64_t n_rows, int64_t V,
+                        const int64_t *labels, const float *weights,
+                        double *nll_out, uint8_t *hit_out,
+                        int num_threads, int64_t *bad_row)
+    const char *lmx_simd_path()
+    int lmx_force_simd_path(const char *name)
+    int lmx_has_openmp()
+
+
+def simd_path():
+    """Name of the SIMD path in use: ``"avx512f"``, ``"avx2"`` or ``"scalar"``."""
+    return lmx_simd_path().decode()
+
+
+def force_simd_path(str name):
+    """Use another SIMD path (tests and benchmarks); ``ValueError`` if this CPU lacks it."""
+    if lmx_force_simd_path(name.encode()) != 0:
+        raise ValueError(f"SIMD path {name!r} is not available on this CPU")
+
+
+def has_openmp():
+    """True when the extension was built with OpenMP (else the kernel runs serially)."""
+    return bool(lmx_has_openmp())
+
+
+def _as_logits(logits):
+    if not isinstance(logits, np.ndarray):
+        logits = np.asarray(logits)
+        if logits.dtype == np.float64:
+            logits = logits.astype(np.float32)
+    if logits.dtype != np.float32:
+        raise TypeError(
+            f"logits must be float32, got {logits.dtype}; convert with logits.astype(np.float32)")
+    if logits.ndim < 1:
+        raise ValueError("logits must have at least one axis (the vocabulary axis [..., V])")
+    if logits.shape[-1] < 1:
+        raise ValueError("logits have an empty vocabulary axis (V = 0)")
+    return np.ascontiguousarray(logits)
+
+
+def _as_labels(labels, expected_shape):
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu" or labels.dtype == np.uint64:
+        raise TypeError(f"labels must be int32 or int64 token ids, got {labels.dtype}")
+    if labels.shape != expected_shape:
+        raise ValueError(
+            f"labels shape {labels.shape} does not match logits.shape[:-1] = {expected_shape}")
+    return np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
+
+
+def _as_weights(mask, expected_shape):
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ and mask.dtype != np.uint8 and mask.dtype != np.float32:
+        raise TypeError(f"mask must be bool, uint8 or float32, got {mask.dtype}")
+    if mask.shape != expected_shape:
+        raise ValueError(f"mask shape {mask.shape} does not match labels shape {expected_shape}")
+    return np.ascontiguousarray(mask, dtype=np.float32).reshape(-1)
+
+
+def masked_token_nll(logits, labels, mask=None, bint want_hits=False, num_threads=None):
+    """Per-position NLL (nats, float64) and optionally top-1 hits, in one pass over the logits.
+
+    logits: float32 [..., V]; labels: int32/int64 [...]; mask: None or bool/uint8/float32 [...].
+    Returns ``(nll, hits)``: nll float64 [...] = mask * (logsumexp(logits) - logits[label]),
+    0 where the mask is 0; hits bool [...] (label is the first argmax, counted positions only)
+    or None when ``want_hits`` is false.
+    """
+    logits = _as_logits(logits)
+    shape = logits.shape[:-1]
+    cdef int64_t V = logits.shape[-1]
+    cdef int64_t n_rows = 1
+    for d in shape:
+        n_rows *= d
+    labels_flat = _as_labels(labels, shape)
+    weights_flat = _as_weights(mask, shape)
+
+    cdef int threads = 0
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+            raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        threads = <int>min(num_threads, 1 << 16)
+
+    nll = np.empty(n_rows, dtype=np.float64)
+    hits = np.empty(n_rows, dtype=np.uint8) if want_hits else None
+    if n_rows == 0:
+        return nll.reshape(shape), (hits.astype(bool).reshape(shape) if want_hits else None)
+
+    cdef const float[:, ::1] x = logits.reshape(n_rows, V)
+    cdef const int64_t[::1] y = labels_flat
+    cdef const float[::1] w
+    cdef const float *w_ptr = NULL
+    if weights_flat is not None:
+        w = weights_flat
+        w_ptr = &w[0]
+    cdef double[::1] out = nll
+    cdef uint8_t[::1] hit_view
+    cdef uint8_t *hit_ptr = NULL
+    if want_hits:
+        hit_view = hits
+        hit_ptr = &hit_view[0]
+    cdef int64_t bad_row = -1
+    cdef int rc
+    with nogil:
+        rc = lmx_masked_xent(&x[0, 0], n_rows, V, &y[0], w_ptr, &out[0], hit_ptr, threads,
+                             &bad_row)
+    if rc == LMX_BAD_LABEL:
+        position = tuple(int(i) for i in np.unravel_index(bad_row, shape)) if shape else ()
+        raise ValueError(
+            f"label {int(labels_flat[bad_row])} at position {position} is outside the "
+            f"vocabulary [0, {V}); masked positions are not checked")
+    if rc == LMX_NO_MEMORY:
+        raise MemoryError("lmonnx kernel could not allocate its row index")
+    return nll.reshape(shape), (hits.view(np.bool_).reshape(shape) if want_hits else None)

@@ -1,0 +1,77 @@
+"""Padding-masked sparse softmax cross-entropy, the loss of the course's language model.
+
+``masked_cross_entropy`` computes, in one pass over float32 logits and without copying them,
+
+    loss[..., t] = mask[..., t] * (logsumexp(logits[..., t, :]) - logits[..., t, labels[..., t]])
+
+the same numbers as ``tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits) *
+tf.cast(mask, tf.float32)`` followed by a reduction.  All values are natural-log NLL (nats);
+divide by ``log(2)`` for bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lmonnx import _xent
+
+REDUCTIONS = ("none", "sum", "mean", "sequence")
+
+
+def token_nll_and_hits(logits, labels, mask=None, *, num_threads=None):
+    """Per-position NLL and top-1 hits from a single pass over the logits.
+
+    Parameters
+    ----------
+    logits : float32 array [..., V]
+    labels : int32 or int64 array [...], ``labels.shape == logits.shape[:-1]``
+    mask : None, or bool / uint8 / float32 array [...], a multiplier (0 = padding, skipped)
+    num_threads : int or None (OpenMP default, i.e. ``OMP_NUM_THREADS`` or all cores)
+
+    Returns
+    -------
+    nll : float64 array [...], nats, ``mask * nll`` (0 at masked positions)
+    top1 : bool array [...], True where the label is the first argmax of its row (what
+        ``logits.argmax(-1) == labels`` gives), always False at masked positions.
+    """
+    return _xent.masked_token_nll(logits, labels, mask, True, num_threads)
+
+
+def masked_cross_entropy(logits, labels, mask=None, *, reduction="sum", num_threads=None):
+    """Masked sparse softmax cross-entropy in nats.
+
+    Parameters
+    ----------
+    logits : float32 array [..., V], C-contiguous rows are used in place (read-only and
+        memory-mapped arrays work; other layouts are copied once).
+    labels : int32 or int64 array [...], ``labels.shape == logits.shape[:-1]``.  A label
+        outside ``[0, V)`` at an unmasked position raises ``ValueError`` naming the position.
+    mask : None, or bool / uint8 / float32 array [...], multiplied in like the course's
+        ``loss * tf.cast(mask, tf.float32)``.  Positions where it is 0 are skipped: their
+        logits are not read and their labels not checked.
+    reduction : ``"none"``  float32 [...] per position (0 where masked);
+                ``"sum"``   Python float, accumulated in float64;
+                ``"mean"``  sum / sum(mask) (NaN when the mask is all zero);
+                ``"sequence"`` float64 [...-1]: the sum over the last label axis, one value
+                per sentence of a [batch, time] batch.
+    num_threads : int or None.  OpenMP threads; None uses the OpenMP default.
+
+    Numerics: max-shifted log-sum-exp with float64 totals, within 2e-5 relative of a float64
+    reference for V up to 50257 and logits up to +-1e4.  ``-inf`` logits are legal (a label
+    at ``-inf`` gives ``inf``); a NaN in a counted row gives NaN.
+    """
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    nll, _ = _xent.masked_token_nll(logits, labels, mask, False, num_threads)
+    if reduction == "none":
+        return nll.astype(np.float32)
+    if reduction == "sum":
+        return float(nll.sum(dtype=np.float64))
+    if reduction == "mean":
+        total_weight = float(np.sum(mask, dtype=np.float64)) if mask is not None else nll.size
+        return float(nll.sum(dtype=np.float64)) / total_weight if total_weight else math.nan
+    if nll.ndim == 0:
+        raise ValueError('reduction="sequence" needs labels with at least one axis [..., time]')
+    return nll.sum(axis=-1, dtype=np.float64)
