@@ -1,0 +1,5 @@
+import sys
+
+from lmonnx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,171 @@
+"""The ``lmonnx`` command line: thin subcommands over the library.
+
+User errors (bad flags, missing or undecodable files, foreign models) print one line,
+``lmonnx: error: ...``, and exit with status 1; ``--debug`` shows the traceback instead.
+TensorFlow is imported only by ``train`` and ``export``, lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 1
+
+
+def _add_encoding_errors(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                   help="undecodable UTF-8: fail naming the line (strict, default) or replace "
+                        "bad bytes with U+FFFD")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmonnx",
+        description="Stacked-LSTM word LMs: TensorFlow training, one ONNX file, fast exact scoring.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # ---- synth
+    p = sub.add_parser("synth", help="write a synthetic corpus whose true perplexity is known")
+    p.add_argument("--out", type=Path, default=Path("synth"), help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--words", type=int, default=None, help="vocabulary size of the chain")
+    p.add_argument("--train-sentences", type=int, default=None)
+    p.add_argument("--valid-sentences", type=int, default=None)
+    p.add_argument("--test-sentences", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
+
+    # ---- train
+    p = sub.add_parser("train", help="train the course's LanguageModel on a text corpus")
+    p.add_argument("corpus", type=Path, help="training text, one sentence per line")
+    p.add_argument("--valid", type=Path, default=None, help="validation text")
+    p.add_argument("--tokenizer", choices=("keras", "whitespace"), default="keras")
+    p.add_argument("--vocab-size", type=int, default=10000)
+    p.add_argument("--max-length", type=int, default=35)
+    p.add_argument("--units", type=int, default=200)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.0, help="drop rate (not keep probability)")
+    p.add_argument("--embedding-dim", type=int, default=None,
+                   help="default int(vocab_size ** 0.25), as in the course")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-2)
+    p.add_argument("--clipnorm", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("run"), help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--force", action="store_true", help="start over in an existing --out")
+    _add_encoding_errors(p)
+
+    # ---- export
+    p = sub.add_parser("export", help="export a run to one self-describing .onnx (tf2onnx)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"))
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+    # ---- evaluate
+    p = sub.add_parser("evaluate", help="perplexity and friends of text corpora")
+    p.add_argument("corpus", type=Path, nargs="+")
+    p.add_argument("--model", type=Path, default=Path("model.onnx"))
+    p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch at most")
+    p.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch at most")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--per-sentence", type=Path, default=None, help="JSON lines per sentence")
+    p.add_argument("--per-token", type=Path, default=None, help="JSON lines per token")
+    p.add_argument("--force", action="store_true", help="overwrite --per-* files")
+    _add_encoding_errors(p)
+
+    # ---- score
+    p = sub.add_parser("score", help="log-probability of sentences (arguments or stdin lines)")
+    p.add_argument("sentences", nargs="*")
+    p.add_argument("--model", type=Path, default=Path("model.onnx"))
+    p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", action="store_true")
+
+    # ---- predict
+    p = sub.add_parser("predict", help="top-k next words after a prefix")
+    p.add_argument("prefix")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--model", type=Path, default=Path("model.onnx"))
+    p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _cmd_synth(args) -> None:
+    from lmonnx.synth import write_corpus
+
+    kwargs = {k: v for k, v in dict(words=args.words, train_sentences=args.train_sentences,
+                                    valid_sentences=args.valid_sentences,
+                                    test_sentences=args.test_sentences).items() if v is not None}
+    summary = write_corpus(args.out, seed=args.seed, force=args.force, **kwargs)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_train(args) -> None:
+    from lmonnx.train.trainer import TrainConfig, train
+
+    config = TrainConfig(
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, max_length=args.max_length,
+        num_lstm_units=args.units, num_lstm_layers=args.layers, dropout=args.dropout,
+        embedding_dim=args.embedding_dim, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, clipnorm=args.clipnorm, seed=args.seed)
+    train(config, corpus=args.corpus, valid=args.valid, out_dir=args.out, errors=args.errors,
+          resume=args.resume, force=args.force)
+
+
+def _cmd_export(args) -> None:
+    from lmonnx.export import export_run
+
+    export_run(args.run_dir, args.output, opset=args.opset, force=args.force)
+
+
+def _cmd_evaluate(args) -> None:
+    from lmonnx.evaluate import run_evaluate_command
+
+    run_evaluate_command(args)
+
+
+def _cmd_score(args) -> None:
+    from lmonnx.evaluate import run_score_command
+
+    run_score_command(args)
+
+
+def _cmd_predict(args) -> None:
+    from lmonnx.evaluate import run_predict_command
+
+    run_predict_command(args)
+
+
+COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export,
+            "evaluate": _cmd_evaluate, "score": _cmd_score, "predict": _cmd_predict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("lmonnx: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        if args.debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in message:
+            message = f"{message}: {exc.filename}"
+        print(f"lmonnx: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
