@@ -1,0 +1,190 @@
+"""From word ids to padded, length-bucketed, token-budgeted batches (training and evaluation).
+
+A sentence ``w1 .. wn`` becomes one (input, target) pair of n+1 positions; the target is the
+input shifted by one, so every word and the closing ``</s>`` is predicted exactly once::
+
+    sentence            the  cat  sat
+    inputs      <s>     the  cat  sat          [2, 4, 9, 17]
+                 |       |    |    |
+                 v       v    v    v
+    targets     the     cat  sat  </s>         [4, 9, 17, 3]
+
+Pairs of different lengths share a batch by padding with 0 at the end; the mask is
+``sign(inputs)`` as in the course (every real input id is >= 1, so mask == "position is real")::
+
+                      t=0  1  2  3  4
+    inputs    row 0 [  2  4  9 17  0 ]   mask [ 1 1 1 1 0 ]   length 4
+              row 1 [  2  5  0  0  0 ]        [ 1 1 0 0 0 ]   length 2
+              row 2 [  2  6  7  8 11 ]        [ 1 1 1 1 1 ]   length 5
+    targets   row 0 [  4  9 17  3  0 ]
+              row 1 [  5  3  0  0  0 ]
+              row 2 [  6  7  8 11  3 ]
+
+With right padding a causal LSTM's outputs at real positions never see the padding, so a
+sentence's score does not depend on which other sentences share its batch.
+
+Bucketing keeps padding small: :func:`bucketed_batches` reads a bounded window of
+``lookahead`` items, sorts it by length, and cuts consecutive runs into batches whose padded
+size ``B * T_max`` stays within ``max_tokens``::
+
+    lookahead chunk (sorted by length)    batches (max_tokens = 12, max_batch_size = 4)
+    len 2 2 3 3 3 5 6 6 14           ->   [2 2 3 3] 4x3=12 | [3 5] 2x5=10 | [6 6] 2x6=12 | [14] alone
+
+An item longer than ``max_tokens`` becomes a batch of its own and is never truncated. For
+training, :func:`split_windows` cuts sentences longer than ``max_length`` into consecutive
+windows first, so no token is dropped either (the LSTM state restarts at each window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID
+
+
+def make_pair(word_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sentence ids ``w1..wn`` -> (inputs ``[BOS, w1..wn]``, targets ``[w1..wn, EOS]``), int32, n+1."""
+    words = np.asarray(word_ids, dtype=np.int32).ravel()
+    n = words.shape[0]
+    inputs = np.empty(n + 1, dtype=np.int32)
+    targets = np.empty(n + 1, dtype=np.int32)
+    inputs[0] = BOS_ID
+    inputs[1:] = words
+    targets[:n] = words
+    targets[n] = EOS_ID
+    return inputs, targets
+
+
+def split_windows(inputs, targets, max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cut one pair into consecutive windows of at most ``max_length`` positions (no token dropped)."""
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+    inputs = np.asarray(inputs)
+    targets = np.asarray(targets)
+    if inputs.shape != targets.shape or inputs.ndim != 1:
+        raise ValueError(f"inputs and targets must be 1-D of equal length, got {inputs.shape} "
+                         f"and {targets.shape}")
+    n = inputs.shape[0]
+    if n <= max_length:
+        return [(inputs, targets)]
+    return [(inputs[i:i + max_length], targets[i:i + max_length]) for i in range(0, n, max_length)]
+
+
+@dataclass
+class Batch:
+    """B pairs padded to the longest, T positions.
+
+    inputs, targets: int32 [B, T], 0 after each row's length; mask: float32 [B, T] = sign(inputs);
+    lengths: int64 [B]; keys: one caller-given key per row, in row order.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    keys: list = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        """Real (scored) positions in the batch."""
+        return int(self.lengths.sum())
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the B * T positions that are padding."""
+        size = self.inputs.size
+        return 0.0 if size == 0 else 1.0 - self.tokens / size
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+
+def pad_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], keys: Sequence | None = None) -> Batch:
+    """Pad (inputs, targets) pairs with 0 at the end into one :class:`Batch`.
+
+    ``keys`` default to the row numbers ``0 .. B-1``.
+    """
+    b = len(pairs)
+    if b == 0:
+        raise ValueError("cannot make a batch of no pairs")
+    if keys is None:
+        keys = list(range(b))
+    elif len(keys) != b:
+        raise ValueError(f"got {len(keys)} keys for {b} pairs")
+    lengths = np.empty(b, dtype=np.int64)
+    for r, (x, y) in enumerate(pairs):
+        if len(x) != len(y):
+            raise ValueError(f"row {r}: inputs have {len(x)} positions, targets {len(y)}")
+        lengths[r] = len(x)
+    t = int(lengths.max())
+    inputs = np.full((b, t), PAD_ID, dtype=np.int32)
+    targets = np.full((b, t), PAD_ID, dtype=np.int32)
+    for r, (x, y) in enumerate(pairs):
+        n = lengths[r]
+        inputs[r, :n] = x
+        targets[r, :n] = y
+    mask = np.sign(inputs).astype(np.float32)
+    return Batch(inputs, targets, mask, lengths, list(keys))
+
+
+def _check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def bucketed_batches(items: Iterable[tuple[object, np.ndarray, np.ndarray]], *, max_tokens: int,
+                     max_batch_size: int, lookahead: int = 4096,
+                     rng: np.random.Generator | None = None) -> Iterator[Batch]:
+    """Stream ``(key, inputs, targets)`` items into length-bucketed, token-budgeted batches.
+
+    Reads at most ``lookahead`` items at a time (memory is bounded by it, not by the input),
+    sorts them by length and cuts consecutive runs into batches with ``B * T_max <= max_tokens``
+    and ``B <= max_batch_size``. An item longer than ``max_tokens`` is a batch of its own, whole.
+    Every item appears in exactly one batch.
+
+    Without ``rng`` the result is deterministic (ties keep input order). With ``rng`` (training)
+    each chunk is shuffled before the stable sort, so equal lengths meet in random order, and
+    the chunk's batches are yielded in random order.
+    """
+    # Validate now, not at the first next(): a bad budget is the caller's error at the call.
+    max_tokens = _check_positive("max_tokens", max_tokens)
+    max_batch_size = _check_positive("max_batch_size", max_batch_size)
+    lookahead = _check_positive("lookahead", lookahead)
+    return _bucketed(iter(items), max_tokens, max_batch_size, lookahead, rng)
+
+
+def _bucketed(it, max_tokens: int, max_batch_size: int, lookahead: int,
+              rng: np.random.Generator | None) -> Iterator[Batch]:
+    while True:
+        chunk = list(islice(it, lookahead))
+        if not chunk:
+            return
+        if rng is not None:
+            chunk = [chunk[i] for i in rng.permutation(len(chunk))]
+        chunk.sort(key=lambda item: len(item[1]))  # stable
+        groups: list[list] = []
+        current: list = []
+        for item in chunk:
+            n = len(item[1])
+            if n > max_tokens:
+                if current:
+                    groups.append(current)
+                    current = []
+                groups.append([item])
+                continue
+            # Sorted ascending, so the newcomer sets T_max of the grown batch.
+            if current and ((len(current) + 1) * n > max_tokens or len(current) >= max_batch_size):
+                groups.append(current)
+                current = []
+            current.append(item)
+        if current:
+            groups.append(current)
+        if rng is not None:
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        for group in groups:
+            yield pad_batch([(x, y) for _, x, y in group], [k for k, _, _ in group])

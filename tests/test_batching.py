@@ -1,0 +1,150 @@
+"""Pairs, windows, padding and length bucketing."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmonnx.batching import Batch, bucketed_batches, make_pair, pad_batch, split_windows
+from lmonnx.vocab import BOS_ID, EOS_ID
+
+
+def _item(key, n, rng=None):
+    words = np.arange(4, 4 + n, dtype=np.int32) if rng is None else rng.integers(1, 50, n).astype(np.int32)
+    x, y = make_pair(words)
+    return key, x, y
+
+
+def test_make_pair():
+    x, y = make_pair(np.array([7, 8, 9]))
+    assert x.dtype == np.int32 and y.dtype == np.int32
+    assert x.tolist() == [BOS_ID, 7, 8, 9]
+    assert y.tolist() == [7, 8, 9, EOS_ID]
+    x, y = make_pair(np.array([], dtype=np.int32))
+    assert x.tolist() == [BOS_ID] and y.tolist() == [EOS_ID]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 1000), max_size=60), st.integers(1, 20))
+def test_windows_cover_every_token(words, max_length):
+    x, y = make_pair(np.array(words, dtype=np.int32))
+    windows = split_windows(x, y, max_length)
+    assert all(1 <= len(wx) <= max_length and len(wx) == len(wy) for wx, wy in windows)
+    assert np.concatenate([w[0] for w in windows]).tolist() == x.tolist()
+    assert np.concatenate([w[1] for w in windows]).tolist() == y.tolist()
+    assert len(windows) == -(-len(x) // max_length)
+
+
+def test_split_windows_errors():
+    x, y = make_pair(np.array([5, 6]))
+    with pytest.raises(ValueError):
+        split_windows(x, y, 0)
+    with pytest.raises(ValueError):
+        split_windows(x, y[:-1], 3)
+
+
+def test_pad_batch():
+    pairs = [make_pair(np.array(w, dtype=np.int32)) for w in ([4, 9, 17], [5], [6, 7, 8, 11])]
+    b = pad_batch(pairs, keys=["a", "b", "c"])
+    assert isinstance(b, Batch)
+    assert b.inputs.tolist() == [[2, 4, 9, 17, 0], [2, 5, 0, 0, 0], [2, 6, 7, 8, 11]]
+    assert b.targets.tolist() == [[4, 9, 17, 3, 0], [5, 3, 0, 0, 0], [6, 7, 8, 11, 3]]
+    assert b.inputs.dtype == np.int32 and b.targets.dtype == np.int32
+    assert b.mask.dtype == np.float32 and b.lengths.dtype == np.int64
+    np.testing.assert_array_equal(b.mask, np.sign(b.inputs).astype(np.float32))
+    assert b.lengths.tolist() == [4, 2, 5]
+    assert b.keys == ["a", "b", "c"]
+    assert b.tokens == 11
+    assert b.padding_fraction == pytest.approx(4 / 15)
+    assert pad_batch(pairs).keys == [0, 1, 2]
+    with pytest.raises(ValueError):
+        pad_batch([])
+    with pytest.raises(ValueError):
+        pad_batch(pairs, keys=[1])
+
+
+def _collect(batches):
+    seen = []
+    for b in batches:
+        for r, key in enumerate(b.keys):
+            seen.append((key, b.inputs[r, :b.lengths[r]].tolist(), b.targets[r, :b.lengths[r]].tolist()))
+    return seen
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=200), st.integers(1, 64), st.integers(1, 16),
+       st.integers(1, 50), st.booleans())
+def test_bucketing_invariants(lengths, max_tokens, max_batch_size, lookahead, shuffle):
+    items = [_item(i, n) for i, n in enumerate(lengths)]
+    rng = np.random.default_rng(0) if shuffle else None
+    batches = list(bucketed_batches(iter(items), max_tokens=max_tokens, max_batch_size=max_batch_size,
+                                    lookahead=lookahead, rng=rng))
+    seen = _collect(batches)
+    # every item exactly once, whole
+    assert sorted(k for k, _, _ in seen) == list(range(len(items)))
+    for key, x, y in seen:
+        assert x == items[key][1].tolist() and y == items[key][2].tolist()
+    for b in batches:
+        assert len(b.keys) <= max_batch_size
+        np.testing.assert_array_equal(b.mask, np.sign(b.inputs))
+        assert b.inputs.shape[1] == b.lengths.max()
+        if b.inputs.size > max_tokens:  # only a single over-long item may exceed the budget
+            assert len(b.keys) == 1 and b.lengths[0] > max_tokens
+
+
+def test_long_items_are_alone_and_whole():
+    items = [_item(0, 3), _item(1, 50), _item(2, 2), _item(3, 4)]
+    batches = list(bucketed_batches(items, max_tokens=20, max_batch_size=8))
+    long = [b for b in batches if 1 in b.keys]
+    assert len(long) == 1 and long[0].keys == [1] and long[0].inputs.shape == (1, 51)
+    assert long[0].inputs[0].tolist() == items[1][1].tolist()
+
+
+def test_bucketing_sorts_and_fills_budget():
+    items = [_item(i, n - 1) for i, n in enumerate([6, 2, 3, 14, 3, 2, 5, 6, 3])]
+    batches = list(bucketed_batches(items, max_tokens=12, max_batch_size=4))
+    assert [b.inputs.shape for b in batches] == [(4, 3), (2, 5), (2, 6), (1, 14)]
+    assert batches[0].keys == [1, 5, 2, 4]  # ties keep input order
+
+
+def test_deterministic_without_rng_reproducible_with_seed():
+    rng = np.random.default_rng(1)
+    items = [_item(i, int(n), rng) for i, n in enumerate(rng.integers(0, 30, 500))]
+
+    def run(r):
+        return [(b.keys, b.inputs.tolist()) for b in bucketed_batches(
+            items, max_tokens=100, max_batch_size=16, lookahead=128, rng=r)]
+
+    assert run(None) == run(None)
+    assert run(np.random.default_rng(7)) == run(np.random.default_rng(7))
+    assert run(np.random.default_rng(7)) != run(np.random.default_rng(8))
+    assert run(np.random.default_rng(7)) != run(None)
+
+
+def test_streaming_reads_at_most_lookahead_before_first_batch():
+    consumed = 0
+
+    def gen():
+        nonlocal consumed
+        for i in range(100_000):
+            consumed += 1
+            yield (i, *make_pair(np.full(i % 17, 5, dtype=np.int32)))
+
+    stream = bucketed_batches(gen(), max_tokens=256, max_batch_size=32, lookahead=1000)
+    first = next(stream)
+    assert consumed <= 1000
+    assert len(first.keys) >= 1
+    n = len(first.keys) + sum(len(b.keys) for b in stream)
+    assert n == 100_000 and consumed == 100_000
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_tokens=0, max_batch_size=4), dict(max_tokens=10, max_batch_size=0),
+                                    dict(max_tokens=10, max_batch_size=4, lookahead=0),
+                                    dict(max_tokens=1.5, max_batch_size=4)])
+def test_bucketing_rejects_bad_budgets(kwargs):
+    with pytest.raises(ValueError):
+        bucketed_batches([_item(0, 2)], **kwargs)  # raised at the call, before iteration
+
+
+def test_bucketing_empty_input():
+    assert list(bucketed_batches([], max_tokens=10, max_batch_size=2)) == []
