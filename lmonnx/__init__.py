@@ -17,4 +17,13 @@ from lmonnx.xent import masked_cross_entropy, token_nll_and_hits  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["masked_cross_entropy", "token_nll_and_hits", "__version__"]
+__all__ = ["Scorer", "masked_cross_entropy", "token_nll_and_hits", "__version__"]
+
+
+def __getattr__(name):
+    # Scorer pulls in onnxruntime; import it on first use so `import lmonnx` stays light.
+    if name == "Scorer":
+        from lmonnx.scorer import Scorer
+
+        return Scorer
+    raise AttributeError(f"module 'lmonnx' has no attribute {name!r}")

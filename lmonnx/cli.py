@@ -126,22 +126,114 @@ def _cmd_export(args) -> None:
     export_run(args.run_dir, args.output, opset=args.opset, force=args.force)
 
 
-def _cmd_evaluate(args) -> None:
-    from lmonnx.evaluate import run_evaluate_command
+def _refuse_overwrite(path: Path | None, force: bool) -> None:
+    if path is not None and path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
 
-    run_evaluate_command(args)
+
+def _progress_bar(path: Path):
+    """A tqdm bar over the corpus bytes on stderr, or None when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name,
+                file=sys.stderr, leave=False)
+
+
+def _cmd_evaluate(args) -> None:
+    from lmonnx.corpus import require_sentences
+    from lmonnx.evaluate import evaluate_sentences
+    from lmonnx.runtime import ModelSession
+
+    for path in (args.per_sentence, args.per_token):
+        _refuse_overwrite(path, args.force)
+    for corpus in args.corpus:  # fail before the model loads, not after the first corpus
+        if not corpus.is_file():
+            raise FileNotFoundError(f"corpus not found: {corpus}")
+    session = ModelSession(args.model, providers=args.providers, num_threads=args.threads)
+    per_sentence = open(args.per_sentence, "w", encoding="utf-8") if args.per_sentence else None
+    per_token = open(args.per_token, "w", encoding="utf-8") if args.per_token else None
+    split = session.vocab.options.split
+    reports = []
+    try:
+        for corpus in args.corpus:
+            def write(key, text, result, corpus=corpus):
+                if per_sentence:
+                    per_sentence.write(json.dumps({
+                        "corpus": str(corpus), "line": key, "tokens": result.tokens,
+                        "oovs": result.oovs, "nll": result.nll,
+                        "perplexity": result.perplexity}) + "\n")
+                if per_token:
+                    words = split(text) + ["</s>"]
+                    for word, i, nll in zip(words, result.target_ids, result.token_nll):
+                        per_token.write(json.dumps({
+                            "corpus": str(corpus), "line": key, "word": word, "id": int(i),
+                            "logprob": -float(nll), "is_oov": int(i) == 1},
+                            ensure_ascii=False) + "\n")
+
+            bar = _progress_bar(corpus)
+            try:
+                report = evaluate_sentences(
+                    session, require_sentences(corpus, errors=args.errors), corpus=str(corpus),
+                    batch_size=args.batch_size, max_tokens=args.max_tokens,
+                    keep_tokens=per_token is not None, num_threads=args.threads,
+                    on_sentence=write if (per_sentence or per_token) else None,
+                    progress=bar.update if bar else None)
+            finally:
+                if bar:
+                    bar.close()
+            reports.append(report)
+            if not args.json:
+                print(report.format_table())
+                if session.provider_note:
+                    print(f"{'note':<22}  {session.provider_note}")
+                print()
+    finally:
+        for fh in (per_sentence, per_token):
+            if fh:
+                fh.close()
+    if args.json:
+        payload = [r.to_dict() for r in reports]
+        print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
+
+
+def _read_cli_sentences(sentences: list[str]) -> list[str]:
+    if sentences:
+        return sentences
+    if sys.stdin.isatty():
+        raise ValueError("give sentences as arguments or pipe them in, one per line")
+    lines = [line.strip() for line in sys.stdin]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError("no sentences on stdin")
+    return lines
 
 
 def _cmd_score(args) -> None:
-    from lmonnx.evaluate import run_score_command
+    from lmonnx.scorer import Scorer
 
-    run_score_command(args)
+    sentences = _read_cli_sentences(args.sentences)
+    scorer = Scorer(args.model, providers=args.providers)
+    for text, score in zip(sentences, scorer.score(sentences)):
+        if args.json:
+            print(json.dumps({"sentence": text, "logprob": score.logprob, "tokens": score.tokens,
+                              "oovs": score.oovs, "perplexity": score.perplexity},
+                             ensure_ascii=False))
+        else:
+            print(f"{score.logprob:12.4f}  ppl {score.perplexity:10.3f}  {text}")
 
 
 def _cmd_predict(args) -> None:
-    from lmonnx.evaluate import run_predict_command
+    from lmonnx.scorer import Scorer
 
-    run_predict_command(args)
+    scorer = Scorer(args.model, providers=args.providers)
+    top = scorer.predict_next(args.prefix, k=args.k)
+    if args.json:
+        print(json.dumps([{"word": w, "probability": p} for w, p in top], ensure_ascii=False))
+    else:
+        for word, prob in top:
+            print(f"{prob:8.4f}  {word}")
 
 
 COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export,
