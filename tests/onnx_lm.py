@@ -1,0 +1,67 @@
+"""A TensorFlow-free stand-in for an exported lmonnx model, for scoring tests.
+
+Builds the same graph shape that ``lmonnx export`` writes (Gather embedding -> fused ONNX
+``LSTM`` layers -> MatMul + Add logits) with random weights and lmonnx metadata, so runtime,
+evaluation and Scorer tests run in a second, without training anything.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, metadata_props
+from lmonnx.vocab import TokenizerOptions, Vocabulary
+
+
+def make_vocab(words, preset="whitespace") -> Vocabulary:
+    return Vocabulary(["<pad>", "<unk>", "<s>", "</s>", *words], TokenizerOptions.from_preset(preset))
+
+
+def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_dim=4, seed=0,
+                    scale=1.0) -> None:
+    rng = np.random.default_rng(seed)
+    V = len(vocab)
+    init = [numpy_helper.from_array((rng.standard_normal((V, embedding_dim)) * scale)
+                                    .astype(np.float32), "embedding")]
+    nodes = [
+        helper.make_node("Gather", ["embedding", INPUT_NAME], ["emb"]),
+        helper.make_node("Transpose", ["emb"], ["x0"], perm=[1, 0, 2]),  # [T, B, E]
+    ]
+    inp, size = "x0", embedding_dim
+    for layer in range(layers):
+        w = (rng.standard_normal((1, 4 * units, size)) * scale / np.sqrt(size)).astype(np.float32)
+        r = (rng.standard_normal((1, 4 * units, units)) * scale / np.sqrt(units)).astype(np.float32)
+        b = (rng.standard_normal((1, 8 * units)) * 0.1).astype(np.float32)
+        init += [numpy_helper.from_array(w, f"W{layer}"), numpy_helper.from_array(r, f"R{layer}"),
+                 numpy_helper.from_array(b, f"B{layer}")]
+        nodes += [
+            helper.make_node("LSTM", [inp, f"W{layer}", f"R{layer}", f"B{layer}"], [f"y{layer}"],
+                             hidden_size=units),
+            helper.make_node("Squeeze", [f"y{layer}", "axis1"], [f"h{layer}"]),
+        ]
+        inp, size = f"h{layer}", units
+    init += [numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+             numpy_helper.from_array((rng.standard_normal((units, V)) * scale * 2 / np.sqrt(units))
+                                     .astype(np.float32), "dense_w"),
+             numpy_helper.from_array((rng.standard_normal(V) * 0.5).astype(np.float32), "dense_b")]
+    nodes += [
+        helper.make_node("Transpose", [inp], ["bth"], perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["bth", "dense_w"], ["proj"]),
+        helper.make_node("Add", ["proj", "dense_b"], [OUTPUT_NAME]),
+    ]
+    graph = helper.make_graph(
+        nodes, "random_lm",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.INT32, ["batch", "time"])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", "time", V])],
+        init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    config = dict(vocab_size=V, max_length=35, num_lstm_units=units, num_lstm_layers=layers,
+                  embedding_dim=embedding_dim, dropout=0.0)
+    for key, value in metadata_props(vocab, config, {"corpus": "random"}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))

@@ -1,0 +1,238 @@
+"""Runtime, evaluation and Scorer on a TensorFlow-free random LSTM model (tests/onnx_lm.py).
+
+The reference for every number is NumPy on the very logits onnxruntime returns, so these tests
+check the accounting, batching and ordering, not the model's quality.
+"""
+
+import json
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnx
+import pytest
+from onnx_lm import build_random_lm, make_vocab
+
+from lmonnx import Scorer
+from lmonnx.artifact import ArtifactError
+from lmonnx.evaluate import evaluate_sentences, score_sentences
+from lmonnx.runtime import ModelSession, cuda_unavailable_reason
+
+WORDS = "the a cat dog sat on mat ran to house big small red".split()
+RNG = np.random.default_rng(7)
+SENTENCES = [" ".join(RNG.choice(WORDS + ["zebra", "<unk>"], size=RNG.integers(0, 25)))
+             for _ in range(200)]
+SENTENCES = [s for s in SENTENCES if s] + ["the cat sat on the mat"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "random.onnx"
+    build_random_lm(path, make_vocab(WORDS), units=24, layers=2, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scorer(model_path):
+    return Scorer(model_path, providers="cpu", num_threads=2)
+
+
+def reference_sentence(session, text):
+    """float64 NumPy log-probabilities of one sentence's targets, from ORT logits run alone."""
+    ids = session.vocab.encode(text)
+    inputs = np.concatenate([[2], ids]).astype(np.int32)
+    targets = np.concatenate([ids, [3]]).astype(np.int64)
+    logits = session.logits(inputs[None])[0].astype(np.float64)
+    m = logits.max(-1, keepdims=True)
+    logp = logits - (np.log(np.exp(logits - m).sum(-1, keepdims=True)) + m)
+    return logp[np.arange(len(targets)), targets], logits.argmax(-1) == targets, targets
+
+
+def test_sentence_scores_match_numpy_reference(scorer):
+    session = scorer._session
+    for text, score in zip(SENTENCES[:40], scorer.score(SENTENCES[:40])):
+        logp, _, targets = reference_sentence(session, text)
+        assert score.tokens == len(targets) == len(text.split()) + 1
+        assert score.oovs == int((targets == 1).sum())
+        assert score.logprob == pytest.approx(logp.sum(), rel=2e-5, abs=1e-4)
+        assert score.perplexity == pytest.approx(math.exp(-logp.sum() / len(targets)), rel=1e-4)
+
+
+def test_score_alone_equals_score_in_a_batch_of_200(model_path):
+    batched = Scorer(model_path, providers="cpu", batch_size=256, max_tokens=100_000)
+    alone = Scorer(model_path, providers="cpu", batch_size=1)
+    together = batched.score(SENTENCES)
+    one_by_one = [alone.score([s])[0] for s in SENTENCES]
+    diffs = [abs(a.logprob - b.logprob) for a, b in zip(together, one_by_one)]
+    assert max(diffs) < 1e-4
+
+
+@pytest.mark.parametrize("batch_size,max_tokens", [(1, 8192), (7, 64), (64, 8192), (500, 10**6)],
+                         ids=["bs1", "bs7-budget64", "default", "one-batch"])
+def test_totals_do_not_depend_on_batching(model_path, batch_size, max_tokens):
+    reference = Scorer(model_path, providers="cpu").evaluate(SENTENCES)
+    report = Scorer(model_path, providers="cpu", batch_size=batch_size,
+                    max_tokens=max_tokens).evaluate(SENTENCES)
+    assert report.tokens == reference.tokens and report.oovs == reference.oovs
+    assert report.nll == pytest.approx(reference.nll, rel=1e-6)
+    assert report.top1_accuracy == pytest.approx(reference.top1_accuracy, abs=1e-12)
+
+
+def test_report_accounting_matches_reference(scorer):
+    session = scorer._session
+    report = scorer.evaluate(SENTENCES + ["", "   "])  # blank lines are not sentences
+    total, total_in_vocab, n_in_vocab, hits, tokens, oovs = 0.0, 0.0, 0, 0, 0, 0
+    for text in SENTENCES:
+        logp, hit, targets = reference_sentence(session, text)
+        total -= logp.sum()
+        total_in_vocab -= logp[targets != 1].sum()
+        n_in_vocab += int((targets != 1).sum())
+        hits += int(hit.sum())
+        tokens += len(targets)
+        oovs += int((targets == 1).sum())
+    nbytes = sum(len(s.encode()) + 1 for s in SENTENCES)
+    assert report.sentences == len(SENTENCES)
+    assert report.tokens == tokens and report.words == tokens - len(SENTENCES)
+    assert report.oovs == oovs > 0
+    assert report.nll == pytest.approx(total, rel=1e-5)
+    assert report.mean_nll == pytest.approx(total / tokens, rel=1e-5)
+    assert report.perplexity == pytest.approx(math.exp(total / tokens), rel=1e-5)
+    assert report.perplexity_no_oov == pytest.approx(math.exp(total_in_vocab / n_in_vocab), rel=1e-5)
+    assert report.bits_per_token == pytest.approx(total / tokens / math.log(2), rel=1e-5)
+    assert report.bits_per_byte == pytest.approx(total / math.log(2) / nbytes, rel=1e-5)
+    assert report.top1_accuracy == pytest.approx(hits / tokens)
+    assert 0.0 <= report.padding_fraction < 1.0
+    assert report.provider == "CPUExecutionProvider"
+    assert set(report.to_dict()) >= {
+        "sentences", "tokens", "words", "oovs", "nll", "mean_nll", "perplexity",
+        "perplexity_no_oov", "bits_per_token", "bits_per_byte", "top1_accuracy",
+        "padding_fraction", "tokens_per_second", "seconds", "provider"}
+
+
+def test_full_scores_are_per_token_and_sum_to_the_sentence(scorer):
+    text = "the zebra sat"
+    tokens = scorer.full_scores(text)
+    assert [t.word for t in tokens] == ["the", "zebra", "sat", "</s>"]
+    assert [t.is_oov for t in tokens] == [False, True, False, False]
+    assert tokens[1].id == 1
+    assert sum(t.logprob for t in tokens) == pytest.approx(scorer.score([text])[0].logprob, abs=1e-6)
+
+
+def test_predict_next_is_the_softmax_at_the_last_position(scorer):
+    session = scorer._session
+    top = scorer.predict_next("the cat", k=5)
+    assert len(top) == 5
+    ids = np.concatenate([[2], session.vocab.encode("the cat")]).astype(np.int32)
+    logits = session.logits(ids[None])[0, -1].astype(np.float64)
+    logits[[0, 2]] = -np.inf
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    best = np.argsort(-probs)[:5]
+    assert [w for w, _ in top] == [session.vocab.id_to_token(int(i)) for i in best]
+    assert [p for _, p in top] == pytest.approx(probs[best].tolist(), rel=1e-9)
+    assert all(w not in ("<pad>", "<s>") for w, _ in scorer.predict_next("the", k=len(WORDS) + 2))
+
+
+def test_scorer_is_thread_safe(scorer):
+    expected = [s.logprob for s in scorer.score(SENTENCES)]
+    chunks = [SENTENCES[i::8] for i in range(8)]
+    barrier = threading.Barrier(8)
+
+    def work(chunk):
+        barrier.wait()
+        return [s.logprob for s in scorer.score(chunk)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, chunks))
+    for i, got in enumerate(results):
+        assert got == pytest.approx(expected[i::8], abs=1e-4)
+
+
+def test_results_stream_in_input_order_with_bounded_lookahead(scorer):
+    consumed = 0
+
+    def lines():
+        nonlocal consumed
+        for i in range(100_000):
+            consumed += 1
+            yield i, WORDS[i % len(WORDS)] + " " + "cat " * (i % 5)
+
+    stream = score_sentences(scorer._session, lines(), batch_size=64, max_tokens=4096)
+    keys = [next(stream)[0] for _ in range(100)]
+    assert keys == list(range(100))
+    assert consumed < 20_000  # the first results came long before the input was read
+
+
+def test_empty_input_is_an_error(scorer):
+    with pytest.raises(ValueError, match="no sentences"):
+        scorer.evaluate(["", "  "])
+    with pytest.raises(ValueError, match="no sentences"):
+        evaluate_sentences(scorer._session, iter([]))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda s: s.score("one sentence"), TypeError, "list of sentences"),
+    (lambda s: s.score([3]), TypeError, "must be a str"),
+    (lambda s: s.predict_next("the", k=0), ValueError, "positive integer"),
+    (lambda s: s.evaluate("a str"), TypeError, "iterable of lines"),
+], ids=["score-str", "score-int", "k0", "evaluate-str"])
+def test_api_misuse_raises_clearly(scorer, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(scorer)
+
+
+def test_bad_model_files_raise_one_clear_error(tmp_path, model_path):
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        ModelSession(tmp_path / "missing.onnx")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(model_path.read_bytes()[:500])
+    with pytest.raises(ArtifactError, match="not a readable ONNX model"):
+        ModelSession(truncated, providers="cpu")
+    foreign = tmp_path / "foreign.onnx"
+    model = onnx.load(str(model_path))
+    del model.metadata_props[:]
+    onnx.save(model, str(foreign))
+    with pytest.raises(ArtifactError, match="without lmonnx metadata"):
+        ModelSession(foreign, providers="cpu")
+    with pytest.raises(ValueError, match="providers must be one of"):
+        ModelSession(model_path, providers="tpu")
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        ModelSession(model_path, providers="cpu", num_threads=0)
+
+
+def test_cuda_is_strict_and_auto_says_why_it_fell_back(model_path, caplog):
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        assert ModelSession(model_path, providers="cuda").provider == "CUDAExecutionProvider"
+        return
+    with pytest.raises(RuntimeError, match="CUDA is not usable"):
+        ModelSession(model_path, providers="cuda")
+    with caplog.at_level("WARNING", logger="lmonnx"):
+        session = ModelSession(model_path, providers="auto")
+    assert session.provider == "CPUExecutionProvider"
+    assert "CUDA not used" in session.provider_note and "CUDA not used" in caplog.text
+
+
+def test_logits_shape_and_dtype(scorer):
+    logits = scorer._session.logits(np.array([[2, 4, 5, 0, 0]], dtype=np.int64))
+    assert logits.shape == (1, 5, len(WORDS) + 4) and logits.dtype == np.float32
+
+
+def test_ptb_scoring_smoke(ptb_dir, model_path):
+    """Real text with literal <unk>: every PTB test token is counted, none dropped."""
+    lines = (ptb_dir / "ptb.test.txt").read_text().splitlines()[:300]
+    report = Scorer(model_path, providers="cpu").evaluate(lines)
+    words = sum(len(line.split()) for line in lines if line.strip())
+    assert report.words == words
+    assert report.tokens == words + report.sentences
+    assert report.oovs > 0.5 * words  # the random model's vocabulary barely overlaps PTB
+
+
+def test_per_sentence_json_is_valid(scorer):
+    out = []
+    report = evaluate_sentences(scorer._session, enumerate(SENTENCES[:10], start=1),
+                                on_sentence=lambda k, t, r: out.append(
+                                    json.dumps({"line": k, "nll": r.nll})))
+    assert [json.loads(o)["line"] for o in out] == list(range(1, 11))
+    assert sum(json.loads(o)["nll"] for o in out) == pytest.approx(report.nll)
