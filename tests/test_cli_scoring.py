@@ -1,0 +1,103 @@
+"""`lmonnx evaluate`, `score` and `predict` from the command line (lmonnx.cli.main)."""
+
+import json
+import re
+
+import pytest
+from onnx_lm import build_random_lm, make_vocab
+
+from lmonnx.cli import main
+
+WORDS = "the a cat dog sat on mat ran".split()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "model.onnx"
+    build_random_lm(path, make_vocab(WORDS), units=8, layers=1, seed=1)
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("the cat sat\n\n a dog ran on the mat \nzebra cat\n", encoding="utf-8")
+    return path
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmonnx: error: "), err
+    return err[0]
+
+
+def test_evaluate_json_report(model, corpus, capsys):
+    assert main(["evaluate", str(corpus), "--model", str(model), "--providers", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sentences"] == 3 and report["words"] == 11 and report["tokens"] == 14
+    assert report["oovs"] == 1 and report["provider"] == "CPUExecutionProvider"
+    assert report["corpus"] == str(corpus)
+
+
+def test_evaluate_table_and_two_corpora(model, corpus, capsys):
+    assert main(["evaluate", str(corpus), str(corpus), "--model", str(model),
+                 "--providers", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("perplexity excl. OOVs") == 2 and "bits per byte" in out
+
+
+def test_per_sentence_and_per_token_files(model, corpus, tmp_path, capsys):
+    sent, tok = tmp_path / "s.jsonl", tmp_path / "t.jsonl"
+    assert main(["evaluate", str(corpus), "--model", str(model), "--providers", "cpu", "--json",
+                 "--per-sentence", str(sent), "--per-token", str(tok)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    sentences = [json.loads(line) for line in sent.read_text().splitlines()]
+    tokens = [json.loads(line) for line in tok.read_text().splitlines()]
+    assert [s["line"] for s in sentences] == [1, 3, 4]  # file line numbers, blank line skipped
+    assert sum(s["nll"] for s in sentences) == pytest.approx(report["nll"])
+    assert len(tokens) == report["tokens"]
+    assert [t["word"] for t in tokens[:4]] == ["the", "cat", "sat", "</s>"]
+    assert [t["is_oov"] for t in tokens if t["word"] == "zebra"] == [True]
+    assert -sum(t["logprob"] for t in tokens) == pytest.approx(report["nll"])
+    # never overwrite what the user has without --force
+    assert main(["evaluate", str(corpus), "--model", str(model), "--per-sentence", str(sent)]) == 1
+    assert "exists; pass --force" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("setup,match", [
+    (lambda tmp, model: ["evaluate", str(tmp / "nope.txt"), "--model", str(model)],
+     "corpus not found"),
+    (lambda tmp, model: ["evaluate", str(tmp / "empty.txt"), "--model", str(model)],
+     "no sentences"),
+    (lambda tmp, model: ["evaluate", str(tmp / "bad.txt"), "--model", str(model)],
+     r"bad.txt:2: .*UTF-8"),
+    (lambda tmp, model: ["evaluate", str(tmp / "ok.txt"), "--model", str(tmp / "missing.onnx")],
+     "model not found"),
+    (lambda tmp, model: ["evaluate", str(tmp / "ok.txt"), "--model", str(tmp / "ok.txt")],
+     "not a readable ONNX model"),
+    (lambda tmp, model: ["evaluate", str(tmp / "ok.txt"), "--model", str(model),
+                         "--batch-size", "0"], "batch size must be a positive integer"),
+    (lambda tmp, model: ["predict", "the", "-k", "0", "--model", str(model)], "positive integer"),
+], ids=["missing-corpus", "empty-corpus", "bad-utf8", "missing-model", "not-onnx", "batch0", "k0"])
+def test_user_errors_are_one_line(tmp_path, model, capsys, setup, match):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "bad.txt").write_bytes(b"fine line\nbad \xff byte\n")
+    (tmp_path / "ok.txt").write_text("the cat\n")
+    assert main(setup(tmp_path, model)) == 1
+    assert re.search(match, one_error_line(capsys))
+
+
+def test_errors_replace_scores_undecodable_lines(tmp_path, model, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"the cat\nbad \xff byte\n")
+    assert main(["evaluate", str(bad), "--model", str(model), "--errors", "replace", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sentences"] == 2
+
+
+def test_score_and_predict(model, capsys):
+    assert main(["score", "the cat sat", "a dog", "--model", str(model), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["tokens"] for r in rows] == [4, 3] and all(r["logprob"] < 0 for r in rows)
+    assert main(["predict", "the cat", "-k", "3", "--model", str(model), "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)
+    assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
