@@ -1,4 +1,4 @@
-"""A TensorFlow-free stand-in for an exported lmonnx model, for scoring tests.
+"""A TensorFlow-free stand-in for an exported lmonnx model, for tests and benchmarks.
 
 Builds the same graph shape that ``lmonnx export`` writes (Gather embedding -> fused ONNX
 ``LSTM`` layers -> MatMul + Add logits) with random weights and lmonnx metadata, so runtime,
@@ -16,11 +16,13 @@ from lmonnx.vocab import TokenizerOptions, Vocabulary
 
 
 def make_vocab(words, preset="whitespace") -> Vocabulary:
+    """A vocabulary of the four specials followed by ``words`` in the given order."""
     return Vocabulary(["<pad>", "<unk>", "<s>", "</s>", *words], TokenizerOptions.from_preset(preset))
 
 
 def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_dim=4, seed=0,
                     scale=1.0) -> None:
+    """Write a random-weight lmonnx model with ``layers`` fused LSTMs of ``units`` to ``path``."""
     rng = np.random.default_rng(seed)
     V = len(vocab)
     init = [numpy_helper.from_array((rng.standard_normal((V, embedding_dim)) * scale)

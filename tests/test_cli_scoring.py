@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from onnx_lm import build_random_lm, make_vocab
+from lmonnx.testing import build_random_lm, make_vocab
 
 from lmonnx.cli import main
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx
 import pytest
-from onnx_lm import build_random_lm, make_vocab
+from lmonnx.testing import build_random_lm, make_vocab
 
 from lmonnx import Scorer
 from lmonnx.artifact import ArtifactError
