@@ -1,0 +1,263 @@
+"""A synthetic corpus whose likelihood is known exactly: the oracle for training and evaluation.
+
+The text is sampled from a sparse first-order Markov chain over ``words`` word types named
+``w0, w1, ...``::
+
+    <s> --start--> w_a --T[a,b]--> w_b --T[b,c]--> w_c --eos[c]--> </s>
+
+- ``start``: a Zipf-like distribution over a few dozen sentence-initial words;
+- ``T[i]``: each word has a small set of successors (drawn with Zipf weights over the word
+  ranks, so frequent words are frequent successors and the unigram distribution is Zipfian) with
+  Zipf-like probabilities, scaled by ``1 - eos[i]``; a ring successor ``w(i+1)`` guarantees that
+  every word is reachable, hence frequent enough to enter any vocabulary of ``words + 4`` entries;
+- ``eos[i]``: the word's probability of ending the sentence (about 10 words per sentence).
+
+A sentence ``w1 .. wn`` scores ``log start[w1] + sum log T[w_k, w_k+1] + log eos[wn]`` nats
+over n+1 tokens (the words and one ``</s>``), exactly as DESIGN.md's evaluation counts them. So
+the true perplexity of a text, ``exp(sum NLL / tokens)``, is known, and a language model trained
+on the corpus approaches it from above. The entropy rate (expected NLL per token of the process)
+follows in closed form from the expected visits ``start (I - Q)^-1`` of the absorbing chain.
+
+Randomness: one ``SeedSequence(seed)`` spawns independent streams for the chain and for each
+split, so the test text does not change when only the train size does.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SYNTH_FORMAT = "lmonnx-synth/1"
+SPLITS = ("train", "valid", "test")
+
+DEFAULT_WORDS = 300
+DEFAULT_TRAIN_SENTENCES = 15_000
+DEFAULT_VALID_SENTENCES = 2_000
+DEFAULT_TEST_SENTENCES = 2_000
+
+
+class MarkovChain:
+    """A sparse first-order chain over words with an end-of-sentence probability per word.
+
+    ``start``: float64 [V] (sums to 1); ``successors[i]``: int64 [K_i] distinct word ids;
+    ``probs[i]``: float64 [K_i], summing to ``1 - eos[i]``; ``eos``: float64 [V] in (0, 1).
+    """
+
+    def __init__(self, start, successors, probs, eos, names=None):
+        self.start = np.asarray(start, dtype=np.float64)
+        v = self.start.shape[0]
+        self.successors = [np.asarray(s, dtype=np.int64) for s in successors]
+        self.probs = [np.asarray(p, dtype=np.float64) for p in probs]
+        self.eos = np.asarray(eos, dtype=np.float64)
+        self.names = tuple(names) if names is not None else tuple(f"w{i}" for i in range(v))
+        if not (len(self.successors) == len(self.probs) == self.eos.shape[0] == len(self.names) == v):
+            raise ValueError("start, successors, probs, eos and names must all cover the same words")
+        if not math.isclose(self.start.sum(), 1.0, rel_tol=1e-9) or (self.start < 0).any():
+            raise ValueError("start must be a probability distribution")
+        if not ((self.eos > 0) & (self.eos < 1)).all():
+            raise ValueError("eos probabilities must lie in (0, 1)")
+        for i, (s, p) in enumerate(zip(self.successors, self.probs)):
+            if s.shape != p.shape or len(set(s.tolist())) != len(s) or (p <= 0).any():
+                raise ValueError(f"word {i}: successors must be distinct with positive probabilities")
+            if not math.isclose(p.sum() + self.eos[i], 1.0, rel_tol=1e-9):
+                raise ValueError(f"word {i}: successor and eos probabilities must sum to 1")
+        self._index = {name: i for i, name in enumerate(self.names)}
+        # Log-probabilities keyed by (word, next word) for exact scoring, cumulative tables for
+        # sampling: the outcome after a word is one of its successors or -1 (end of sentence).
+        self._log_start = {i: math.log(p) for i, p in enumerate(self.start.tolist()) if p > 0}
+        self._log_trans = [dict(zip(s.tolist(), np.log(p).tolist()))
+                           for s, p in zip(self.successors, self.probs)]
+        self._log_eos = np.log(self.eos).tolist()
+        self._start_cum = np.cumsum(self.start).tolist()
+        self._start_cum[-1] = 1.0
+        self._next_cum = []
+        self._next_out = []
+        for s, p, e in zip(self.successors, self.probs, self.eos.tolist()):
+            cum = np.cumsum(np.append(p, e)).tolist()
+            cum[-1] = 1.0
+            self._next_cum.append(cum)
+            self._next_out.append(s.tolist() + [-1])
+
+    # ---- construction
+
+    @classmethod
+    def random(cls, words: int = DEFAULT_WORDS, rng: np.random.Generator | None = None, *,
+               zipf: float = 0.6, successors: tuple[int, int] = (12, 32), successor_zipf: float = 0.9,
+               eos: tuple[float, float] = (0.04, 0.16), starters: int = 40) -> "MarkovChain":
+        """Draw a chain over ``words`` types.
+
+        ``zipf``: exponent of the rank weights used to pick successors and starters (the corpus'
+        unigram shape); ``successors``: inclusive range of successor-set sizes;
+        ``successor_zipf``: exponent of the probabilities within a set; ``eos``: range of the
+        per-word end probabilities; ``starters``: how many words may start a sentence.
+        """
+        if isinstance(words, bool) or not isinstance(words, (int, np.integer)) or words < 2:
+            raise ValueError(f"words must be an integer >= 2, got {words!r}")
+        rng = np.random.default_rng(0) if rng is None else rng
+        v = int(words)
+        rank_w = 1.0 / np.arange(1, v + 1) ** zipf
+        lo, hi = successors
+        succ_list, prob_list = [], []
+        eos_p = rng.uniform(eos[0], eos[1], size=v)
+        for i in range(v):
+            k = int(min(rng.integers(lo, hi + 1), v))
+            ring = (i + 1) % v
+            w = rank_w.copy()
+            w[ring] = 0.0
+            others = rng.choice(v, size=k - 1, replace=False, p=w / w.sum())
+            succ = rng.permutation(np.append(others, ring))  # the ring successor at a random rank
+            p = 1.0 / np.arange(1, k + 1) ** successor_zipf
+            succ_list.append(succ)
+            prob_list.append(p / p.sum() * (1.0 - eos_p[i]))
+        n_start = min(starters, v)
+        start_words = rng.choice(v, size=n_start, replace=False, p=rank_w / rank_w.sum())
+        start = np.zeros(v)
+        sp = 1.0 / np.arange(1, n_start + 1) ** successor_zipf
+        start[start_words] = sp / sp.sum()
+        return cls(start, succ_list, prob_list, eos_p)
+
+    # ---- sampling and scoring
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def sample_ids(self, rng: np.random.Generator) -> list[int]:
+        """One sentence as word ids (at least one word)."""
+        i = bisect.bisect_right(self._start_cum, rng.random())
+        out = [i]
+        while True:
+            j = self._next_out[i][bisect.bisect_right(self._next_cum[i], rng.random())]
+            if j < 0:
+                return out
+            out.append(j)
+            i = j
+
+    def sample_sentence(self, rng: np.random.Generator) -> list[str]:
+        names = self.names
+        return [names[i] for i in self.sample_ids(rng)]
+
+    def log_prob(self, sentence_words) -> float:
+        """Natural-log probability of one sentence (words as names or ids), ``</s>`` included.
+
+        ``-inf`` for a sentence the chain cannot produce (an empty one included).
+        """
+        ids = [self._index[w] if isinstance(w, str) else int(w) for w in sentence_words]
+        if not ids:
+            return -math.inf
+        lp = self._log_start.get(ids[0], -math.inf)
+        for a, b in zip(ids, ids[1:]):
+            lp += self._log_trans[a].get(b, -math.inf)
+        return lp + self._log_eos[ids[-1]]
+
+    # ---- closed-form properties
+
+    def transition_matrix(self) -> np.ndarray:
+        """Dense substochastic Q: float64 [V, V], ``Q[i, j] = T[i, j]`` (rows sum to 1 - eos)."""
+        v = len(self)
+        q = np.zeros((v, v))
+        for i, (s, p) in enumerate(zip(self.successors, self.probs)):
+            q[i, s] = p
+        return q
+
+    def expected_visits(self) -> np.ndarray:
+        """Expected occurrences of each word per sentence: ``start (I - Q)^-1``, float64 [V]."""
+        v = len(self)
+        return np.linalg.solve((np.eye(v) - self.transition_matrix()).T, self.start)
+
+    def expected_tokens(self) -> float:
+        """Expected scored tokens per sentence (words plus one ``</s>``)."""
+        return float(self.expected_visits().sum()) + 1.0
+
+    def entropy_rate(self) -> float:
+        """Expected NLL per token in nats: E[sentence NLL] / E[tokens per sentence]."""
+        def h(p):
+            p = p[p > 0]
+            return float(-(p * np.log(p)).sum())
+        row_h = np.array([h(np.append(p, e)) for p, e in zip(self.probs, self.eos)])
+        expected_nll = h(self.start) + float(self.expected_visits() @ row_h)
+        return expected_nll / self.expected_tokens()
+
+
+def make_chain(seed: int = 0, words: int = DEFAULT_WORDS) -> MarkovChain:
+    """The chain that :func:`write_corpus` uses for ``seed`` and ``words``."""
+    chain_seq, *_ = np.random.SeedSequence(seed).spawn(1 + len(SPLITS))
+    return MarkovChain.random(words, np.random.default_rng(chain_seq))
+
+
+def sample_splits(seed: int = 0, words: int = DEFAULT_WORDS, **sizes: int):
+    """(chain, {split: list of sentences as word-name lists}) for ``sizes`` like ``train=100``."""
+    chain_seq, *split_seqs = np.random.SeedSequence(seed).spawn(1 + len(SPLITS))
+    chain = MarkovChain.random(words, np.random.default_rng(chain_seq))
+    out = {}
+    for name, seq in zip(SPLITS, split_seqs):
+        n = sizes.get(name, 0)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"{name}_sentences must be a non-negative integer, got {n!r}")
+        rng = np.random.default_rng(seq)
+        out[name] = [chain.sample_sentence(rng) for _ in range(int(n))]
+    return chain, out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_corpus(out_dir, *, seed: int = 0, words: int = DEFAULT_WORDS,
+                 train_sentences: int = DEFAULT_TRAIN_SENTENCES,
+                 valid_sentences: int = DEFAULT_VALID_SENTENCES,
+                 test_sentences: int = DEFAULT_TEST_SENTENCES, force: bool = False) -> dict:
+    """Sample the corpus into ``out_dir``/{train,valid,test}.txt and write ``truth.json``.
+
+    Returns the summary stored in ``truth.json``: seed, words, sentences and tokens per split,
+    the exact NLL (nats) and true perplexity of each split's text, and the chain's entropy rate
+    (nats per token). Existing files are an error unless ``force``.
+    """
+    if isinstance(words, bool) or not isinstance(words, (int, np.integer)) or words < 2:
+        raise ValueError(f"words must be an integer >= 2, got {words!r}")
+    for name, n in (("train", train_sentences), ("valid", valid_sentences), ("test", test_sentences)):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"{name}_sentences must be a positive integer, got {n!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    targets = [out_dir / f"{s}.txt" for s in SPLITS] + [out_dir / "truth.json"]
+    if not force:
+        for p in targets:
+            if p.exists():
+                raise FileExistsError(f"{p} already exists; pass --force to overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    chain, texts = sample_splits(seed, int(words), train=train_sentences, valid=valid_sentences,
+                                 test=test_sentences)
+    summary = {"format": SYNTH_FORMAT, "seed": int(seed), "words": int(words),
+               "sentences": {}, "tokens": {}, "nll": {}, "true_perplexity": {},
+               "entropy_rate_nats": chain.entropy_rate(),
+               "expected_tokens_per_sentence": chain.expected_tokens()}
+    summary["entropy_rate_perplexity"] = math.exp(summary["entropy_rate_nats"])
+    for name in SPLITS:
+        sentences = texts[name]
+        tokens = sum(len(s) + 1 for s in sentences)
+        nll = -math.fsum(chain.log_prob(s) for s in sentences)
+        summary["sentences"][name] = len(sentences)
+        summary["tokens"][name] = tokens
+        summary["nll"][name] = nll
+        summary["true_perplexity"][name] = math.exp(nll / tokens)
+        _write_atomic(out_dir / f"{name}.txt", "".join(" ".join(s) + "\n" for s in sentences))
+    _write_atomic(out_dir / "truth.json", json.dumps(summary, indent=2) + "\n")
+    return summary
