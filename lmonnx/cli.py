@@ -74,7 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch at most")
-    p.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch at most")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="padded tokens per batch at most (default: a batch's logits <= 64 MiB)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--per-sentence", type=Path, default=None, help="JSON lines per sentence")
     p.add_argument("--per-token", type=Path, default=None, help="JSON lines per token")

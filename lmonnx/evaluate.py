@@ -28,7 +28,14 @@ from lmonnx.xent import token_nll_and_hits
 
 LN2 = math.log(2.0)
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_MAX_TOKENS = 8192
+LOGITS_BUDGET_BYTES = 64 << 20
+"""Default cap on one batch's float32 logits: keeps memory flat and the logits that onnxruntime
+writes close to cache when the kernel reads them."""
+
+
+def default_max_tokens(vocab_size: int) -> int:
+    """Padded positions per batch so that its logits [B, T, V] fit LOGITS_BUDGET_BYTES."""
+    return max(256, LOGITS_BUDGET_BYTES // (4 * vocab_size))
 
 
 @dataclass
@@ -169,7 +176,7 @@ def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = Fals
 
 
 def score_sentences(session: ModelSession, sentences: Iterable[tuple[object, str]], *,
-                    batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int = DEFAULT_MAX_TOKENS,
+                    batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int | None = None,
                     keep_tokens: bool = False, num_threads: int | None = None,
                     totals: _Totals | None = None,
                     progress: Callable[[int], None] | None = None,
@@ -178,8 +185,10 @@ def score_sentences(session: ModelSession, sentences: Iterable[tuple[object, str
 
     Sentences are bucketed by length within a bounded look-ahead, so memory stays bounded by
     the batch budget and the look-ahead, never by the corpus.  ``progress`` is called with the
-    UTF-8 bytes of each scored sentence.
+    UTF-8 bytes of each scored sentence.  ``max_tokens=None`` picks ``default_max_tokens``.
     """
+    if max_tokens is None:
+        max_tokens = default_max_tokens(session.vocab_size)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -216,7 +225,7 @@ def score_sentences(session: ModelSession, sentences: Iterable[tuple[object, str
 
 def evaluate_sentences(session: ModelSession, sentences: Iterable[tuple[object, str]], *,
                        corpus: str = "<lines>", batch_size: int = DEFAULT_BATCH_SIZE,
-                       max_tokens: int = DEFAULT_MAX_TOKENS, keep_tokens: bool = False,
+                       max_tokens: int | None = None, keep_tokens: bool = False,
                        num_threads: int | None = None,
                        on_sentence: Callable[[object, str, SentenceResult], None] | None = None,
                        progress: Callable[[int], None] | None = None) -> EvaluationReport:

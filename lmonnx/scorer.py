@@ -21,7 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
-from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, EvaluationReport,
+from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport,
                              evaluate_sentences, score_sentences)
 from lmonnx.runtime import ModelSession
 from lmonnx.vocab import BOS_ID, PAD_ID, UNK_ID
@@ -61,11 +61,12 @@ class Scorer:
 
     Parameters: ``path`` of the model; ``providers`` "auto" | "cpu" | "cuda"; ``num_threads``
     for onnxruntime's intra-op pool (None: one per core); ``batch_size`` and ``max_tokens`` bound
-    the batches of ``score`` and ``evaluate``.
+    the batches of ``score`` and ``evaluate`` (``max_tokens=None``: a batch's logits stay
+    under 64 MiB).
     """
 
     def __init__(self, path, providers: str = "auto", num_threads: int | None = None, *,
-                 batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int = DEFAULT_MAX_TOKENS):
+                 batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int | None = None):
         self._session = ModelSession(path, providers=providers, num_threads=num_threads)
         self._num_threads = num_threads
         self.batch_size = batch_size
