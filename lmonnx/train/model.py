@@ -1,0 +1,192 @@
+"""The course's ``LanguageModel``, in Keras 3, with its slips fixed (see DESIGN.md).
+
+    input_sequences  int32 [batch, time]   <s> w1 .. wn, then 0 padding at the end
+          |  get_input_embeddings: Embedding(vocab_size, int(vocab_size ** 0.25)), mask_zero
+          v
+    embeddings       float32 [batch, time, embedding_dim]
+          |  run_lstm: RNN(StackedRNNCells([LSTMCell(num_lstm_units)] * num_lstm_layers))
+          v
+    lstm_outputs     float32 [batch, time, num_lstm_units]
+          |  Dense(vocab_size)
+          v
+    logits           float32 [batch, time, vocab_size]     (what ``model(ids)`` returns)
+
+``calculate_loss`` is the course's: sparse softmax cross-entropy against the targets
+(``w1 .. wn </s>``), times the float32 padding mask ``sign(input_sequences)``, summed, in nats.
+
+What changed from the course: ``dropout`` is a drop *rate*, active only when called with
+``training=True`` (the course passed a keep probability of 0.5 as the rate); the stacked cell,
+not the cell list, drives the RNN; no ``input_length``; the embedding has ``vocab_size`` rows
+because ids 0..3 are the specials (0 = padding) and words start at 4.
+
+Export rebuilds the same network from fused ``keras.layers.LSTM`` layers without the mask
+(``inference_model``): with right padding a causal LSTM's outputs at real positions do not
+depend on the padding, and tf2onnx turns only unmasked LSTM layers into ONNX ``LSTM`` ops.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+__all__ = ["LanguageModel", "default_embedding_dim"]
+
+
+def default_embedding_dim(vocab_size: int) -> int:
+    """The course's embedding size: ``int(vocab_size ** 0.25)``."""
+    return int(vocab_size ** 0.25)
+
+
+@keras.saving.register_keras_serializable(package="lmonnx")
+class LanguageModel(keras.Model):
+    """Stacked-LSTM word language model mapping int32 ids [batch, time] to float32 logits
+    [batch, time, vocab_size].
+
+    Parameters
+    ----------
+    vocab_size : number of token ids, the four specials included (>= 5).
+    max_length : longest training window in tokens (the model itself runs on any length).
+    num_lstm_units, num_lstm_layers : size and depth of the LSTM stack.
+    embedding_dim : None for the course's ``int(vocab_size ** 0.25)``.
+    dropout : drop rate in [0, 1) on each LSTM cell's inputs, only while training.
+    """
+
+    def __init__(self, vocab_size: int, max_length: int, num_lstm_units: int,
+                 num_lstm_layers: int, *, embedding_dim: int | None = None,
+                 dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        if embedding_dim is None:
+            embedding_dim = default_embedding_dim(vocab_size)
+        for name, value, low in (("vocab_size", vocab_size, 5), ("max_length", max_length, 1),
+                                 ("num_lstm_units", num_lstm_units, 1),
+                                 ("num_lstm_layers", num_lstm_layers, 1),
+                                 ("embedding_dim", embedding_dim, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout is a drop rate in [0, 1); got {dropout!r}")
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.num_lstm_units = num_lstm_units
+        self.num_lstm_layers = num_lstm_layers
+        self.embedding_dim = embedding_dim
+        self.dropout = float(dropout)
+
+        self.embedding = keras.layers.Embedding(
+            vocab_size, embedding_dim, embeddings_initializer="uniform", mask_zero=True,
+            name="embedding")
+        self.rnn = keras.layers.RNN(self.stacked_lstm_cells(), return_sequences=True,
+                                    name="lstm_stack")
+        self.dense = keras.layers.Dense(vocab_size, name="logits")
+
+    # ---- the course's methods ------------------------------------------------------------
+
+    def make_lstm_cell(self, dropout: float, index: int = 0) -> keras.layers.LSTMCell:
+        """One LSTM cell; ``dropout`` is a drop rate applied to its inputs in training."""
+        return keras.layers.LSTMCell(self.num_lstm_units, dropout=dropout, name=f"lstm_{index}")
+
+    def stacked_lstm_cells(self) -> keras.layers.StackedRNNCells:
+        """``num_lstm_layers`` cells stacked into one cell (the course returned the list)."""
+        cells = [self.make_lstm_cell(self.dropout, i) for i in range(self.num_lstm_layers)]
+        return keras.layers.StackedRNNCells(cells, name="stacked_cells")
+
+    def get_input_embeddings(self, input_sequences):
+        """float32 [batch, time, embedding_dim], carrying the padding mask (``mask_zero``)."""
+        return self.embedding(input_sequences)
+
+    def run_lstm(self, input_sequences, training: bool = False):
+        """LSTM outputs [batch, time, units] and the int32 padding mask ``sign(inputs)``."""
+        input_sequences = tf.convert_to_tensor(input_sequences, dtype=tf.int32)
+        input_embeddings = self.get_input_embeddings(input_sequences)
+        binary_sequences = tf.math.sign(input_sequences)
+        lstm_outputs = self.rnn(input_embeddings, training=training)
+        return lstm_outputs, binary_sequences
+
+    def get_logits(self, lstm_outputs):
+        """float32 [batch, time, vocab_size]."""
+        return self.dense(lstm_outputs)
+
+    def calculate_loss(self, lstm_outputs, binary_sequences, output_sequences):
+        """Summed masked NLL in nats over the batch (a scalar float32 tensor).
+
+        ``output_sequences`` int32 [batch, time] are the targets; ``binary_sequences`` the
+        padding mask of the inputs (``sign(input_sequences)``), 1 where a target counts.
+        """
+        logits = self.get_logits(lstm_outputs)
+        batch_sequence_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.cast(output_sequences, tf.int32), logits=logits)
+        unpadded_loss = batch_sequence_loss * tf.cast(binary_sequences, tf.float32)
+        overall_loss = tf.math.reduce_sum(unpadded_loss)
+        return overall_loss
+
+    def get_word_predictions(self, word_preds, binary_sequences):
+        """Each sequence's prediction at its last real (unpadded) position: int [batch]."""
+        final_indexes = tf.math.reduce_sum(binary_sequences, axis=1) - 1
+        return tf.gather(word_preds, tf.cast(final_indexes, tf.int32), axis=1, batch_dims=1)
+
+    def predict_words(self, input_sequences) -> dict:
+        """The course's predictions: softmax ``probabilities`` [batch, time, vocab], argmax
+        ``word_preds`` int32 [batch, time] and ``next_word`` int32 [batch], the word predicted
+        after each sequence's last real token."""
+        lstm_outputs, binary_sequences = self.run_lstm(input_sequences, training=False)
+        probabilities = tf.nn.softmax(self.get_logits(lstm_outputs), axis=-1)
+        word_preds = tf.cast(tf.math.argmax(probabilities, axis=-1), tf.int32)
+        next_word = self.get_word_predictions(word_preds, binary_sequences)
+        return {"probabilities": probabilities, "word_preds": word_preds,
+                "next_word": next_word}
+
+    # ---- Keras plumbing ------------------------------------------------------------------
+
+    def call(self, input_sequences, training=False):
+        lstm_outputs, _ = self.run_lstm(input_sequences, training=training)
+        return self.get_logits(lstm_outputs)
+
+    def build(self, input_shape=(None, None)):
+        self.embedding.build(input_shape)
+        self.rnn.build((None, None, self.embedding_dim))
+        self.dense.build((None, None, self.num_lstm_units))
+        self.built = True
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(vocab_size=self.vocab_size, max_length=self.max_length,
+                      num_lstm_units=self.num_lstm_units, num_lstm_layers=self.num_lstm_layers,
+                      embedding_dim=self.embedding_dim, dropout=self.dropout)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    @property
+    def cells(self) -> list:
+        """The LSTM cells, bottom first."""
+        return list(self.rnn.cell.cells)
+
+    def inference_model(self) -> keras.Model:
+        """The same network, weights copied, as Embedding (no mask) -> ``keras.layers.LSTM``
+        x ``num_lstm_layers`` -> Dense: the form tf2onnx turns into fused ONNX ``LSTM`` ops.
+
+        Its logits equal this model's at every real position of right-padded input.
+        """
+        if not self.built:
+            self.build()
+        ids = keras.Input((None,), dtype="int32", name="input_ids")
+        embedding = keras.layers.Embedding(self.vocab_size, self.embedding_dim,
+                                           name="embedding")
+        x = embedding(ids)
+        lstms = []
+        for i in range(self.num_lstm_layers):
+            layer = keras.layers.LSTM(self.num_lstm_units, return_sequences=True,
+                                      name=f"lstm_{i}")
+            x = layer(x)
+            lstms.append(layer)
+        dense = keras.layers.Dense(self.vocab_size, name="logits")
+        logits = dense(x)
+        model = keras.Model(ids, logits, name="lmonnx_inference")
+        embedding.set_weights(self.embedding.get_weights())
+        # LSTMCell and LSTM share the kernel / recurrent_kernel / bias layout (gates i f c o).
+        for layer, cell in zip(lstms, self.cells):
+            layer.cell.set_weights(cell.get_weights())
+        dense.set_weights(self.dense.get_weights())
+        return model
