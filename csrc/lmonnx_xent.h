@@ -39,7 +39,8 @@ int lmx_force_simd_path(const char *name);
 /* Masked cross-entropy of n_rows rows of V logits (row-major, contiguous).
  *
  *   nll_out[i] = weights[i] * (logsumexp(logits[i, :]) - logits[i, labels[i]])   (nats)
- *   hit_out[i] = 1 when labels[i] is the first argmax of logits[i, :] and weights[i] != 0
+ *   hit_out[i] = 1 when labels[i] is the first argmax of logits[i, :], weights[i] != 0 and
+ *                nll_out[i] is not NaN
  *
  * A row with weights[i] == 0 is skipped: its logits are not read, its label not checked, and
  * nll_out[i] = 0, hit_out[i] = 0.  weights == NULL means every row counts.  hit_out may be NULL.

