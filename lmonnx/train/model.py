@@ -85,9 +85,15 @@ class LanguageModel(keras.Model):
         """One LSTM cell; ``dropout`` is a drop rate applied to its inputs in training."""
         return keras.layers.LSTMCell(self.num_lstm_units, dropout=dropout, name=f"lstm_{index}")
 
-    def stacked_lstm_cells(self) -> keras.layers.StackedRNNCells:
-        """``num_lstm_layers`` cells stacked into one cell (the course returned the list)."""
+    def stacked_lstm_cells(self):
+        """``num_lstm_layers`` cells stacked into one cell (the course returned the list).
+
+        A single layer is its bare cell: Keras 3.15's ``StackedRNNCells`` of one cell mixes up
+        its state structure when a mask flows into the RNN.
+        """
         cells = [self.make_lstm_cell(self.dropout, i) for i in range(self.num_lstm_layers)]
+        if len(cells) == 1:
+            return cells[0]
         return keras.layers.StackedRNNCells(cells, name="stacked_cells")
 
     def get_input_embeddings(self, input_sequences):
@@ -161,7 +167,8 @@ class LanguageModel(keras.Model):
     @property
     def cells(self) -> list:
         """The LSTM cells, bottom first."""
-        return list(self.rnn.cell.cells)
+        cell = self.rnn.cell
+        return list(cell.cells) if isinstance(cell, keras.layers.StackedRNNCells) else [cell]
 
     def inference_model(self) -> keras.Model:
         """The same network, weights copied, as Embedding (no mask) -> ``keras.layers.LSTM``

@@ -1,0 +1,194 @@
+"""`lmonnx export`: fused LSTM ops and no Loop, names and dynamic axes, metadata, parity with
+Keras, atomic writes, one-line user errors, and the issue's PTB run."""
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+pytest.importorskip("tf2onnx")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import lmonnx.export as export  # noqa: E402
+import lmonnx.train  # noqa: E402,F401  (registers LanguageModel with Keras)
+from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, parse_metadata  # noqa: E402
+from lmonnx.batching import bucketed_batches, make_pair  # noqa: E402
+from lmonnx.cli import main  # noqa: E402
+from lmonnx.corpus import read_sentences  # noqa: E402
+from lmonnx.synth import write_corpus  # noqa: E402
+from lmonnx.train.trainer import TrainConfig, train  # noqa: E402
+from lmonnx.vocab import Vocabulary  # noqa: E402
+from lmonnx.xent import masked_cross_entropy  # noqa: E402
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmonnx: error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    write_corpus(d / "synth", seed=2, words=40, train_sentences=300, valid_sentences=50,
+                 test_sentences=50)
+    config = TrainConfig(tokenizer="whitespace", vocab_size=50, max_length=10,
+                         num_lstm_units=16, num_lstm_layers=2, embedding_dim=8, epochs=1,
+                         batch_size=32, dropout=0.1)
+    train(config, d / "synth" / "train.txt", d / "synth" / "valid.txt", d / "run")
+    return d
+
+
+@pytest.fixture(scope="module")
+def exported(run):
+    report = export.export_run(run / "run", run / "model.onnx", verbose=False)
+    return report
+
+
+def op_counts(path):
+    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def logits_parity(run_dir, onnx_path, text, limit=200):
+    """Largest |ORT - Keras| logit at real positions, and both masked losses, on ``text``."""
+    model = keras.saving.load_model(run_dir / "model.keras")
+    vocab = Vocabulary.load(run_dir / "vocab.json")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    pairs = []
+    for lineno, line in read_sentences(text):
+        pairs.append((lineno, *make_pair(vocab.encode(line))))
+        if len(pairs) == limit:
+            break
+    worst, keras_loss, onnx_loss = 0.0, 0.0, 0.0
+    for batch in bucketed_batches(pairs, max_tokens=2048, max_batch_size=48):
+        k = model(batch.inputs).numpy()
+        o = session.run([OUTPUT_NAME], {INPUT_NAME: batch.inputs})[0]
+        real = batch.mask > 0
+        worst = max(worst, float(np.abs(o[real] - k[real]).max()))
+        outputs, binary = model.run_lstm(batch.inputs)
+        keras_loss += float(model.calculate_loss(outputs, binary, batch.targets))
+        onnx_loss += masked_cross_entropy(o, batch.targets, batch.mask)
+    return worst, keras_loss, onnx_loss
+
+
+def test_graph_is_fused_lstm_without_loop(run, exported):
+    counts = op_counts(run / "model.onnx")
+    assert counts["LSTM"] == 2
+    assert counts["Loop"] == 0 and counts["Scan"] == 0
+    assert exported.op_counts == dict(counts)
+
+
+def test_names_and_dynamic_axes(run, exported):
+    graph = onnx.load(str(run / "model.onnx")).graph
+    (inp,), (out,) = graph.input, graph.output
+    assert inp.name == INPUT_NAME and out.name == OUTPUT_NAME
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.INT32
+    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "time"]
+    dims = out.type.tensor_type.shape.dim
+    assert [dims[0].dim_param, dims[1].dim_param, dims[2].dim_value] == ["batch", "time", 44]
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    for shape in [(1, 1), (3, 17), (5, 2)]:  # both axes dynamic
+        ids = np.full(shape, 4, dtype=np.int32)
+        assert session.run(None, {INPUT_NAME: ids})[0].shape == (*shape, 44)
+
+
+def test_metadata(run, exported):
+    model = onnx.load(str(run / "model.onnx"))
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = parse_metadata(props, "model.onnx")
+    assert meta.vocab == Vocabulary.load(run / "run" / "vocab.json")
+    assert meta.config["vocab_size"] == 44 and meta.config["num_lstm_layers"] == 2
+    assert meta.config["num_lstm_units"] == 16 and meta.config["embedding_dim"] == 8
+    assert meta.config["max_length"] == 10 and meta.config["tokenizer"]["preset"] == "whitespace"
+    history = json.loads((run / "run" / "history.json").read_text())
+    assert meta.training["corpus"] == "train.txt" and meta.training["epochs"] == 1
+    assert meta.training["valid_perplexity"] == history["epochs"][0]["valid_perplexity"]
+    # onnxruntime sees the same map (what the runtime reads).
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map == props
+
+
+def test_parity_report_and_independent_check(run, exported):
+    p = exported.parity
+    assert p.ok and p.source == "valid.txt" and p.sentences == 50 and p.batches >= 2
+    assert p.max_logit_abs_diff <= export.LOGIT_ATOL
+    assert p.max_batch_loss_rel_diff <= export.LOSS_RTOL
+    worst, keras_loss, onnx_loss = logits_parity(run / "run", run / "model.onnx",
+                                                 run / "synth" / "test.txt")
+    assert worst <= 1e-4
+    assert onnx_loss == pytest.approx(keras_loss, rel=1e-5)
+
+
+def test_cli_refuses_existing_output_then_force(run, exported, capsys):
+    target = run / "again.onnx"
+    target.write_bytes(b"keep me")
+    assert main(["export", str(run / "run"), "-o", str(target)]) == 1
+    assert "--force" in one_error_line(capsys)
+    assert target.read_bytes() == b"keep me"
+    assert main(["export", str(run / "run"), "-o", str(target), "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "2 fused LSTM, no Loop" in out and "parity:" in out and "ops:" in out
+    assert op_counts(target)["LSTM"] == 2
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "no-model"])
+def test_cli_run_dir_that_is_not_a_run(run, tmp_path, capsys, make):
+    run_dir = tmp_path / "run"
+    if make != "missing":
+        run_dir.mkdir()
+    if make == "no-model":
+        (run_dir / "config.json").write_text((run / "run" / "config.json").read_text())
+    assert main(["export", str(run_dir), "-o", str(tmp_path / "m.onnx")]) == 1
+    line = one_error_line(capsys)
+    assert "is not" in line and "lmonnx run" in line
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_bad_opset_and_missing_output_dir(run, tmp_path, capsys):
+    assert main(["export", str(run / "run"), "-o", str(tmp_path / "m.onnx"),
+                 "--opset", "99"]) == 1
+    assert "--opset" in one_error_line(capsys)
+    assert main(["export", str(run / "run"), "-o", str(tmp_path / "no" / "m.onnx")]) == 1
+    assert "does not exist" in one_error_line(capsys)
+
+
+def test_failed_parity_writes_nothing(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "LOGIT_ATOL", -1.0)
+    with pytest.raises(export.ExportError, match=r"parity check.*max \|logit diff\|"):
+        export.export_run(run / "run", tmp_path / "m.onnx", verbose=False)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temp file
+
+
+@pytest.mark.slow
+def test_ptb_done_when(ptb_dir, tmp_path, capsys):
+    """The issue's acceptance run: 2000 PTB validation lines, 1 epoch, then export."""
+    lines = (ptb_dir / "ptb.valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    corpus = tmp_path / "ptb2000.txt"
+    corpus.write_text("".join(lines[:2000]), encoding="utf-8")
+    run_dir, onnx_path = tmp_path / "run", tmp_path / "ptb.onnx"
+    assert main(["train", str(corpus), "--tokenizer", "whitespace", "--vocab-size", "3000",
+                 "--max-length", "35", "--units", "64", "--layers", "2", "--epochs", "1",
+                 "--batch-size", "32", "--out", str(run_dir)]) == 0
+    assert main(["export", str(run_dir), "-o", str(onnx_path)]) == 0
+    printed = capsys.readouterr().out
+    print(printed)
+    counts = op_counts(onnx_path)
+    assert counts["LSTM"] == 2 and counts["Loop"] == 0 and counts["Scan"] == 0
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    meta = parse_metadata(props, str(onnx_path))
+    assert len(meta.vocab) == meta.config["vocab_size"] == 3000
+    assert meta.vocab.token_to_id("<unk>") == 1 and meta.config["tokenizer"]["preset"] == "whitespace"
+    assert meta.training["corpus"] == "ptb2000.txt" and meta.training["epochs"] == 1
+    worst, keras_loss, onnx_loss = logits_parity(run_dir, onnx_path, ptb_dir / "ptb.test.txt",
+                                                 limit=500)
+    print(f"PTB test parity: max |logit diff| {worst:.2e}, loss rel diff "
+          f"{abs(onnx_loss - keras_loss) / keras_loss:.2e}")
+    assert worst <= 1e-4
+    assert onnx_loss == pytest.approx(keras_loss, rel=1e-5)
+    assert math.isfinite(onnx_loss)
