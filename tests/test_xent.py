@@ -469,7 +469,7 @@ def batches(draw, max_vocab=40):
     return logits, labels, mask
 
 
-PROPERTY = settings(max_examples=150, deadline=None,
+PROPERTY = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
