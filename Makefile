@@ -25,9 +25,18 @@ test: install
 demo: install
 	$(PY) benchmarks/kernel_table.py
 
+PTB := ../shared/data
+BENCH_RUN := runs/ptb
+
+# Side-by-side tables (kernel peers; corpus evaluation vs TensorFlow and PyTorch), then the
+# pytest-benchmark suites.  PyTorch comes from the `bench` extra (CPU build on this machine kind).
 bench: install
-	-$(PY) -m pip install --quiet ".[bench]" --no-deps torch==2.13.0 2>/dev/null || true
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS),bench]"
 	$(PY) benchmarks/kernel_table.py
+	test -f $(BENCH_RUN).onnx || { $(VENV)/bin/lmonnx train $(PTB)/ptb.valid.txt --tokenizer whitespace \
+	    --vocab-size 10000 --units 200 --layers 2 --epochs 1 --out $(BENCH_RUN) --force && \
+	  $(VENV)/bin/lmonnx export $(BENCH_RUN) -o $(BENCH_RUN).onnx --force; }
+	$(PY) benchmarks/eval_table.py --run $(BENCH_RUN) --model $(BENCH_RUN).onnx --corpus $(PTB)/ptb.test.txt
 	$(PY) -m pytest benchmarks --benchmark-only
 
 clean:
