@@ -31,8 +31,9 @@ def _native_stderr_silenced():
 
 
 if "tensorflow" not in sys.modules and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-    # Quiet by default; set TF_CPP_MIN_LOG_LEVEL yourself to see TensorFlow's start-up lines.
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    # Quiet by default (TensorFlow errors still surface as Python exceptions); set
+    # TF_CPP_MIN_LOG_LEVEL yourself, e.g. to 0, to see its native log lines.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     with _native_stderr_silenced():
         import tensorflow as _tf
 
