@@ -125,6 +125,21 @@ def test_parity_report_and_independent_check(run, exported):
     assert onnx_loss == pytest.approx(keras_loss, rel=1e-5)
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+def test_convert_any_depth_to_fused_lstm(layers):
+    from lmonnx.train import LanguageModel
+
+    keras.utils.set_random_seed(layers)
+    model = LanguageModel(30, 8, 8, layers, embedding_dim=4)
+    proto = export.convert(model)
+    assert export._check_graph(proto, layers)["LSTM"] == layers
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(layers)
+    pairs = [(i, *make_pair(rng.integers(4, 30, size=n))) for i, n in enumerate([1, 5, 12, 3])]
+    parity = export.check_parity(model, session, pairs, "random ids")
+    assert parity.ok, parity.describe()
+
+
 def test_cli_refuses_existing_output_then_force(run, exported, capsys):
     target = run / "again.onnx"
     target.write_bytes(b"keep me")

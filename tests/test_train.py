@@ -258,6 +258,7 @@ def test_resume_continues_exactly(two_epochs, synth, tmp_path, monkeypatch, caps
     monkeypatch.setattr(trainer, "_epoch_batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(config, synth / "train.txt", synth / "valid.txt", out)
+    assert "--resume" in capsys.readouterr().err  # the hint on how to continue
     assert json.loads((out / "history.json").read_text())["status"] == "running"
     monkeypatch.setattr(trainer, "_epoch_batches", real)
     # Without --resume or --force an existing run is refused.

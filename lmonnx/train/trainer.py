@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -467,6 +468,10 @@ def _resume(config: TrainConfig, corpus: Path, valid: Path | None, out_dir: Path
     if corpus.resolve() != Path(run_config["corpus"]):
         raise ValueError(f"{out_dir} was trained on {run_config['corpus']}, not {corpus}; "
                          "resume with the same corpus or start a new run")
+    stored_valid = run_config.get("valid")
+    if valid is not None and str(valid.resolve()) != stored_valid:
+        raise ValueError(f"{out_dir} was validated on {stored_valid}, not {valid}; resume with "
+                         "the same --valid (or none) or start a new run")
     differing = [k for k, v in stored.to_dict().items() if config.to_dict()[k] != v]
     if differing:
         print(f"resuming {out_dir} with its stored settings (ignoring "
@@ -497,15 +502,34 @@ def _resume(config: TrainConfig, corpus: Path, valid: Path | None, out_dir: Path
 def _fit(model, optimizer, config: TrainConfig, vocab: Vocabulary, items: list,
          valid_pairs: list | None, out_dir: Path, history_doc: dict,
          start_epoch: int) -> TrainResult:
-    from tqdm.auto import tqdm
-
     train_step, eval_step = _make_steps(model, optimizer)
-    history = history_doc["epochs"]
-    best = history[history_doc["best_epoch"] - 1] if history_doc.get("best_epoch") else None
     n_tokens = sum(len(x) for _, x, _ in items)
     if start_epoch == 1:
         print(f"training on {len(items)} windows ({n_tokens} tokens), vocabulary {len(vocab)}, "
               f"{model.count_params()} parameters")
+    try:
+        _epochs(model, optimizer, config, items, valid_pairs, out_dir, history_doc, train_step,
+                eval_step, start_epoch)
+    except KeyboardInterrupt:
+        done = len(history_doc["epochs"])
+        print(f"interrupted after {done} finished epoch(s); continue with the same command "
+              "and --resume", file=sys.stderr)
+        raise
+    result = TrainResult(out_dir, history_doc["epochs"], history_doc["best_epoch"], len(vocab))
+    b = result.best
+    summary = (f"valid ppl {b['valid_perplexity']:.2f}" if b["valid_perplexity"] is not None
+               else f"train loss {b['train_loss']:.4f}")
+    print(f"best epoch {b['epoch']} ({summary}) saved to {out_dir / MODEL_FILE}")
+    return result
+
+
+def _epochs(model, optimizer, config: TrainConfig, items: list, valid_pairs: list | None,
+            out_dir: Path, history_doc: dict, train_step, eval_step, start_epoch: int) -> None:
+    """Train epochs ``start_epoch .. config.epochs``, recording each in ``history_doc``."""
+    from tqdm.auto import tqdm
+
+    history = history_doc["epochs"]
+    best = history[history_doc["best_epoch"] - 1] if history_doc.get("best_epoch") else None
     for epoch in range(start_epoch, config.epochs + 1):
         t0 = time.perf_counter()
         batches = _epoch_batches(items, config, epoch)
@@ -557,9 +581,3 @@ def _fit(model, optimizer, config: TrainConfig, vocab: Vocabulary, items: list,
               f"(ppl {record['train_perplexity']:.2f}), {valid_text}, "
               f"{train_seconds:.1f} s ({record['tokens_per_second']:.0f} tokens/s)"
               + ("  *best" if improved else ""))
-    result = TrainResult(out_dir, history, history_doc["best_epoch"], len(vocab))
-    b = result.best
-    summary = (f"valid ppl {b['valid_perplexity']:.2f}" if b["valid_perplexity"] is not None
-               else f"train loss {b['train_loss']:.4f}")
-    print(f"best epoch {b['epoch']} ({summary}) saved to {out_dir / MODEL_FILE}")
-    return result
