@@ -22,8 +22,25 @@ test: install
 	$(PY) -m pytest tests
 	$(PY) -m pytest benchmarks --benchmark-disable -q
 
+# The whole pipeline on the built-in synthetic corpus (a Markov chain whose true perplexity is
+# known): synth -> train -> export -> evaluate -> predict, a few minutes on 2 cores.  The
+# training flags are the synthetic-oracle test's (tests/test_train.py), with 2 stacked layers.
+DEMO := demo
+LMONNX := $(VENV)/bin/lmonnx
 demo: install
-	$(PY) benchmarks/kernel_table.py
+	$(LMONNX) synth --out $(DEMO)/data --words 100 --force > /dev/null
+	$(LMONNX) train $(DEMO)/data/train.txt --valid $(DEMO)/data/valid.txt --tokenizer whitespace \
+	  --vocab-size 104 --units 64 --layers 2 --embedding-dim 16 --epochs 16 --batch-size 64 \
+	  --learning-rate 0.02 --out $(DEMO)/run --force
+	$(LMONNX) export $(DEMO)/run -o $(DEMO)/model.onnx --force
+	$(LMONNX) evaluate $(DEMO)/data/test.txt --model $(DEMO)/model.onnx --providers cpu
+	$(LMONNX) predict "$$(head -n 1 $(DEMO)/data/test.txt | cut -d ' ' -f 1-3)" -k 5 \
+	  --model $(DEMO)/model.onnx --providers cpu
+	$(PY) -c 'import json, lmonnx; \
+	  report = lmonnx.Scorer("$(DEMO)/model.onnx", providers="cpu").evaluate(open("$(DEMO)/data/test.txt")); \
+	  true = json.load(open("$(DEMO)/data/truth.json"))["true_perplexity"]["test"]; \
+	  print(f"test perplexity: model {report.perplexity:.3f}, true {true:.3f}, " \
+	        f"ratio {report.perplexity / true:.3f} (the synthetic oracle test allows < 1.25)")'
 
 PTB := ../shared/data
 BENCH_RUN := runs/ptb
