@@ -26,10 +26,17 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="lmonnx",
         description="Stacked-LSTM word LMs: TensorFlow training, one ONNX file, fast exact scoring.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    # --debug is also accepted after the subcommand; SUPPRESS keeps it from resetting the flag
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
     # ---- synth
-    p = sub.add_parser("synth", help="write a synthetic corpus whose true perplexity is known")
+    p = add("synth", help="write a synthetic corpus whose true perplexity is known")
     p.add_argument("--out", type=Path, default=Path("synth"), help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--words", type=int, default=None, help="vocabulary size of the chain")
@@ -39,7 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
 
     # ---- train
-    p = sub.add_parser("train", help="train the course's LanguageModel on a text corpus")
+    p = add("train", help="train the course's LanguageModel on a text corpus")
     p.add_argument("corpus", type=Path, help="training text, one sentence per line")
     p.add_argument("--valid", type=Path, default=None, help="validation text")
     p.add_argument("--tokenizer", choices=("keras", "whitespace"), default="keras")
@@ -64,14 +71,14 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_encoding_errors(p)
 
     # ---- export
-    p = sub.add_parser("export", help="export a run to one self-describing .onnx (tf2onnx)")
+    p = add("export", help="export a run to one self-describing .onnx (tf2onnx)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"))
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
     # ---- evaluate
-    p = sub.add_parser("evaluate", help="perplexity and friends of text corpora")
+    p = add("evaluate", help="perplexity and friends of text corpora")
     p.add_argument("corpus", type=Path, nargs="+")
     p.add_argument("--model", type=Path, default=Path("model.onnx"))
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
@@ -86,14 +93,14 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_encoding_errors(p)
 
     # ---- score
-    p = sub.add_parser("score", help="log-probability of sentences (arguments or stdin lines)")
+    p = add("score", help="log-probability of sentences (arguments or stdin lines)")
     p.add_argument("sentences", nargs="*")
     p.add_argument("--model", type=Path, default=Path("model.onnx"))
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", action="store_true")
 
     # ---- predict
-    p = sub.add_parser("predict", help="top-k next words after a prefix")
+    p = add("predict", help="top-k next words after a prefix")
     p.add_argument("prefix")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--model", type=Path, default=Path("model.onnx"))
