@@ -20,8 +20,6 @@ TensorFlow is imported inside the functions: this module is loaded only by ``lmo
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, metadata_props
+from lmonnx.atomic import write_atomic
 from lmonnx.batching import bucketed_batches, make_pair
 from lmonnx.corpus import read_sentences
 from lmonnx.vocab import Vocabulary
@@ -282,26 +281,6 @@ def _check_output(output: Path, force: bool) -> None:
         raise FileNotFoundError(f"output directory {parent} does not exist")
 
 
-def _write_atomic(output: Path, data: bytes) -> None:
-    parent = output.parent if str(output.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, output)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 # ---- the command ---------------------------------------------------------------------------
 
 def export_run(run_dir, output, opset: int | None = None, force: bool = False, *,
@@ -342,7 +321,7 @@ def export_run(run_dir, output, opset: int | None = None, force: bool = False, *
         raise ExportError(f"export failed its parity check, nothing written: {parity.describe()}")
 
     _check_output(output, force)  # it may have appeared during the conversion
-    _write_atomic(output, data)
+    write_atomic(output, data)
     report = ExportReport(output, len(data), opset, op_counts, parity, props)
     if verbose:
         print(report.summary())

@@ -27,11 +27,11 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from lmonnx.atomic import write_atomic
 
 SYNTH_FORMAT = "lmonnx-synth/1"
 SPLITS = ("train", "valid", "test")
@@ -204,20 +204,6 @@ def sample_splits(seed: int = 0, words: int = DEFAULT_WORDS, **sizes: int):
     return chain, out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_corpus(out_dir, *, seed: int = 0, words: int = DEFAULT_WORDS,
                  train_sentences: int = DEFAULT_TRAIN_SENTENCES,
                  valid_sentences: int = DEFAULT_VALID_SENTENCES,
@@ -258,6 +244,6 @@ def write_corpus(out_dir, *, seed: int = 0, words: int = DEFAULT_WORDS,
         summary["tokens"][name] = tokens
         summary["nll"][name] = nll
         summary["true_perplexity"][name] = math.exp(nll / tokens)
-        _write_atomic(out_dir / f"{name}.txt", "".join(" ".join(s) + "\n" for s in sentences))
-    _write_atomic(out_dir / "truth.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(out_dir / f"{name}.txt", "".join(" ".join(s) + "\n" for s in sentences))
+    write_atomic(out_dir / "truth.json", json.dumps(summary, indent=2) + "\n")
     return summary

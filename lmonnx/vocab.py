@@ -23,14 +23,14 @@ evaluation encodes millions of lines.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from lmonnx.atomic import write_atomic
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -220,18 +220,7 @@ class Vocabulary:
 
     def save(self, path) -> None:
         """Write the JSON form atomically (temp file in the same directory, then rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path) -> "Vocabulary":

@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from lmonnx.atomic import atomic_path, write_atomic
 from lmonnx.batching import Batch, bucketed_batches, make_pair, split_windows
 from lmonnx.corpus import require_sentences
 from lmonnx.vocab import PRESETS, TokenizerOptions, Vocabulary
@@ -132,32 +132,8 @@ class TrainResult:
 
 # ---- files ---------------------------------------------------------------------------------
 
-def _file_mode() -> int:
-    """Permissions of a newly created file under the current umask (mkstemp makes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Move a finished temp file into place with ordinary permissions (atomic on POSIX)."""
-    os.chmod(tmp, _file_mode())
-    os.replace(tmp, path)
-
-
 def _write_json_atomic(path: Path, payload) -> None:
-    _write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _publish(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+    write_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _unlink_quietly(path) -> None:
@@ -330,24 +306,13 @@ def _plot_curve(path: Path, history: list[dict]) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        _publish(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
 
 
 def _save_model_atomic(model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.partial.keras")  # Keras insists on the suffix
-    try:
+    with atomic_path(path, suffix=".keras") as tmp:  # Keras insists on the suffix
         model.save(tmp)
-        _publish(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
 
 
 def _is_better(record: dict, best: dict | None) -> bool:
@@ -398,7 +363,7 @@ def train(config: TrainConfig, corpus, valid=None, out_dir="run", errors: str = 
     if out_dir.is_dir():
         _clear_run(out_dir)  # --force (checked above)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(out_dir / VOCAB_FILE, vocab.to_json())
+    write_atomic(out_dir / VOCAB_FILE, vocab.to_json())
     history_doc = {"status": "running", "epochs": [], "best_epoch": None, "checkpoint": None}
     model = _build_model(config, len(vocab))
     run_config["embedding_dim"] = model.embedding_dim
@@ -433,14 +398,8 @@ def _save_checkpoint(path: Path, model, optimizer, epoch: int) -> None:
     arrays = {f"model_{i:04d}": v.numpy() for i, v in enumerate(model.variables)}
     arrays.update({f"optimizer_{i:04d}": v.numpy() for i, v in enumerate(optimizer.variables)})
     arrays["epoch"] = np.asarray(epoch)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        _publish(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def _load_checkpoint(path: Path, model, optimizer) -> int:
