@@ -8,6 +8,7 @@ TensorFlow is imported only by ``train`` and ``export``, lazily.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -154,7 +155,7 @@ def _progress_bar(path: Path):
 
 def _cmd_evaluate(args) -> None:
     from lmonnx.corpus import require_sentences
-    from lmonnx.evaluate import evaluate_sentences
+    from lmonnx.evaluate import evaluate_sentences, token_scores
     from lmonnx.runtime import ModelSession
 
     for path in (args.per_sentence, args.per_token):
@@ -165,7 +166,6 @@ def _cmd_evaluate(args) -> None:
     session = ModelSession(args.model, providers=args.providers, num_threads=args.threads)
     per_sentence = open(args.per_sentence, "w", encoding="utf-8") if args.per_sentence else None
     per_token = open(args.per_token, "w", encoding="utf-8") if args.per_token else None
-    split = session.vocab.options.split
     reports = []
     try:
         for corpus in args.corpus:
@@ -176,12 +176,10 @@ def _cmd_evaluate(args) -> None:
                         "oovs": result.oovs, "nll": result.nll,
                         "perplexity": result.perplexity}) + "\n")
                 if per_token:
-                    words = split(text) + ["</s>"]
-                    for word, i, nll in zip(words, result.target_ids, result.token_nll):
-                        per_token.write(json.dumps({
-                            "corpus": str(corpus), "line": key, "word": word, "id": int(i),
-                            "logprob": -float(nll), "is_oov": int(i) == 1},
-                            ensure_ascii=False) + "\n")
+                    for token in token_scores(session.vocab, text, result):
+                        per_token.write(json.dumps({"corpus": str(corpus), "line": key,
+                                                    **dataclasses.asdict(token)},
+                                                   ensure_ascii=False) + "\n")
 
             bar = _progress_bar(corpus)
             try:

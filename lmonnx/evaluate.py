@@ -62,6 +62,24 @@ class SentenceResult:
         return math.exp(self.nll / self.tokens)
 
 
+@dataclass(frozen=True)
+class TokenScore:
+    """One scored target: ``logprob`` in nats; ``word`` is the text as written (``</s>`` last)."""
+
+    word: str
+    id: int
+    logprob: float
+    is_oov: bool
+
+
+def token_scores(vocab, text: str, result: SentenceResult) -> list[TokenScore]:
+    """Per-token scores of a sentence scored with ``keep_tokens=True``, like kenlm's
+    ``full_scores``: its words as the tokenizer splits them, then ``</s>``."""
+    words = vocab.words(text) + ["</s>"]
+    return [TokenScore(word=w, id=int(i), logprob=-float(n), is_oov=int(i) == UNK_ID)
+            for w, i, n in zip(words, result.target_ids, result.token_nll)]
+
+
 @dataclass
 class EvaluationReport:
     """What ``lmonnx evaluate`` prints, for one corpus.  NLL in nats; bits where named."""

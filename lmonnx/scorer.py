@@ -21,10 +21,10 @@ from typing import Iterable
 
 import numpy as np
 
-from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport,
-                             evaluate_sentences, score_sentences)
+from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, TokenScore,
+                             evaluate_sentences, score_sentences, token_scores)
 from lmonnx.runtime import ModelSession
-from lmonnx.vocab import BOS_ID, PAD_ID, UNK_ID
+from lmonnx.vocab import BOS_ID, PAD_ID
 
 
 @dataclass(frozen=True)
@@ -38,16 +38,6 @@ class SentenceScore:
     @property
     def perplexity(self) -> float:
         return math.exp(-self.logprob / self.tokens)
-
-
-@dataclass(frozen=True)
-class TokenScore:
-    """One scored target: ``logprob`` in nats; ``word`` is the text as written (``</s>`` last)."""
-
-    word: str
-    id: int
-    logprob: float
-    is_oov: bool
 
 
 def _check_text(sentence, what="sentence") -> str:
@@ -111,9 +101,7 @@ class Scorer:
         """Per-token scores of one sentence, like kenlm's ``full_scores``: words, then ``</s>``."""
         sentence = _check_text(sentence)
         (_, _, result), = self._score([sentence], keep_tokens=True)
-        words = self.vocab.options.split(sentence) + ["</s>"]
-        return [TokenScore(word=w, id=int(i), logprob=-float(n), is_oov=int(i) == UNK_ID)
-                for w, i, n in zip(words, result.target_ids, result.token_nll)]
+        return token_scores(self.vocab, sentence, result)
 
     def predict_next(self, prefix: str, k: int = 5) -> list[tuple[str, float]]:
         """Top-``k`` (word, probability) after ``prefix``: the softmax at its last position.
