@@ -8,10 +8,13 @@ TensorFlow is imported only by ``train`` and ``export``, lazily.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 from pathlib import Path
+
+from lmonnx.runtime import InferenceError, ProviderError
 
 EXIT_USER_ERROR = 1
 
@@ -138,9 +141,21 @@ def _cmd_export(args) -> None:
     export_run(args.run_dir, args.output, opset=args.opset, force=args.force)
 
 
-def _refuse_overwrite(path: Path | None, force: bool) -> None:
-    if path is not None and path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+def _check_outputs(outputs: dict[str, Path | None], inputs: list[Path], force: bool) -> None:
+    """Refuse to clobber: an existing file without --force, an input, or one output twice."""
+    seen: dict[Path, str] = {}
+    protected = {p.resolve(): str(p) for p in inputs}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        resolved = path.resolve()
+        if resolved in protected:
+            raise ValueError(f"{flag} {path} is an input of this command; choose another file")
+        if resolved in seen:
+            raise ValueError(f"{seen[resolved]} and {flag} name the same file {path}")
+        seen[resolved] = flag
+        if path.exists() and not force:
+            raise FileExistsError(f"{path} exists; pass --force to overwrite it")
 
 
 def _progress_bar(path: Path):
@@ -149,26 +164,30 @@ def _progress_bar(path: Path):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name,
-                file=sys.stderr, leave=False)
+    total = path.stat().st_size if path.is_file() else None  # a pipe has no size
+    return tqdm(total=total, unit="B", unit_scale=True, desc=path.name, file=sys.stderr,
+                leave=False)
 
 
 def _cmd_evaluate(args) -> None:
+    from lmonnx.atomic import atomic_path
     from lmonnx.corpus import require_sentences
     from lmonnx.evaluate import evaluate_sentences, token_scores
     from lmonnx.runtime import ModelSession
 
-    for path in (args.per_sentence, args.per_token):
-        _refuse_overwrite(path, args.force)
-    for corpus in args.corpus:  # fail before the model loads, not after the first corpus
-        if not corpus.is_file():
-            raise FileNotFoundError(f"corpus not found: {corpus}")
+    outputs = {"--per-sentence": args.per_sentence, "--per-token": args.per_token}
+    _check_outputs(outputs, [*args.corpus, args.model], args.force)
+    # Open every corpus before the model loads: a bad path fails first, not after corpus one.
+    sources = [require_sentences(c, errors=args.errors, with_bytes=True) for c in args.corpus]
     session = ModelSession(args.model, providers=args.providers, num_threads=args.threads)
-    per_sentence = open(args.per_sentence, "w", encoding="utf-8") if args.per_sentence else None
-    per_token = open(args.per_token, "w", encoding="utf-8") if args.per_token else None
     reports = []
-    try:
-        for corpus in args.corpus:
+    with contextlib.ExitStack() as stack:
+        # Written to temp files that replace the targets only when every corpus succeeded.
+        files = {flag: stack.enter_context(open(stack.enter_context(atomic_path(path)), "w",
+                                                encoding="utf-8"))
+                 for flag, path in outputs.items() if path is not None}
+        per_sentence, per_token = files.get("--per-sentence"), files.get("--per-token")
+        for corpus, sentences in zip(args.corpus, sources):
             def write(key, text, result, corpus=corpus):
                 if per_sentence:
                     per_sentence.write(json.dumps({
@@ -184,10 +203,10 @@ def _cmd_evaluate(args) -> None:
             bar = _progress_bar(corpus)
             try:
                 report = evaluate_sentences(
-                    session, require_sentences(corpus, errors=args.errors), corpus=str(corpus),
-                    batch_size=args.batch_size, max_tokens=args.max_tokens,
-                    keep_tokens=per_token is not None, num_threads=args.threads,
-                    on_sentence=write if (per_sentence or per_token) else None,
+                    session, sentences, corpus=str(corpus), batch_size=args.batch_size,
+                    max_tokens=args.max_tokens, keep_tokens=per_token is not None,
+                    num_threads=args.threads,
+                    on_sentence=write if files else None,
                     progress=bar.update if bar else None)
             finally:
                 if bar:
@@ -198,10 +217,6 @@ def _cmd_evaluate(args) -> None:
                 if session.provider_note:
                     print(f"{'note':<22}  {session.provider_note}")
                 print()
-    finally:
-        for fh in (per_sentence, per_token):
-            if fh:
-                fh.close()
     if args.json:
         payload = [r.to_dict() for r in reports]
         print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
@@ -257,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmonnx: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, ImportError, ProviderError, InferenceError) as exc:
         if args.debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -34,7 +34,7 @@ def _check(path, errors: str) -> Path:
     return path
 
 
-def _lines(path: Path, errors: str) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, errors: str, with_bytes: bool = False) -> Iterator[tuple]:
     try:
         f = open(path, "rb")
     except OSError as exc:
@@ -50,28 +50,37 @@ def _lines(path: Path, errors: str) -> Iterator[tuple[int, str]]:
                     f"of the line); pass --errors replace to substitute U+FFFD") from None
             if lineno == 1 and line.startswith(_BOM):
                 line = line[1:]
-            line = line.strip()
-            if line:
-                yield lineno, line
+            text = line.strip()
+            if text and with_bytes:
+                # the sentence's original bytes: surrounding spaces kept, one line break counted
+                yield lineno, text, len(raw.rstrip(b"\r\n")) + 1
+            elif text:
+                yield lineno, text
 
 
-def read_sentences(path, errors: str = "strict") -> Iterator[tuple[int, str]]:
+def read_sentences(path, errors: str = "strict", *,
+                   with_bytes: bool = False) -> Iterator[tuple]:
     """Stream ``(line number, stripped line)`` for every non-empty line of ``path``.
+
+    With ``with_bytes``, ``(line number, stripped line, bytes)``: the line's original UTF-8
+    bytes with its surrounding whitespace and one byte for its line break (what bits per byte
+    divides by).
 
     Line numbers are 1-based and count blank lines, so they point into the file. A missing path,
     a directory or an unknown ``errors`` raise :class:`CorpusError` at the call; undecodable bytes
     raise it (with the line number) when iteration reaches them.
     """
-    return _lines(_check(path, errors), errors)
+    return _lines(_check(path, errors), errors, with_bytes)
 
 
-def require_sentences(path, errors: str = "strict") -> Iterator[tuple[int, str]]:
+def require_sentences(path, errors: str = "strict", *,
+                      with_bytes: bool = False) -> Iterator[tuple]:
     """Like :func:`read_sentences`, but raise :class:`CorpusError` when the file has no sentence."""
     path = _check(path, errors)
 
     def gen():
         empty = True
-        for item in _lines(path, errors):
+        for item in _lines(path, errors, with_bytes):
             empty = False
             yield item
         if empty:

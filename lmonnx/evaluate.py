@@ -7,8 +7,8 @@
 Accounting (as KenLM and SRILM report it): a sentence ``w1 .. wn`` scores n+1 tokens, ``</s>``
 included, ``<s>`` never.  ``perplexity = exp(nll / tokens)``; ``perplexity_no_oov`` leaves OOV
 targets out of both the sum and the count.  ``bits_per_byte`` divides the total NLL in bits by
-the UTF-8 bytes of the sentences, each counted with one byte for its line break (what ``</s>``
-predicts), so it compares models with different tokenizers.  Totals are float64 sums of
+the original UTF-8 bytes of the sentences (surrounding whitespace included, one byte for each
+line break, which ``</s>`` predicts; blank lines are not sentences and not counted), so it compares models with different tokenizers.  Totals are float64 sums of
 per-sentence float64 sums: they do not depend on batch size or order beyond float rounding.
 """
 
@@ -27,6 +27,12 @@ from lmonnx.vocab import UNK_ID
 from lmonnx.xent import token_nll_and_hits
 
 LN2 = math.log(2.0)
+
+
+def perplexity_of(nll: float, tokens: int) -> float:
+    """exp(nll / tokens), ``inf`` instead of an OverflowError for a diverged model."""
+    mean = nll / tokens
+    return math.exp(mean) if mean < 709.0 else math.inf
 DEFAULT_BATCH_SIZE = 64
 LOGITS_BUDGET_BYTES = 64 << 20
 """Default cap on one batch's float32 logits: keeps memory flat and the logits that onnxruntime
@@ -50,6 +56,7 @@ class SentenceResult:
     logprob: float
     oov_nll: float
     hits: int
+    oov_hits: int
     token_nll: np.ndarray | None = None
     target_ids: np.ndarray | None = None
 
@@ -59,7 +66,7 @@ class SentenceResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll / self.tokens)
+        return perplexity_of(self.nll, self.tokens)
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class EvaluationReport:
     bits_per_token: float
     bits_per_byte: float
     top1_accuracy: float
+    top1_accuracy_no_oov: float
     padding_fraction: float
     tokens_per_second: float
     seconds: float
@@ -117,7 +125,8 @@ class EvaluationReport:
             ("perplexity excl. OOVs", f"{self.perplexity_no_oov:.4f}"),
             ("bits per token", f"{self.bits_per_token:.6f}"),
             ("bits per byte", f"{self.bits_per_byte:.6f}"),
-            ("top-1 accuracy", f"{100.0 * self.top1_accuracy:.2f}%"),
+            ("top-1 accuracy", f"{100.0 * self.top1_accuracy:.2f}% "
+                               f"({100.0 * self.top1_accuracy_no_oov:.2f}% excl. OOVs)"),
             ("padding", f"{100.0 * self.padding_fraction:.2f}% of computed positions"),
             ("speed", f"{self.tokens_per_second:,.0f} tokens/s ({self.seconds:.3f} s)"),
             ("provider", self.provider),
@@ -134,6 +143,7 @@ class _Totals:
     nll: float = 0.0
     oov_nll: float = 0.0
     hits: int = 0
+    oov_hits: int = 0
     bytes: int = 0
     real_positions: int = 0
     computed_positions: int = 0
@@ -145,6 +155,7 @@ class _Totals:
         self.nll += result.nll
         self.oov_nll += result.oov_nll
         self.hits += result.hits
+        self.oov_hits += result.oov_hits
         self.bytes += nbytes
 
     def report(self, corpus: str, seconds: float, provider: str) -> EvaluationReport:
@@ -159,11 +170,13 @@ class _Totals:
             oovs=self.oovs,
             nll=self.nll,
             mean_nll=mean_nll,
-            perplexity=math.exp(mean_nll),
-            perplexity_no_oov=math.exp((self.nll - self.oov_nll) / in_vocab) if in_vocab else math.nan,
+            perplexity=perplexity_of(self.nll, tokens),
+            perplexity_no_oov=(perplexity_of(self.nll - self.oov_nll, in_vocab) if in_vocab
+                               else math.nan),
             bits_per_token=mean_nll / LN2,
             bits_per_byte=self.nll / LN2 / self.bytes,
             top1_accuracy=self.hits / tokens,
+            top1_accuracy_no_oov=(self.hits - self.oov_hits) / in_vocab if in_vocab else math.nan,
             padding_fraction=(1.0 - self.real_positions / self.computed_positions
                               if self.computed_positions else 0.0),
             tokens_per_second=tokens / seconds if seconds > 0 else math.inf,
@@ -181,6 +194,7 @@ def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = Fals
     row_nll = nll.sum(axis=1)
     row_oov_nll = np.where(oov, nll, 0.0).sum(axis=1)
     row_hits = hits.sum(axis=1)
+    row_oov_hits = (hits & oov).sum(axis=1)  # an <unk> target "predicted" by <unk>
     row_oovs = oov.sum(axis=1)
     results = []
     for r, key in enumerate(batch.keys):
@@ -188,6 +202,7 @@ def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = Fals
         results.append(SentenceResult(
             key=key, tokens=n, oovs=int(row_oovs[r]), logprob=-float(row_nll[r]),
             oov_nll=float(row_oov_nll[r]), hits=int(row_hits[r]),
+            oov_hits=int(row_oov_hits[r]),
             token_nll=nll[r, :n].copy() if keep_tokens else None,
             target_ids=batch.targets[r, :n].copy() if keep_tokens else None))
     return results
@@ -200,6 +215,9 @@ def score_sentences(session: ModelSession, sentences: Iterable[tuple[object, str
                     progress: Callable[[int], None] | None = None,
                     ) -> Iterator[tuple[object, str, SentenceResult]]:
     """Yield ``(key, text, result)`` for every ``(key, text)`` in input order, streaming.
+
+    An item may also be ``(key, text, nbytes)``: the sentence's original UTF-8 bytes for bits
+    per byte (default: ``text`` plus one byte for its line break).
 
     Sentences are bucketed by length within a bounded look-ahead, so memory stays bounded by
     the batch budget and the look-ahead, never by the corpus.  ``progress`` is called with the
@@ -217,8 +235,10 @@ def score_sentences(session: ModelSession, sentences: Iterable[tuple[object, str
     next_out = 0
 
     def items():
-        for seq, (key, text) in enumerate(sentences):
-            pending[seq] = (key, text, len(text.encode("utf-8")) + 1)
+        for seq, item in enumerate(sentences):
+            key, text = item[0], item[1]
+            nbytes = item[2] if len(item) > 2 else len(text.encode("utf-8")) + 1
+            pending[seq] = (key, text, nbytes)
             inputs, targets = make_pair(vocab.encode(text))
             yield seq, inputs, targets
 

@@ -64,6 +64,8 @@ class ParityReport:
 
     @property
     def loss_rel_diff(self) -> float:
+        if self.loss_keras == 0.0:
+            return 0.0 if self.loss_onnx == 0.0 else math.inf
         return abs(self.loss_onnx - self.loss_keras) / abs(self.loss_keras)
 
     @property
@@ -236,7 +238,8 @@ def check_parity(model, session, pairs, source: str, *, max_tokens: int = 4096,
         diff = np.abs(onnx_logits[real] - keras_logits[real])
         max_diff = max(max_diff, float(diff.max()) if not np.isnan(diff).any() else math.inf)
         onnx_loss = masked_cross_entropy(onnx_logits, batch.targets, batch.mask, reduction="sum")
-        rel = abs(onnx_loss - keras_loss) / abs(keras_loss)
+        rel = (abs(onnx_loss - keras_loss) / abs(keras_loss) if keras_loss
+               else (0.0 if onnx_loss == 0.0 else math.inf))
         worst_rel = max(worst_rel, rel if math.isfinite(rel) else math.inf)
         loss_k += keras_loss
         loss_o += onnx_loss

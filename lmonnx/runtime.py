@@ -26,6 +26,14 @@ from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta
 log = logging.getLogger("lmonnx")
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+
+class ProviderError(RuntimeError):
+    """``providers="cuda"`` was asked for and CUDA cannot be used here."""
+
+
+class InferenceError(RuntimeError):
+    """onnxruntime failed while running the model (out of memory on a huge batch, say)."""
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
@@ -66,7 +74,9 @@ class ModelSession:
         if providers not in PROVIDER_CHOICES:
             raise ValueError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}; got {providers!r}")
         self.path = Path(os.fspath(path))
-        if not self.path.is_file():
+        if self.path.is_dir():
+            raise IsADirectoryError(f"model path is a directory, not an .onnx file: {self.path}")
+        if not self.path.exists():
             raise FileNotFoundError(f"model not found: {self.path} (create one with `lmonnx export`)")
         self.num_threads = num_threads
         options = _session_options(num_threads)
@@ -77,7 +87,7 @@ class ModelSession:
             if reason is None:
                 wanted = [CUDA, CPU]
             elif providers == "cuda":
-                raise RuntimeError(f"--providers cuda: CUDA is not usable: {reason}")
+                raise ProviderError(f"--providers cuda: CUDA is not usable: {reason}")
             else:
                 self.provider_note = f"CUDA not used: {reason}"
         try:
@@ -88,7 +98,7 @@ class ModelSession:
             raise ArtifactError(f"{self.path} is not a readable ONNX model: {first[:200]}") from None
         self.provider = self._session.get_providers()[0]
         if providers == "cuda" and self.provider != CUDA:
-            raise RuntimeError("--providers cuda: onnxruntime could not start the CUDA provider")
+            raise ProviderError("--providers cuda: onnxruntime could not start the CUDA provider")
         if CUDA in wanted and self.provider != CUDA:
             self.provider_note = "CUDA not used: onnxruntime could not start the CUDA provider"
         if self.provider_note:
@@ -115,13 +125,18 @@ class ModelSession:
         ids = np.ascontiguousarray(input_ids, dtype=np.int32)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {ids.shape}")
-        if self.provider == CUDA:
-            binding = self._session.io_binding()
-            binding.bind_cpu_input(INPUT_NAME, ids)
-            binding.bind_output(OUTPUT_NAME, "cpu")
-            self._session.run_with_iobinding(binding)
-            return binding.get_outputs()[0].numpy()
-        return self._session.run([OUTPUT_NAME], {INPUT_NAME: ids})[0]
+        try:
+            if self.provider == CUDA:
+                binding = self._session.io_binding()
+                binding.bind_cpu_input(INPUT_NAME, ids)
+                binding.bind_output(OUTPUT_NAME, "cpu")
+                self._session.run_with_iobinding(binding)
+                return binding.get_outputs()[0].numpy()
+            return self._session.run([OUTPUT_NAME], {INPUT_NAME: ids})[0]
+        except Exception as exc:  # onnxruntime's own types (Fail, RuntimeException, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InferenceError(
+                f"onnxruntime failed on a batch of shape {ids.shape}: {first[:300]}") from exc
 
     def __repr__(self) -> str:
         return (f"ModelSession({str(self.path)!r}, provider={self.provider!r}, "

@@ -15,14 +15,13 @@ in its batch (right padding + a causal LSTM + the kernel's mask).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
 from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, TokenScore,
-                             evaluate_sentences, score_sentences, token_scores)
+                             evaluate_sentences, perplexity_of, score_sentences, token_scores)
 from lmonnx.runtime import ModelSession
 from lmonnx.vocab import BOS_ID, PAD_ID
 
@@ -37,7 +36,7 @@ class SentenceScore:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(-self.logprob / self.tokens)
+        return perplexity_of(-self.logprob, self.tokens)
 
 
 def _check_text(sentence, what="sentence") -> str:
@@ -125,7 +124,8 @@ class Scorer:
         """Evaluate lines as ``lmonnx evaluate`` does (blank lines are skipped)."""
         if isinstance(lines, str):
             raise TypeError("evaluate() takes an iterable of lines, not one str")
-        keyed = ((n, line.strip()) for n, line in enumerate(lines, start=1) if line.strip())
+        keyed = ((n, line.strip(), len(line.rstrip("\r\n").encode("utf-8")) + 1)
+                 for n, line in enumerate(lines, start=1) if line.strip())
         return evaluate_sentences(self._session, keyed, corpus=corpus,
                                   batch_size=self.batch_size, max_tokens=self.max_tokens,
                                   num_threads=self._num_threads)

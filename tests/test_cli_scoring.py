@@ -1,12 +1,16 @@
 """`lmonnx evaluate`, `score` and `predict` from the command line (lmonnx.cli.main)."""
 
 import json
+import math
+import os
 import re
+import threading
 
 import pytest
 from lmonnx.testing import build_random_lm, make_vocab
 
 from lmonnx.cli import main
+from lmonnx.runtime import cuda_unavailable_reason
 
 WORDS = "the a cat dog sat on mat ran".split()
 
@@ -66,7 +70,7 @@ def test_per_sentence_and_per_token_files(model, corpus, tmp_path, capsys):
 
 @pytest.mark.parametrize("setup,match", [
     (lambda tmp, model: ["evaluate", str(tmp / "nope.txt"), "--model", str(model)],
-     "corpus not found"),
+     "no such file"),
     (lambda tmp, model: ["evaluate", str(tmp / "empty.txt"), "--model", str(model)],
      "no sentences"),
     (lambda tmp, model: ["evaluate", str(tmp / "bad.txt"), "--model", str(model)],
@@ -101,3 +105,59 @@ def test_score_and_predict(model, capsys):
     assert main(["predict", "the cat", "-k", "3", "--model", str(model), "--json"]) == 0
     top = json.loads(capsys.readouterr().out)
     assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+
+
+def test_bits_per_byte_counts_the_original_bytes(model, tmp_path, capsys):
+    path = tmp_path / "spaced.txt"
+    path.write_bytes(b" the cat sat \n\n  \na dog\r\n")  # PTB-style spaces, blank lines, CRLF
+    assert main(["evaluate", str(path), "--model", str(model), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    sentence_bytes = len(" the cat sat \n") + len("a dog\n")  # blank lines are not sentences
+    assert report["bits_per_byte"] == pytest.approx(report["nll"] / math.log(2) / sentence_bytes)
+
+
+def test_evaluate_reads_a_pipe(model, tmp_path, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("the cat sat\na dog\n"))
+    writer.start()
+    assert main(["evaluate", str(fifo), "--model", str(model), "--json"]) == 0
+    writer.join()
+    assert json.loads(capsys.readouterr().out)["sentences"] == 2
+
+
+def test_outputs_never_clobber_inputs_or_each_other(model, corpus, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    for args, match in [
+        (["--per-sentence", str(out), "--per-token", str(out)], "name the same file"),
+        (["--per-sentence", str(corpus), "--force"], "is an input of this command"),
+        (["--per-token", str(model), "--force"], "is an input of this command"),
+    ]:
+        assert main(["evaluate", str(corpus), "--model", str(model), *args]) == 1
+        assert re.search(match, one_error_line(capsys))
+    assert corpus.read_text(encoding="utf-8").startswith("the cat sat")
+
+
+def test_a_failed_evaluation_keeps_the_old_output(model, tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"the cat\nbad \xff byte\n")
+    out = tmp_path / "old.jsonl"
+    out.write_text("precious\n")
+    assert main(["evaluate", str(bad), "--model", str(model), "--per-sentence", str(out),
+                 "--force"]) == 1
+    assert "not valid UTF-8" in one_error_line(capsys)
+    assert out.read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "old.jsonl"]
+
+
+def test_directory_as_corpus_or_model(model, corpus, tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path), "--model", str(model)]) == 1
+    assert "is a directory" in one_error_line(capsys)
+    assert main(["evaluate", str(corpus), "--model", str(tmp_path)]) == 1
+    assert "is a directory" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(cuda_unavailable_reason() is None, reason="CUDA is usable here")
+def test_strict_cuda_without_a_gpu_is_one_line(model, corpus, capsys):
+    assert main(["evaluate", str(corpus), "--model", str(model), "--providers", "cuda"]) == 1
+    assert "CUDA is not usable" in one_error_line(capsys)

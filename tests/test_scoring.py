@@ -83,12 +83,14 @@ def test_report_accounting_matches_reference(scorer):
     session = scorer._session
     report = scorer.evaluate(SENTENCES + ["", "   "])  # blank lines are not sentences
     total, total_in_vocab, n_in_vocab, hits, tokens, oovs = 0.0, 0.0, 0, 0, 0, 0
+    in_vocab_hits = 0
     for text in SENTENCES:
         logp, hit, targets = reference_sentence(session, text)
         total -= logp.sum()
         total_in_vocab -= logp[targets != 1].sum()
         n_in_vocab += int((targets != 1).sum())
         hits += int(hit.sum())
+        in_vocab_hits += int(hit[targets != 1].sum())
         tokens += len(targets)
         oovs += int((targets == 1).sum())
     nbytes = sum(len(s.encode()) + 1 for s in SENTENCES)
@@ -102,11 +104,13 @@ def test_report_accounting_matches_reference(scorer):
     assert report.bits_per_token == pytest.approx(total / tokens / math.log(2), rel=1e-5)
     assert report.bits_per_byte == pytest.approx(total / math.log(2) / nbytes, rel=1e-5)
     assert report.top1_accuracy == pytest.approx(hits / tokens)
+    assert report.top1_accuracy_no_oov == pytest.approx(in_vocab_hits / n_in_vocab)
     assert 0.0 <= report.padding_fraction < 1.0
     assert report.provider == "CPUExecutionProvider"
     assert set(report.to_dict()) >= {
         "sentences", "tokens", "words", "oovs", "nll", "mean_nll", "perplexity",
         "perplexity_no_oov", "bits_per_token", "bits_per_byte", "top1_accuracy",
+        "top1_accuracy_no_oov",
         "padding_fraction", "tokens_per_second", "seconds", "provider"}
 
 
@@ -162,6 +166,8 @@ def test_results_stream_in_input_order_with_bounded_lookahead(scorer):
     keys = [next(stream)[0] for _ in range(100)]
     assert keys == list(range(100))
     assert consumed < 20_000  # the first results came long before the input was read
+    keys += [next(stream)[0] for _ in range(12_000)]  # across several look-ahead chunks
+    assert keys == list(range(12_100))
 
 
 def test_empty_input_is_an_error(scorer):

@@ -321,3 +321,11 @@ def test_synthetic_oracle(tmp_path):
     print(f"synthetic oracle: model/true test perplexity = {ratio:.4f} "
           f"(best epoch {result.best_epoch})")
     assert ORACLE_RATIO_MIN < ratio < ORACLE_RATIO_MAX, ratio
+
+
+def test_corpus_without_words_fails_before_creating_the_run(tmp_path, capsys):
+    corpus = tmp_path / "punct.txt"
+    corpus.write_text("!!! ...\n?? ,,\n", encoding="utf-8")
+    assert main(["train", str(corpus), "--out", str(tmp_path / "run")]) == 1
+    assert "no words after tokenization" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

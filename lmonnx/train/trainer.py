@@ -39,7 +39,8 @@ import numpy as np
 from lmonnx.atomic import atomic_path, write_atomic
 from lmonnx.batching import Batch, bucketed_batches, make_pair, split_windows
 from lmonnx.corpus import require_sentences
-from lmonnx.vocab import PRESETS, TokenizerOptions, Vocabulary
+from lmonnx.evaluate import perplexity_of
+from lmonnx.vocab import PRESETS, SPECIAL_TOKENS, TokenizerOptions, Vocabulary
 
 RUN_FORMAT = "lmonnx-run/1"
 CONFIG_FILE = "config.json"
@@ -343,6 +344,9 @@ def train(config: TrainConfig, corpus, valid=None, out_dir="run", errors: str = 
     # Read everything before building a model, so bad input fails in a second.
     vocab = Vocabulary.fit((line for _, line in require_sentences(corpus, errors)),
                            config.vocab_size, TokenizerOptions.from_preset(config.tokenizer))
+    if len(vocab) <= len(SPECIAL_TOKENS):
+        raise ValueError(f"{corpus}: no words after tokenization with the {config.tokenizer!r} "
+                         "tokenizer (punctuation only?); nothing to train on")
     items = _training_items(vocab, corpus, errors, config.max_length)
     valid_pairs = _sentence_pairs(vocab, valid, errors) if valid is not None else None
 
@@ -508,13 +512,13 @@ def _epochs(model, optimizer, config: TrainConfig, items: list, valid_pairs: lis
                     bar.set_postfix(loss=f"{nll_sum / tokens:.3f}")
         train_seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "train_loss": nll_sum / tokens,
-                  "train_perplexity": math.exp(nll_sum / tokens), "train_tokens": tokens,
+                  "train_perplexity": perplexity_of(nll_sum, tokens), "train_tokens": tokens,
                   "train_seconds": round(train_seconds, 3),
                   "tokens_per_second": round(tokens / train_seconds, 1)}
         if valid_pairs is not None:
             v0 = time.perf_counter()
             nll, n = evaluate_nll(model, valid_pairs, eval_step=eval_step)
-            record.update(valid_nll=nll, valid_tokens=n, valid_perplexity=math.exp(nll / n),
+            record.update(valid_nll=nll, valid_tokens=n, valid_perplexity=perplexity_of(nll, n),
                           valid_seconds=round(time.perf_counter() - v0, 3))
         else:
             record["valid_perplexity"] = None
