@@ -39,7 +39,7 @@ import numpy as np
 from lmonnx.atomic import atomic_path, write_atomic
 from lmonnx.batching import Batch, bucketed_batches, make_pair, split_windows
 from lmonnx.corpus import require_sentences
-from lmonnx.evaluate import perplexity_of
+from lmonnx.evaluate import default_max_tokens, perplexity_of
 from lmonnx.vocab import PRESETS, SPECIAL_TOKENS, TokenizerOptions, Vocabulary
 
 RUN_FORMAT = "lmonnx-run/1"
@@ -49,7 +49,6 @@ MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.json"
 CURVE_FILE = "training_curve.png"
 CHECKPOINT_PREFIX = "checkpoint-"
-LOGITS_BUDGET_BYTES = 64 << 20  # cap on one validation batch's float32 logits
 
 __all__ = ["TrainConfig", "TrainResult", "train", "load_run_config", "evaluate_nll",
            "RUN_FORMAT", "CONFIG_FILE", "VOCAB_FILE", "MODEL_FILE", "HISTORY_FILE", "CURVE_FILE"]
@@ -208,10 +207,6 @@ def _epoch_batches(items: list, config: TrainConfig, epoch: int) -> list[Batch]:
                                  max_batch_size=config.batch_size, rng=rng))
 
 
-def _eval_max_tokens(vocab_size: int) -> int:
-    return max(256, LOGITS_BUDGET_BYTES // (4 * vocab_size))
-
-
 # ---- TensorFlow steps ----------------------------------------------------------------------
 
 def _make_steps(model, optimizer):
@@ -251,7 +246,7 @@ def evaluate_nll(model, pairs: Iterable, *, max_tokens: int | None = None,
     if eval_step is None:
         _, eval_step = _make_steps(model, None)
     if max_tokens is None:
-        max_tokens = _eval_max_tokens(model.vocab_size)
+        max_tokens = default_max_tokens(model.vocab_size)  # the same budget as evaluation
     nll, tokens = 0.0, 0
     for batch in bucketed_batches(pairs, max_tokens=max_tokens, max_batch_size=max_batch_size):
         loss_sum, n = eval_step(batch.inputs, batch.targets)
