@@ -5,14 +5,6 @@ Scoring needs onnxruntime (``pip install 'lmonnx[cpu]'`` or ``'lmonnx[gpu]'``) a
 imports TensorFlow; training and export need the ``train`` extra.
 """
 
-from importlib.util import find_spec as _find_spec
-
-if _find_spec("onnxruntime") is None:  # both onnxruntime and onnxruntime-gpu provide it
-    raise ImportError(
-        "lmonnx needs an ONNX Runtime: install exactly one of the extras "
-        "'lmonnx[cpu]' (onnxruntime) or 'lmonnx[gpu]' (onnxruntime-gpu, also runs on CPU)"
-    )
-
 from lmonnx.xent import masked_cross_entropy, token_nll_and_hits  # noqa: E402
 
 __version__ = "0.1.0"
@@ -21,7 +13,8 @@ __all__ = ["Scorer", "masked_cross_entropy", "token_nll_and_hits", "__version__"
 
 
 def __getattr__(name):
-    # Scorer pulls in onnxruntime; import it on first use so `import lmonnx` stays light.
+    # Scorer pulls in onnxruntime; import it on first use so `import lmonnx` stays light and
+    # training works without a runtime (lmonnx.runtime says which extra is missing).
     if name == "Scorer":
         from lmonnx.scorer import Scorer
 

@@ -8,9 +8,12 @@ The layers, from the bottom up:
                           arrays (labels, mask), then calls layer 2 with the GIL released;
   4. lmonnx/xent.py     - the public facade: reductions and the documented signature.
 
-Logits are never copied when they are float32 and C-contiguous (read-only and memory-mapped
-arrays included); anything else non-contiguous is copied once, float64 logits are refused
-rather than silently doubled in memory.
+Logits are never copied when they are native-endian float32 and C-contiguous (read-only and
+memory-mapped arrays included); non-contiguous or big-endian float32 logits are copied once
+into a native C-contiguous array, float64 logits are refused rather than silently doubled in
+memory.  Labels of any integer dtype but uint64 (any byte order) become native int64, masks of
+any bool / integer / real float dtype (any byte order) become native float32 weights: each is
+converted once, here, and the C kernel only ever sees native float32 / int64 / float32.
 """
 
 import numpy as np
@@ -50,43 +53,73 @@ def has_openmp():
 def _as_logits(logits):
     if not isinstance(logits, np.ndarray):
         logits = np.asarray(logits)
-        if logits.dtype == np.float64:
+        if logits.dtype == np.float64:  # a nested list: it is being copied anyway
             logits = logits.astype(np.float32)
-    if logits.dtype != np.float32:
+    # float32 in either byte order (dtype.kind/itemsize, since np.dtype(">f4") != np.float32).
+    if logits.dtype.kind != "f" or logits.dtype.itemsize != 4:
         raise TypeError(
             f"logits must be float32, got {logits.dtype}; convert with logits.astype(np.float32)")
     if logits.ndim < 1:
         raise ValueError("logits must have at least one axis (the vocabulary axis [..., V])")
     if logits.shape[-1] < 1:
         raise ValueError("logits have an empty vocabulary axis (V = 0)")
+    if not logits.dtype.isnative:
+        # The C kernel reads native floats.  Byte-swapping is the one copy a big-endian array
+        # costs (same size, unlike a float64 -> float32 cast, which is refused above).
+        return np.ascontiguousarray(logits, dtype=np.float32)
     return np.ascontiguousarray(logits)
 
 
 def _as_labels(labels, expected_shape):
     labels = np.asarray(labels)
-    if labels.dtype.kind not in "iu" or labels.dtype == np.uint64:
+    # uint64 ids past 2**63 would wrap to negative int64 and be reported as a wrong label.
+    if labels.dtype.kind not in "iu" or (labels.dtype.kind == "u" and labels.dtype.itemsize == 8):
         raise TypeError(f"labels must be int32 or int64 token ids, got {labels.dtype}")
     if labels.shape != expected_shape:
         raise ValueError(
             f"labels shape {labels.shape} does not match logits.shape[:-1] = {expected_shape}")
+    # Native int64 whatever the width and byte order (no copy when it already is).
     return np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
 
 
-def _as_weights(mask, expected_shape):
+def mask_weights(mask):
+    """The kernel's weights: ``mask`` as a native-endian, C-contiguous float32 array.
+
+    mask: None, or an array [...] of any bool / integer / real floating dtype, either byte order
+    (``np.sign(int32_inputs)`` gives int32, a float64 mask is common).  Converted with
+    ``astype(float32)``, exactly the course's ``tf.cast(mask, tf.float32)``: a float64 weight
+    that float32 rounds to 0 then skips its position.  Returns None for None, else float32 [...]
+    of the same shape; a native float32 C-contiguous mask is returned as it is (no copy), so a
+    caller may convert once and hand the result to ``masked_token_nll``.  Complex, object,
+    string and date masks raise ``TypeError`` naming their dtype: they are not multipliers.
+    """
     if mask is None:
         return None
     mask = np.asarray(mask)
-    if mask.dtype != np.bool_ and mask.dtype != np.uint8 and mask.dtype != np.float32:
-        raise TypeError(f"mask must be bool, uint8 or float32, got {mask.dtype}")
-    if mask.shape != expected_shape:
-        raise ValueError(f"mask shape {mask.shape} does not match labels shape {expected_shape}")
-    return np.ascontiguousarray(mask, dtype=np.float32).reshape(-1)
+    if mask.dtype.kind not in "biuf":
+        raise TypeError(
+            f"mask must have a bool, integer or real floating dtype (it is cast to float32 "
+            f"weights), got {mask.dtype}")
+    return np.ascontiguousarray(mask, dtype=np.float32)
+
+
+def _as_weights(mask, expected_shape):
+    weights = mask_weights(mask)
+    if weights is None:
+        return None
+    if weights.shape != expected_shape:
+        raise ValueError(
+            f"mask shape {weights.shape} does not match labels shape {expected_shape}")
+    return weights.reshape(-1)
 
 
 def masked_token_nll(logits, labels, mask=None, bint want_hits=False, num_threads=None):
     """Per-position NLL (nats, float64) and optionally top-1 hits, in one pass over the logits.
 
-    logits: float32 [..., V]; labels: int32/int64 [...]; mask: None or bool/uint8/float32 [...].
+    logits: float32 [..., V], either byte order (big-endian is copied once to native);
+    labels: integer token ids [...], any width but uint64, either byte order (made int64 once);
+    mask: None or [...] of any bool / integer / real float dtype, either byte order (made native
+    float32 once, see ``mask_weights``; an already native float32 mask is used in place).
     Returns ``(nll, hits)``: nll float64 [...] = mask * (logsumexp(logits) - logits[label]),
     0 where the mask is 0; hits bool [...] (label is the first argmax, counted positions only)
     or None when ``want_hits`` is false.

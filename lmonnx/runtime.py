@@ -1,9 +1,13 @@
 """Open an lmonnx ``.onnx`` with onnxruntime: metadata, execution provider, logits.
 
-No TensorFlow here.  Provider choice is never silent:
+No TensorFlow here.  Every onnxruntime session lmonnx makes -- for scoring, evaluation and
+export's self-check -- is built by :class:`ModelSession` from a path or from the model's bytes,
+with the same options and the same signature and metadata checks.  Provider choice is never
+silent:
 
   ``"auto"``  CUDA when onnxruntime-gpu can really use a GPU, else CPU; the reason for a CPU
-             fallback is logged (logger ``lmonnx``) and kept in ``ModelSession.provider_note``;
+             fallback is kept in ``ModelSession.provider_note`` (shown in the evaluation
+             report's provider line) and logged at debug level (logger ``lmonnx``);
   ``"cpu"``   CPU only;
   ``"cuda"``  CUDA or a ``RuntimeError`` that says why not.
 
@@ -19,21 +23,22 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+try:
+    import onnxruntime as ort
+except ImportError:  # both onnxruntime and onnxruntime-gpu provide the module
+    raise ImportError(
+        "scoring needs an ONNX Runtime: install exactly one of the extras 'lmonnx[cpu]' "
+        "(onnxruntime) or 'lmonnx[gpu]' (onnxruntime-gpu, also runs on CPU)") from None
 
 from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMetadata, parse_metadata
+from lmonnx.errors import InferenceError, ProviderError
 
 log = logging.getLogger("lmonnx")
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 
 
-class ProviderError(RuntimeError):
-    """``providers="cuda"`` was asked for and CUDA cannot be used here."""
-
-
-class InferenceError(RuntimeError):
-    """onnxruntime failed while running the model (out of memory on a huge batch, say)."""
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
@@ -47,6 +52,11 @@ def cuda_unavailable_reason() -> str | None:
     except OSError:
         return "no NVIDIA driver found (libcuda.so.1 is not loadable)"
     return None
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 def _session_options(num_threads: int | None) -> ort.SessionOptions:
@@ -70,14 +80,25 @@ class ModelSession:
     ``auto`` fell back to CPU), ``num_threads``.
     """
 
-    def __init__(self, path, providers: str = "auto", num_threads: int | None = None):
+    def __init__(self, model, providers: str = "auto", num_threads: int | None = None, *,
+                 name: str | None = None):
+        """``model``: a path to an ``.onnx`` file, or the serialized model as ``bytes`` (export
+        checks the model it is about to write this way); ``name`` labels it in messages."""
         if providers not in PROVIDER_CHOICES:
             raise ValueError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}; got {providers!r}")
-        self.path = Path(os.fspath(path))
-        if self.path.is_dir():
-            raise IsADirectoryError(f"model path is a directory, not an .onnx file: {self.path}")
-        if not self.path.exists():
-            raise FileNotFoundError(f"model not found: {self.path} (create one with `lmonnx export`)")
+        if isinstance(model, (bytes, bytearray)):
+            source, self.path = bytes(model), None
+            self.name = name or "<model bytes>"
+        elif isinstance(model, (str, os.PathLike)):
+            self.path = Path(os.fspath(model))
+            self.name = name or str(self.path)
+            if self.path.is_dir():
+                raise IsADirectoryError(f"model path is a directory, not an .onnx file: {self.path}")
+            if not self.path.exists():
+                raise FileNotFoundError(f"model not found: {self.path} (create one with `lmonnx export`)")
+            source = str(self.path)
+        else:
+            raise TypeError(f"model must be a path or bytes, got {type(model).__name__}")
         self.num_threads = num_threads
         options = _session_options(num_threads)
         self.provider_note = ""
@@ -91,30 +112,48 @@ class ModelSession:
             else:
                 self.provider_note = f"CUDA not used: {reason}"
         try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=options,
-                                                 providers=wanted)
+            self._session = ort.InferenceSession(source, sess_options=options, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"{self.path} is not a readable ONNX model: {first[:200]}") from None
+            raise ArtifactError(f"{self.name} is not a readable ONNX model: {_first_line(exc)}") from None
         self.provider = self._session.get_providers()[0]
         if providers == "cuda" and self.provider != CUDA:
             raise ProviderError("--providers cuda: onnxruntime could not start the CUDA provider")
         if CUDA in wanted and self.provider != CUDA:
             self.provider_note = "CUDA not used: onnxruntime could not start the CUDA provider"
         if self.provider_note:
-            log.warning("lmonnx: %s; running on CPU", self.provider_note)
+            log.debug("%s: %s; running on CPU", self.name, self.provider_note)
         self._check_signature()
         props = self._session.get_modelmeta().custom_metadata_map
-        self.metadata: ArtifactMetadata = parse_metadata(props, str(self.path))
+        self.metadata: ArtifactMetadata = parse_metadata(props, self.name)
         self.vocab = self.metadata.vocab
+        self._check_vocab_width()
 
     def _check_signature(self) -> None:
         inputs = [i.name for i in self._session.get_inputs()]
         outputs = [o.name for o in self._session.get_outputs()]
         if inputs != [INPUT_NAME] or OUTPUT_NAME not in outputs:
             raise ArtifactError(
-                f"{self.path} is not an lmonnx model: expected input {INPUT_NAME!r} and output "
+                f"{self.name} is not an lmonnx model: expected input {INPUT_NAME!r} and output "
                 f"{OUTPUT_NAME!r}, found inputs {inputs} and outputs {outputs}")
+
+    def _check_vocab_width(self) -> None:
+        """The vocabulary must name every logit: a shorter or longer one would silently score
+        the wrong words.  A symbolic width is checked on every batch instead."""
+        (out,) = [o for o in self._session.get_outputs() if o.name == OUTPUT_NAME]
+        width = out.shape[-1] if out.shape else None
+        self._logits_width = width if isinstance(width, int) else None
+        if self._logits_width is not None and self._logits_width != len(self.vocab):
+            raise ArtifactError(self._width_mismatch(self._logits_width))
+
+    def _width_mismatch(self, width: int) -> str:
+        return (f"{self.name}: the graph's logits have {width} entries per position but its "
+                f"lmonnx.vocab metadata holds {len(self.vocab)} tokens; the metadata does not "
+                "belong to this graph (re-export the model)")
+
+    @property
+    def provider_description(self) -> str:
+        """The provider in use, and why CUDA was not used when ``auto`` fell back."""
+        return f"{self.provider} ({self.provider_note})" if self.provider_note else self.provider
 
     @property
     def vocab_size(self) -> int:
@@ -131,13 +170,16 @@ class ModelSession:
                 binding.bind_cpu_input(INPUT_NAME, ids)
                 binding.bind_output(OUTPUT_NAME, "cpu")
                 self._session.run_with_iobinding(binding)
-                return binding.get_outputs()[0].numpy()
-            return self._session.run([OUTPUT_NAME], {INPUT_NAME: ids})[0]
+                logits = binding.get_outputs()[0].numpy()
+            else:
+                logits = self._session.run([OUTPUT_NAME], {INPUT_NAME: ids})[0]
         except Exception as exc:  # onnxruntime's own types (Fail, RuntimeException, ...)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InferenceError(
-                f"onnxruntime failed on a batch of shape {ids.shape}: {first[:300]}") from exc
+                f"onnxruntime failed on a batch of shape {ids.shape}: {_first_line(exc, 300)}") from exc
+        if logits.shape[-1] != len(self.vocab):
+            raise ArtifactError(self._width_mismatch(logits.shape[-1]))
+        return logits
 
     def __repr__(self) -> str:
-        return (f"ModelSession({str(self.path)!r}, provider={self.provider!r}, "
+        return (f"ModelSession({self.name!r}, provider={self.provider!r}, "
                 f"vocab_size={self.vocab_size})")
