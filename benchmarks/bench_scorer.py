@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lmonnx import Scorer
-from lmonnx.testing import build_random_lm, make_vocab
+from lmonnx._testing import build_random_lm, make_vocab
 
 VOCAB = [f"w{i}" for i in range(10000 - 4)]
 

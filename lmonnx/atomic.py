@@ -2,16 +2,19 @@
 
 A reader never sees a half-written file, an interrupted write leaves the old file (or none)
 and no temp file behind, and the result gets ordinary permissions (``mkstemp`` makes 0600).
-Used for every file lmonnx writes: corpora, vocabularies, run files, models.
+Used for every file lmonnx writes: corpora, vocabularies, run files, models.  A user's output
+that is not a regular file (a FIFO, ``/dev/stdout``, a process substitution) is written
+directly instead (:func:`output_file`).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TextIO
 
 
 def _new_file_mode() -> int:
@@ -50,3 +53,56 @@ def write_atomic(path, data: str | bytes) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+
+
+def check_output(path, flag: str, *, force: bool) -> None:
+    """Up-front checks of a user's output path, before any work: ``flag`` names it in errors.
+
+    A directory is refused; an existing regular file needs ``force``; a FIFO, a terminal or a
+    process substitution (``>(cat)``, i.e. ``/dev/fd/N``) is written to directly and needs no
+    ``force`` (writing into a pipe overwrites nothing).
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)  # follows symlinks: a link to a file is that file
+    except FileNotFoundError:
+        parent = path.parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"{flag} {path}: directory {parent} does not exist") from None
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{flag} {path} is a directory; give a file name")
+    if stat.S_ISREG(st.st_mode) and not force:
+        raise FileExistsError(f"{flag} {path} exists; pass --force to overwrite it")
+
+
+@contextmanager
+def output_file(path, flag: str = "output") -> Iterator[TextIO]:
+    """Open a user's output for writing text (UTF-8).
+
+    A regular file (or a new name) is written atomically: a temp file beside it replaces it
+    only when the ``with`` block succeeds, so a failed run leaves the old file.  A symlink is
+    followed and its target replaced, never the link itself.  Anything else that exists (a
+    FIFO, ``/dev/stdout``, ``/dev/fd/N``) is opened and written directly: renaming over it
+    would detach its reader.  Errors name ``path``, never the temp file.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(f"{flag} {path} is a directory; give a file name")
+        with open(path, "w", encoding="utf-8") as f:
+            yield f
+        return
+    target = Path(os.path.realpath(path))
+    try:
+        with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            yield f
+    except OSError as exc:
+        # Say which of the user's files failed, not the name of our temp file.
+        if exc.filename and Path(exc.filename).name.startswith(f".{target.name}."):
+            raise OSError(exc.errno, f"{flag} {path}: cannot write it ({exc.strerror})") from None
+        raise

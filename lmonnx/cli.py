@@ -1,22 +1,31 @@
 """The ``lmonnx`` command line: thin subcommands over the library.
 
-User errors (bad flags, missing or undecodable files, foreign models) print one line,
-``lmonnx: error: ...``, and exit with status 1; ``--debug`` shows the traceback instead.
-TensorFlow is imported only by ``train`` and ``export``, lazily.
+User errors print one line, ``lmonnx: error: ...``: status 2 for a command line that does not
+parse (an unknown flag, a value of the wrong type), status 1 for everything found while
+running (missing or undecodable files, foreign models, outputs that exist); ``--debug`` shows
+the traceback instead.  TensorFlow is imported only by ``train`` and ``export``, onnxruntime
+only by the commands that run a model, both lazily.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from lmonnx.runtime import InferenceError, ProviderError
+from lmonnx.errors import InferenceError, ProviderError
 
 EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage block is what ``--help`` is for."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_encoding_errors(p: argparse.ArgumentParser) -> None:
@@ -26,15 +35,16 @@ def _add_encoding_errors(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmonnx",
         description="Stacked-LSTM word LMs: TensorFlow training, one ONNX file, fast exact scoring.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     # --debug is also accepted after the subcommand; SUPPRESS keeps it from resetting the flag
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[common])
@@ -83,7 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     # ---- evaluate
     p = add("evaluate", help="perplexity and friends of text corpora")
-    p.add_argument("corpus", type=Path, nargs="+")
+    p.add_argument("corpus", type=Path, nargs="+", help="text files; - reads stdin")
     p.add_argument("--model", type=Path, default=Path("model.onnx"))
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
@@ -91,17 +101,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None,
                    help="padded tokens per batch at most (default: a batch's logits <= 64 MiB)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--per-sentence", type=Path, default=None, help="JSON lines per sentence")
+    p.add_argument("--per-sentence", type=Path, default=None,
+                   help="JSON lines per sentence (a file, FIFO or /dev/stdout)")
     p.add_argument("--per-token", type=Path, default=None, help="JSON lines per token")
-    p.add_argument("--force", action="store_true", help="overwrite --per-* files")
+    p.add_argument("--force", action="store_true", help="overwrite existing --per-* files")
     _add_encoding_errors(p)
 
     # ---- score
     p = add("score", help="log-probability of sentences (arguments or stdin lines)")
-    p.add_argument("sentences", nargs="*")
+    p.add_argument("sentences", nargs="*", help="sentences; none (or -) reads stdin lines")
     p.add_argument("--model", type=Path, default=Path("model.onnx"))
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", action="store_true")
+    _add_encoding_errors(p)
 
     # ---- predict
     p = add("predict", help="top-k next words after a prefix")
@@ -142,9 +154,12 @@ def _cmd_export(args) -> None:
 
 
 def _check_outputs(outputs: dict[str, Path | None], inputs: list[Path], force: bool) -> None:
-    """Refuse to clobber: an existing file without --force, an input, or one output twice."""
+    """Refuse to clobber, before any work: an input, one output twice, a directory, an
+    existing regular file without --force."""
+    from lmonnx.atomic import check_output
+
     seen: dict[Path, str] = {}
-    protected = {p.resolve(): str(p) for p in inputs}
+    protected = {p.resolve(): str(p) for p in inputs if str(p) != "-"}
     for flag, path in outputs.items():
         if path is None:
             continue
@@ -154,8 +169,7 @@ def _check_outputs(outputs: dict[str, Path | None], inputs: list[Path], force: b
         if resolved in seen:
             raise ValueError(f"{seen[resolved]} and {flag} name the same file {path}")
         seen[resolved] = flag
-        if path.exists() and not force:
-            raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+        check_output(path, flag, force=force)
 
 
 def _progress_bar(path: Path):
@@ -170,65 +184,58 @@ def _progress_bar(path: Path):
 
 
 def _cmd_evaluate(args) -> None:
-    from lmonnx.atomic import atomic_path
+    from lmonnx.atomic import output_file
     from lmonnx.corpus import require_sentences
-    from lmonnx.evaluate import evaluate_sentences, token_scores
+    from lmonnx.evaluate import Evaluator, SentenceWriter, TokenWriter
+    from lmonnx.examples import ExampleBuilder
     from lmonnx.runtime import ModelSession
 
+    if [str(c) for c in args.corpus].count("-") > 1:
+        raise ValueError("stdin (-) can be read only once; name it once")
     outputs = {"--per-sentence": args.per_sentence, "--per-token": args.per_token}
     _check_outputs(outputs, [*args.corpus, args.model], args.force)
     # Open every corpus before the model loads: a bad path fails first, not after corpus one.
-    sources = [require_sentences(c, errors=args.errors, with_bytes=True) for c in args.corpus]
+    sources = [require_sentences(c, errors=args.errors) for c in args.corpus]
     session = ModelSession(args.model, providers=args.providers, num_threads=args.threads)
+    builder = ExampleBuilder(session.vocab)
     reports = []
     with contextlib.ExitStack() as stack:
-        # Written to temp files that replace the targets only when every corpus succeeded.
-        files = {flag: stack.enter_context(open(stack.enter_context(atomic_path(path)), "w",
-                                                encoding="utf-8"))
-                 for flag, path in outputs.items() if path is not None}
-        per_sentence, per_token = files.get("--per-sentence"), files.get("--per-token")
-        for corpus, sentences in zip(args.corpus, sources):
-            def write(key, text, result, corpus=corpus):
-                if per_sentence:
-                    per_sentence.write(json.dumps({
-                        "corpus": str(corpus), "line": key, "tokens": result.tokens,
-                        "oovs": result.oovs, "nll": result.nll,
-                        "perplexity": result.perplexity}) + "\n")
-                if per_token:
-                    for token in token_scores(session.vocab, text, result):
-                        per_token.write(json.dumps({"corpus": str(corpus), "line": key,
-                                                    **dataclasses.asdict(token)},
-                                                   ensure_ascii=False) + "\n")
-
-            bar = _progress_bar(corpus)
+        # Regular files are written to temp files that replace them only when every corpus
+        # succeeded; FIFOs and /dev/stdout are written as results come.
+        writers = [kind(stack.enter_context(output_file(path, flag)))
+                   for flag, path, kind in (("--per-sentence", args.per_sentence, SentenceWriter),
+                                            ("--per-token", args.per_token, TokenWriter))
+                   if path is not None]
+        for corpus, lines in zip(args.corpus, sources):
+            evaluator = Evaluator(session, corpus="<stdin>" if str(corpus) == "-" else str(corpus),
+                                  batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                  num_threads=args.threads, writers=writers)
+            bar = _progress_bar(corpus) if str(corpus) != "-" else None
             try:
-                report = evaluate_sentences(
-                    session, sentences, corpus=str(corpus), batch_size=args.batch_size,
-                    max_tokens=args.max_tokens, keep_tokens=per_token is not None,
-                    num_threads=args.threads,
-                    on_sentence=write if files else None,
-                    progress=bar.update if bar else None)
+                report = evaluator.run(builder.build_all(lines),
+                                       progress=bar.update if bar else None)
             finally:
                 if bar:
                     bar.close()
             reports.append(report)
             if not args.json:
                 print(report.format_table())
-                if session.provider_note:
-                    print(f"{'note':<22}  {session.provider_note}")
                 print()
     if args.json:
         payload = [r.to_dict() for r in reports]
         print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
 
 
-def _read_cli_sentences(sentences: list[str]) -> list[str]:
-    if sentences:
-        return sentences
-    if sys.stdin.isatty():
+def _read_cli_sentences(sentences: list[str], errors: str) -> list:
+    """The sentences given as arguments, or stdin's non-empty lines (bytes, decoded by the
+    scorer through the same path as a corpus, so --errors and line numbers apply)."""
+    from lmonnx.corpus import sentences_of_lines, to_line
+
+    if sentences and sentences != ["-"]:
+        return [to_line(i, s, errors, f"argument {i}").text for i, s in enumerate(sentences, 1)]
+    if sys.stdin.isatty() and not sentences:
         raise ValueError("give sentences as arguments or pipe them in, one per line")
-    lines = [line.strip() for line in sys.stdin]
-    lines = [line for line in lines if line]
+    lines = [line.text for line in sentences_of_lines(sys.stdin.buffer, errors, "<stdin>")]
     if not lines:
         raise ValueError("no sentences on stdin")
     return lines
@@ -237,7 +244,7 @@ def _read_cli_sentences(sentences: list[str]) -> list[str]:
 def _cmd_score(args) -> None:
     from lmonnx.scorer import Scorer
 
-    sentences = _read_cli_sentences(args.sentences)
+    sentences = _read_cli_sentences(args.sentences, args.errors)
     scorer = Scorer(args.model, providers=args.providers)
     for text, score in zip(sentences, scorer.score(sentences)):
         if args.json:

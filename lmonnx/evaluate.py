@@ -1,47 +1,54 @@
 """Corpus evaluation: onnxruntime logits + the lmonnx kernel, streamed, with KenLM-style accounting.
 
-    lines --tokenize--> (inputs, targets) --bucket by length, token budget--> padded batches
-          --onnxruntime--> logits [B, T, V] --kernel, one pass--> NLL and top-1 hit per position
-          --sum per sentence (float64)--> per-sentence results, in corpus order --> totals
+    Line --ExampleBuilder--> Example (words, inputs, targets, bytes, OOVs)
+         --bucket by length, token budget--> padded batches
+         --onnxruntime--> logits [B, T, V] --kernel, one pass--> NLL and top-1 hit per position
+         --sum per sentence (float64)--> SentenceResult, in input order
+         --Evaluator: totals, per-sentence / per-token writers--> EvaluationReport
 
 Accounting (as KenLM and SRILM report it): a sentence ``w1 .. wn`` scores n+1 tokens, ``</s>``
 included, ``<s>`` never.  ``perplexity = exp(nll / tokens)``; ``perplexity_no_oov`` leaves OOV
 targets out of both the sum and the count.  ``bits_per_byte`` divides the total NLL in bits by
-the original UTF-8 bytes of the sentences (surrounding whitespace included, one byte for each
-line break, which ``</s>`` predicts; blank lines are not sentences and not counted), so it compares models with different tokenizers.  Totals are float64 sums of
+the original UTF-8 bytes of the sentences (surrounding whitespace included, a byte-order mark
+not, one byte for each line break, which ``</s>`` predicts; blank lines are not sentences and
+not counted), so it compares models with different tokenizers.  Totals are float64 sums of
 per-sentence float64 sums: they do not depend on batch size or order beyond float rounding.
+
+Memory is bounded by the batch budget and the look-ahead for any number of sentences.  One
+sentence is always scored whole, in one onnxruntime call: a single line longer than the
+budget makes a batch of its own whose logits take ``4 * V`` bytes per word (a 1M-word line at
+V=10k needs ~40 GB), so split very long lines into sentences before scoring them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TextIO
 
 import numpy as np
 
-from lmonnx.batching import Batch, bucketed_batches, make_pair
+from lmonnx.batching import Batch, bucketed_batches
+from lmonnx.examples import Example
+from lmonnx.metrics import LN2, default_max_tokens, perplexity_of
 from lmonnx.runtime import ModelSession
 from lmonnx.vocab import UNK_ID
 from lmonnx.xent import token_nll_and_hits
 
-LN2 = math.log(2.0)
-
-
-def perplexity_of(nll: float, tokens: int) -> float:
-    """exp(nll / tokens), ``inf`` instead of an OverflowError for a diverged model."""
-    mean = nll / tokens
-    return math.exp(mean) if mean < 709.0 else math.inf
 DEFAULT_BATCH_SIZE = 64
-LOGITS_BUDGET_BYTES = 64 << 20
-"""Default cap on one batch's float32 logits: keeps memory flat and the logits that onnxruntime
-writes close to cache when the kernel reads them."""
+LOOKAHEAD = 4096
+"""Sentences read ahead to sort into length buckets: bounds memory and latency."""
 
 
-def default_max_tokens(vocab_size: int) -> int:
-    """Padded positions per batch so that its logits [B, T, V] fit LOGITS_BUDGET_BYTES."""
-    return max(256, LOGITS_BUDGET_BYTES // (4 * vocab_size))
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an int when it is a positive integer (NumPy integers included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -58,7 +65,6 @@ class SentenceResult:
     hits: int
     oov_hits: int
     token_nll: np.ndarray | None = None
-    target_ids: np.ndarray | None = None
 
     @property
     def nll(self) -> float:
@@ -79,12 +85,14 @@ class TokenScore:
     is_oov: bool
 
 
-def token_scores(vocab, text: str, result: SentenceResult) -> list[TokenScore]:
+def token_scores(example: Example, result: SentenceResult) -> list[TokenScore]:
     """Per-token scores of a sentence scored with ``keep_tokens=True``, like kenlm's
-    ``full_scores``: its words as the tokenizer splits them, then ``</s>``."""
-    words = vocab.words(text) + ["</s>"]
+    ``full_scores``: its words as the example builder split them, then ``</s>``."""
+    if result.token_nll is None:
+        raise ValueError("the sentence was scored without keep_tokens=True")
+    words = example.words + ("</s>",)
     return [TokenScore(word=w, id=int(i), logprob=-float(n), is_oov=int(i) == UNK_ID)
-            for w, i, n in zip(words, result.target_ids, result.token_nll)]
+            for w, i, n in zip(words, example.targets, result.token_nll)]
 
 
 @dataclass
@@ -135,56 +143,6 @@ class EvaluationReport:
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-@dataclass
-class _Totals:
-    sentences: int = 0
-    tokens: int = 0
-    oovs: int = 0
-    nll: float = 0.0
-    oov_nll: float = 0.0
-    hits: int = 0
-    oov_hits: int = 0
-    bytes: int = 0
-    real_positions: int = 0
-    computed_positions: int = 0
-
-    def add(self, result: SentenceResult, nbytes: int) -> None:
-        self.sentences += 1
-        self.tokens += result.tokens
-        self.oovs += result.oovs
-        self.nll += result.nll
-        self.oov_nll += result.oov_nll
-        self.hits += result.hits
-        self.oov_hits += result.oov_hits
-        self.bytes += nbytes
-
-    def report(self, corpus: str, seconds: float, provider: str) -> EvaluationReport:
-        tokens = self.tokens
-        in_vocab = tokens - self.oovs
-        mean_nll = self.nll / tokens
-        return EvaluationReport(
-            corpus=corpus,
-            sentences=self.sentences,
-            tokens=tokens,
-            words=tokens - self.sentences,
-            oovs=self.oovs,
-            nll=self.nll,
-            mean_nll=mean_nll,
-            perplexity=perplexity_of(self.nll, tokens),
-            perplexity_no_oov=(perplexity_of(self.nll - self.oov_nll, in_vocab) if in_vocab
-                               else math.nan),
-            bits_per_token=mean_nll / LN2,
-            bits_per_byte=self.nll / LN2 / self.bytes,
-            top1_accuracy=self.hits / tokens,
-            top1_accuracy_no_oov=(self.hits - self.oov_hits) / in_vocab if in_vocab else math.nan,
-            padding_fraction=(1.0 - self.real_positions / self.computed_positions
-                              if self.computed_positions else 0.0),
-            tokens_per_second=tokens / seconds if seconds > 0 else math.inf,
-            seconds=seconds,
-            provider=provider,
-        )
-
-
 def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = False,
                 num_threads: int | None = None) -> list[SentenceResult]:
     """Score one padded batch: one onnxruntime call, one kernel pass over its logits."""
@@ -203,79 +161,153 @@ def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = Fals
             key=key, tokens=n, oovs=int(row_oovs[r]), logprob=-float(row_nll[r]),
             oov_nll=float(row_oov_nll[r]), hits=int(row_hits[r]),
             oov_hits=int(row_oov_hits[r]),
-            token_nll=nll[r, :n].copy() if keep_tokens else None,
-            target_ids=batch.targets[r, :n].copy() if keep_tokens else None))
+            token_nll=nll[r, :n].copy() if keep_tokens else None))
     return results
 
 
-def score_sentences(session: ModelSession, sentences: Iterable[tuple[object, str]], *,
-                    batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int | None = None,
-                    keep_tokens: bool = False, num_threads: int | None = None,
-                    totals: _Totals | None = None,
-                    progress: Callable[[int], None] | None = None,
-                    ) -> Iterator[tuple[object, str, SentenceResult]]:
-    """Yield ``(key, text, result)`` for every ``(key, text)`` in input order, streaming.
+# ---- writers: the files `--per-sentence` and `--per-token` produce, for API users too --------
 
-    An item may also be ``(key, text, nbytes)``: the sentence's original UTF-8 bytes for bits
-    per byte (default: ``text`` plus one byte for its line break).
+class SentenceWriter:
+    """JSON lines, one per sentence: corpus, line, tokens, oovs, nll (nats), perplexity, hits."""
 
-    Sentences are bucketed by length within a bounded look-ahead, so memory stays bounded by
-    the batch budget and the look-ahead, never by the corpus.  ``progress`` is called with the
-    UTF-8 bytes of each scored sentence.  ``max_tokens=None`` picks ``default_max_tokens``.
+    needs_tokens = False
+
+    def __init__(self, file: TextIO):
+        self.file = file
+
+    def write(self, corpus: str, example: Example, result: SentenceResult) -> None:
+        self.file.write(json.dumps({
+            "corpus": corpus, "line": example.key, "tokens": result.tokens,
+            "oovs": result.oovs, "nll": result.nll, "perplexity": result.perplexity,
+            "hits": result.hits}) + "\n")
+
+
+class TokenWriter:
+    """JSON lines, one per scored token: corpus, line, word, id, logprob (nats), is_oov."""
+
+    needs_tokens = True
+
+    def __init__(self, file: TextIO):
+        self.file = file
+
+    def write(self, corpus: str, example: Example, result: SentenceResult) -> None:
+        for token in token_scores(example, result):
+            self.file.write(json.dumps({"corpus": corpus, "line": example.key,
+                                        **asdict(token)}, ensure_ascii=False) + "\n")
+
+
+# ---- the evaluator ---------------------------------------------------------------------------
+
+class Evaluator:
+    """Scores a stream of :class:`Example` objects and owns the totals and writers of one run.
+
+    ``scored(examples)`` yields ``(example, result)`` in input order while it adds them to the
+    totals and hands them to ``writers``; ``report()`` turns the totals into an
+    :class:`EvaluationReport`.  ``Scorer.score`` and ``Scorer.evaluate``, the CLI and export's
+    self-check all score through this class, so they cannot disagree on a number.
+
+    ``batch_size`` bounds sentences per batch, ``max_tokens`` padded positions per batch
+    (None: a batch's logits stay under 64 MiB); both are checked here, at construction.
     """
-    if max_tokens is None:
-        max_tokens = default_max_tokens(session.vocab_size)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max tokens must be a positive integer, got {max_tokens!r}")
-    vocab = session.vocab
-    pending: dict[int, tuple[object, str, int]] = {}
-    ready: dict[int, SentenceResult] = {}
-    next_out = 0
 
-    def items():
-        for seq, item in enumerate(sentences):
-            key, text = item[0], item[1]
-            nbytes = item[2] if len(item) > 2 else len(text.encode("utf-8")) + 1
-            pending[seq] = (key, text, nbytes)
-            inputs, targets = make_pair(vocab.encode(text))
-            yield seq, inputs, targets
+    def __init__(self, session: ModelSession, *, corpus: str = "<lines>",
+                 batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int | None = None,
+                 num_threads: int | None = None, keep_tokens: bool = False, writers=()):
+        self.session = session
+        self.corpus = corpus
+        self.batch_size = check_positive_int("batch size", batch_size)
+        self.max_tokens = (default_max_tokens(session.vocab_size) if max_tokens is None
+                           else check_positive_int("max tokens", max_tokens))
+        self.num_threads = num_threads
+        self.writers = tuple(writers)
+        self.keep_tokens = keep_tokens or any(w.needs_tokens for w in self.writers)
+        self.sentences = self.tokens = self.oovs = self.hits = self.oov_hits = self.bytes = 0
+        self.nll = self.oov_nll = 0.0
+        self.real_positions = self.computed_positions = 0
+        self.seconds = 0.0
 
-    for batch in bucketed_batches(items(), max_tokens=max_tokens, max_batch_size=batch_size):
-        if totals is not None:
-            totals.real_positions += batch.tokens
-            totals.computed_positions += batch.inputs.size
-        for result in score_batch(session, batch, keep_tokens=keep_tokens,
-                                  num_threads=num_threads):
-            ready[result.key] = result
-        while next_out in ready:  # hand results back in input order
-            result = ready.pop(next_out)
-            key, text, nbytes = pending.pop(next_out)
-            result.key = key
-            if totals is not None:
-                totals.add(result, nbytes)
-            if progress is not None:
-                progress(nbytes)
-            yield key, text, result
-            next_out += 1
+    def _add(self, example: Example, result: SentenceResult) -> None:
+        self.sentences += 1
+        self.tokens += result.tokens
+        self.oovs += result.oovs
+        self.nll += result.nll
+        self.oov_nll += result.oov_nll
+        self.hits += result.hits
+        self.oov_hits += result.oov_hits
+        self.bytes += example.nbytes
+        for writer in self.writers:
+            writer.write(self.corpus, example, result)
 
+    def scored(self, examples: Iterable[Example], progress: Callable[[int], None] | None = None,
+               ) -> Iterator[tuple[Example, SentenceResult]]:
+        """Yield ``(example, result)`` for every example, in input order, streaming.
 
-def evaluate_sentences(session: ModelSession, sentences: Iterable[tuple[object, str]], *,
-                       corpus: str = "<lines>", batch_size: int = DEFAULT_BATCH_SIZE,
-                       max_tokens: int | None = None, keep_tokens: bool = False,
-                       num_threads: int | None = None,
-                       on_sentence: Callable[[object, str, SentenceResult], None] | None = None,
-                       progress: Callable[[int], None] | None = None) -> EvaluationReport:
-    """Evaluate ``(key, text)`` sentences; ``ValueError`` when there are none."""
-    totals = _Totals()
-    start = time.perf_counter()
-    for key, text, result in score_sentences(
-            session, sentences, batch_size=batch_size, max_tokens=max_tokens,
-            keep_tokens=keep_tokens, num_threads=num_threads, totals=totals, progress=progress):
-        if on_sentence is not None:
-            on_sentence(key, text, result)
-    seconds = time.perf_counter() - start
-    if totals.sentences == 0:
-        raise ValueError(f"{corpus}: no sentences to evaluate (empty or blank input)")
-    return totals.report(corpus, seconds, session.provider)
+        Sentences are bucketed by length within a look-ahead of :data:`LOOKAHEAD`, so memory
+        stays bounded by the batch budget and the look-ahead, never by the corpus.
+        ``progress`` is called with the bytes of each scored sentence.
+        """
+        pending: dict[int, Example] = {}
+        ready: dict[int, SentenceResult] = {}
+        next_out = 0
+
+        def items():
+            for seq, example in enumerate(examples):
+                pending[seq] = example
+                yield seq, example.inputs, example.targets
+
+        start = time.perf_counter()
+        try:
+            for batch in bucketed_batches(items(), max_tokens=self.max_tokens,
+                                          max_batch_size=self.batch_size, lookahead=LOOKAHEAD):
+                self.real_positions += batch.tokens
+                self.computed_positions += batch.inputs.size
+                for result in score_batch(self.session, batch, keep_tokens=self.keep_tokens,
+                                          num_threads=self.num_threads):
+                    ready[result.key] = result
+                while next_out in ready:  # hand results back in input order
+                    result = ready.pop(next_out)
+                    example = pending.pop(next_out)
+                    result.key = example.key
+                    self._add(example, result)
+                    if progress is not None:
+                        progress(example.nbytes)
+                    yield example, result
+                    next_out += 1
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def run(self, examples: Iterable[Example],
+            progress: Callable[[int], None] | None = None) -> EvaluationReport:
+        """Score every example and return the report; ``ValueError`` when there is none."""
+        for _ in self.scored(examples, progress):
+            pass
+        return self.report()
+
+    def report(self) -> EvaluationReport:
+        if self.sentences == 0:
+            raise ValueError(f"{self.corpus}: no sentences to evaluate (empty or blank input)")
+        tokens = self.tokens
+        in_vocab = tokens - self.oovs
+        mean_nll = self.nll / tokens
+        seconds = self.seconds
+        return EvaluationReport(
+            corpus=self.corpus,
+            sentences=self.sentences,
+            tokens=tokens,
+            words=tokens - self.sentences,
+            oovs=self.oovs,
+            nll=self.nll,
+            mean_nll=mean_nll,
+            perplexity=perplexity_of(self.nll, tokens),
+            perplexity_no_oov=(perplexity_of(self.nll - self.oov_nll, in_vocab) if in_vocab
+                               else math.nan),
+            bits_per_token=mean_nll / LN2,
+            bits_per_byte=self.nll / LN2 / self.bytes,
+            top1_accuracy=self.hits / tokens,
+            top1_accuracy_no_oov=(self.hits - self.oov_hits) / in_vocab if in_vocab else math.nan,
+            padding_fraction=(1.0 - self.real_positions / self.computed_positions
+                              if self.computed_positions else 0.0),
+            tokens_per_second=tokens / seconds if seconds > 0 else math.inf,
+            seconds=seconds,
+            provider=self.session.provider_description,
+        )

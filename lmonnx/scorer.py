@@ -5,23 +5,31 @@
     scorer.perplexity("the cat sat")
     scorer.full_scores("the cat sat")              # per token, </s> included
     scorer.predict_next("the cat", k=5)            # [(word, probability), ...]
-    scorer.evaluate(open("test.txt"))              # the same report as `lmonnx evaluate`
+    scorer.evaluate("test.txt")                    # the same report as `lmonnx evaluate`
 
 Log-probabilities are natural logs (nats); ``</s>`` is scored, ``<s>`` is not.  No TensorFlow.
 Thread-safe: onnxruntime sessions and the kernel are reentrant, and a ``Scorer`` keeps no
 mutable state after construction.  A sentence's score does not depend on the other sentences
-in its batch (right padding + a causal LSTM + the kernel's mask).
+in its batch (right padding + a causal LSTM + the kernel's mask), nor on the entry point: every
+method reads text through ``lmonnx.corpus`` and builds examples with ``lmonnx.examples``, as
+the CLI does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
-from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, TokenScore,
-                             evaluate_sentences, perplexity_of, score_sentences, token_scores)
+from lmonnx.atomic import check_output, output_file
+from lmonnx.corpus import read_sentences, sentences_of_lines, to_line
+from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, Evaluator, SentenceWriter,
+                             TokenScore, TokenWriter, check_positive_int, token_scores)
+from lmonnx.examples import ExampleBuilder
+from lmonnx.metrics import perplexity_of
 from lmonnx.runtime import ModelSession
 from lmonnx.vocab import BOS_ID, PAD_ID
 
@@ -39,9 +47,9 @@ class SentenceScore:
         return perplexity_of(-self.logprob, self.tokens)
 
 
-def _check_text(sentence, what="sentence") -> str:
-    if not isinstance(sentence, str):
-        raise TypeError(f"{what} must be a str, got {type(sentence).__name__}")
+def _check_sentence(sentence, what="sentence"):
+    if not isinstance(sentence, (str, bytes)):
+        raise TypeError(f"{what} must be str (or UTF-8 bytes), got {type(sentence).__name__}")
     return sentence
 
 
@@ -51,15 +59,19 @@ class Scorer:
     Parameters: ``path`` of the model; ``providers`` "auto" | "cpu" | "cuda"; ``num_threads``
     for onnxruntime's intra-op pool (None: one per core); ``batch_size`` and ``max_tokens`` bound
     the batches of ``score`` and ``evaluate`` (``max_tokens=None``: a batch's logits stay
-    under 64 MiB).
+    under 64 MiB).  Every argument is checked here, not at the first call.
     """
 
     def __init__(self, path, providers: str = "auto", num_threads: int | None = None, *,
                  batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int | None = None):
+        if num_threads is not None:
+            num_threads = check_positive_int("num_threads", num_threads)
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.max_tokens = None if max_tokens is None else check_positive_int("max_tokens",
+                                                                             max_tokens)
         self._session = ModelSession(path, providers=providers, num_threads=num_threads)
         self._num_threads = num_threads
-        self.batch_size = batch_size
-        self.max_tokens = max_tokens
+        self._examples = ExampleBuilder(self._session.vocab)
 
     @property
     def vocab(self):
@@ -78,41 +90,49 @@ class Scorer:
     def training(self) -> dict:
         return dict(self._session.metadata.training)
 
-    def _score(self, sentences: Iterable[str], keep_tokens: bool):
-        keyed = ((i, _check_text(s)) for i, s in enumerate(sentences))
-        return score_sentences(self._session, keyed, batch_size=self.batch_size,
-                               max_tokens=self.max_tokens, keep_tokens=keep_tokens,
-                               num_threads=self._num_threads)
+    def _evaluator(self, corpus: str = "<lines>", *, keep_tokens: bool = False,
+                   writers=()) -> Evaluator:
+        return Evaluator(self._session, corpus=corpus, batch_size=self.batch_size,
+                         max_tokens=self.max_tokens, num_threads=self._num_threads,
+                         keep_tokens=keep_tokens, writers=writers)
 
-    def score(self, sentences: Iterable[str]) -> list[SentenceScore]:
-        """One ``SentenceScore`` per sentence, in order (an empty sentence scores ``</s>``)."""
-        if isinstance(sentences, str):
+    def _sentence_examples(self, sentences: Iterable):
+        if isinstance(sentences, (str, bytes)):
             raise TypeError("score() takes a list of sentences; for one sentence use "
                             "score([sentence])[0] or perplexity(sentence)")
+        for i, s in enumerate(sentences):
+            yield self._examples.build(to_line(i, _check_sentence(s), "strict",
+                                               f"sentence {i}"))
+
+    def score(self, sentences: Iterable) -> list[SentenceScore]:
+        """One ``SentenceScore`` per sentence (``str`` or UTF-8 ``bytes``), in order.
+
+        A sentence is cleaned as a corpus line is (surrounding whitespace and a leading
+        byte-order mark removed); an empty sentence scores ``</s>`` alone.
+        """
         return [SentenceScore(logprob=r.logprob, tokens=r.tokens, oovs=r.oovs)
-                for _, _, r in self._score(sentences, keep_tokens=False)]
+                for _, r in self._evaluator().scored(self._sentence_examples(sentences))]
 
-    def perplexity(self, sentence: str) -> float:
+    def perplexity(self, sentence) -> float:
         """exp(-logprob / tokens) of one sentence, ``</s>`` counted."""
-        return self.score([_check_text(sentence)])[0].perplexity
+        return self.score([_check_sentence(sentence)])[0].perplexity
 
-    def full_scores(self, sentence: str) -> list[TokenScore]:
+    def full_scores(self, sentence) -> list[TokenScore]:
         """Per-token scores of one sentence, like kenlm's ``full_scores``: words, then ``</s>``."""
-        sentence = _check_text(sentence)
-        (_, _, result), = self._score([sentence], keep_tokens=True)
-        return token_scores(self.vocab, sentence, result)
+        (example, result), = self._evaluator(keep_tokens=True).scored(
+            self._sentence_examples([_check_sentence(sentence)]))
+        return token_scores(example, result)
 
-    def predict_next(self, prefix: str, k: int = 5) -> list[tuple[str, float]]:
+    def predict_next(self, prefix, k: int = 5) -> list[tuple[str, float]]:
         """Top-``k`` (word, probability) after ``prefix``: the softmax at its last position.
 
         The course's ``get_word_predictions`` for one sequence.  ``</s>`` means the sentence
         ends there; padding and ``<s>`` are never predicted (they are never targets).
         """
-        prefix = _check_text(prefix, "prefix")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        ids = np.concatenate([[BOS_ID], self.vocab.encode(prefix)]).astype(np.int32)
-        logits = self._session.logits(ids[None, :])[0, -1].astype(np.float64)
+        k = check_positive_int("k", k)
+        (example,) = self._sentence_examples([_check_sentence(prefix, "prefix")])
+        ids = example.inputs[None, :]  # <s> w1 .. wn: the last position predicts the next word
+        logits = self._session.logits(ids)[0, -1].astype(np.float64)
         logits[[PAD_ID, BOS_ID]] = -np.inf
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
@@ -120,18 +140,38 @@ class Scorer:
         top = np.argsort(-probs, kind="stable")[:k]
         return [(self.vocab.id_to_token(int(i)), float(probs[i])) for i in top]
 
-    def evaluate(self, lines: Iterable[str], *, corpus: str = "<lines>") -> EvaluationReport:
-        """Evaluate lines as ``lmonnx evaluate`` does (blank lines are skipped)."""
-        if isinstance(lines, str):
-            raise TypeError("evaluate() takes an iterable of lines, not one str")
-        keyed = ((n, line.strip(), len(line.rstrip("\r\n").encode("utf-8")) + 1)
-                 for n, line in enumerate(lines, start=1) if line.strip())
-        return evaluate_sentences(self._session, keyed, corpus=corpus,
-                                  batch_size=self.batch_size, max_tokens=self.max_tokens,
-                                  num_threads=self._num_threads)
+    def evaluate(self, source, *, corpus: str | None = None, errors: str = "strict",
+                 per_sentence=None, per_token=None, force: bool = False) -> EvaluationReport:
+        """Evaluate a corpus as ``lmonnx evaluate`` does: same lines, same numbers.
+
+        ``source``: a path (``"-"``: stdin), or an iterable of lines (``str`` or ``bytes``;
+        a text file object works, but Python's text mode also splits at a lone ``\\r``, so
+        pass the path for the CLI's exact line splitting).  Blank lines are skipped, line
+        numbers count them.  ``errors``: "strict" or "replace" for undecodable UTF-8.
+        ``per_sentence`` / ``per_token``: a path (written atomically; an existing file needs
+        ``force``) or an open text file, receiving the CLI's JSON lines.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            lines = read_sentences(source, errors)
+            corpus = corpus if corpus is not None else os.fspath(source)
+        else:
+            lines = sentences_of_lines(source, errors)
+            corpus = corpus if corpus is not None else "<lines>"
+        with contextlib.ExitStack() as stack:
+            writers = []
+            for flag, target, kind in (("per_sentence", per_sentence, SentenceWriter),
+                                       ("per_token", per_token, TokenWriter)):
+                if target is None:
+                    continue
+                if not hasattr(target, "write"):
+                    check_output(target, flag, force=force)
+                    target = stack.enter_context(output_file(target, flag))
+                writers.append(kind(target))
+            evaluator = self._evaluator(corpus, writers=writers)
+            return evaluator.run(self._examples.build_all(lines))
 
     def __repr__(self) -> str:
-        return (f"Scorer({str(self._session.path)!r}, provider={self.provider!r}, "
+        return (f"Scorer({self._session.name!r}, provider={self.provider!r}, "
                 f"vocab_size={len(self.vocab)})")
 
 

@@ -7,7 +7,7 @@ import re
 import threading
 
 import pytest
-from lmonnx.testing import build_random_lm, make_vocab
+from lmonnx._testing import build_random_lm, make_vocab
 
 from lmonnx.cli import main
 from lmonnx.runtime import cuda_unavailable_reason

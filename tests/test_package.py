@@ -27,7 +27,7 @@ def test_scoring_never_imports_tensorflow():
         import sys, tempfile, pathlib
         import lmonnx
         from lmonnx.cli import main
-        from lmonnx.testing import build_random_lm, make_vocab
+        from lmonnx._testing import build_random_lm, make_vocab
         tmp = pathlib.Path(tempfile.mkdtemp())
         build_random_lm(tmp / "m.onnx", make_vocab(["a", "b"]), units=4, layers=1)
         (tmp / "c.txt").write_text("a b\\nb a\\n")

@@ -1,4 +1,4 @@
-"""Runtime, evaluation and Scorer on a TensorFlow-free random LSTM model (tests/onnx_lm.py).
+"""Runtime, evaluation and Scorer on a TensorFlow-free random LSTM model (lmonnx/_testing.py).
 
 The reference for every number is NumPy on the very logits onnxruntime returns, so these tests
 check the accounting, batching and ordering, not the model's quality.
@@ -12,11 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx
 import pytest
-from lmonnx.testing import build_random_lm, make_vocab
+from lmonnx._testing import build_random_lm, make_vocab
 
 from lmonnx import Scorer
 from lmonnx.artifact import ArtifactError
-from lmonnx.evaluate import evaluate_sentences, score_sentences
+from lmonnx.corpus import Line
+from lmonnx.evaluate import Evaluator
+from lmonnx.examples import ExampleBuilder
 from lmonnx.runtime import ModelSession, cuda_unavailable_reason
 
 WORDS = "the a cat dog sat on mat ran to house big small red".split()
@@ -160,29 +162,37 @@ def test_results_stream_in_input_order_with_bounded_lookahead(scorer):
         nonlocal consumed
         for i in range(100_000):
             consumed += 1
-            yield i, WORDS[i % len(WORDS)] + " " + "cat " * (i % 5)
+            yield Line(i, WORDS[i % len(WORDS)] + " " + "cat " * (i % 5), 10)
 
-    stream = score_sentences(scorer._session, lines(), batch_size=64, max_tokens=4096)
-    keys = [next(stream)[0] for _ in range(100)]
+    evaluator = Evaluator(scorer._session, batch_size=64, max_tokens=4096)
+    stream = evaluator.scored(ExampleBuilder(scorer.vocab).build_all(lines()))
+    keys = [next(stream)[0].key for _ in range(100)]
     assert keys == list(range(100))
     assert consumed < 20_000  # the first results came long before the input was read
-    keys += [next(stream)[0] for _ in range(12_000)]  # across several look-ahead chunks
+    keys += [next(stream)[1].key for _ in range(12_000)]  # across several look-ahead chunks
     assert keys == list(range(12_100))
+    assert evaluator.sentences == 12_100  # the evaluator owns the totals of what it yielded
 
 
 def test_empty_input_is_an_error(scorer):
     with pytest.raises(ValueError, match="no sentences"):
         scorer.evaluate(["", "  "])
     with pytest.raises(ValueError, match="no sentences"):
-        evaluate_sentences(scorer._session, iter([]))
+        Evaluator(scorer._session).run(iter([]))
 
 
 @pytest.mark.parametrize("call,exc,match", [
     (lambda s: s.score("one sentence"), TypeError, "list of sentences"),
-    (lambda s: s.score([3]), TypeError, "must be a str"),
+    (lambda s: s.score(b"one sentence"), TypeError, "list of sentences"),
+    (lambda s: s.score([3]), TypeError, "must be str .* got int"),
+    (lambda s: s.score([None]), TypeError, "got NoneType"),
     (lambda s: s.predict_next("the", k=0), ValueError, "positive integer"),
-    (lambda s: s.evaluate("a str"), TypeError, "iterable of lines"),
-], ids=["score-str", "score-int", "k0", "evaluate-str"])
+    (lambda s: s.predict_next("the", k=2.0), TypeError, "k must be a positive integer, got float"),
+    (lambda s: s.evaluate(b"the cat"), TypeError, "one bytes"),
+    (lambda s: s.evaluate("no/such/file.txt"), ValueError, "no such file"),
+    (lambda s: s.score([b"bad \xff"]), ValueError, "not valid UTF-8"),
+], ids=["score-str", "score-bytes", "score-int", "score-none", "k0", "k-float",
+        "evaluate-bytes", "evaluate-missing-path", "score-bad-utf8"])
 def test_api_misuse_raises_clearly(scorer, call, exc, match):
     with pytest.raises(exc, match=match):
         call(scorer)
@@ -214,10 +224,14 @@ def test_cuda_is_strict_and_auto_says_why_it_fell_back(model_path, caplog):
         return
     with pytest.raises(RuntimeError, match="CUDA is not usable"):
         ModelSession(model_path, providers="cuda")
-    with caplog.at_level("WARNING", logger="lmonnx"):
+    with caplog.at_level("DEBUG", logger="lmonnx"):
         session = ModelSession(model_path, providers="auto")
     assert session.provider == "CPUExecutionProvider"
-    assert "CUDA not used" in session.provider_note and "CUDA not used" in caplog.text
+    assert "CUDA not used" in session.provider_note
+    # said once, in the report's provider line; a debug record for logs, never a warning
+    assert [r.levelname for r in caplog.records if "CUDA not used" in r.getMessage()] == ["DEBUG"]
+    report = Scorer(model_path, providers="auto").evaluate(SENTENCES[:3])
+    assert report.provider == f"CPUExecutionProvider (CUDA not used: {reason})"
 
 
 def test_logits_shape_and_dtype(scorer):
@@ -235,10 +249,26 @@ def test_ptb_scoring_smoke(ptb_dir, model_path):
     assert report.oovs > 0.5 * words  # the random model's vocabulary barely overlaps PTB
 
 
-def test_per_sentence_json_is_valid(scorer):
-    out = []
-    report = evaluate_sentences(scorer._session, enumerate(SENTENCES[:10], start=1),
-                                on_sentence=lambda k, t, r: out.append(
-                                    json.dumps({"line": k, "nll": r.nll})))
-    assert [json.loads(o)["line"] for o in out] == list(range(1, 11))
-    assert sum(json.loads(o)["nll"] for o in out) == pytest.approx(report.nll)
+def test_writers_give_the_cli_files_to_api_users(scorer, tmp_path):
+    """The per-sentence and per-token JSON lines come from the library's writers: their rows
+    agree with score() and full_scores() sentence by sentence and token by token."""
+    lines = ["", *SENTENCES[:30], "   "]
+    sent, tok = tmp_path / "sent.jsonl", tmp_path / "tok.jsonl"
+    report = scorer.evaluate(lines, per_sentence=sent, per_token=tok)
+    rows = [json.loads(line) for line in sent.read_text().splitlines()]
+    assert [r["line"] for r in rows] == list(range(2, 32))  # 1-based, blank lines counted
+    scores = scorer.score(SENTENCES[:30])
+    for row, score in zip(rows, scores):
+        assert row["nll"] == pytest.approx(-score.logprob, rel=1e-9)
+        assert (row["tokens"], row["oovs"]) == (score.tokens, score.oovs)
+    assert sum(r["nll"] for r in rows) == pytest.approx(report.nll, rel=1e-12)
+    assert sum(r["hits"] for r in rows) == round(report.top1_accuracy * report.tokens)
+    tokens = [json.loads(line) for line in tok.read_text().splitlines()]
+    assert len(tokens) == report.tokens
+    first = [t for t in tokens if t["line"] == 2]
+    expected = scorer.full_scores(SENTENCES[0])
+    assert [t["word"] for t in first] == [t.word for t in expected]
+    assert [t["logprob"] for t in first] == pytest.approx([t.logprob for t in expected], abs=1e-9)
+    with pytest.raises(FileExistsError, match="pass --force"):
+        scorer.evaluate(lines, per_sentence=sent)
+    assert sent.read_text().count("\n") == 30  # untouched
