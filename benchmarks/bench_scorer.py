@@ -29,11 +29,17 @@ def sentences(n, seed=0):
 
 def test_score_one_sentence(benchmark, scorer):
     sentence = sentences(1)[0]
-    benchmark(scorer.perplexity, sentence)
+    perplexity = benchmark(scorer.perplexity, sentence)
+    score = scorer.score([sentence])[0]
+    assert score.tokens == len(sentence.split()) + 1
+    assert perplexity == score.perplexity and 1.0 < perplexity < float("inf")
 
 
 @pytest.mark.parametrize("batch", [1, 8, 64])
 def test_score_batch(benchmark, scorer, batch):
     batch_sentences = sentences(batch, seed=batch)
     results = benchmark(scorer.score, batch_sentences)
-    assert len(results) == batch
+    # what was timed is the real work: the batch gives each sentence its score alone
+    alone = [scorer.score([s])[0] for s in batch_sentences]
+    assert [r.tokens for r in results] == [a.tokens for a in alone]
+    assert [r.logprob for r in results] == pytest.approx([a.logprob for a in alone], abs=1e-4)

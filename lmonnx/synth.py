@@ -13,7 +13,7 @@ The text is sampled from a sparse first-order Markov chain over ``words`` word t
 - ``eos[i]``: the word's probability of ending the sentence (about 10 words per sentence).
 
 A sentence ``w1 .. wn`` scores ``log start[w1] + sum log T[w_k, w_k+1] + log eos[wn]`` nats
-over n+1 tokens (the words and one ``</s>``), exactly as DESIGN.md's evaluation counts them. So
+over n+1 tokens (the words and one ``</s>``), exactly as ``lmonnx evaluate`` counts them. So
 the true perplexity of a text, ``exp(sum NLL / tokens)``, is known, and a language model trained
 on the corpus approaches it from above. The entropy rate (expected NLL per token of the process)
 follows in closed form from the expected visits ``start (I - Q)^-1`` of the absorbing chain.

@@ -1,6 +1,6 @@
 """Vocabulary and tokenization: words <-> int32 ids, one contract for training, export and scoring.
 
-Ids (see DESIGN.md, "Token ids")::
+Ids (ARCHITECTURE.md, "Token ids")::
 
     0 <pad>   padding, never a counted target
     1 <unk>   any word outside the vocabulary (an OOV), never dropped

@@ -90,19 +90,23 @@ def _read(d, name):
 def test_write_corpus_summary_and_files(tmp_path):
     summary = write_corpus(tmp_path / "synth", seed=5, words=40, **SMALL)
     d = tmp_path / "synth"
-    assert json.loads((d / "truth.json").read_text()) == summary
-    assert summary["seed"] == 5 and summary["words"] == 40
-    assert summary["sentences"] == {"train": 300, "valid": 50, "test": 60}
+    # Every figure in truth.json is recomputed from the text files and an independently
+    # rebuilt chain, so a wrong count or likelihood in the writer fails here.
+    truth = json.loads((d / "truth.json").read_text())
+    assert truth == summary  # and the returned summary is what the file says
+    assert truth["seed"] == 5 and truth["words"] == 40
+    assert truth["sentences"] == {"train": 300, "valid": 50, "test": 60}
     chain = make_chain(5, words=40)
-    assert summary["entropy_rate_nats"] == pytest.approx(chain.entropy_rate())
+    assert truth["entropy_rate_nats"] == pytest.approx(chain.entropy_rate())
     for split in ("train", "valid", "test"):
         lines = _read(d, split).splitlines()
-        assert len(lines) == summary["sentences"][split]
+        assert len(lines) == truth["sentences"][split]
         assert all(line and line == " ".join(line.split()) for line in lines)
         tokens = sum(len(line.split()) + 1 for line in lines)
-        assert tokens == summary["tokens"][split]
+        assert tokens == truth["tokens"][split]
         nll = -math.fsum(chain.log_prob(line.split()) for line in lines)
-        assert summary["true_perplexity"][split] == pytest.approx(math.exp(nll / tokens), rel=1e-12)
+        assert truth["nll"][split] == pytest.approx(nll, rel=1e-12)
+        assert truth["true_perplexity"][split] == pytest.approx(math.exp(nll / tokens), rel=1e-12)
 
 
 def test_determinism_by_seed(tmp_path):

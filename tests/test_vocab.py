@@ -1,4 +1,4 @@
-"""Vocabulary and tokenizer presets: the id contract of DESIGN.md."""
+"""Vocabulary and tokenizer presets: the token-id contract (ARCHITECTURE.md)."""
 
 import json
 
