@@ -13,7 +13,8 @@ memory-mapped arrays included); non-contiguous or big-endian float32 logits are 
 into a native C-contiguous array, float64 logits are refused rather than silently doubled in
 memory.  Labels of any integer dtype but uint64 (any byte order) become native int64, masks of
 any bool / integer / real float dtype (any byte order) become native float32 weights: each is
-converted once, here, and the C kernel only ever sees native float32 / int64 / float32.
+converted once, here, and the C kernel only ever sees native float32 logits and weights
+and native int64 labels.
 """
 
 import numpy as np
@@ -100,7 +101,8 @@ def mask_weights(mask):
         raise TypeError(
             f"mask must have a bool, integer or real floating dtype (it is cast to float32 "
             f"weights), got {mask.dtype}")
-    return np.ascontiguousarray(mask, dtype=np.float32)
+    # asarray(order="C"), not ascontiguousarray, which would turn a 0-d mask into shape (1,).
+    return np.asarray(mask, dtype=np.float32, order="C")
 
 
 def _as_weights(mask, expected_shape):

@@ -61,8 +61,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     # ---- train
     p = add("train", help="train the course's LanguageModel on a text corpus")
-    p.add_argument("corpus", type=Path, help="training text, one sentence per line")
-    p.add_argument("--valid", type=Path, default=None, help="validation text")
+    p.add_argument("corpus", type=Path,
+                   help="training text, one sentence per line (- reads stdin, once)")
+    p.add_argument("--valid", type=Path, default=None, help="validation text (- reads stdin)")
     p.add_argument("--tokenizer", choices=("keras", "whitespace"), default="keras")
     p.add_argument("--vocab-size", type=int, default=10000,
                    help="vocabulary entries, the 4 special tokens included (at least 5)")
@@ -73,15 +74,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0, help="drop rate (not keep probability)")
     p.add_argument("--embedding-dim", type=int, default=None,
                    help="default int(vocab_size ** 0.25), as in the course")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs in all (default: 5; with --resume the run's own number, and a "
+                        "larger one extends a finished run)")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per batch at most")
     p.add_argument("--learning-rate", type=float, default=1e-2, help="Adam learning rate")
     p.add_argument("--clipnorm", type=float, default=5.0,
                    help="clip the global gradient norm to this (0: no clipping)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same data: same run")
+    p.add_argument("--seed", type=int, default=0,
+                   help="0 to 2**32-1; same seed, same data: same run")
     p.add_argument("--out", type=Path, default=Path("run"), help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--force", action="store_true", help="start over in an existing --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (a larger --epochs extends a finished one)")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an existing --out, deleting only the files its run "
+                        "lists in lmonnx-run.json")
     _add_encoding_errors(p)
 
     # ---- export
@@ -89,7 +96,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"))
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing output file (never one of the run's files or "
+                        "corpora)")
 
     # ---- evaluate
     p = add("evaluate", help="perplexity and friends of text corpora")

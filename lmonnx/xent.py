@@ -33,9 +33,12 @@ def token_nll_and_hits(logits, labels, mask=None, *, num_threads=None):
 
     Parameters
     ----------
-    logits : float32 array [..., V]
-    labels : int32 or int64 array [...], ``labels.shape == logits.shape[:-1]``
-    mask : None, or bool / uint8 / float32 array [...], a multiplier (0 = padding, skipped)
+    logits : float32 array [..., V], either byte order (big-endian is copied once to native)
+    labels : integer array [...] (int32, int64, ...; not uint64), either byte order,
+        ``labels.shape == logits.shape[:-1]``
+    mask : None, or array [...] of any bool / integer / real float dtype, either byte order, a
+        multiplier (0 = padding, skipped), converted once to float32 like
+        ``tf.cast(mask, tf.float32)``
     num_threads : int or None (OpenMP default, i.e. ``OMP_NUM_THREADS`` or all cores)
 
     Returns
@@ -53,16 +56,22 @@ def masked_cross_entropy(logits, labels, mask=None, *, reduction="sum", num_thre
 
     Parameters
     ----------
-    logits : float32 array [..., V], C-contiguous rows are used in place (read-only and
-        memory-mapped arrays work; other layouts are copied once).
-    labels : int32 or int64 array [...], ``labels.shape == logits.shape[:-1]``.  A label
+    logits : float32 array [..., V], native-endian C-contiguous rows are used in place
+        (read-only and memory-mapped arrays work; other layouts and big-endian float32 are
+        copied once).  float64 logits raise ``TypeError`` rather than being silently cast into
+        a second array (a nested list is converted: it is copied anyway).
+    labels : integer array [...] (int32, int64, any width but uint64), either byte order,
+        ``labels.shape == logits.shape[:-1]``; converted once to native int64.  A label
         outside ``[0, V)`` at an unmasked position raises ``ValueError`` naming the position.
-    mask : None, or bool / uint8 / float32 array [...], multiplied in like the course's
-        ``loss * tf.cast(mask, tf.float32)``.  Positions where it is 0 are skipped: their
-        logits are not read and their labels not checked.
+    mask : None, or array [...] of any bool / integer / real float dtype (``np.sign`` of int32
+        ids, float64, ...), either byte order, converted once to native float32 and
+        multiplied in like the course's ``loss * tf.cast(mask, tf.float32)``.  Positions where
+        the float32 weight is 0 are skipped: their logits are not read and their labels not
+        checked.  Complex and object masks raise ``TypeError`` naming the dtype.
     reduction : ``"none"``  float32 [...] per position (0 where masked);
                 ``"sum"``   Python float, accumulated in float64;
-                ``"mean"``  sum / sum(mask) (NaN when the mask is all zero);
+                ``"mean"``  sum / sum(float32 weights), the weights summed in float64 (NaN
+                when the mask is all zero);
                 ``"sequence"`` float64 [...-1]: the sum over the last label axis, one value
                 per sentence of a [batch, time] batch.
     num_threads : int or None.  OpenMP threads; None uses the OpenMP default.
@@ -73,13 +82,16 @@ def masked_cross_entropy(logits, labels, mask=None, *, reduction="sum", num_thre
     """
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
-    nll, _ = _xent.masked_token_nll(logits, labels, mask, False, num_threads)
+    # Converted once, here: the kernel uses these weights in place, and "mean" divides by
+    # their sum, so any mask dtype or byte order gives the mean of its float32 equivalent.
+    weights = _xent.mask_weights(mask)
+    nll, _ = _xent.masked_token_nll(logits, labels, weights, False, num_threads)
     if reduction == "none":
         return nll.astype(np.float32)
     if reduction == "sum":
         return float(nll.sum(dtype=np.float64))
     if reduction == "mean":
-        total_weight = float(np.sum(mask, dtype=np.float64)) if mask is not None else nll.size
+        total_weight = float(weights.sum(dtype=np.float64)) if weights is not None else nll.size
         return float(nll.sum(dtype=np.float64)) / total_weight if total_weight else math.nan
     if nll.ndim == 0:
         raise ValueError('reduction="sequence" needs labels with at least one axis [..., time]')

@@ -1,8 +1,9 @@
 """Tests of the masked cross-entropy kernel against a float64 NumPy reference and its peers.
 
 What is checked, in order: the course's example by hand; the stacked grid (vocabulary size x
-label dtype x mask kind x threads x SIMD path x reduction); top-1 hits; memory layouts
-(read-only, memmap, non-contiguous); numerics (+-1e4, -inf, NaN); every error path; hypothesis
+label dtype x mask kind x threads x SIMD path x reduction); top-1 hits; input dtypes (every
+mask dtype, big-endian logits, labels and masks); memory layouts (read-only, memmap,
+non-contiguous); numerics (+-1e4, -inf, NaN); every error path; the OpenMP build; hypothesis
 properties; agreement with ONNX's SoftmaxCrossEntropyLoss (onnxruntime and the ONNX reference
 evaluator) and with TensorFlow's op times the mask, the course's loss.
 """
@@ -11,6 +12,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import re
+import struct
+import subprocess
+import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -246,6 +253,130 @@ def test_threads_do_not_change_the_result():
         np.testing.assert_array_equal(v, values[0])
 
 
+# -------------------------------------------------------------------------- input dtypes ---
+
+MASK_DTYPES = ("bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32",
+               "float16", "float32", "float64", ">f4", ">i4")
+
+
+def _mask_of_dtype(dtype: str):
+    """case(1000)'s logits and labels with its 0/1 mask as ``dtype``: a multiplier of 0, 1, 2
+    (bool holds 0/1 only), and for floats also 0.5 and 0.1, which float64 holds differently
+    from float32, so a "mean" dividing by anything but the float32 weights the kernel used
+    shows.  Labels under the zeros are out of range, so a zero lost in conversion fails."""
+    logits, labels, base = case(1000, "int64", "uint8")
+    rng = np.random.default_rng(11)
+    np_dtype = np.dtype(dtype)
+    if np_dtype.kind == "b":
+        return logits, labels, base.astype(np_dtype)
+    scales = [1.0, 2.0, 0.5, 0.1] if np_dtype.kind == "f" else [1.0, 2.0]
+    scale = rng.choice(scales, size=base.shape)
+    mask = (base * scale).astype(np_dtype)
+    assert np.count_nonzero(mask) == np.count_nonzero(base) and mask.dtype == np_dtype
+    return logits, labels, mask
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS + ("hits",), ids=lambda r: f"reduction={r}")
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=lambda d: f"mask={d}")
+def test_any_mask_dtype_is_the_course_cast_to_float32(mask_dtype, reduction):
+    """``loss * tf.cast(mask, tf.float32)`` for every mask dtype and byte order: the float64
+    reference, and bit for bit the result of the same mask already cast to float32 (the mean
+    divides by the same weights, whatever dtype they came in)."""
+    logits, labels, mask = _mask_of_dtype(mask_dtype)
+    as_float32 = mask.astype(np.float32)
+    if reduction == "hits":
+        nll, top1 = token_nll_and_hits(logits, labels, mask)
+        assert_matches(nll, reference_nll(logits, labels, mask))
+        np.testing.assert_array_equal(top1, (logits.argmax(-1) == labels) & (mask != 0))
+        want_nll, want_top1 = token_nll_and_hits(logits, labels, as_float32)
+        np.testing.assert_array_equal(nll, want_nll)
+        np.testing.assert_array_equal(top1, want_top1)
+        return
+    got = masked_cross_entropy(logits, labels, mask, reduction=reduction)
+    n = counted(labels, mask) if reduction in ("sum", "sequence") else 1
+    assert_matches(got, reference(logits, labels, mask, reduction), n)
+    np.testing.assert_array_equal(
+        got, masked_cross_entropy(logits, labels, as_float32, reduction=reduction))
+    if reduction == "mean":  # sum / sum(weights), not sum / (number of counted tokens)
+        total = float(as_float32.sum(dtype=np.float64))
+        assert got == pytest.approx(masked_cross_entropy(logits, labels, mask) / total,
+                                    rel=1e-12)
+
+
+def test_sign_of_int32_ids_is_a_mask():
+    """The course's ``np.sign(inputs)`` on int32 ids (0 = padding) is an int32 mask."""
+    logits, _, _ = case(1000, "int64", "none")
+    ids = np.array([[5, 9, 0, 0, 0, 0], [3, 3, 3, 8, 1, 0], [0] * 6, [7] * 6], dtype=np.int32)
+    mask = np.sign(ids)
+    assert mask.dtype == np.int32
+    labels = np.where(ids != 0, ids, -1)  # padded labels are out of range: never checked
+    for reduction in REDUCTIONS:
+        np.testing.assert_array_equal(
+            masked_cross_entropy(logits, labels, mask, reduction=reduction),
+            masked_cross_entropy(logits, labels, ids != 0, reduction=reduction))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS + ("hits",), ids=lambda r: f"reduction={r}")
+@pytest.mark.parametrize("label_dtype", ["int32", ">i4", ">i8"], ids=lambda d: f"labels={d}")
+@pytest.mark.parametrize("logits_dtype", ["float32", ">f4"], ids=lambda d: f"logits={d}")
+def test_big_endian_logits_and_labels(logits_dtype, label_dtype, reduction):
+    """Big-endian arrays (e.g. read from a file written elsewhere) give the native results."""
+    native_logits, native_labels, mask = case(1000, "int64", "float")
+    logits = native_logits.astype(logits_dtype)
+    labels = native_labels.astype(label_dtype)
+    assert logits.dtype == np.dtype(logits_dtype) and labels.dtype == np.dtype(label_dtype)
+    if reduction == "hits":
+        got = token_nll_and_hits(logits, labels, mask)
+        want = token_nll_and_hits(native_logits, native_labels, mask)
+        assert_matches(got[0], reference_nll(native_logits, native_labels, mask))
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        return
+    got = masked_cross_entropy(logits, labels, mask, reduction=reduction)
+    n = counted(labels, mask) if reduction in ("sum", "sequence") else 1
+    assert_matches(got, reference(native_logits, native_labels, mask, reduction), n)
+    np.testing.assert_array_equal(
+        got, masked_cross_entropy(native_logits, native_labels, mask, reduction=reduction))
+
+
+def test_big_endian_non_contiguous_logits_and_mask():
+    """Byte swap and gather are one copy; a big-endian mask beside them changes nothing."""
+    logits, labels, mask = case(1000, "int64", "float")
+    swapped = np.asfortranarray(logits.astype(">f4"))[..., ::3]
+    assert not swapped.dtype.isnative and not swapped.flags.c_contiguous
+    got = masked_cross_entropy(swapped, labels % 334, mask.astype(">f8"), reduction="none")
+    want = masked_cross_entropy(np.ascontiguousarray(logits[..., ::3]), labels % 334, mask,
+                                reduction="none")
+    np.testing.assert_array_equal(got, want)
+
+
+def test_mask_weights_converts_once_and_keeps_float32_in_place():
+    native = np.ones((2, 3), dtype=np.float32)
+    assert _xent.mask_weights(native) is native, "a native float32 mask is not copied"
+    assert _xent.mask_weights(None) is None
+    for dtype in MASK_DTYPES:
+        weights = _xent.mask_weights(np.ones((2, 3), dtype=dtype))
+        assert weights.dtype == np.float32 and weights.dtype.isnative and weights.shape == (2, 3)
+        assert weights.flags.c_contiguous
+    assert _xent.mask_weights(np.float64(2.0)).shape == (), "a 0-d mask stays 0-d"
+    # The cast is float32's: a float64 weight that rounds to 0 skips its position.
+    assert _xent.mask_weights(np.array([1e-50, 1.0]))[0] == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "complex128", "object"])
+@pytest.mark.parametrize("api", ["masked_cross_entropy", "token_nll_and_hits"])
+def test_complex_and_object_masks_are_refused_naming_the_dtype(api, dtype):
+    logits, labels, _ = case(7, "int64", "none")
+    mask = np.ones(labels.shape, dtype=dtype)
+    call = masked_cross_entropy if api == "masked_cross_entropy" else token_nll_and_hits
+    with pytest.raises(TypeError, match=rf"mask must have a bool, integer or real floating "
+                                        rf"dtype .*got {dtype}$"):
+        call(logits, labels, mask)
+    if dtype == "object":  # a list holding non-numbers becomes an object array too
+        with pytest.raises(TypeError, match=r"got object"):
+            call(logits, labels, [[None] * labels.shape[1]] * labels.shape[0])
+
+
 # -------------------------------------------------------------------- layouts and memory ---
 
 def test_read_only_arrays_are_used_in_place():
@@ -415,9 +546,14 @@ def test_bad_label_in_counted_row_is_found_despite_mask():
     (dict(logits=np.zeros((2, 3, 10), dtype=np.float64)), TypeError,
      r"logits must be float32, got float64; convert with logits.astype\(np.float32\)"),
     (dict(logits=np.zeros((2, 3, 10), dtype=np.float16)), TypeError, r"logits must be float32"),
-    (dict(mask=np.ones((2, 3), dtype=np.int32)), TypeError,
-     r"mask must be bool, uint8 or float32, got int32"),
-    (dict(mask=np.ones((2, 3), dtype=np.float64)), TypeError, r"mask must be .* got float64"),
+    (dict(labels=np.ones((2, 3), dtype=">u8")), TypeError, r"labels must be .* got >u8"),
+    (dict(logits=np.zeros((2, 3, 10), dtype=">f8")), TypeError,
+     r"logits must be float32, got >f8"),
+    (dict(mask=np.ones((2, 3), dtype=np.complex64)), TypeError,
+     r"mask must have a bool, integer or real floating dtype .*got complex64"),
+    (dict(mask=np.array(["1"] * 6).reshape(2, 3)), TypeError, r"mask must .* got <U1"),
+    (dict(mask=np.ones((2, 2), dtype=np.int32)), ValueError,
+     r"mask shape \(2, 2\) does not match labels shape \(2, 3\)"),
     (dict(reduction="avg"), ValueError,
      r"reduction must be one of none, sum, mean, sequence; got 'avg'"),
     (dict(reduction=None), ValueError, r"reduction must be one of"),
@@ -427,7 +563,9 @@ def test_bad_label_in_counted_row_is_found_despite_mask():
     (dict(num_threads=1.5), TypeError, r"num_threads must be an int or None, got float"),
     (dict(logits=np.zeros((2, 3, 0), dtype=np.float32)), ValueError, r"empty vocabulary"),
 ], ids=["labels-shape", "labels-too-many-axes", "mask-shape", "float-labels", "uint64-labels",
-        "float64-logits", "float16-logits", "int32-mask", "float64-mask", "unknown-reduction",
+        "float64-logits", "float16-logits", "big-endian-uint64-labels",
+        "big-endian-float64-logits", "complex-mask", "string-mask", "int32-mask-shape",
+        "unknown-reduction",
         "reduction-None", "threads-0", "threads-negative", "threads-bool", "threads-float",
         "empty-vocab"])
 def test_error_paths(kwargs, error, message):
@@ -452,7 +590,86 @@ def test_unknown_simd_path_is_refused():
     with pytest.raises(ValueError, match=r"SIMD path 'neon' is not available"):
         _xent.force_simd_path("neon")
     assert _xent.simd_path() in ("avx512f", "avx2", "scalar")
-    assert isinstance(_xent.has_openmp(), bool)
+
+
+# ------------------------------------------------------------------------ the OpenMP build ---
+
+def _needed_libraries(path) -> list[str]:
+    """DT_NEEDED entries of a 64-bit little-endian ELF shared object: the libraries it links,
+    read from its ``.dynamic`` section (what ``ldd`` starts from, without needing ``ldd``)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        pytest.skip("not a 64-bit little-endian ELF file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+                for i in range(shnum)]
+    sht_dynamic, dt_needed = 6, 1
+    for _, sh_type, _, _, offset, size, link, _, _, _ in sections:
+        if sh_type != sht_dynamic:
+            continue
+        strtab = sections[link][4]
+        names = []
+        for tag, value in struct.iter_unpack("<qQ", data[offset:offset + size]):
+            if tag == dt_needed:
+                start = strtab + value
+                names.append(data[start:data.index(b"\0", start)].decode())
+        return names
+    return []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads ELF and /proc")
+def test_has_openmp_agrees_with_the_linked_runtime():
+    """has_openmp() is _OPENMP in masked_xent.c; the OpenMP runtime among the .so's links is
+    there only when the parallel loop really uses it (the linker drops an unused libgomp).
+    They disagree when the report drifts from the build, e.g. a hard-wired answer or an
+    _OPENMP check in a file compiled without -fopenmp (checked: a serial build whose
+    has_openmp() returns 1 fails here)."""
+    needed = _needed_libraries(_xent.__file__)
+    assert any(name.startswith("libc.") for name in needed), needed  # the reader works
+    links_openmp = any(re.match(r"lib[gi]?omp", name) for name in needed)
+    assert _xent.has_openmp() == links_openmp, f"has_openmp()={_xent.has_openmp()}, {needed}"
+
+
+_COUNT_KERNEL_THREADS = textwrap.dedent("""
+    import os, numpy as np
+    from lmonnx import _xent, token_nll_and_hits
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4096, 1000), dtype=np.float32)
+    labels = rng.integers(0, 1000, size=4096)
+    before = len(os.listdir("/proc/self/task"))
+    token_nll_and_hits(logits, labels, num_threads=4)
+    print(int(_xent.has_openmp()), len(os.listdir("/proc/self/task")) - before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/task")
+def test_num_threads_starts_that_many_workers_exactly_when_openmp():
+    """Not a timing: libgomp keeps its worker threads after a parallel region, so a fresh
+    process that ran the kernel once with num_threads=4 has 3 more threads when (and only when)
+    the build is parallel; a serial build, or a kernel that ignores num_threads, adds none."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    done = subprocess.run([sys.executable, "-c", _COUNT_KERNEL_THREADS], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    openmp, added = map(int, done.stdout.split())
+    assert openmp == _xent.has_openmp()
+    assert added == (3 if openmp else 0), f"has_openmp()={bool(openmp)}, {added} threads added"
+
+
+def test_threads_give_bit_identical_rows_on_a_large_input():
+    """Each row is one thread's work, so any thread count gives the same bits, hits included,
+    on enough rows that every thread gets many (4096 rows, V = 1000, a third masked)."""
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((64, 64, 1000), dtype=np.float32) * 4
+    labels = rng.integers(0, 1000, size=(64, 64))
+    mask = rng.random((64, 64)) < 0.67
+    want_nll, want_top1 = token_nll_and_hits(logits, labels, mask, num_threads=1)
+    for n in (2, 3, 7):
+        nll, top1 = token_nll_and_hits(logits, labels, mask, num_threads=n)
+        np.testing.assert_array_equal(nll, want_nll)
+        np.testing.assert_array_equal(top1, want_top1)
 
 
 # ------------------------------------------------------------------- hypothesis properties ---

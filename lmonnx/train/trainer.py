@@ -1,33 +1,34 @@
 """``lmonnx train``: fit a vocabulary, train the LanguageModel, keep the best epoch in RUN_DIR.
 
-    corpus --read_sentences--> lines --Vocabulary.fit--> vocab.json
-           --encode, make_pair, split_windows(max_length)--> training windows
+    corpus --read once (lmonnx.corpus)--> lines --Vocabulary.fit--> vocab.json
+           --ExampleBuilder (lmonnx.examples), split_windows(max_length)--> training windows
     each epoch: shuffle (rng seeded by (seed, epoch)) --bucketed_batches--> padded batches
            --Adam on (summed masked NLL / tokens), global-norm clipping--> weights
            --validation: full sentences, token-weighted exp(sum NLL / tokens)--> history.json
 
-RUN_DIR layout::
+The run directory (file names, config and history schema, checkpoints, the manifest of what a
+run owns) is described in :mod:`lmonnx.rundir`; this module keeps the training loop.
 
-    config.json          model shape, tokenizer, training settings, corpus paths
-    vocab.json           the vocabulary with its tokenizer options
-    model.keras          the best epoch by validation perplexity (by training loss without --valid)
-    history.json         one record per finished epoch, best epoch, checkpoint pointer, status
-    checkpoint-N.npz     model + optimizer state after epoch N (for --resume)
-    training_curve.png   train and validation perplexity per epoch
+Every setting, the corpora and the output directory are checked, the corpora read and the
+model built before the first file is written, so a bad flag leaves nothing behind.  A
+non-finite training or validation loss stops the run with a ``ValueError``.
 
 Reproducibility: one seed sets Python, NumPy, TensorFlow and Keras randomness and TensorFlow
 op determinism is on, so the same seed on the same data gives the same vocabulary and the same
-first-epoch loss.  The shuffling of epoch N depends only on (seed, N), so a resumed run sees
-the batches an uninterrupted one would have.
+first-epoch loss.  The batches of epoch N depend only on (seed, N), and a checkpoint holds the
+model, optimizer and dropout-seed state, so a resumed run -- an interrupted one, or a finished
+one extended with more ``epochs`` -- sees the batches and reaches the weights an uninterrupted
+run would have.
+
+A corpus given as ``-`` is read from standard input, once, into memory; ``config.json``
+records it as ``"<stdin>"`` with the SHA-256 of its sentences, and resuming such a run needs
+``-`` and the same text piped in again (checked against that hash).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -36,22 +37,22 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from lmonnx.atomic import atomic_path, write_atomic
-from lmonnx.batching import Batch, bucketed_batches, make_pair, split_windows
+from lmonnx.atomic import atomic_path
+from lmonnx.batching import Batch, bucketed_batches, split_windows
 from lmonnx.corpus import require_sentences
-from lmonnx.evaluate import default_max_tokens, perplexity_of
+from lmonnx.examples import ExampleBuilder
+from lmonnx.metrics import default_max_tokens, perplexity_of
+from lmonnx.rundir import (CURVE_FILE, MODEL_FILE, RUN_FORMAT, STDIN, STDIN_CORPUS, VOCAB_FILE,
+                           RunDir, RunDirError, checkpoint_epoch, checkpoint_name,
+                           finite_or_none, load_run_config, sentences_sha256)
 from lmonnx.vocab import PRESETS, SPECIAL_TOKENS, TokenizerOptions, Vocabulary
 
-RUN_FORMAT = "lmonnx-run/1"
-CONFIG_FILE = "config.json"
-VOCAB_FILE = "vocab.json"
-MODEL_FILE = "model.keras"
-HISTORY_FILE = "history.json"
-CURVE_FILE = "training_curve.png"
-CHECKPOINT_PREFIX = "checkpoint-"
+DEFAULT_EPOCHS = 5
+SEED_MAX = 2**32 - 1
+"""The largest seed NumPy's legacy generator (which ``keras.utils.set_random_seed`` seeds) takes."""
 
-__all__ = ["TrainConfig", "TrainResult", "train", "load_run_config", "evaluate_nll",
-           "RUN_FORMAT", "CONFIG_FILE", "VOCAB_FILE", "MODEL_FILE", "HISTORY_FILE", "CURVE_FILE"]
+__all__ = ["TrainConfig", "TrainResult", "train", "load_run_config", "evaluate_nll", "sentence_items",
+           "DEFAULT_EPOCHS", "SEED_MAX"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class TrainConfig:
     ``vocab_size`` counts the four special tokens; the vocabulary may come out smaller when
     the corpus has fewer word types.  ``embedding_dim`` None means ``int(vocab_size ** 0.25)``.
     ``dropout`` is a drop rate.  ``batch_size`` is sentences (windows) per batch at most.
-    ``clipnorm`` clips the global gradient norm (0 turns clipping off).
+    ``clipnorm`` clips the global gradient norm (0 turns clipping off).  ``epochs`` None means
+    :data:`DEFAULT_EPOCHS` for a new run and the stored value when resuming; a number larger
+    than a resumed run's extends it.  ``seed`` is an integer from 0 to 2**32 - 1.
     """
 
     tokenizer: str = "keras"
@@ -71,7 +74,7 @@ class TrainConfig:
     num_lstm_layers: int = 2
     dropout: float = 0.0
     embedding_dim: int | None = None
-    epochs: int = 5
+    epochs: int | None = None
     batch_size: int = 32
     learning_rate: float = 1e-2
     clipnorm: float = 5.0
@@ -86,26 +89,25 @@ class TrainConfig:
                 ("--max-length", self.max_length, 1, None),
                 ("--units", self.num_lstm_units, 1, None),
                 ("--layers", self.num_lstm_layers, 1, None),
-                ("--epochs", self.epochs, 1, None),
+                ("--epochs", DEFAULT_EPOCHS if self.epochs is None else self.epochs, 1, None),
                 ("--batch-size", self.batch_size, 1, None))
         for flag, value, low, why in ints:
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            if not _is_int(value) or value < low:
                 extra = f" ({why})" if why else ""
                 raise ValueError(f"{flag} must be an integer >= {low}{extra}; got {value!r}")
-        if self.embedding_dim is not None and (
-                isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int)
-                or self.embedding_dim < 1):
+        if self.embedding_dim is not None and (not _is_int(self.embedding_dim)
+                                               or self.embedding_dim < 1):
             raise ValueError(f"--embedding-dim must be an integer >= 1; got {self.embedding_dim!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        if not (_is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"--dropout is a drop rate in [0, 1); got {self.dropout!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
+        if not (_is_real(self.learning_rate) and self.learning_rate > 0
                 and math.isfinite(self.learning_rate)):
             raise ValueError(f"--learning-rate must be a positive number; got {self.learning_rate!r}")
-        if not (isinstance(self.clipnorm, (int, float)) and self.clipnorm >= 0
-                and math.isfinite(self.clipnorm)):
+        if not (_is_real(self.clipnorm) and self.clipnorm >= 0 and math.isfinite(self.clipnorm)):
             raise ValueError(f"--clipnorm must be >= 0 (0 = no clipping); got {self.clipnorm!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise ValueError(f"--seed must be a non-negative integer; got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1); "
+                             f"got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +116,14 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _is_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def _is_real(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
 
 
 @dataclass
@@ -130,72 +140,35 @@ class TrainResult:
         return self.history[self.best_epoch - 1]
 
 
-# ---- files ---------------------------------------------------------------------------------
-
-def _write_json_atomic(path: Path, payload) -> None:
-    write_atomic(path, json.dumps(payload, indent=2) + "\n")
-
-
-def _unlink_quietly(path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); the run directory is damaged") from None
-
-
-def load_run_config(run_dir) -> dict:
-    """``config.json`` of a run directory; ``ValueError`` when ``run_dir`` is not a run."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir} is not an lmonnx run directory (no such directory); "
-                         "create one with `lmonnx train CORPUS --out DIR`")
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"{run_dir} is not an lmonnx run directory (no {CONFIG_FILE}); "
-                         "create one with `lmonnx train CORPUS --out DIR`")
-    config = _read_json(path)
-    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
-        raise ValueError(f"{path} is not an lmonnx run config (format {RUN_FORMAT!r} expected)")
-    return config
-
-
-def _run_files(out_dir: Path) -> list[Path]:
-    fixed = [out_dir / n for n in (CONFIG_FILE, VOCAB_FILE, MODEL_FILE, HISTORY_FILE, CURVE_FILE)]
-    return [p for p in fixed if p.exists()] + sorted(out_dir.glob(CHECKPOINT_PREFIX + "*"))
-
-
-def _clear_run(out_dir: Path) -> None:
-    """Remove a previous run's files (only ours: a RUN_DIR may hold other things too)."""
-    for p in _run_files(out_dir):
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-
-
 # ---- data ----------------------------------------------------------------------------------
 
-def _training_items(vocab: Vocabulary, corpus: Path, errors: str, max_length: int) -> list:
-    """(key, inputs, targets) windows of at most ``max_length`` positions, no token dropped."""
-    items = []
-    for lineno, line in require_sentences(corpus, errors):
-        inputs, targets = make_pair(vocab.encode(line))
-        for w, (x, y) in enumerate(split_windows(inputs, targets, max_length)):
-            items.append(((lineno, w), x, y))
-    return items
+@dataclass
+class _Source:
+    """A corpus read once: how config.json records it, its lines, their SHA-256."""
+
+    recorded: str
+    lines: list
+    sha256: str
 
 
-def _sentence_pairs(vocab: Vocabulary, path: Path, errors: str) -> list:
-    """(line number, inputs, targets) of whole sentences, as evaluation scores them."""
-    return [(lineno, *make_pair(vocab.encode(line)))
-            for lineno, line in require_sentences(path, errors)]
+def _read_source(path: Path, errors: str) -> _Source:
+    """All sentences of ``path`` (``-``: stdin) in memory; ``CorpusError`` if there are none."""
+    lines = list(require_sentences(path, errors))
+    recorded = STDIN_CORPUS if str(path) == STDIN else str(path.resolve())
+    return _Source(recorded, lines, sentences_sha256(line.text for line in lines))
+
+
+def _training_items(vocab: Vocabulary, lines: Iterable, max_length: int) -> list:
+    """((key, window), inputs, targets): each sentence's example (the one example builder)
+    cut into windows of at most ``max_length`` positions, no token dropped."""
+    return [((ex.key, w), x, y) for ex in ExampleBuilder(vocab).build_all(lines)
+            for w, (x, y) in enumerate(split_windows(ex.inputs, ex.targets, max_length))]
+
+
+def sentence_items(vocab: Vocabulary, lines: Iterable) -> list:
+    """(key, inputs, targets) of whole sentences (``lmonnx.corpus.Line`` objects), built by
+    the one example builder, as evaluation scores them."""
+    return [(ex.key, ex.inputs, ex.targets) for ex in ExampleBuilder(vocab).build_all(lines)]
 
 
 def _epoch_batches(items: list, config: TrainConfig, epoch: int) -> list[Batch]:
@@ -259,43 +232,24 @@ def _set_seed(seed: int) -> None:
     import keras
     import tensorflow as tf
 
-    keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(int(seed))
     tf.config.experimental.enable_op_determinism()
-
-
-# ---- the run -------------------------------------------------------------------------------
-
-def _check_out_dir(out_dir: Path, resume: bool, force: bool) -> bool:
-    """Returns True when an earlier run is to be resumed; changes nothing on disk."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a directory")
-    existing = _run_files(out_dir) if out_dir.is_dir() else []
-    if resume and force:
-        raise ValueError("--resume and --force contradict each other: pick one")
-    if resume:
-        if not (out_dir / CONFIG_FILE).is_file() or not (out_dir / HISTORY_FILE).is_file():
-            raise ValueError(f"nothing to resume in {out_dir}: no {CONFIG_FILE} and "
-                             f"{HISTORY_FILE} there; drop --resume to start a new run")
-        return True
-    if existing:
-        if not force:
-            raise ValueError(f"{out_dir} already holds a training run; pass --resume to continue "
-                             "it or --force to start over")
-    return False
 
 
 def _plot_curve(path: Path, history: list[dict]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    def floats(key):  # null (an overflowed perplexity) -> a gap in the curve
+        return [math.nan if h.get(key) is None else h[key] for h in history]
+
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_perplexity"] for h in history], "o-", label="train (dropout on)")
-    valid = [h.get("valid_perplexity") for h in history]
-    if any(v is not None for v in valid):
-        ax.plot(epochs, valid, "s-", label="validation")
+    ax.plot(epochs, floats("train_perplexity"), "o-", label="train (dropout on)")
+    if any(h.get("valid_tokens") for h in history):
+        ax.plot(epochs, floats("valid_perplexity"), "s-", label="validation")
     ax.set_xlabel("epoch")
     ax.set_ylabel("perplexity (exp mean NLL per token)")
     ax.set_yscale("log")
@@ -311,65 +265,90 @@ def _save_model_atomic(model, path: Path) -> None:
         model.save(tmp)
 
 
-def _is_better(record: dict, best: dict | None) -> bool:
-    if best is None:
-        return True
-    key = "valid_perplexity" if record.get("valid_perplexity") is not None else "train_loss"
-    return record[key] < best[key]
+def _selection_loss(record: dict) -> float:
+    """What picks the best epoch: mean validation NLL per token (the log of the validation
+    perplexity, finite even where the perplexity overflows), else the training loss."""
+    if record.get("valid_tokens"):
+        return record["valid_nll"] / record["valid_tokens"]
+    return record["train_loss"]
 
+
+def _is_better(record: dict, best: dict | None) -> bool:
+    return best is None or _selection_loss(record) < _selection_loss(best)
+
+
+def _ppl(value) -> str:
+    return "inf" if value is None else f"{value:.2f}"
+
+
+# ---- the run -------------------------------------------------------------------------------
 
 def train(config: TrainConfig, corpus, valid=None, out_dir="run", errors: str = "strict",
           resume: bool = False, force: bool = False) -> TrainResult:
-    """Train ``LanguageModel`` on ``corpus`` (one sentence per line) into ``out_dir``.
+    """Train ``LanguageModel`` on ``corpus`` (one sentence per line; ``"-"``: standard input)
+    into ``out_dir``.
 
-    With ``resume`` an interrupted run continues after its last finished epoch, with the
-    settings stored in its ``config.json``.  User errors (bad settings, unreadable corpora, an
-    occupied ``out_dir``) raise ``ValueError`` with a one-line message before any training.
+    With ``resume`` a run continues after its last finished epoch, with the settings stored in
+    its ``config.json``, up to ``config.epochs`` when given (which extends a finished run) or
+    its stored number of epochs.  ``force`` starts over in a directory holding a run, deleting
+    only the files that run owns (see :mod:`lmonnx.rundir`).  User errors (bad settings,
+    unreadable corpora, an occupied ``out_dir``) raise ``ValueError`` with a one-line message
+    before anything is written; a non-finite loss raises ``ValueError`` during training.
     """
     corpus = Path(corpus)
     valid = Path(valid) if valid is not None else None
-    out_dir = Path(out_dir)
+    run = RunDir(out_dir)
     config.validate()
-    require_sentences(corpus, errors)  # a missing corpus fails here, before anything is written
+    if resume and force:
+        raise ValueError("--resume and --force contradict each other: pick one")
+    if str(corpus) == STDIN and valid is not None and str(valid) == STDIN:
+        raise ValueError("CORPUS and --valid cannot both be - (standard input)")
+    require_sentences(corpus, errors)  # a missing corpus fails here, before anything is read
     if valid is not None:
         require_sentences(valid, errors)
-    if _check_out_dir(out_dir, resume, force):
-        return _resume(config, corpus, valid, out_dir, errors)
+    if resume:
+        run.check_resume()
+        return _resume(config, corpus, valid, run, errors)
+    run.check_new(force)
 
-    # Read everything before building a model, so bad input fails in a second.
-    vocab = Vocabulary.fit((line for _, line in require_sentences(corpus, errors)),
-                           config.vocab_size, TokenizerOptions.from_preset(config.tokenizer))
+    # Read everything and build the model before the first write, so bad input leaves nothing.
+    config = dataclasses.replace(config, epochs=DEFAULT_EPOCHS if config.epochs is None
+                                 else config.epochs)
+    source = _read_source(corpus, errors)
+    valid_source = _read_source(valid, errors) if valid is not None else None
+    vocab = Vocabulary.fit((line.text for line in source.lines), config.vocab_size,
+                           TokenizerOptions.from_preset(config.tokenizer))
     if len(vocab) <= len(SPECIAL_TOKENS):
-        raise ValueError(f"{corpus}: no words after tokenization with the {config.tokenizer!r} "
+        name = "standard input" if str(corpus) == STDIN else corpus
+        raise ValueError(f"{name}: no words after tokenization with the {config.tokenizer!r} "
                          "tokenizer (punctuation only?); nothing to train on")
-    items = _training_items(vocab, corpus, errors, config.max_length)
-    valid_pairs = _sentence_pairs(vocab, valid, errors) if valid is not None else None
-
+    items = _training_items(vocab, source.lines, config.max_length)
+    valid_items = sentence_items(vocab, valid_source.lines) if valid_source else None
+    model = _build_model(config, len(vocab))
+    optimizer = _make_optimizer(config)
     run_config = {
         "format": RUN_FORMAT,
         "vocab_size": len(vocab),
         "max_length": config.max_length,
         "num_lstm_units": config.num_lstm_units,
         "num_lstm_layers": config.num_lstm_layers,
-        "embedding_dim": config.embedding_dim,  # filled in below once the model exists
+        "embedding_dim": model.embedding_dim,
         "dropout": float(config.dropout),
         "tokenizer": vocab.options.to_dict(),
         "train": config.to_dict(),
-        "corpus": str(corpus.resolve()),
-        "valid": str(valid.resolve()) if valid is not None else None,
+        "corpus": source.recorded,
+        "corpus_sha256": source.sha256,
+        "valid": valid_source.recorded if valid_source else None,
+        "valid_sha256": valid_source.sha256 if valid_source else None,
         "errors": errors,
     }
-    if out_dir.is_dir():
-        _clear_run(out_dir)  # --force (checked above)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / VOCAB_FILE, vocab.to_json())
     history_doc = {"status": "running", "epochs": [], "best_epoch": None, "checkpoint": None}
-    model = _build_model(config, len(vocab))
-    run_config["embedding_dim"] = model.embedding_dim
-    _write_json_atomic(out_dir / CONFIG_FILE, run_config)
-    _write_json_atomic(out_dir / HISTORY_FILE, history_doc)
-    optimizer = _make_optimizer(config)
-    return _fit(model, optimizer, config, vocab, items, valid_pairs, out_dir, history_doc,
+
+    run.start_new(force)  # the manifest first, then every file it lists
+    vocab.save(run.claim(VOCAB_FILE))
+    run.write_config(run_config)
+    run.write_history(history_doc)
+    return _fit(model, optimizer, config, vocab, items, valid_items, run, history_doc,
                 start_epoch=1)
 
 
@@ -418,47 +397,88 @@ def _load_checkpoint(path: Path, model, optimizer) -> int:
         return int(data["epoch"])
 
 
-def _resume(config: TrainConfig, corpus: Path, valid: Path | None, out_dir: Path,
+def _resume_source(given: Path | None, stored: str | None, stored_sha: str | None,
+                   errors: str, run: RunDir, what: str) -> _Source | None:
+    """The corpus (``what`` = "CORPUS") or validation text (``"--valid"``) a run is resumed
+    with: the stored one, which ``given`` must match; its sentences must hash as stored."""
+    verb = "trained" if what == "CORPUS" else "validated"
+    if stored is None:
+        if given is not None:
+            raise ValueError(f"{run.path} was {verb} without {what}; resume without it or "
+                             "start a new run")
+        return None
+    if given is None:
+        if stored == STDIN_CORPUS:
+            raise ValueError(f"{run.path} was {verb} on standard input; resume with {what} - "
+                             "and the same text piped in")
+        given = Path(stored)
+    elif (STDIN_CORPUS if str(given) == STDIN else str(given.resolve())) != stored:
+        raise ValueError(f"{run.path} was {verb} on {stored}, not {given}; resume with the "
+                         f"same {what} or start a new run")
+    source = _read_source(given, errors)
+    if stored_sha and source.sha256 != stored_sha:
+        name = "standard input" if str(given) == STDIN else str(given)
+        raise ValueError(f"{name} is not the text {run.path} was {verb} on (its sentences "
+                         "hash differently); resume with the same text or start a new run")
+    return source
+
+
+def _resume(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir,
             errors: str) -> TrainResult:
-    run_config = load_run_config(out_dir)
-    history_doc = _read_json(out_dir / HISTORY_FILE)
+    run_config = run.read_config()
+    history_doc = run.read_history()
+    if history_doc is None:
+        raise RunDirError(f"nothing to resume in {run.path}: no history.json; drop --resume "
+                          "to start a new run")
     stored = TrainConfig.from_dict(run_config["train"])
-    if corpus.resolve() != Path(run_config["corpus"]):
-        raise ValueError(f"{out_dir} was trained on {run_config['corpus']}, not {corpus}; "
-                         "resume with the same corpus or start a new run")
-    stored_valid = run_config.get("valid")
-    if valid is not None and str(valid.resolve()) != stored_valid:
-        raise ValueError(f"{out_dir} was validated on {stored_valid}, not {valid}; resume with "
-                         "the same --valid (or none) or start a new run")
-    differing = [k for k, v in stored.to_dict().items() if config.to_dict()[k] != v]
+    target = stored.epochs if config.epochs is None else config.epochs
+    differing = [k for k, v in stored.to_dict().items()
+                 if k != "epochs" and config.to_dict()[k] != v]
     if differing:
-        print(f"resuming {out_dir} with its stored settings (ignoring "
+        print(f"resuming {run.path} with its stored settings (ignoring "
               + ", ".join(f"{k}={config.to_dict()[k]!r}" for k in differing) + ")")
-    config = stored
     done = len(history_doc["epochs"])
-    if history_doc.get("status") == "complete" or done >= config.epochs:
-        print(f"{out_dir}: run already complete ({done} epochs); nothing to resume")
-        return TrainResult(out_dir, history_doc["epochs"], history_doc["best_epoch"],
+    if target < done:
+        raise ValueError(f"--epochs {target}: {run.path} has already trained {done} epochs "
+                         "and a run cannot be shortened; start a new run instead")
+    if target == done:
+        print(f"{run.path}: run already complete ({done} epochs); nothing to resume "
+              "(pass a larger --epochs to extend it)")
+        return TrainResult(run.path, history_doc["epochs"], history_doc["best_epoch"],
                            run_config["vocab_size"])
-    vocab = Vocabulary.load(out_dir / VOCAB_FILE)
-    items = _training_items(vocab, corpus, run_config.get("errors", errors), config.max_length)
-    valid_path = Path(run_config["valid"]) if run_config.get("valid") else None
-    valid_pairs = (_sentence_pairs(vocab, valid_path, run_config.get("errors", errors))
-                   if valid_path is not None else None)
+    errors = run_config.get("errors", errors)
+    source = _resume_source(corpus, run_config.get("corpus"), run_config.get("corpus_sha256"),
+                            errors, run, "CORPUS")
+    valid_source = _resume_source(valid, run_config.get("valid"),
+                                  run_config.get("valid_sha256"), errors, run, "--valid")
+    vocab = Vocabulary.load(run.file(VOCAB_FILE))
+    config = dataclasses.replace(stored, epochs=target)
+    items = _training_items(vocab, source.lines, config.max_length)
+    valid_items = sentence_items(vocab, valid_source.lines) if valid_source else None
     model = _build_model(config, len(vocab))
     optimizer = _make_optimizer(config)
     if done:
-        ckpt = out_dir / str(history_doc.get("checkpoint"))
-        if not ckpt.is_file() or _load_checkpoint(ckpt, model, optimizer) != done:
-            raise ValueError(f"{out_dir}: checkpoint of epoch {done} is missing or does not "
+        name = history_doc.get("checkpoint")
+        ckpt = run.file(name) if name == checkpoint_name(done) else None
+        if ckpt is None or not ckpt.is_file() or _load_checkpoint(ckpt, model, optimizer) != done:
+            raise ValueError(f"{run.path}: checkpoint of epoch {done} is missing or does not "
                              "match history.json; start over with --force")
-        print(f"resuming {out_dir} after epoch {done} of {config.epochs}")
-    return _fit(model, optimizer, config, vocab, items, valid_pairs, out_dir, history_doc,
+    run.adopt()  # a run from before manifests gets one now
+    if target != stored.epochs:
+        run_config["train"]["epochs"] = target
+        run.write_config(run_config)
+        print(f"extending {run.path} from {stored.epochs} to {target} epochs")
+    if history_doc.get("status") != "running":
+        history_doc["status"] = "running"
+        run.write_history(history_doc)
+    if done:
+        print(f"resuming {run.path} after epoch {done} of {config.epochs}")
+    return _fit(model, optimizer, config, vocab, items, valid_items, run, history_doc,
                 start_epoch=done + 1)
 
 
 def _fit(model, optimizer, config: TrainConfig, vocab: Vocabulary, items: list,
-         valid_pairs: list | None, out_dir: Path, history_doc: dict,
+         valid_items: list | None, run: RunDir, history_doc: dict,
          start_epoch: int) -> TrainResult:
     train_step, eval_step = _make_steps(model, optimizer)
     n_tokens = sum(len(x) for _, x, _ in items)
@@ -466,23 +486,30 @@ def _fit(model, optimizer, config: TrainConfig, vocab: Vocabulary, items: list,
         print(f"training on {len(items)} windows ({n_tokens} tokens), vocabulary {len(vocab)}, "
               f"{model.count_params()} parameters")
     try:
-        _epochs(model, optimizer, config, items, valid_pairs, out_dir, history_doc, train_step,
+        _epochs(model, optimizer, config, items, valid_items, run, history_doc, train_step,
                 eval_step, start_epoch)
     except KeyboardInterrupt:
         done = len(history_doc["epochs"])
         print(f"interrupted after {done} finished epoch(s); continue with the same command "
               "and --resume", file=sys.stderr)
         raise
-    result = TrainResult(out_dir, history_doc["epochs"], history_doc["best_epoch"], len(vocab))
+    result = TrainResult(run.path, history_doc["epochs"], history_doc["best_epoch"], len(vocab))
     b = result.best
-    summary = (f"valid ppl {b['valid_perplexity']:.2f}" if b["valid_perplexity"] is not None
+    summary = (f"valid ppl {_ppl(b['valid_perplexity'])}" if b.get("valid_tokens")
                else f"train loss {b['train_loss']:.4f}")
-    print(f"best epoch {b['epoch']} ({summary}) saved to {out_dir / MODEL_FILE}")
+    print(f"best epoch {b['epoch']} ({summary}) saved to {run.file(MODEL_FILE)}")
     return result
 
 
-def _epochs(model, optimizer, config: TrainConfig, items: list, valid_pairs: list | None,
-            out_dir: Path, history_doc: dict, train_step, eval_step, start_epoch: int) -> None:
+def _diverged(epoch: int, what: str, value: float, config: TrainConfig) -> ValueError:
+    clip = (f"clip gradients with --clipnorm (e.g. 5)" if config.clipnorm == 0
+            else f"lower --clipnorm (now {config.clipnorm:g})")
+    return ValueError(f"training diverged in epoch {epoch}: the {what} loss is {value}; lower "
+                      f"--learning-rate (now {config.learning_rate:g}) or {clip}")
+
+
+def _epochs(model, optimizer, config: TrainConfig, items: list, valid_items: list | None,
+            run: RunDir, history_doc: dict, train_step, eval_step, start_epoch: int) -> None:
     """Train epochs ``start_epoch .. config.epochs``, recording each in ``history_doc``."""
     from tqdm.auto import tqdm
 
@@ -496,46 +523,49 @@ def _epochs(model, optimizer, config: TrainConfig, items: list, valid_pairs: lis
                   disable=None, leave=False) as bar:
             for i, batch in enumerate(batches):
                 loss_sum, n = train_step(batch.inputs, batch.targets)
-                nll_sum += float(loss_sum)
+                loss_sum = float(loss_sum)
+                if not math.isfinite(loss_sum):
+                    raise _diverged(epoch, "training", loss_sum, config)
+                nll_sum += loss_sum
                 tokens += int(n)
-                if not math.isfinite(nll_sum):
-                    raise ValueError(
-                        f"training diverged in epoch {epoch} (loss is {nll_sum}); "
-                        "lower --learning-rate or --clipnorm")
                 bar.update(1)
                 if i % 10 == 0:
                     bar.set_postfix(loss=f"{nll_sum / tokens:.3f}")
         train_seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "train_loss": nll_sum / tokens,
-                  "train_perplexity": perplexity_of(nll_sum, tokens), "train_tokens": tokens,
-                  "train_seconds": round(train_seconds, 3),
+                  "train_perplexity": finite_or_none(perplexity_of(nll_sum, tokens)),
+                  "train_tokens": tokens, "train_seconds": round(train_seconds, 3),
                   "tokens_per_second": round(tokens / train_seconds, 1)}
-        if valid_pairs is not None:
+        if valid_items is not None:
             v0 = time.perf_counter()
-            nll, n = evaluate_nll(model, valid_pairs, eval_step=eval_step)
-            record.update(valid_nll=nll, valid_tokens=n, valid_perplexity=perplexity_of(nll, n),
+            nll, n = evaluate_nll(model, valid_items, eval_step=eval_step)
+            if not math.isfinite(nll):
+                raise _diverged(epoch, "validation", nll, config)
+            record.update(valid_nll=nll, valid_tokens=n,
+                          valid_perplexity=finite_or_none(perplexity_of(nll, n)),
                           valid_seconds=round(time.perf_counter() - v0, 3))
         else:
             record["valid_perplexity"] = None
         improved = _is_better(record, best)
         if improved:
             best = record
-            _save_model_atomic(model, out_dir / MODEL_FILE)
+            _save_model_atomic(model, run.claim(MODEL_FILE))
         history.append(record)
         # Checkpoint first, then point history.json at it, then drop the older one: a crash
-        # at any moment leaves a consistent (checkpoint, history) pair.
-        ckpt_name = f"{CHECKPOINT_PREFIX}{epoch}.npz"
-        _save_checkpoint(out_dir / ckpt_name, model, optimizer, epoch)
+        # at any moment leaves a consistent (checkpoint, history) pair, and the manifest
+        # names each checkpoint before it exists and until after it is gone.
+        ckpt_name = checkpoint_name(epoch)
+        _save_checkpoint(run.claim(ckpt_name), model, optimizer, epoch)
         previous = history_doc.get("checkpoint")
         history_doc.update(best_epoch=best["epoch"], checkpoint=ckpt_name,
                            status="complete" if epoch == config.epochs else "running")
-        _write_json_atomic(out_dir / HISTORY_FILE, history_doc)
-        if previous and previous != ckpt_name:
-            _unlink_quietly(out_dir / previous)
-        _plot_curve(out_dir / CURVE_FILE, history)
-        valid_text = (f"valid ppl {record['valid_perplexity']:.2f}"
-                      if record["valid_perplexity"] is not None else "no validation set")
+        run.write_history(history_doc)
+        if previous and previous != ckpt_name and checkpoint_epoch(previous) is not None:
+            run.release(previous)
+        _plot_curve(run.claim(CURVE_FILE), history)
+        valid_text = (f"valid ppl {_ppl(record['valid_perplexity'])}"
+                      if valid_items is not None else "no validation set")
         print(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f} "
-              f"(ppl {record['train_perplexity']:.2f}), {valid_text}, "
+              f"(ppl {_ppl(record['train_perplexity'])}), {valid_text}, "
               f"{train_seconds:.1f} s ({record['tokens_per_second']:.0f} tokens/s)"
               + ("  *best" if improved else ""))
