@@ -1,7 +1,8 @@
 """A TensorFlow-free stand-in for an exported lmonnx model, for tests and benchmarks.
 
 Builds the same graph shape that ``lmonnx export`` writes (Gather embedding -> fused ONNX
-``LSTM`` layers -> MatMul + Add logits) with random weights and lmonnx metadata, so runtime,
+``LSTM`` layers -> MatMul + Add logits; format 2 adds the state inputs and outputs) with random
+weights and lmonnx metadata, so runtime,
 evaluation and Scorer tests run in a second, without training anything.
 """
 
@@ -11,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, metadata_props
+from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS,
+                             metadata_props)
 from lmonnx.vocab import TokenizerOptions, Vocabulary
 
 
@@ -21,16 +23,28 @@ def make_vocab(words, preset="whitespace") -> Vocabulary:
 
 
 def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_dim=4, seed=0,
-                    scale=1.0) -> None:
-    """Write a random-weight lmonnx model with ``layers`` fused LSTMs of ``units`` to ``path``."""
+                    scale=1.0, stateful: bool = True) -> None:
+    """Write a random-weight lmonnx model with ``layers`` fused LSTMs of ``units`` to ``path``.
+
+    ``stateful``: format 2 (state inputs and outputs, ``sequence_lens`` computed in the graph
+    from ``input_ids != 0``), else format 1.
+    """
     rng = np.random.default_rng(seed)
     V = len(vocab)
     init = [numpy_helper.from_array((rng.standard_normal((V, embedding_dim)) * scale)
-                                    .astype(np.float32), "embedding")]
+                                    .astype(np.float32), "embedding"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")]
     nodes = [
         helper.make_node("Gather", ["embedding", INPUT_NAME], ["emb"]),
         helper.make_node("Transpose", ["emb"], ["x0"], perm=[1, 0, 2]),  # [T, B, E]
     ]
+    if stateful:  # lengths = sum(input_ids != 0) per row, the LSTM's sequence_lens
+        init.append(numpy_helper.from_array(np.array(0, dtype=np.int32), "zero"))
+        nodes += [
+            helper.make_node("Greater", [INPUT_NAME, "zero"], ["real"]),
+            helper.make_node("Cast", ["real"], ["real32"], to=TensorProto.INT32),
+            helper.make_node("ReduceSum", ["real32", "axis1"], ["lengths"], keepdims=0),
+        ]
     inp, size = "x0", embedding_dim
     for layer in range(layers):
         w = (rng.standard_normal((1, 4 * units, size)) * scale / np.sqrt(size)).astype(np.float32)
@@ -38,14 +52,20 @@ def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_di
         b = (rng.standard_normal((1, 8 * units)) * 0.1).astype(np.float32)
         init += [numpy_helper.from_array(w, f"W{layer}"), numpy_helper.from_array(r, f"R{layer}"),
                  numpy_helper.from_array(b, f"B{layer}")]
+        lstm_inputs = [inp, f"W{layer}", f"R{layer}", f"B{layer}"]
+        lstm_outputs = [f"y{layer}"]
+        if stateful:
+            init.append(numpy_helper.from_array(np.array([layer], dtype=np.int64), f"layer{layer}"))
+            nodes += [helper.make_node("Gather", [STATE_INPUTS[k], f"layer{layer}"],
+                                       [f"{STATE_INPUTS[k]}{layer}"], axis=0) for k in (0, 1)]
+            lstm_inputs += ["lengths", f"{STATE_INPUTS[0]}{layer}", f"{STATE_INPUTS[1]}{layer}"]
+            lstm_outputs += [f"yh{layer}", f"yc{layer}"]
         nodes += [
-            helper.make_node("LSTM", [inp, f"W{layer}", f"R{layer}", f"B{layer}"], [f"y{layer}"],
-                             hidden_size=units),
+            helper.make_node("LSTM", lstm_inputs, lstm_outputs, hidden_size=units),
             helper.make_node("Squeeze", [f"y{layer}", "axis1"], [f"h{layer}"]),
         ]
         inp, size = f"h{layer}", units
-    init += [numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
-             numpy_helper.from_array((rng.standard_normal((units, V)) * scale * 2 / np.sqrt(units))
+    init += [numpy_helper.from_array((rng.standard_normal((units, V)) * scale * 2 / np.sqrt(units))
                                      .astype(np.float32), "dense_w"),
              numpy_helper.from_array((rng.standard_normal(V) * 0.5).astype(np.float32), "dense_b")]
     nodes += [
@@ -53,16 +73,25 @@ def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_di
         helper.make_node("MatMul", ["bth", "dense_w"], ["proj"]),
         helper.make_node("Add", ["proj", "dense_b"], [OUTPUT_NAME]),
     ]
-    graph = helper.make_graph(
-        nodes, "random_lm",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.INT32, ["batch", "time"])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", "time", V])],
-        init)
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.INT32, ["batch", "time"])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", "time", V])]
+    if stateful:
+        state_shape = [layers, "batch", units]
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, state_shape)
+                   for n in STATE_INPUTS]
+        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, state_shape)
+                    for n in STATE_OUTPUTS]
+        for k, kind in enumerate(("yh", "yc")):
+            nodes.append(helper.make_node("Concat", [f"{kind}{i}" for i in range(layers)],
+                                          [STATE_OUTPUTS[k]], axis=0))
+    graph = helper.make_graph(nodes, "random_lm", inputs, outputs, init)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     config = dict(vocab_size=V, max_length=35, num_lstm_units=units, num_lstm_layers=layers,
                   embedding_dim=embedding_dim, dropout=0.0)
-    for key, value in metadata_props(vocab, config, {"corpus": "random"}).items():
+    props = metadata_props(vocab, config, {"corpus": "random"},
+                           format_version="2" if stateful else "1")
+    for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)

@@ -1,9 +1,15 @@
 """The exported artifact's contract: names, metadata keys and their JSON payloads.
 
-One ``.onnx`` file: input ``input_ids`` int32 [batch, time], output ``logits`` float32
-[batch, time, vocab_size], both axes dynamic.  ``metadata_props`` carry, as JSON strings:
+One ``.onnx`` file (ARCHITECTURE.md, "The artifact"):
 
-  lmonnx.format_version  "1"
+  format 1 (stateless)  input_ids int32 [batch, time] -> logits float32 [batch, time, vocab]
+  format 2 (stateful)   + state_h, state_c float32 [layers, batch, units] in (zeros: start of
+                        a sentence) and state_h_out, state_c_out out: the state after each
+                        row's last real (non-padding) position
+
+``metadata_props`` carry, as JSON strings:
+
+  lmonnx.format_version  "1" or "2"
   lmonnx.vocab           list of tokens in id order (ids 0..3 are <pad> <unk> <s> </s>)
   lmonnx.config          model shape, tokenizer preset and options, max length
   lmonnx.training        corpus name, epochs, validation perplexity, ...
@@ -21,8 +27,12 @@ from typing import Any, Mapping
 from lmonnx.vocab import TokenizerOptions, Vocabulary
 
 FORMAT_VERSION = "1"
+"""What ``lmonnx export`` writes."""
+READABLE_FORMATS = ("1", "2")
 INPUT_NAME = "input_ids"
 OUTPUT_NAME = "logits"
+STATE_INPUTS = ("state_h", "state_c")
+STATE_OUTPUTS = ("state_h_out", "state_c_out")
 
 KEY_FORMAT = "lmonnx.format_version"
 KEY_VOCAB = "lmonnx.vocab"
@@ -49,13 +59,16 @@ class ArtifactMetadata:
 
 
 def metadata_props(vocab: Vocabulary, config: Mapping[str, Any],
-                   training: Mapping[str, Any]) -> dict[str, str]:
+                   training: Mapping[str, Any], format_version: str = FORMAT_VERSION,
+                   ) -> dict[str, str]:
     """The ``metadata_props`` key -> JSON string map that export writes into the model."""
+    if format_version not in READABLE_FORMATS:
+        raise ValueError(f"unknown lmonnx format version {format_version!r}")
     config = dict(config)
     config["tokenizer"] = vocab.options.to_dict()
     config["vocab_size"] = len(vocab)
     return {
-        KEY_FORMAT: FORMAT_VERSION,
+        KEY_FORMAT: format_version,
         KEY_VOCAB: json.dumps(list(vocab.tokens), ensure_ascii=False),
         KEY_CONFIG: json.dumps(config, sort_keys=True),
         KEY_TRAINING: json.dumps(dict(training), sort_keys=True),
@@ -69,9 +82,10 @@ def parse_metadata(props: Mapping[str, str], source: str) -> ArtifactMetadata:
             f"{source} is an ONNX model without lmonnx metadata (no {KEY_VOCAB}/{KEY_CONFIG}); "
             "export it with `lmonnx export`")
     version = props[KEY_FORMAT]
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise ArtifactError(
-            f"{source} has lmonnx format version {version!r}; this lmonnx reads {FORMAT_VERSION!r}")
+            f"{source} has lmonnx format version {version!r}; this lmonnx reads "
+            f"{' and '.join(READABLE_FORMATS)} (a newer lmonnx wrote it?)")
     try:
         tokens = json.loads(props[KEY_VOCAB])
         config = json.loads(props[KEY_CONFIG])

@@ -14,10 +14,11 @@ not, one byte for each line break, which ``</s>`` predicts; blank lines are not 
 not counted), so it compares models with different tokenizers.  Totals are float64 sums of
 per-sentence float64 sums: they do not depend on batch size or order beyond float rounding.
 
-Memory is bounded by the batch budget and the look-ahead for any number of sentences.  One
-sentence is always scored whole, in one onnxruntime call: a single line longer than the
-budget makes a batch of its own whose logits take ``4 * V`` bytes per word (a 1M-word line at
-V=10k needs ~40 GB), so split very long lines into sentences before scoring them.
+Memory is bounded by the batch budget and the look-ahead for any input.  A sentence longer
+than the budget is a batch of its own, and with a stateful (format 2) model it is scored in
+consecutive windows of ``max_tokens`` positions that carry the LSTM state: its logits never
+exceed the budget, and its NLL is that of one pass (to float rounding).  A format-1 model has
+no state to carry and scores such a line in one call (``4 * V`` bytes of logits per word).
 """
 
 from __future__ import annotations
@@ -144,10 +145,29 @@ class EvaluationReport:
 
 
 def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = False,
-                num_threads: int | None = None) -> list[SentenceResult]:
-    """Score one padded batch: one onnxruntime call, one kernel pass over its logits."""
-    logits = session.logits(batch.inputs)
-    nll, hits = token_nll_and_hits(logits, batch.targets, batch.mask, num_threads=num_threads)
+                num_threads: int | None = None, window: int | None = None,
+                ) -> list[SentenceResult]:
+    """Score one padded batch: onnxruntime logits, one kernel pass over them.
+
+    ``window``: with a stateful (format 2) model, a one-row batch longer than ``window``
+    positions is run in consecutive windows that carry the LSTM state, so its logits never
+    exceed ``window x V`` at once; the NLL equals one pass up to float rounding.
+    """
+    batch_size, length = batch.inputs.shape
+    if window is None or length <= window or batch_size != 1 or not session.stateful:
+        logits = session.logits(batch.inputs)
+        nll, hits = token_nll_and_hits(logits, batch.targets, batch.mask,
+                                       num_threads=num_threads)
+    else:
+        nll = np.empty(batch.inputs.shape, dtype=np.float64)
+        hits = np.empty(batch.inputs.shape, dtype=bool)
+        state = None
+        for start in range(0, length, window):
+            part = slice(start, start + window)
+            logits, state = session.run(batch.inputs[:, part], state)
+            nll[:, part], hits[:, part] = token_nll_and_hits(
+                logits, batch.targets[:, part], batch.mask[:, part], num_threads=num_threads)
+            del logits  # the next window's logits reuse the memory
     oov = (batch.targets == UNK_ID) & (batch.mask != 0)
     row_nll = nll.sum(axis=1)
     row_oov_nll = np.where(oov, nll, 0.0).sum(axis=1)
@@ -262,7 +282,7 @@ class Evaluator:
                 self.real_positions += batch.tokens
                 self.computed_positions += batch.inputs.size
                 for result in score_batch(self.session, batch, keep_tokens=self.keep_tokens,
-                                          num_threads=self.num_threads):
+                                          num_threads=self.num_threads, window=self.max_tokens):
                     ready[result.key] = result
                 while next_out in ready:  # hand results back in input order
                     result = ready.pop(next_out)

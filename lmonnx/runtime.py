@@ -31,7 +31,8 @@ except ImportError:  # both onnxruntime and onnxruntime-gpu provide the module
         "scoring needs an ONNX Runtime: install exactly one of the extras 'lmonnx[cpu]' "
         "(onnxruntime) or 'lmonnx[gpu]' (onnxruntime-gpu, also runs on CPU)") from None
 
-from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMetadata, parse_metadata
+from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS, ArtifactError,
+                             ArtifactMetadata, parse_metadata)
 from lmonnx.errors import InferenceError, ProviderError
 
 log = logging.getLogger("lmonnx")
@@ -75,9 +76,10 @@ def _session_options(num_threads: int | None) -> ort.SessionOptions:
 class ModelSession:
     """An lmonnx model opened in onnxruntime.
 
-    Attributes: ``path``, ``metadata`` (vocabulary, config, training record), ``vocab``,
-    ``provider`` (the provider actually running the graph), ``provider_note`` (why, when
-    ``auto`` fell back to CPU), ``num_threads``.
+    Attributes: ``path`` (None when opened from bytes), ``name``, ``metadata`` (vocabulary,
+    config, training record), ``vocab``, ``stateful`` (format 2: the LSTM state is an input and
+    an output), ``provider`` (the provider actually running the graph), ``provider_note``
+    (why, when ``auto`` fell back to CPU), ``num_threads``.
     """
 
     def __init__(self, model, providers: str = "auto", num_threads: int | None = None, *,
@@ -126,15 +128,52 @@ class ModelSession:
         props = self._session.get_modelmeta().custom_metadata_map
         self.metadata: ArtifactMetadata = parse_metadata(props, self.name)
         self.vocab = self.metadata.vocab
+        self._check_format()
         self._check_vocab_width()
 
     def _check_signature(self) -> None:
-        inputs = [i.name for i in self._session.get_inputs()]
+        inputs = sorted(i.name for i in self._session.get_inputs())
         outputs = [o.name for o in self._session.get_outputs()]
-        if inputs != [INPUT_NAME] or OUTPUT_NAME not in outputs:
+        stateless = [INPUT_NAME]
+        stateful = sorted([INPUT_NAME, *STATE_INPUTS])
+        if inputs not in (stateless, stateful) or OUTPUT_NAME not in outputs or (
+                inputs == stateful and not set(STATE_OUTPUTS) <= set(outputs)):
             raise ArtifactError(
-                f"{self.name} is not an lmonnx model: expected input {INPUT_NAME!r} and output "
+                f"{self.name} is not an lmonnx model: expected input {INPUT_NAME!r} (and "
+                f"{'/'.join(STATE_INPUTS)} in, {'/'.join(STATE_OUTPUTS)} out) and output "
                 f"{OUTPUT_NAME!r}, found inputs {inputs} and outputs {outputs}")
+        self.stateful = inputs == stateful
+
+    def _check_format(self) -> None:
+        version = self.metadata.format_version
+        if (version == "2") != self.stateful:
+            raise ArtifactError(
+                f"{self.name} says lmonnx format {version} but its graph "
+                f"{'has' if self.stateful else 'lacks'} the LSTM state inputs; the file was "
+                "edited or is damaged (re-export it)")
+        if self.stateful:
+            shape = {i.name: i.shape for i in self._session.get_inputs()}[STATE_INPUTS[0]]
+            config = self.metadata.config
+            self.num_layers = int(config.get("num_lstm_layers", shape[0]))
+            self.num_units = int(config.get("num_lstm_units", shape[-1]))
+            for declared, expected in ((shape[0], self.num_layers), (shape[-1], self.num_units)):
+                if isinstance(declared, int) and declared != expected:
+                    raise ArtifactError(
+                        f"{self.name}: state inputs are {shape} but the config says "
+                        f"{self.num_layers} layers of {self.num_units} units")
+
+    def require_state(self, feature: str) -> None:
+        """``ArtifactError`` unless the model carries the LSTM state (format 2)."""
+        if not self.stateful:
+            raise ArtifactError(
+                f"{self.name} is a format-1 (stateless) model; {feature} needs the LSTM state: "
+                "re-export this model with lmonnx export")
+
+    def zero_state(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(h, c) float32 [layers, batch, units] of zeros: the start of a sentence."""
+        self.require_state("a state")
+        shape = (self.num_layers, batch, self.num_units)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     def _check_vocab_width(self) -> None:
         """The vocabulary must name every logit: a shorter or longer one would silently score
@@ -160,25 +199,55 @@ class ModelSession:
         return len(self.vocab)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        """float32 [batch, time, vocab_size] logits of int32 ids [batch, time] (0 = padding)."""
+        """float32 [batch, time, vocab_size] logits of int32 ids [batch, time] (0 = padding),
+        every row from the start of a sentence (a zero state)."""
+        return self.run(input_ids)[0]
+
+    def run(self, input_ids: np.ndarray, state: tuple | None = None):
+        """``(logits, state_out)`` for int32 ids [batch, time], right-padded with 0.
+
+        ``state``: None (zeros: every row starts a sentence) or ``(h, c)`` float32
+        [layers, batch, units], the state before the first position (format 2 only).
+        ``state_out``: ``(h, c)`` after each row's last real position (None for format 1).
+        """
         ids = np.ascontiguousarray(input_ids, dtype=np.int32)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {ids.shape}")
+        feeds = {INPUT_NAME: ids}
+        names = [OUTPUT_NAME]
+        if self.stateful:
+            if state is None:
+                state = self.zero_state(ids.shape[0])
+            expected = (self.num_layers, ids.shape[0], self.num_units)
+            for name, value in zip(STATE_INPUTS, state):
+                value = np.ascontiguousarray(value, dtype=np.float32)
+                if value.shape != expected:
+                    raise ValueError(f"{name} must be [layers, batch, units] = {expected}, "
+                                     f"got {value.shape}")
+                feeds[name] = value
+            names += list(STATE_OUTPUTS)
+        elif state is not None:
+            self.require_state("carrying the LSTM state")
         try:
             if self.provider == CUDA:
                 binding = self._session.io_binding()
-                binding.bind_cpu_input(INPUT_NAME, ids)
-                binding.bind_output(OUTPUT_NAME, "cpu")
+                for name, value in feeds.items():
+                    binding.bind_cpu_input(name, value)
+                for name in names:
+                    binding.bind_output(name, "cpu")
                 self._session.run_with_iobinding(binding)
-                logits = binding.get_outputs()[0].numpy()
+                results = [v.numpy() for v in binding.get_outputs()]
+                by_name = dict(zip([o.name for o in self._session.get_outputs()], results))
+                results = [by_name[n] for n in names]
             else:
-                logits = self._session.run([OUTPUT_NAME], {INPUT_NAME: ids})[0]
+                results = self._session.run(names, feeds)
         except Exception as exc:  # onnxruntime's own types (Fail, RuntimeException, ...)
             raise InferenceError(
                 f"onnxruntime failed on a batch of shape {ids.shape}: {_first_line(exc, 300)}") from exc
+        logits = results[0]
         if logits.shape[-1] != len(self.vocab):
             raise ArtifactError(self._width_mismatch(logits.shape[-1]))
-        return logits
+        return logits, (tuple(results[1:]) if self.stateful else None)
 
     def __repr__(self) -> str:
         return (f"ModelSession({self.name!r}, provider={self.provider!r}, "
