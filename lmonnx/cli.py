@@ -131,6 +131,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=Path("model.onnx"))
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", action="store_true")
+
+    # ---- generate
+    p = add("generate", help="sample text after a prefix by stepping the LSTM state")
+    p.add_argument("prefix", nargs="?", default="", help="words to start from (default: none)")
+    p.add_argument("--words", type=int, default=20, help="most words to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (argmax)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--model", type=Path, default=Path("model.onnx"))
+    p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -276,8 +287,22 @@ def _cmd_predict(args) -> None:
             print(f"{prob:8.4f}  {word}")
 
 
+def _cmd_generate(args) -> None:
+    from lmonnx.scorer import Scorer
+
+    scorer = Scorer(args.model, providers=args.providers)
+    words = scorer.generate(args.prefix, words=args.words, temperature=args.temperature,
+                            top_k=args.top_k, seed=args.seed)
+    if args.json:
+        print(json.dumps({"prefix": args.prefix, "words": words,
+                          "ended": bool(words) and words[-1] == "</s>"}, ensure_ascii=False))
+    else:
+        print(" ".join(w for w in [args.prefix.strip(), *words] if w))
+
+
 COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export,
-            "evaluate": _cmd_evaluate, "score": _cmd_score, "predict": _cmd_predict}
+            "evaluate": _cmd_evaluate, "score": _cmd_score, "predict": _cmd_predict,
+            "generate": _cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

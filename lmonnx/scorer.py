@@ -7,6 +7,11 @@
     scorer.predict_next("the cat", k=5)            # [(word, probability), ...]
     scorer.evaluate("test.txt")                    # the same report as `lmonnx evaluate`
 
+    state = scorer.begin()                         # incremental scoring (format-2 models)
+    logprob, state = scorer.step(state, "cat")     # log p(cat | <s>), the state after it
+    logprobs, states = scorer.step_batch(states, words)   # one onnxruntime call for all
+    scorer.generate("the cat", words=10, seed=0)   # sampling by stepping the state
+
 Log-probabilities are natural logs (nats); ``</s>`` is scored, ``<s>`` is not.  No TensorFlow.
 Thread-safe: onnxruntime sessions and the kernel are reentrant, and a ``Scorer`` keeps no
 mutable state after construction.  A sentence's score does not depend on the other sentences
@@ -29,6 +34,7 @@ from lmonnx.corpus import read_sentences, sentences_of_lines, to_line
 from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, Evaluator, SentenceWriter,
                              TokenScore, TokenWriter, check_positive_int, token_scores)
 from lmonnx.examples import ExampleBuilder
+from lmonnx.incremental import Incremental, LMState
 from lmonnx.metrics import perplexity_of
 from lmonnx.runtime import ModelSession
 from lmonnx.vocab import BOS_ID, PAD_ID
@@ -72,6 +78,7 @@ class Scorer:
         self._session = ModelSession(path, providers=providers, num_threads=num_threads)
         self._num_threads = num_threads
         self._examples = ExampleBuilder(self._session.vocab)
+        self._incremental = Incremental(self._session)
 
     @property
     def vocab(self):
@@ -170,9 +177,39 @@ class Scorer:
             evaluator = self._evaluator(corpus, writers=writers)
             return evaluator.run(self._examples.build_all(lines))
 
+    # ---- incremental scoring (format 2): KenLM's State / BaseScore for decoders ----------
+
+    def begin(self) -> LMState:
+        """The state after ``<s>``: an immutable value, cheap to keep and share."""
+        return self._incremental.begin()
+
+    def step(self, state: LMState, word: str) -> tuple[float, LMState]:
+        """``(log p(word | history) in nats, the state after word)``: one onnxruntime call.
+
+        ``"</s>"`` scores the end of the sentence (no call; the state is then ended); an OOV
+        word scores as ``<unk>``.  Stepping a sentence word by word gives ``full_scores``."""
+        return self._incremental.step(state, word)
+
+    def step_batch(self, states, words) -> tuple[np.ndarray, list[LMState]]:
+        """Advance hypothesis i by ``words[i]`` in ONE onnxruntime call: ``(logprobs float64
+        [n] in nats, new states)``.  States of any history and length mix freely."""
+        return self._incremental.step_batch(states, words)
+
+    def next_logprobs(self, states) -> np.ndarray:
+        """float32 [n, vocab]: the next-token log-probabilities of each state (by token id;
+        ``scorer.vocab.token_to_id(word)`` indexes a word)."""
+        return self._incremental.next_logprobs(states)
+
+    def generate(self, prefix: str = "", *, words: int = 20, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None) -> list[str]:
+        """Sample up to ``words`` words after ``prefix`` (``"</s>"`` last if the model ended
+        the sentence).  ``temperature=0`` is greedy; a ``seed`` makes it reproducible."""
+        return self._incremental.generate(prefix, words=words, temperature=temperature,
+                                          top_k=top_k, seed=seed)
+
     def __repr__(self) -> str:
         return (f"Scorer({self._session.name!r}, provider={self.provider!r}, "
                 f"vocab_size={len(self.vocab)})")
 
 
-__all__ = ["Scorer", "SentenceScore", "TokenScore"]
+__all__ = ["Scorer", "SentenceScore", "TokenScore", "LMState"]
