@@ -54,6 +54,7 @@ bench: install
 	    --vocab-size 10000 --units 200 --layers 2 --epochs 1 --out $(BENCH_RUN) --force && \
 	  $(VENV)/bin/lmonnx export $(BENCH_RUN) -o $(BENCH_RUN).onnx --force; }
 	$(PY) benchmarks/eval_table.py --run $(BENCH_RUN) --model $(BENCH_RUN).onnx --corpus $(PTB)/ptb.test.txt
+	$(PY) benchmarks/beam_table.py
 	$(PY) -m pytest benchmarks --benchmark-only
 
 clean:

