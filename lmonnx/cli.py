@@ -115,6 +115,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-token", type=Path, default=None, help="JSON lines per token")
     p.add_argument("--force", action="store_true", help="overwrite existing --per-* files")
     _add_encoding_errors(p)
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS",
+                   help="evaluate on a Ray cluster (extra lmonnx[ray]): auto = RAY_ADDRESS, "
+                        "else a cluster started on this machine, else a new local one; or the "
+                        "cluster's address.  --per-sentence FILE.parquet writes Parquet")
+    p.add_argument("--actors", type=int, default=None,
+                   help="with --ray: scoring actors (default: as many as the cluster's CPUs "
+                        "allow)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0,
+                   help="with --ray: CPUs per actor, fractions allowed (its onnxruntime "
+                        "threads, rounded up, unless --threads)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="with --ray: GPUs per actor")
 
     # ---- score
     p = add("score", help="log-probability of sentences (arguments or stdin lines)")
@@ -204,6 +215,10 @@ def _progress_bar(path: Path):
 
 
 def _cmd_evaluate(args) -> None:
+    if getattr(args, "ray", None) is not None:
+        from lmonnx.ray import evaluate_cli
+
+        return evaluate_cli(args)
     from lmonnx.atomic import output_file
     from lmonnx.corpus import require_sentences
     from lmonnx.evaluate import Evaluator, SentenceWriter, TokenWriter

@@ -7,30 +7,39 @@
                                                        logits float32 [batch, time, vocab_size]
       + metadata_props (artifact.py): vocabulary, tokenizer, model shape, training record
       --check: fused LSTM ops and no Loop/Scan, onnx.checker--
-      --parity on real sentences: onnxruntime vs the trained Keras model (the masked one):
-            logits at real positions within LOGIT_ATOL, masked loss (the lmonnx kernel on the
-            onnxruntime logits vs Keras ``calculate_loss``) within LOSS_RTOL--
+      --parity on real sentences (built by the one example builder, lmonnx.examples):
+            the serialized bytes opened by ``lmonnx.runtime.ModelSession`` (the session users
+            run) vs the trained Keras model (the masked one): logits at real positions within
+            LOGIT_ATOL, masked loss (``lmonnx.evaluate.score_batch``'s NLL, what evaluation
+            computes, vs Keras ``calculate_loss``) within LOSS_RTOL--
       --write atomically: temp file in the output's directory, then os.replace--> model.onnx
 
 Right padding is what makes dropping the mask exact: a causal LSTM's output at a real position
 depends only on earlier (real) positions, and the kernel's mask skips the padded ones.
+The run directory is read through ``lmonnx.rundir`` (its config, history and training record).
+No write replaces one of the command's inputs -- the run's files, its corpora, the sample text
+-- with or without ``--force``, nor a directory.
 TensorFlow is imported inside the functions: this module is loaded only by ``lmonnx export``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, metadata_props
 from lmonnx.atomic import write_atomic
-from lmonnx.batching import bucketed_batches, make_pair
-from lmonnx.corpus import read_sentences
-from lmonnx.vocab import Vocabulary
+from lmonnx.batching import bucketed_batches
+from lmonnx.corpus import read_sentences, to_line
+from lmonnx.examples import ExampleBuilder
+from lmonnx.rundir import MODEL_FILE, STDIN_CORPUS, VOCAB_FILE, RunDir, is_run_file_name
+from lmonnx.vocab import SPECIAL_TOKENS, Vocabulary
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 11
@@ -104,36 +113,39 @@ class ExportReport:
 
 # ---- pieces --------------------------------------------------------------------------------
 
-RUN_FILES = ("config.json", "vocab.json", "model.keras")  # what trainer.py writes
-
-
-def _check_run_files(run_dir: Path) -> None:
-    """``ValueError`` unless ``run_dir`` holds a run with a saved model (no TensorFlow needed)."""
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir} is not an lmonnx run directory (no such directory); "
-                         "create one with `lmonnx train CORPUS --out DIR`")
-    if not (run_dir / RUN_FILES[0]).is_file():
-        raise ValueError(f"{run_dir} is not an lmonnx run directory (no {RUN_FILES[0]}); "
-                         "create one with `lmonnx train CORPUS --out DIR`")
-    for name in RUN_FILES[1:]:
-        if not (run_dir / name).is_file():
-            raise ValueError(f"{run_dir} is not a finished lmonnx run (no {name}; training "
-                             "saves it after the first epoch)")
-
-
-def _load_run(run_dir: Path):
-    """(config, vocab, keras model) of a run directory; ``ValueError`` if it is not one."""
-    from lmonnx.train.trainer import MODEL_FILE, VOCAB_FILE, load_run_config  # registers the model
+def _load_keras_model(path: Path):
+    """The saved Keras model at ``path``; ``ValueError`` naming it when it cannot be read
+    (Keras itself says "File not found" for a file that exists but is truncated)."""
+    import zipfile
 
     import keras
 
-    config = load_run_config(run_dir)
-    vocab = Vocabulary.load(run_dir / VOCAB_FILE)
+    try:
+        complete = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise ValueError(f"{path} is unreadable: {exc.strerror or exc}") from None
+    if not complete:
+        raise ValueError(f"{path} is unreadable: not a complete .keras (zip) file, perhaps "
+                         "truncated; retrain or restore it")
+    try:
+        return keras.saving.load_model(path)
+    except Exception as exc:  # Keras raises many types for damaged archives
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is unreadable as a Keras model ({first}); retrain or "
+                         "restore it") from None
 
-    model = keras.saving.load_model(run_dir / MODEL_FILE)
-    if model.vocab_size != len(vocab):
-        raise ValueError(f"{run_dir}: model.keras has {model.vocab_size} outputs but vocab.json "
-                         f"holds {len(vocab)} tokens; the run directory is inconsistent")
+
+def _load_run(run: RunDir):
+    """(config, vocab, keras model) of a run directory; ``ValueError`` if it is not one."""
+    import lmonnx.train  # noqa: F401  (registers LanguageModel with Keras)
+
+    config = run.read_config()
+    vocab = Vocabulary.load(run.file(VOCAB_FILE))
+    model = _load_keras_model(run.file(MODEL_FILE))
+    if getattr(model, "vocab_size", None) != len(vocab):
+        raise ValueError(f"{run.path}: {MODEL_FILE} has {getattr(model, 'vocab_size', '?')} "
+                         f"outputs but {VOCAB_FILE} holds {len(vocab)} tokens; the run "
+                         "directory is inconsistent")
     return config, vocab, model
 
 
@@ -194,50 +206,57 @@ def _check_graph(proto, num_layers: int) -> dict[str, int]:
     return dict(counts)
 
 
-def _sample_pairs(config: dict, vocab: Vocabulary, sample, limit: int):
-    """Up to ``limit`` whole sentences as (key, inputs, targets), and where they came from."""
+def _corpus_paths(config: dict) -> list[Path]:
+    """The run's validation and training corpora that are files (not standard input)."""
+    return [Path(p) for p in (config.get("valid"), config.get("corpus"))
+            if p and p != STDIN_CORPUS]
+
+
+def _sample_examples(config: dict, vocab: Vocabulary, sample, limit: int):
+    """Up to ``limit`` sentences as :class:`~lmonnx.examples.Example` objects (the one example
+    builder), and where they came from."""
     errors = config.get("errors", "strict")
-    candidates = [Path(sample)] if sample is not None else [
-        Path(p) for p in (config.get("valid"), config.get("corpus")) if p]
+    builder = ExampleBuilder(vocab)
+    candidates = [Path(sample)] if sample is not None else _corpus_paths(config)
     for path in candidates:
         if sample is None and not path.is_file():
             continue
-        pairs = []
-        for lineno, line in read_sentences(path, errors):
-            pairs.append((lineno, *make_pair(vocab.encode(line))))
-            if len(pairs) >= limit:
-                break
-        if pairs:
-            return pairs, path.name
+        examples = list(builder.build_all(islice(read_sentences(path, errors), limit)))
+        if examples:
+            return examples, path.name
         if sample is not None:
             raise ValueError(f"{path}: no sentences to check the export on")
-    # The corpora moved away: random word ids still exercise every weight of the graph.
+    # The corpora moved away: random words still exercise every weight of the graph.
     rng = np.random.default_rng(0)
-    pairs = [(i, *make_pair(rng.integers(4, len(vocab), size=rng.integers(1, 40))))
+    words = vocab.tokens[len(SPECIAL_TOKENS):]
+    lines = [to_line(i, " ".join(words[j] for j in rng.integers(0, len(words),
+                                                                size=rng.integers(1, 40))))
              for i in range(min(limit, 64))]
-    return pairs, "random word ids (the run's corpora were not found)"
+    return list(builder.build_all(lines)), "random words (the run's corpora were not found)"
 
 
-def check_parity(model, session, pairs, source: str, *, max_tokens: int = 4096,
+def check_parity(model, session, examples, source: str, *, max_tokens: int = 4096,
                  max_batch_size: int = 32) -> ParityReport:
-    """Compare onnxruntime ``session`` with the Keras ``model`` on bucketed batches of
-    ``pairs``: logits at real positions, and the masked loss computed by Keras
-    ``calculate_loss`` against the lmonnx kernel on the onnxruntime logits."""
-    from lmonnx.xent import masked_cross_entropy
+    """Compare the onnxruntime model in ``session`` (a :class:`lmonnx.runtime.ModelSession`)
+    with the Keras ``model`` on bucketed batches of ``examples``: logits at real positions,
+    and the masked loss of Keras ``calculate_loss`` against the NLL that evaluation computes
+    (``lmonnx.evaluate.score_batch``, summed)."""
+    from lmonnx.evaluate import score_batch
 
+    items = [(ex.key, ex.inputs, ex.targets) for ex in examples]
     max_diff, loss_k, loss_o, worst_rel, tokens, n_batches, sentences = 0.0, 0.0, 0.0, 0.0, 0, 0, 0
-    for batch in bucketed_batches(pairs, max_tokens=max_tokens, max_batch_size=max_batch_size):
+    for batch in bucketed_batches(items, max_tokens=max_tokens, max_batch_size=max_batch_size):
         lstm_outputs, binary = model.run_lstm(batch.inputs, training=False)
         keras_logits = model.get_logits(lstm_outputs).numpy()
         keras_loss = float(model.calculate_loss(lstm_outputs, binary, batch.targets))
-        onnx_logits = session.run([OUTPUT_NAME], {INPUT_NAME: batch.inputs})[0]
+        onnx_logits = session.logits(batch.inputs)
         if onnx_logits.shape != keras_logits.shape:
             raise ExportError(f"onnxruntime logits have shape {onnx_logits.shape}, Keras "
                               f"{keras_logits.shape}")
         real = batch.mask > 0
         diff = np.abs(onnx_logits[real] - keras_logits[real])
         max_diff = max(max_diff, float(diff.max()) if not np.isnan(diff).any() else math.inf)
-        onnx_loss = masked_cross_entropy(onnx_logits, batch.targets, batch.mask, reduction="sum")
+        onnx_loss = math.fsum(r.nll for r in score_batch(session, batch))
         rel = (abs(onnx_loss - keras_loss) / abs(keras_loss) if keras_loss
                else (0.0 if onnx_loss == 0.0 else math.inf))
         worst_rel = max(worst_rel, rel if math.isfinite(rel) else math.inf)
@@ -249,39 +268,54 @@ def check_parity(model, session, pairs, source: str, *, max_tokens: int = 4096,
     return ParityReport(source, sentences, tokens, n_batches, max_diff, loss_k, loss_o, worst_rel)
 
 
-def _training_record(run_dir: Path, config: dict) -> dict:
-    from lmonnx.train.trainer import HISTORY_FILE
-
-    record = {"corpus": Path(config["corpus"]).name if config.get("corpus") else None,
-              "valid": Path(config["valid"]).name if config.get("valid") else None}
-    train = config.get("train", {})
-    for key in ("epochs", "batch_size", "learning_rate", "clipnorm", "dropout", "seed"):
-        if key in train:
-            record[key] = train[key]
-    history_path = run_dir / HISTORY_FILE
-    if history_path.is_file():
-        import json
-
-        history = json.loads(history_path.read_text(encoding="utf-8"))
-        epochs = history.get("epochs", [])
-        record["epochs_trained"] = len(epochs)
-        best = history.get("best_epoch")
-        if best:
-            b = epochs[best - 1]
-            record.update(best_epoch=best, train_loss=b.get("train_loss"),
-                          valid_perplexity=b.get("valid_perplexity"),
-                          valid_tokens=b.get("valid_tokens"))
-    return record
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
-def _check_output(output: Path, force: bool) -> None:
+def _check_output(output: Path, force: bool, inputs: dict[Path, str] | None = None,
+                  run: RunDir | None = None) -> None:
+    """Refuse, in one line, an output that is a directory, one of the command's ``inputs``
+    (path -> what it is) or a run-file name inside ``run`` (both whatever ``force`` says), or
+    an existing file without ``force``."""
     if output.is_dir():
         raise ValueError(f"-o {output} is a directory; give a file name such as {output}/model.onnx")
-    if output.exists() and not force:
+    for path, what in (inputs or {}).items():
+        if _same_file(output, path):
+            raise ValueError(f"-o {output} is an input of this export ({what}); lmonnx never "
+                             "overwrites it, even with --force: choose another file")
+    if run is not None and _run_name_in(output, run.path):
+        raise ValueError(f"-o {output} would put a file named like the run's own files into "
+                         f"the run directory {run.path}; choose another name, such as "
+                         f"{output.parent / 'model.onnx'}")
+    if (output.exists() or output.is_symlink()) and not force:
         raise FileExistsError(f"{output} already exists; pass --force to overwrite it")
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"output directory {parent} does not exist")
+
+
+def _run_name_in(output: Path, run_path: Path) -> bool:
+    """Whether ``output`` is a path in the run directory with a name that a run creates
+    (``checkpoint-7.npz`` too, before it exists)."""
+    try:
+        return is_run_file_name(output.name) and output.parent.resolve() == run_path.resolve()
+    except OSError:
+        return False
+
+
+def _inputs(run: RunDir, config: dict | None, sample) -> dict[Path, str]:
+    """Every file this export reads or that belongs to the run: none may be its output."""
+    inputs = {path: f"the run's {path.name}" for path in run.input_files()}
+    for path in _corpus_paths(config or {}):
+        inputs.setdefault(path, f"the run's corpus {path.name}")
+    if sample is not None:
+        inputs.setdefault(Path(sample), "the --sample text")
+    return inputs
 
 
 # ---- the command ---------------------------------------------------------------------------
@@ -293,21 +327,29 @@ def export_run(run_dir, output, opset: int | None = None, force: bool = False, *
 
     ``sample``: a text file whose first ``max_sentences`` sentences check parity (default:
     the run's validation corpus, else its training corpus).  Raises ``ValueError`` for a
-    ``run_dir`` that is not a run, ``FileExistsError`` for an existing ``output`` without
-    ``force``, and ``ExportError`` (a ``ValueError``) when a check fails; nothing is written then.
+    ``run_dir`` that is not a run or an ``output`` that is one of the run's files, its corpora
+    or ``sample`` (whatever ``force`` says), ``FileExistsError`` for another existing
+    ``output`` without ``force``, and ``ExportError`` (a ``ValueError``) when a check fails;
+    nothing is written then.
     """
-    run_dir, output = Path(run_dir), Path(output)
+    run, output = RunDir(run_dir), Path(output)
     opset = DEFAULT_OPSET if opset is None else opset
-    _check_output(output, force)  # the cheap checks first, before TensorFlow starts
-    _check_run_files(run_dir)
+    # The cheap checks first, before TensorFlow starts.
+    try:
+        config = run.read_config()
+    except ValueError:
+        config = None  # require_model says why, after the output's own checks
+    inputs = _inputs(run, config, sample)
+    _check_output(output, force, inputs, run)
+    run.require_model()
     _check_opset(opset)
-    config, vocab, model = _load_run(run_dir)
+    config, vocab, model = _load_run(run)
 
     proto = convert(model, opset)
     op_counts = _check_graph(proto, model.num_lstm_layers)
     props = metadata_props(vocab, {k: config[k] for k in (
         "vocab_size", "max_length", "num_lstm_units", "num_lstm_layers", "embedding_dim",
-        "dropout")}, _training_record(run_dir, config))
+        "dropout")}, run.training_record(config))
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -315,15 +357,16 @@ def export_run(run_dir, output, opset: int | None = None, force: bool = False, *
     proto.doc_string = "lmonnx stacked-LSTM word language model (input_ids -> logits)"
     data = proto.SerializeToString()
 
-    import onnxruntime as ort
+    # Validate the bytes about to be written through the session code that users run.
+    from lmonnx.runtime import ModelSession
 
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    pairs, source = _sample_pairs(config, vocab, sample, max_sentences)
-    parity = check_parity(model, session, pairs, source)
+    session = ModelSession(data, providers="cpu", name=f"{output} (being exported)")
+    examples, source = _sample_examples(config, vocab, sample, max_sentences)
+    parity = check_parity(model, session, examples, source)
     if not parity.ok:
         raise ExportError(f"export failed its parity check, nothing written: {parity.describe()}")
 
-    _check_output(output, force)  # it may have appeared during the conversion
+    _check_output(output, force, inputs, run)  # it may have appeared during the conversion
     write_atomic(output, data)
     report = ExportReport(output, len(data), opset, op_counts, parity, props)
     if verbose:

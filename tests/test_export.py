@@ -1,8 +1,11 @@
 """`lmonnx export`: fused LSTM ops and no Loop, names and dynamic axes, metadata, parity with
-Keras, atomic writes, one-line user errors, and the issue's PTB run."""
+Keras through the scoring code, atomic writes that never replace an input, one-line user
+errors, and the issue's PTB run."""
 
 import json
 import math
+import shutil
+import types
 from collections import Counter
 
 import numpy as np
@@ -16,10 +19,13 @@ ort = pytest.importorskip("onnxruntime")
 
 import lmonnx.export as export  # noqa: E402
 import lmonnx.train  # noqa: E402,F401  (registers LanguageModel with Keras)
-from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, parse_metadata  # noqa: E402
+from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, metadata_props, parse_metadata  # noqa: E402
 from lmonnx.batching import bucketed_batches, make_pair  # noqa: E402
 from lmonnx.cli import main  # noqa: E402
-from lmonnx.corpus import read_sentences  # noqa: E402
+from lmonnx.corpus import read_sentences, to_line  # noqa: E402
+from lmonnx.examples import ExampleBuilder  # noqa: E402
+from lmonnx.runtime import ModelSession  # noqa: E402
+from lmonnx._testing import make_vocab  # noqa: E402
 from lmonnx.synth import write_corpus  # noqa: E402
 from lmonnx.train.trainer import TrainConfig, train  # noqa: E402
 from lmonnx.vocab import Vocabulary  # noqa: E402
@@ -55,13 +61,14 @@ def op_counts(path):
 
 
 def logits_parity(run_dir, onnx_path, text, limit=200):
-    """Largest |ORT - Keras| logit at real positions, and both masked losses, on ``text``."""
+    """Largest |ORT - Keras| logit at real positions, and both masked losses, on ``text``
+    (an independent check: raw onnxruntime, the kernel, ids from vocab.encode)."""
     model = keras.saving.load_model(run_dir / "model.keras")
     vocab = Vocabulary.load(run_dir / "vocab.json")
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     pairs = []
-    for lineno, line in read_sentences(text):
-        pairs.append((lineno, *make_pair(vocab.encode(line))))
+    for line in read_sentences(text):
+        pairs.append((line.key, *make_pair(vocab.encode(line.text))))
         if len(pairs) == limit:
             break
     worst, keras_loss, onnx_loss = 0.0, 0.0, 0.0
@@ -108,6 +115,8 @@ def test_metadata(run, exported):
     assert meta.config["max_length"] == 10 and meta.config["tokenizer"]["preset"] == "whitespace"
     history = json.loads((run / "run" / "history.json").read_text())
     assert meta.training["corpus"] == "train.txt" and meta.training["epochs"] == 1
+    assert meta.training["valid"] == "valid.txt" and meta.training["epochs_trained"] == 1
+    assert meta.training["best_epoch"] == history["best_epoch"] == 1
     assert meta.training["valid_perplexity"] == history["epochs"][0]["valid_perplexity"]
     # onnxruntime sees the same map (what the runtime reads).
     session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -130,14 +139,23 @@ def test_convert_any_depth_to_fused_lstm(layers):
     from lmonnx.train import LanguageModel
 
     keras.utils.set_random_seed(layers)
-    model = LanguageModel(30, 8, 8, layers, embedding_dim=4)
+    vocab = make_vocab([f"w{i}" for i in range(26)])
+    model = LanguageModel(len(vocab), 8, 8, layers, embedding_dim=4)
     proto = export.convert(model)
     assert export._check_graph(proto, layers)["LSTM"] == layers
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    shape = dict(vocab_size=30, max_length=8, num_lstm_units=8, num_lstm_layers=layers,
+                 embedding_dim=4, dropout=0.0)
+    for key, value in metadata_props(vocab, shape, {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    session = ModelSession(proto.SerializeToString(), providers="cpu", name="converted")
     rng = np.random.default_rng(layers)
-    pairs = [(i, *make_pair(rng.integers(4, 30, size=n))) for i, n in enumerate([1, 5, 12, 3])]
-    parity = export.check_parity(model, session, pairs, "random ids")
+    lines = [to_line(i, " ".join(f"w{j}" for j in rng.integers(0, 26, size=n)))
+             for i, n in enumerate([1, 5, 12, 3])]
+    examples = list(ExampleBuilder(vocab).build_all(lines))
+    parity = export.check_parity(model, session, examples, "random words")
     assert parity.ok, parity.describe()
+    assert parity.sentences == 4 and parity.tokens == 1 + 5 + 12 + 3 + 4
 
 
 def test_cli_refuses_existing_output_then_force(run, exported, capsys):
@@ -178,6 +196,76 @@ def test_failed_parity_writes_nothing(run, tmp_path, monkeypatch):
     with pytest.raises(export.ExportError, match=r"parity check.*max \|logit diff\|"):
         export.export_run(run / "run", tmp_path / "m.onnx", verbose=False)
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temp file
+
+
+def test_parity_loss_is_what_evaluation_computes(run, tmp_path, monkeypatch):
+    """Export validates through the scoring code users run: the ONNX loss is the sum of
+    lmonnx.evaluate.score_batch's NLL (a 1% error there must fail the export)."""
+    import lmonnx.evaluate
+
+    real = lmonnx.evaluate.score_batch
+    calls = []
+
+    def off_by_one_percent(session, batch, **kwargs):
+        calls.append(type(session).__name__)
+        return [types.SimpleNamespace(nll=r.nll * 1.01) for r in real(session, batch, **kwargs)]
+
+    monkeypatch.setattr(lmonnx.evaluate, "score_batch", off_by_one_percent)
+    with pytest.raises(export.ExportError, match="loss rel diff"):
+        export.export_run(run / "run", tmp_path / "m.onnx", verbose=False)
+    assert calls and set(calls) == {"ModelSession"}
+    assert list(tmp_path.iterdir()) == []
+
+
+INPUTS = {
+    "the Keras model": "run/model.keras",
+    "config": "run/config.json",
+    "history": "run/history.json",
+    "vocabulary": "run/vocab.json",
+    "manifest": "run/lmonnx-run.json",
+    "checkpoint": "run/checkpoint-1.npz",
+    "a future checkpoint": "run/checkpoint-7.npz",
+    "validation corpus": "synth/valid.txt",
+    "training corpus": "synth/train.txt",
+    "symlink to the model": "link.onnx",
+}
+
+
+@pytest.mark.parametrize("target", list(INPUTS.values()), ids=list(INPUTS))
+def test_export_never_replaces_its_inputs(run, capsys, target):
+    """`export run -o run/model.keras --force` used to replace the Keras model with the ONNX
+    file.  Every input is refused up front, with or without --force, in one line."""
+    link = run / "link.onnx"
+    if not link.is_symlink():
+        link.symlink_to(run / "run" / "model.keras")
+    output = run / target
+    before = {p: p.read_bytes() for p in (run / "run").iterdir()}
+    for force in ([], ["--force"]):
+        assert main(["export", str(run / "run"), "-o", str(output), *force]) == 1
+        line = one_error_line(capsys)
+        assert f"-o {output}" in line and "choose another" in line, line
+    assert {p: p.read_bytes() for p in (run / "run").iterdir()} == before
+    assert not (run / "run" / "checkpoint-7.npz").exists()
+
+
+def test_export_refuses_a_directory_even_with_force(run, tmp_path, capsys):
+    (tmp_path / "model.onnx").mkdir()
+    assert main(["export", str(run / "run"), "-o", str(tmp_path / "model.onnx"), "--force"]) == 1
+    assert "is a directory" in one_error_line(capsys)
+    assert (tmp_path / "model.onnx").is_dir()
+
+
+def test_truncated_keras_model_is_named_as_unreadable(run, tmp_path, capsys):
+    """Keras says "File not found" for a truncated .keras that exists."""
+    damaged = tmp_path / "run"
+    shutil.copytree(run / "run", damaged)
+    data = (damaged / "model.keras").read_bytes()
+    (damaged / "model.keras").write_bytes(data[: len(data) // 2])
+    assert main(["export", str(damaged), "-o", str(tmp_path / "m.onnx")]) == 1
+    line = one_error_line(capsys)
+    assert str(damaged / "model.keras") in line and "truncated" in line
+    assert "not found" not in line
+    assert not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.slow

@@ -1,8 +1,13 @@
 """The course's LanguageModel in Keras 3 and `lmonnx train`: loss formula, predictions, dropout,
-run directory, determinism, resume, one-line user errors, and the synthetic-corpus oracle."""
+run directory and what it owns, determinism, resume and extension, stdin, divergence, one-line
+user errors, and the synthetic-corpus oracle."""
 
+import io
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -11,8 +16,10 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import lmonnx.train  # noqa: E402  (registers LanguageModel with Keras)
+from lmonnx import rundir  # noqa: E402
 from lmonnx.batching import make_pair, pad_batch  # noqa: E402
 from lmonnx.cli import main  # noqa: E402
+from lmonnx.corpus import read_sentences  # noqa: E402
 from lmonnx.synth import write_corpus  # noqa: E402
 from lmonnx.train import LanguageModel  # noqa: E402
 from lmonnx.train import trainer  # noqa: E402
@@ -172,11 +179,23 @@ def test_undecodable_validation_corpus(text, tmp_path, capsys):
     (["--dropout", "1.0"], "drop rate"),
     (["--epochs", "0"], "--epochs"),
     (["--learning-rate", "-1"], "--learning-rate"),
-], ids=["vocab-size", "units", "dropout", "epochs", "learning-rate"])
+    (["--seed", "99999999999"], "--seed must be an integer from 0 to 4294967295"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
+    (["--seed", str(2**32)], "--seed must be an integer from 0 to 4294967295"),
+], ids=["vocab-size", "units", "dropout", "epochs", "learning-rate", "seed-huge", "seed-negative",
+        "seed-2**32"])
 def test_bad_settings(text, tmp_path, capsys, flags, match):
+    """Every flag is checked before anything is written (a seed that NumPy refuses used to fail
+    after vocab.json, leaving a directory that neither a rerun nor --resume could use)."""
     assert main(["train", str(text), "--out", str(tmp_path / "run"), *flags]) == 1
     assert match in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
+    # An existing --out is left exactly as it was, too.
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert main(["train", str(text), "--out", str(existing), *flags]) == 1
+    capsys.readouterr()
+    assert list(existing.iterdir()) == []
 
 
 def test_resume_without_a_run(text, tmp_path, capsys):
@@ -208,10 +227,16 @@ def two_epochs(synth, tmp_path_factory):
 def test_run_directory(two_epochs, synth):
     config, result = two_epochs
     run = result.run_dir
-    for name in ("model.keras", "vocab.json", "config.json", "history.json",
-                 "training_curve.png", "checkpoint-2.npz"):
+    names = ("model.keras", "vocab.json", "config.json", "history.json", "training_curve.png",
+             "checkpoint-2.npz")
+    for name in names:
         assert (run / name).is_file(), name
     assert not list(run.glob(".*")), "temp files left behind"
+    # The manifest lists exactly the run's files, checkpoint-1.npz gone from disk and list.
+    manifest = json.loads((run / "lmonnx-run.json").read_text())
+    assert manifest["format"] == rundir.RUN_FORMAT
+    assert sorted(manifest["files"]) == sorted(names)
+    assert sorted(p.name for p in run.iterdir()) == sorted([*names, "lmonnx-run.json"])
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["vocab_size"] == len(Vocabulary.load(run / "vocab.json")) == 34  # 30 words + 4
     assert cfg["embedding_dim"] == 6 and cfg["num_lstm_layers"] == 2
@@ -229,7 +254,7 @@ def test_run_directory(two_epochs, synth):
     # model.keras is the best epoch: its validation perplexity is the recorded one.
     model = keras.saving.load_model(run / "model.keras")
     vocab = Vocabulary.load(run / "vocab.json")
-    pairs = trainer._sentence_pairs(vocab, synth / "valid.txt", "strict")
+    pairs = trainer.sentence_items(vocab, read_sentences(synth / "valid.txt"))
     nll, tokens = trainer.evaluate_nll(model, pairs)
     assert math.exp(nll / tokens) == pytest.approx(
         history["epochs"][best - 1]["valid_perplexity"], rel=1e-5)
@@ -286,7 +311,6 @@ def test_cli_train_without_validation(synth, tmp_path, capsys):
     history = json.loads((out / "history.json").read_text())
     assert history["epochs"][0]["valid_perplexity"] is None and history["best_epoch"] == 1
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 20
-    assert main(args + ["--force"]) == 0
 
 
 # ---- the oracle -------------------------------------------------------------------------------
@@ -314,7 +338,7 @@ def test_synthetic_oracle(tmp_path):
     result = train(config, d / "train.txt", d / "valid.txt", tmp_path / "run")
     model = keras.saving.load_model(tmp_path / "run" / "model.keras")
     vocab = Vocabulary.load(tmp_path / "run" / "vocab.json")
-    pairs = trainer._sentence_pairs(vocab, d / "test.txt", "strict")
+    pairs = trainer.sentence_items(vocab, read_sentences(d / "test.txt"))
     nll, tokens = trainer.evaluate_nll(model, pairs)
     assert tokens == truth["tokens"]["test"]
     ratio = math.exp(nll / tokens) / truth["true_perplexity"]["test"]
@@ -329,3 +353,200 @@ def test_corpus_without_words_fails_before_creating_the_run(tmp_path, capsys):
     assert main(["train", str(corpus), "--out", str(tmp_path / "run")]) == 1
     assert "no words after tokenization" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ---- what a run owns: --force, user files, manifests ------------------------------------------
+
+SMALL = ["--tokenizer", "whitespace", "--vocab-size", "20", "--max-length", "6", "--units", "8",
+         "--layers", "1", "--batch-size", "64"]
+
+
+def cli_train(corpus, out, *flags):
+    return main(["train", str(corpus), "--out", str(out), *SMALL, *flags])
+
+
+def manifest_files(out):
+    return json.loads((out / "lmonnx-run.json").read_text())["files"]
+
+
+def test_force_replaces_only_the_runs_own_files(synth, tmp_path, capsys):
+    """The issue's repro: --force used to delete d/checkpoint-backups/ (it matched
+    `checkpoint-*`) and called a folder with a stray history.json a training run."""
+    d = tmp_path / "d"
+    (d / "checkpoint-backups").mkdir(parents=True)
+    (d / "checkpoint-backups" / "thesis.tex").write_text("x")
+    (d / "history.json").write_text("{}")
+    for flags in ([], ["--force"]):
+        assert cli_train(synth / "train.txt", d, "--epochs", "1", *flags) == 1
+        line = one_error_line(capsys)
+        assert f"{d / 'history.json'} exists but no lmonnx run" in line, line
+    assert (d / "history.json").read_text() == "{}"
+    assert sorted(p.name for p in d.iterdir()) == ["checkpoint-backups", "history.json"]
+
+    (d / "history.json").unlink()
+    (d / "notes.txt").write_text("mine")
+    assert cli_train(synth / "train.txt", d, "--epochs", "2") == 0
+    assert "checkpoint-2.npz" in manifest_files(d)
+    assert cli_train(synth / "train.txt", d, "--epochs", "1") == 1
+    assert "--force" in one_error_line(capsys)
+    assert cli_train(synth / "train.txt", d, "--epochs", "1", "--force") == 0
+    # The new run replaced the old one (its checkpoint-2.npz is gone) and nothing else.
+    assert (d / "checkpoint-backups" / "thesis.tex").read_text() == "x"
+    assert (d / "notes.txt").read_text() == "mine"
+    assert not (d / "checkpoint-2.npz").exists() and (d / "checkpoint-1.npz").is_file()
+    assert len(json.loads((d / "history.json").read_text())["epochs"]) == 1
+    ours = {p.name for p in d.iterdir()} - {"checkpoint-backups", "notes.txt", "lmonnx-run.json"}
+    assert set(manifest_files(d)) == ours
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+@pytest.mark.parametrize("name, content", [("config.json", '{"mine": true}\n'),
+                                           ("config.json", "not json\n"),
+                                           ("vocab.json", "[]\n"),
+                                           ("checkpoint-3.npz", "x"),
+                                           ("lmonnx-run.json", '{"files": []}\n')])
+def test_a_users_file_with_a_run_name_is_never_touched(text, tmp_path, capsys, force, name,
+                                                       content):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / name).write_text(content)
+    assert cli_train(text, d, "--epochs", "1", *(["--force"] if force else [])) == 1
+    line = one_error_line(capsys)
+    assert str(d / name) in line and ("no lmonnx run" in line or "not an lmonnx run" in line)
+    assert [p.name for p in d.iterdir()] == [name] and (d / name).read_text() == content
+
+
+def test_run_from_before_manifests_is_resumed_and_replaced(synth, tmp_path, capsys):
+    """A run without lmonnx-run.json is recognised by its config.json format: it owns the
+    fixed names and checkpoint-<int>.npz, gets a manifest on --resume, and --force replaces
+    exactly those files."""
+    d = tmp_path / "old"
+    assert cli_train(synth / "train.txt", d, "--epochs", "1") == 0
+    (d / "lmonnx-run.json").unlink()
+    (d / "checkpoint-backups").mkdir()
+    (d / "checkpoint-backups" / "keep.npz").write_text("x")
+    assert cli_train(synth / "train.txt", d, "--resume", "--epochs", "2") == 0
+    assert sorted(manifest_files(d)) == sorted(["config.json", "vocab.json", "model.keras",
+                                                "history.json", "training_curve.png",
+                                                "checkpoint-2.npz"])
+    (d / "lmonnx-run.json").unlink()
+    assert cli_train(synth / "train.txt", d, "--epochs", "1", "--force") == 0
+    assert (d / "checkpoint-backups" / "keep.npz").read_text() == "x"
+    assert not (d / "checkpoint-2.npz").exists() and (d / "checkpoint-1.npz").is_file()
+
+
+# ---- resume: extending a finished run ----------------------------------------------------------
+
+FIXTURE_FLAGS = ["--tokenizer", "whitespace", "--vocab-size", "40", "--max-length", "8",
+                 "--units", "12", "--layers", "2", "--embedding-dim", "6", "--batch-size", "16",
+                 "--learning-rate", "0.01", "--dropout", "0.2", "--seed", "7"]
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(two_epochs, synth, tmp_path, capsys):
+    """A finished 1-epoch run resumed with --epochs 2 equals the uninterrupted 2-epoch run (it
+    used to say "already complete" and stop)."""
+    config, result = two_epochs
+    out = tmp_path / "ext"
+    base = ["train", str(synth / "train.txt"), "--valid", str(synth / "valid.txt"),
+            "--out", str(out), *FIXTURE_FLAGS]
+    assert main([*base, "--epochs", "1"]) == 0
+    assert json.loads((out / "history.json").read_text())["status"] == "complete"
+    assert main([*base, "--resume", "--epochs", "2"]) == 0
+    assert "extending" in capsys.readouterr().out
+    history = json.loads((out / "history.json").read_text())
+    assert history["status"] == "complete" and history["best_epoch"] == result.best_epoch
+    assert [h["train_loss"] for h in history["epochs"]] == [h["train_loss"] for h in result.history]
+    assert [h["valid_nll"] for h in history["epochs"]] == [h["valid_nll"] for h in result.history]
+    assert json.loads((out / "config.json").read_text())["train"] == config.to_dict()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2.npz"]
+    # Without --epochs, --resume means the stored number; fewer epochs cannot be undone.
+    assert main([*base, "--resume"]) == 0
+    assert "already complete (2 epochs)" in capsys.readouterr().out
+    assert main([*base, "--resume", "--epochs", "1"]) == 1
+    assert "cannot be shortened" in one_error_line(capsys)
+
+
+# ---- stdin ---------------------------------------------------------------------------------------
+
+def pipe(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+def test_corpus_from_stdin_and_its_resume(synth, tmp_path, monkeypatch, capsys):
+    data = (synth / "train.txt").read_bytes()
+    out = tmp_path / "run"
+    pipe(monkeypatch, data)
+    # The largest seed NumPy and Keras accept works.
+    assert cli_train("-", out, "--epochs", "1", "--seed", str(2**32 - 1)) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["corpus"] == "<stdin>" and cfg["train"]["seed"] == 2**32 - 1
+    assert cfg["corpus_sha256"] == rundir.sentences_sha256(
+        line.text for line in read_sentences(synth / "train.txt"))
+    # Resuming needs the same text on stdin again.
+    pipe(monkeypatch, data[:300])
+    assert cli_train("-", out, "--resume", "--epochs", "2", "--seed", str(2**32 - 1)) == 1
+    assert "not the text" in one_error_line(capsys)
+    assert cli_train(synth / "train.txt", out, "--resume", "--epochs", "2") == 1
+    assert "trained on standard input" in one_error_line(capsys)
+    pipe(monkeypatch, data)
+    assert cli_train("-", out, "--resume", "--epochs", "2", "--seed", str(2**32 - 1)) == 0
+    assert len(json.loads((out / "history.json").read_text())["epochs"]) == 2
+    assert main(["train", "-", "--valid", "-", "--out", str(tmp_path / "both")]) == 1
+    assert "both be -" in one_error_line(capsys)
+
+
+# ---- divergence and strict JSON ----------------------------------------------------------------
+
+def strict_json(path):
+    def refuse(name):
+        raise AssertionError(f"{path} holds {name}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_diverging_run_stops_with_one_line_and_strict_json(synth, tmp_path, capsys):
+    """--learning-rate 1e30 --clipnorm 0 used to exit 0 with perplexity inf and write
+    `Infinity` into history.json."""
+    out = tmp_path / "run"
+    assert main(["train", str(synth / "train.txt"), "--valid", str(synth / "valid.txt"),
+                 "--out", str(out), *SMALL, "--epochs", "2", "--learning-rate", "1e30",
+                 "--clipnorm", "0"]) == 1
+    line = one_error_line(capsys)
+    assert "diverged in epoch 1" in line and "--learning-rate" in line and "--clipnorm" in line
+    for name in ("history.json", "config.json", "lmonnx-run.json"):
+        strict_json(out / name)
+    assert strict_json(out / "history.json")["epochs"] == []
+
+
+def test_run_files_are_strict_json(tmp_path):
+    with pytest.raises(ValueError):
+        rundir.write_json(tmp_path / "x.json", {"perplexity": math.inf})
+    assert list(tmp_path.iterdir()) == []
+    assert rundir.finite_or_none(math.inf) is None and rundir.finite_or_none(2.5) == 2.5
+    (tmp_path / "h.json").write_text('{"epochs": [], "x": NaN}')
+    with pytest.raises(rundir.RunDirError, match="not valid JSON"):
+        rundir.read_json(tmp_path / "h.json")
+    config = TrainConfig(**TINY, epochs=1)
+    with pytest.raises(ValueError, match="overflows"):
+        trainer._check_loss(1, "validation", 710.0 * 10, 10, config)
+    with pytest.raises(ValueError, match="loss is nan"):
+        trainer._check_loss(1, "training", math.nan, 10, config)
+    trainer._check_loss(1, "training", 708.0 * 10, 10, config)
+
+
+# ---- layering ----------------------------------------------------------------------------------
+
+def test_training_needs_no_onnxruntime_and_rundir_no_tensorflow():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["onnxruntime"] = None  # `import onnxruntime` now raises ImportError
+        import lmonnx.rundir
+        assert "tensorflow" not in sys.modules, "rundir imported TensorFlow"
+        import lmonnx.train.trainer
+        scoring = ("lmonnx.runtime", "lmonnx.evaluate", "lmonnx.scorer")
+        print(sorted(m for m in scoring if m in sys.modules))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "[]"

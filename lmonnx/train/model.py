@@ -1,4 +1,4 @@
-"""The course's ``LanguageModel``, in Keras 3, with its slips fixed (see DESIGN.md).
+"""The course's ``LanguageModel``, in Keras 3, with its slips fixed (see ARCHITECTURE.md).
 
     input_sequences  int32 [batch, time]   <s> w1 .. wn, then 0 padding at the end
           |  get_input_embeddings: Embedding(vocab_size, int(vocab_size ** 0.25)), mask_zero

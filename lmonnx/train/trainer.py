@@ -10,8 +10,7 @@ The run directory (file names, config and history schema, checkpoints, the manif
 run owns) is described in :mod:`lmonnx.rundir`; this module keeps the training loop.
 
 Every setting, the corpora and the output directory are checked, the corpora read and the
-model built before the first file is written, so a bad flag leaves nothing behind.  A
-non-finite training or validation loss stops the run with a ``ValueError``.
+model built before the first file is written, so a bad flag leaves nothing behind.
 
 Reproducibility: one seed sets Python, NumPy, TensorFlow and Keras randomness and TensorFlow
 op determinism is on, so the same seed on the same data gives the same vocabulary and the same
@@ -19,6 +18,10 @@ first-epoch loss.  The batches of epoch N depend only on (seed, N), and a checkp
 model, optimizer and dropout-seed state, so a resumed run -- an interrupted one, or a finished
 one extended with more ``epochs`` -- sees the batches and reaches the weights an uninterrupted
 run would have.
+
+Training stops with a ``ValueError`` when the training or validation loss is not finite or
+so large that its perplexity overflows a float64 (mean NLL >= 709 nats per token): the run
+has diverged, and nothing non-finite is written (``history.json`` stays strict JSON).
 
 A corpus given as ``-`` is read from standard input, once, into memory; ``config.json``
 records it as ``"<stdin>"`` with the SHA-256 of its sentences, and resuming such a run needs
@@ -50,9 +53,12 @@ from lmonnx.vocab import PRESETS, SPECIAL_TOKENS, TokenizerOptions, Vocabulary
 DEFAULT_EPOCHS = 5
 SEED_MAX = 2**32 - 1
 """The largest seed NumPy's legacy generator (which ``keras.utils.set_random_seed`` seeds) takes."""
+MAX_MEAN_NLL = 709.0
+"""Nats per token above which ``exp`` overflows a float64: a model this far beyond a uniform
+guess over any vocabulary (ln V nats) has diverged, and its perplexity cannot be stored."""
 
-__all__ = ["TrainConfig", "TrainResult", "train", "load_run_config", "evaluate_nll", "sentence_items",
-           "DEFAULT_EPOCHS", "SEED_MAX"]
+__all__ = ["TrainConfig", "TrainResult", "train", "load_run_config", "evaluate_nll",
+           "sentence_items", "DEFAULT_EPOCHS", "SEED_MAX", "MAX_MEAN_NLL"]
 
 
 @dataclass(frozen=True)
@@ -353,13 +359,20 @@ def train(config: TrainConfig, corpus, valid=None, out_dir="run", errors: str = 
 
 
 def _build_model(config: TrainConfig, vocab_size: int):
+    import tensorflow as tf
+
     _set_seed(int(config.seed))
     from lmonnx.train.model import LanguageModel
 
-    model = LanguageModel(vocab_size, config.max_length, config.num_lstm_units,
-                          config.num_lstm_layers, embedding_dim=config.embedding_dim,
-                          dropout=config.dropout)
-    model.build()
+    try:
+        model = LanguageModel(vocab_size, config.max_length, config.num_lstm_units,
+                              config.num_lstm_layers, embedding_dim=config.embedding_dim,
+                              dropout=config.dropout)
+        model.build()
+    except (MemoryError, tf.errors.ResourceExhaustedError):
+        raise ValueError(f"the model does not fit in memory (--units {config.num_lstm_units}, "
+                         f"--layers {config.num_lstm_layers}, vocabulary {vocab_size}); "
+                         "choose smaller values") from None
     return model
 
 
@@ -413,7 +426,8 @@ def _resume_source(given: Path | None, stored: str | None, stored_sha: str | Non
                              "and the same text piped in")
         given = Path(stored)
     elif (STDIN_CORPUS if str(given) == STDIN else str(given.resolve())) != stored:
-        raise ValueError(f"{run.path} was {verb} on {stored}, not {given}; resume with the "
+        shown = "standard input" if stored == STDIN_CORPUS else stored
+        raise ValueError(f"{run.path} was {verb} on {shown}, not {given}; resume with the "
                          f"same {what} or start a new run")
     source = _read_source(given, errors)
     if stored_sha and source.sha256 != stored_sha:
@@ -501,11 +515,18 @@ def _fit(model, optimizer, config: TrainConfig, vocab: Vocabulary, items: list,
     return result
 
 
-def _diverged(epoch: int, what: str, value: float, config: TrainConfig) -> ValueError:
-    clip = (f"clip gradients with --clipnorm (e.g. 5)" if config.clipnorm == 0
+def _check_loss(epoch: int, what: str, nll: float, tokens: int, config: TrainConfig) -> None:
+    """``ValueError`` (one line, with the flags to change) when the loss is not finite or its
+    mean per token is too large for a perplexity: the run has diverged."""
+    mean = nll / tokens if tokens else nll
+    if math.isfinite(mean) and mean < MAX_MEAN_NLL:
+        return
+    clip = ("clip gradients with --clipnorm (e.g. 5)" if config.clipnorm == 0
             else f"lower --clipnorm (now {config.clipnorm:g})")
-    return ValueError(f"training diverged in epoch {epoch}: the {what} loss is {value}; lower "
-                      f"--learning-rate (now {config.learning_rate:g}) or {clip}")
+    size = "" if not math.isfinite(mean) else " (its perplexity overflows a float64)"
+    raise ValueError(f"training diverged in epoch {epoch}: the {what} loss is {mean:.4g} nats "
+                     f"per token{size}; lower --learning-rate (now {config.learning_rate:g}) "
+                     f"or {clip}")
 
 
 def _epochs(model, optimizer, config: TrainConfig, items: list, valid_items: list | None,
@@ -523,15 +544,16 @@ def _epochs(model, optimizer, config: TrainConfig, items: list, valid_items: lis
                   disable=None, leave=False) as bar:
             for i, batch in enumerate(batches):
                 loss_sum, n = train_step(batch.inputs, batch.targets)
-                loss_sum = float(loss_sum)
+                loss_sum, n = float(loss_sum), int(n)
                 if not math.isfinite(loss_sum):
-                    raise _diverged(epoch, "training", loss_sum, config)
+                    _check_loss(epoch, "training", loss_sum, n, config)
                 nll_sum += loss_sum
-                tokens += int(n)
+                tokens += n
                 bar.update(1)
                 if i % 10 == 0:
                     bar.set_postfix(loss=f"{nll_sum / tokens:.3f}")
         train_seconds = time.perf_counter() - t0
+        _check_loss(epoch, "training", nll_sum, tokens, config)
         record = {"epoch": epoch, "train_loss": nll_sum / tokens,
                   "train_perplexity": finite_or_none(perplexity_of(nll_sum, tokens)),
                   "train_tokens": tokens, "train_seconds": round(train_seconds, 3),
@@ -539,8 +561,7 @@ def _epochs(model, optimizer, config: TrainConfig, items: list, valid_items: lis
         if valid_items is not None:
             v0 = time.perf_counter()
             nll, n = evaluate_nll(model, valid_items, eval_step=eval_step)
-            if not math.isfinite(nll):
-                raise _diverged(epoch, "validation", nll, config)
+            _check_loss(epoch, "validation", nll, n, config)
             record.update(valid_nll=nll, valid_tokens=n,
                           valid_perplexity=finite_or_none(perplexity_of(nll, n)),
                           valid_seconds=round(time.perf_counter() - v0, 3))
