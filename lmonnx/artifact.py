@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 from lmonnx.vocab import TokenizerOptions, Vocabulary
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 """What ``lmonnx export`` writes."""
 READABLE_FORMATS = ("1", "2")
 INPUT_NAME = "input_ids"

@@ -2,11 +2,17 @@
 
     RUN_DIR/model.keras --LanguageModel.inference_model()--> Embedding -> LSTM x L -> Dense
         (same weights, no mask: tf2onnx rewrites only unmasked Keras LSTMs into fused ONNX
-         ``LSTM`` ops; a masked one becomes a ``Loop``)
-      --tf2onnx.convert.from_function--> ModelProto   input_ids int32 [batch, time]
-                                                       logits float32 [batch, time, vocab_size]
+         ``LSTM`` ops; a masked one becomes a ``Loop``; each layer's initial state is an input
+         and its final state an output)
+      --tf2onnx.convert.from_function--> ModelProto, format 2 (ARCHITECTURE.md):
+            input_ids int32 [batch, time], state_h/state_c float32 [layers, batch, units]
+         -> logits float32 [batch, time, vocab_size], state_h_out/state_c_out
+      --wire sequence_lens = sum(input_ids != 0) into every LSTM (tf2onnx leaves it empty):
+            the state handed back is each row's state after its last real token
       + metadata_props (artifact.py): vocabulary, tokenizer, model shape, training record
-      --check: fused LSTM ops and no Loop/Scan, onnx.checker--
+      --check: fused LSTM ops with their state and lengths wired, no Loop/Scan, onnx.checker--
+      --state checks: a batch in two halves of time carrying the state equals one pass (loss
+            within LOSS_RTOL); each row's state in a padded batch equals its state alone--
       --parity on real sentences (built by the one example builder, lmonnx.examples):
             the serialized bytes opened by ``lmonnx.runtime.ModelSession`` (the session users
             run) vs the trained Keras model (the masked one): logits at real positions within
@@ -33,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, metadata_props
+from lmonnx.artifact import (FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, STATE_INPUTS,
+                             STATE_OUTPUTS, metadata_props)
 from lmonnx.atomic import write_atomic
 from lmonnx.batching import bucketed_batches
 from lmonnx.corpus import read_sentences, to_line
@@ -46,11 +53,14 @@ MIN_OPSET = 11
 LOGIT_ATOL = 1e-4
 """Largest |ONNX logit - Keras logit| allowed at a real (unpadded) position."""
 LOSS_RTOL = 1e-5
-"""Largest |ONNX loss - Keras loss| / |Keras loss| allowed for any sample batch."""
+"""Largest |ONNX loss - Keras loss| / |Keras loss| allowed for any sample batch; also the
+largest relative change of a batch's loss when it is scored in two halves carrying the state."""
+STATE_ATOL = 1e-5
+"""Largest |state of a row in a padded batch - its state alone|."""
 SAMPLE_SENTENCES = 256
 FORBIDDEN_OPS = ("Loop", "Scan")
 
-__all__ = ["ExportError", "ExportReport", "export_run", "convert", "check_parity",
+__all__ = ["ExportError", "ExportReport", "export_run", "convert", "check_parity", "check_state",
            "DEFAULT_OPSET", "LOGIT_ATOL", "LOSS_RTOL"]
 
 
@@ -98,16 +108,19 @@ class ExportReport:
     opset: int
     op_counts: dict[str, int]
     parity: ParityReport
+    state: StateReport
     metadata: dict[str, str] = field(repr=False, default_factory=dict)
 
     def summary(self) -> str:
         ops = ", ".join(f"{op} {n}" for op, n in sorted(self.op_counts.items(),
                                                           key=lambda kv: (-kv[1], kv[0])))
         return "\n".join([
-            f"wrote {self.output} ({self.size_bytes / 1e6:.2f} MB, opset {self.opset}, "
-            f"{self.op_counts.get('LSTM', 0)} fused LSTM, no Loop)",
+            f"wrote {self.output} ({self.size_bytes / 1e6:.2f} MB, lmonnx format "
+            f"{self.metadata.get('lmonnx.format_version', '?')}, opset {self.opset}, "
+            f"{self.op_counts.get('LSTM', 0)} fused LSTM with state, no Loop)",
             f"ops: {ops}",
             f"parity: {self.parity.describe()}",
+            f"state: {self.state.describe()}",
         ])
 
 
@@ -150,38 +163,83 @@ def _load_run(run: RunDir):
 
 
 def convert(model, opset: int = DEFAULT_OPSET):
-    """tf2onnx ModelProto of ``model.inference_model()``, with input ``input_ids`` int32
-    [batch, time] and output ``logits`` float32 [batch, time, vocab_size]."""
+    """tf2onnx ModelProto of ``model.inference_model()`` in format 2: inputs ``input_ids``
+    int32 [batch, time], ``state_h``/``state_c`` float32 [layers, batch, units]; outputs
+    ``logits`` float32 [batch, time, vocab_size], ``state_h_out``/``state_c_out``."""
     import tensorflow as tf
     import tf2onnx
 
     inference = model.inference_model()
-    spec = (tf.TensorSpec((None, None), tf.int32, name=INPUT_NAME),)
+    state = (model.num_lstm_layers, None, model.num_lstm_units)
+    spec = (tf.TensorSpec((None, None), tf.int32, name=INPUT_NAME),
+            tf.TensorSpec(state, tf.float32, name=STATE_INPUTS[0]),
+            tf.TensorSpec(state, tf.float32, name=STATE_INPUTS[1]))
 
     @tf.function(input_signature=spec)
-    def lm(input_ids):
-        return {OUTPUT_NAME: inference(input_ids, training=False)}
+    def lm(input_ids, state_h, state_c):
+        # Keras holds the state [batch, layers, units]; the artifact [layers, batch, units],
+        # the layout of the ONNX LSTM's own initial_h / Y_h.
+        logits, h, c = inference([input_ids, tf.transpose(state_h, [1, 0, 2]),
+                                  tf.transpose(state_c, [1, 0, 2])], training=False)
+        return {OUTPUT_NAME: logits, STATE_OUTPUTS[0]: tf.transpose(h, [1, 0, 2]),
+                STATE_OUTPUTS[1]: tf.transpose(c, [1, 0, 2])}
 
     proto, _ = tf2onnx.convert.from_function(lm, input_signature=spec, opset=opset)
+    _wire_sequence_lengths(proto)
     _name_dynamic_axes(proto)
     return proto
+
+
+LENGTHS = "lmonnx_sequence_lens"
+
+
+def _wire_sequence_lengths(proto) -> None:
+    """Give every LSTM ``sequence_lens = sum(input_ids != 0, axis=1)`` (int32 [batch]).
+
+    Without it the fused op runs through the padding and hands back the state after the last
+    padded position; with it, each row's ``Y_h``/``Y_c`` is its state after its last real
+    token, whatever else shares its batch.  Outputs at real positions are unchanged."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    zero, axis = f"{LENGTHS}_zero", f"{LENGTHS}_axis"
+    graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int32), zero),
+                              numpy_helper.from_array(np.array([1], np.int64), axis)])
+    nodes = [helper.make_node("Greater", [INPUT_NAME, zero], [f"{LENGTHS}_real"]),
+             helper.make_node("Cast", [f"{LENGTHS}_real"], [f"{LENGTHS}_int"],
+                              to=TensorProto.INT32),
+             helper.make_node("ReduceSum", [f"{LENGTHS}_int", axis], [LENGTHS], keepdims=0)]
+    for i, node in enumerate(nodes):
+        graph.node.insert(i, node)
+    for node in graph.node:
+        if node.op_type == "LSTM":
+            while len(node.input) < 5:
+                node.input.append("")
+            if node.input[4]:
+                raise ExportError(f"tf2onnx already gave {node.name} a sequence_lens input")
+            node.input[4] = LENGTHS
 
 
 def _name_dynamic_axes(proto) -> None:
     """tf2onnx calls the dynamic axes ``unk__N``; call them ``batch`` and ``time``."""
     graph = proto.graph
-    (inp,), (out,) = graph.input, graph.output
-    if inp.name != INPUT_NAME or out.name != OUTPUT_NAME:
-        raise ExportError(f"tf2onnx named the graph's input/output {inp.name!r}/{out.name!r}, "
-                          f"not {INPUT_NAME!r}/{OUTPUT_NAME!r}")
+    inputs = {v.name: v for v in graph.input}
+    outputs = {v.name: v for v in graph.output}
+    if set(inputs) != {INPUT_NAME, *STATE_INPUTS} or set(outputs) != {OUTPUT_NAME, *STATE_OUTPUTS}:
+        raise ExportError(f"tf2onnx named the graph's inputs {sorted(inputs)} and outputs "
+                          f"{sorted(outputs)}, not the lmonnx format {FORMAT_VERSION} names")
+    axes = {INPUT_NAME: ("batch", "time"), OUTPUT_NAME: ("batch", "time")}
+    axes.update({name: (None, "batch") for name in (*STATE_INPUTS, *STATE_OUTPUTS)})
     rename = {}
-    for value in (inp, out):
+    for name, value in {**inputs, **outputs}.items():
         dims = value.type.tensor_type.shape.dim
-        for dim, name in zip(dims, ("batch", "time")):
+        for dim, axis_name in zip(dims, axes[name]):
+            if axis_name is None:
+                continue
             if dim.HasField("dim_value"):
-                raise ExportError(f"{value.name} axis {name} is fixed at {dim.dim_value}, "
+                raise ExportError(f"{name} axis {axis_name} is fixed at {dim.dim_value}, "
                                   "expected a dynamic axis")
-            rename[dim.dim_param] = name
+            rename[dim.dim_param] = axis_name
     for value in list(graph.input) + list(graph.output) + list(graph.value_info):
         for dim in value.type.tensor_type.shape.dim:
             if dim.HasField("dim_param") and dim.dim_param in rename:
@@ -198,6 +256,13 @@ def _check_graph(proto, num_layers: int) -> dict[str, int]:
             f"expected {num_layers} fused ONNX LSTM op(s) and no Loop/Scan, got "
             f"LSTM x{counts.get('LSTM', 0)}" + "".join(f", {op} x{n}" for op, n in bad.items())
             + "; tf2onnx did not recognise the Keras LSTM layers")
+    for node in proto.graph.node:
+        # inputs X W R B sequence_lens initial_h initial_c; outputs Y Y_h Y_c
+        if node.op_type == "LSTM" and (len(node.input) < 7 or not all(node.input[4:7])
+                                       or len(node.output) < 3 or not all(node.output[1:3])):
+            raise ExportError(f"{node.name}: the fused LSTM does not carry the state "
+                              f"(inputs {list(node.input)}, outputs {list(node.output)}); "
+                              "tf2onnx did not map the Keras initial/returned state onto it")
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
@@ -320,6 +385,55 @@ def _inputs(run: RunDir, config: dict | None, sample) -> dict[Path, str]:
 
 # ---- the command ---------------------------------------------------------------------------
 
+@dataclass
+class StateReport:
+    """The stateful graph checked on sample batches: halves vs one pass, rows vs alone."""
+
+    batches: int
+    max_halves_loss_rel_diff: float
+    max_row_state_abs_diff: float
+
+    @property
+    def ok(self) -> bool:
+        return (self.max_halves_loss_rel_diff <= LOSS_RTOL
+                and self.max_row_state_abs_diff <= STATE_ATOL)
+
+    def describe(self) -> str:
+        return (f"two halves carrying the state vs one pass: loss rel diff "
+                f"{self.max_halves_loss_rel_diff:.2e} (limit {LOSS_RTOL:.0e}); a row's state in "
+                f"a padded batch vs alone: {self.max_row_state_abs_diff:.2e} (limit "
+                f"{STATE_ATOL:.0e}); {self.batches} batches")
+
+
+def check_state(session, examples, *, max_tokens: int = 4096,
+                max_batch_size: int = 32) -> StateReport:
+    """The stateful contract on bucketed batches of ``examples``, through ``session`` (a
+    :class:`lmonnx.runtime.ModelSession`): (1) the batch cut in two halves of time, the state
+    carried from the first into the second, gives the loss of one pass; (2) each row's
+    returned state in the padded batch equals the state it gets alone."""
+    from lmonnx.xent import masked_cross_entropy
+
+    items = [(ex.key, ex.inputs, ex.targets) for ex in examples]
+    worst_halves, worst_state, n = 0.0, 0.0, 0
+    for batch in bucketed_batches(items, max_tokens=max_tokens, max_batch_size=max_batch_size):
+        logits, (h, c) = session.run(batch.inputs)
+        whole = masked_cross_entropy(logits, batch.targets, batch.mask)
+        cut = max(1, batch.inputs.shape[1] // 2)
+        first, state = session.run(batch.inputs[:, :cut])
+        second, _ = session.run(batch.inputs[:, cut:], state)
+        halves = (masked_cross_entropy(first, batch.targets[:, :cut], batch.mask[:, :cut])
+                  + masked_cross_entropy(second, batch.targets[:, cut:], batch.mask[:, cut:]))
+        if batch.inputs.shape[1] > cut:  # rows that end in the first half keep their state
+            worst_halves = max(worst_halves, abs(halves - whole) / abs(whole) if whole else 0.0)
+        for r in range(len(batch)):
+            n_r = int(batch.lengths[r])
+            _, (h_r, c_r) = session.run(batch.inputs[r:r + 1, :n_r])
+            worst_state = max(worst_state, float(np.abs(h_r[:, 0] - h[:, r]).max()),
+                              float(np.abs(c_r[:, 0] - c[:, r]).max()))
+        n += 1
+    return StateReport(n, worst_halves, worst_state)
+
+
 def export_run(run_dir, output, opset: int | None = None, force: bool = False, *,
                sample=None, max_sentences: int = SAMPLE_SENTENCES,
                verbose: bool = True) -> ExportReport:
@@ -354,7 +468,8 @@ def export_run(run_dir, output, opset: int | None = None, force: bool = False, *
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.doc_string = "lmonnx stacked-LSTM word language model (input_ids -> logits)"
+    proto.doc_string = ("lmonnx stacked-LSTM word language model (input_ids, state_h, state_c "
+                        "-> logits, state_h_out, state_c_out)")
     data = proto.SerializeToString()
 
     # Validate the bytes about to be written through the session code that users run.
@@ -365,10 +480,13 @@ def export_run(run_dir, output, opset: int | None = None, force: bool = False, *
     parity = check_parity(model, session, examples, source)
     if not parity.ok:
         raise ExportError(f"export failed its parity check, nothing written: {parity.describe()}")
+    state = check_state(session, examples)
+    if not state.ok:
+        raise ExportError(f"export failed its state check, nothing written: {state.describe()}")
 
     _check_output(output, force, inputs, run)  # it may have appeared during the conversion
     write_atomic(output, data)
-    report = ExportReport(output, len(data), opset, op_counts, parity, props)
+    report = ExportReport(output, len(data), opset, op_counts, parity, state, props)
     if verbose:
         print(report.summary())
     return report

@@ -19,7 +19,8 @@ ort = pytest.importorskip("onnxruntime")
 
 import lmonnx.export as export  # noqa: E402
 import lmonnx.train  # noqa: E402,F401  (registers LanguageModel with Keras)
-from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME, metadata_props, parse_metadata  # noqa: E402
+from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS,  # noqa: E402
+                             metadata_props, parse_metadata)
 from lmonnx.batching import bucketed_batches, make_pair  # noqa: E402
 from lmonnx.cli import main  # noqa: E402
 from lmonnx.corpus import read_sentences, to_line  # noqa: E402
@@ -74,7 +75,9 @@ def logits_parity(run_dir, onnx_path, text, limit=200):
     worst, keras_loss, onnx_loss = 0.0, 0.0, 0.0
     for batch in bucketed_batches(pairs, max_tokens=2048, max_batch_size=48):
         k = model(batch.inputs).numpy()
-        o = session.run([OUTPUT_NAME], {INPUT_NAME: batch.inputs})[0]
+        zeros = np.zeros((model.num_lstm_layers, len(batch), model.num_lstm_units), np.float32)
+        o = session.run([OUTPUT_NAME], {INPUT_NAME: batch.inputs, STATE_INPUTS[0]: zeros,
+                                        STATE_INPUTS[1]: zeros})[0]
         real = batch.mask > 0
         worst = max(worst, float(np.abs(o[real] - k[real]).max()))
         outputs, binary = model.run_lstm(batch.inputs)
@@ -92,17 +95,83 @@ def test_graph_is_fused_lstm_without_loop(run, exported):
 
 def test_names_and_dynamic_axes(run, exported):
     graph = onnx.load(str(run / "model.onnx")).graph
-    (inp,), (out,) = graph.input, graph.output
-    assert inp.name == INPUT_NAME and out.name == OUTPUT_NAME
+    inputs = {v.name: v for v in graph.input}
+    outputs = {v.name: v for v in graph.output}
+    assert set(inputs) == {INPUT_NAME, *STATE_INPUTS}
+    assert set(outputs) == {OUTPUT_NAME, *STATE_OUTPUTS}
+    inp, out = inputs[INPUT_NAME], outputs[OUTPUT_NAME]
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.INT32
     assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "time"]
     dims = out.type.tensor_type.shape.dim
     assert [dims[0].dim_param, dims[1].dim_param, dims[2].dim_value] == ["batch", "time", 44]
+    for value in [*(inputs[n] for n in STATE_INPUTS), *(outputs[n] for n in STATE_OUTPUTS)]:
+        dims = value.type.tensor_type.shape.dim  # [layers, batch, units]
+        assert [dims[0].dim_value, dims[1].dim_param, dims[2].dim_value] == [2, "batch", 16]
     session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
     for shape in [(1, 1), (3, 17), (5, 2)]:  # both axes dynamic
         ids = np.full(shape, 4, dtype=np.int32)
-        assert session.run(None, {INPUT_NAME: ids})[0].shape == (*shape, 44)
+        zeros = np.zeros((2, shape[0], 16), np.float32)
+        logits, h, c = session.run([OUTPUT_NAME, *STATE_OUTPUTS],
+                                   {INPUT_NAME: ids, STATE_INPUTS[0]: zeros, STATE_INPUTS[1]: zeros})
+        assert logits.shape == (*shape, 44) and h.shape == c.shape == (2, shape[0], 16)
+
+
+def test_every_lstm_carries_state_and_lengths(run, exported):
+    """sequence_lens, initial_h and initial_c are wired, Y_h and Y_c used: the graph (not
+    only the self-check) hands back each row's state after its last real token."""
+    graph = onnx.load(str(run / "model.onnx")).graph
+    lstms = [n for n in graph.node if n.op_type == "LSTM"]
+    assert len(lstms) == 2
+    for node in lstms:
+        assert node.input[4] == export.LENGTHS and node.input[5] and node.input[6]
+    assert exported.state.ok and exported.state.batches >= 2
+    assert exported.metadata["lmonnx.format_version"] == "2"
+
+
+def test_state_round_trip_with_the_trained_model(run, exported):
+    """Independent of the export's own check: raw onnxruntime, a padded batch, halves."""
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[2, 5, 6, 7, 8, 9, 10, 11], [2, 12, 13, 0, 0, 0, 0, 0]], np.int32)
+    zeros = np.zeros((2, 2, 16), np.float32)
+
+    def run_lm(x, h, c):
+        return session.run(None, {INPUT_NAME: x, STATE_INPUTS[0]: h, STATE_INPUTS[1]: c})
+
+    names = [o.name for o in session.get_outputs()]
+    whole = dict(zip(names, run_lm(ids, zeros, zeros)))
+    first = dict(zip(names, run_lm(ids[:, :3], zeros, zeros)))
+    second = dict(zip(names, run_lm(ids[:1, 3:], first[STATE_OUTPUTS[0]][:, :1],
+                                    first[STATE_OUTPUTS[1]][:, :1])))
+    np.testing.assert_allclose(second[OUTPUT_NAME][0], whole[OUTPUT_NAME][0, 3:], atol=1e-5)
+    np.testing.assert_allclose(second[STATE_OUTPUTS[0]][:, 0], whole[STATE_OUTPUTS[0]][:, 0],
+                               atol=1e-5)
+    # the short row's state is its state after token 3, not after the padding
+    np.testing.assert_allclose(whole[STATE_OUTPUTS[0]][:, 1], first[STATE_OUTPUTS[0]][:, 1],
+                               atol=1e-6)
+    np.testing.assert_allclose(whole[STATE_OUTPUTS[1]][:, 1], first[STATE_OUTPUTS[1]][:, 1],
+                               atol=1e-6)
+
+
+def test_exported_model_steps_like_full_scores(run, exported):
+    from lmonnx import Scorer
+
+    scorer = Scorer(run / "model.onnx", providers="cpu")
+    for line in list(read_sentences(run / "synth" / "test.txt"))[:20]:
+        state, stepped = scorer.begin(), []
+        for word in line.text.split() + ["</s>"]:
+            logprob, state = scorer.step(state, word)
+            stepped.append(logprob)
+        assert stepped == pytest.approx([t.logprob for t in scorer.full_scores(line.text)],
+                                        abs=1e-4)
+
+
+def test_failed_state_check_writes_nothing(run, tmp_path, monkeypatch):
+    bad = export.StateReport(batches=1, max_halves_loss_rel_diff=1.0, max_row_state_abs_diff=0.0)
+    monkeypatch.setattr(export, "check_state", lambda *a, **k: bad)
+    with pytest.raises(export.ExportError, match="state check"):
+        export.export_run(run / "run", tmp_path / "m.onnx", verbose=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_metadata(run, exported):
@@ -166,7 +235,8 @@ def test_cli_refuses_existing_output_then_force(run, exported, capsys):
     assert target.read_bytes() == b"keep me"
     assert main(["export", str(run / "run"), "-o", str(target), "--force"]) == 0
     out = capsys.readouterr().out
-    assert "2 fused LSTM, no Loop" in out and "parity:" in out and "ops:" in out
+    assert "2 fused LSTM with state, no Loop" in out and "parity:" in out and "ops:" in out
+    assert "state: two halves" in out
     assert op_counts(target)["LSTM"] == 2
 
 

@@ -120,10 +120,17 @@ def test_inference_model_equals_masked_model_at_real_positions(layers):
     model = LanguageModel(V, 10, 6, layers, embedding_dim=4)
     batch = random_batch(7, lengths=(9, 2, 5))
     expected = model(batch.inputs).numpy()
-    got = model.inference_model()(batch.inputs).numpy()
+    zeros = np.zeros((len(batch), layers, 6), np.float32)
+    inference = model.inference_model()
+    got, h, c = (t.numpy() for t in inference([batch.inputs, zeros, zeros]))
     real = batch.mask > 0
     np.testing.assert_allclose(got[real], expected[real], atol=1e-6)
-    assert {type(layer).__name__ for layer in model.inference_model().layers} >= {"LSTM"}
+    assert h.shape == c.shape == (len(batch), layers, 6)
+    assert {type(layer).__name__ for layer in inference.layers} >= {"LSTM"}
+    # the state carries: the first row in two halves equals one pass
+    first, h1, c1 = (t.numpy() for t in inference([batch.inputs[:1, :4], zeros[:1], zeros[:1]]))
+    second, _, _ = (t.numpy() for t in inference([batch.inputs[:1, 4:9], h1, c1]))
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1), got[:1, :9], atol=1e-5)
 
 
 def test_save_and_load_after_import(small_model, tmp_path):

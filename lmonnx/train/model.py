@@ -174,23 +174,34 @@ class LanguageModel(keras.Model):
         """The same network, weights copied, as Embedding (no mask) -> ``keras.layers.LSTM``
         x ``num_lstm_layers`` -> Dense: the form tf2onnx turns into fused ONNX ``LSTM`` ops.
 
-        Its logits equal this model's at every real position of right-padded input.
+        Inputs ``[input_ids int32 [batch, time], state_h, state_c float32 [batch, layers,
+        units]]`` (each layer's initial state; zeros start a sentence); outputs ``[logits
+        [batch, time, vocab], state_h, state_c [batch, layers, units]]`` after the last
+        position.  With zero states its logits equal this model's at every real position of
+        right-padded input.
         """
         if not self.built:
             self.build()
+        layers, units = self.num_lstm_layers, self.num_lstm_units
         ids = keras.Input((None,), dtype="int32", name="input_ids")
+        state_h = keras.Input((layers, units), name="state_h")
+        state_c = keras.Input((layers, units), name="state_c")
         embedding = keras.layers.Embedding(self.vocab_size, self.embedding_dim,
                                            name="embedding")
         x = embedding(ids)
-        lstms = []
-        for i in range(self.num_lstm_layers):
-            layer = keras.layers.LSTM(self.num_lstm_units, return_sequences=True,
+        lstms, hs, cs = [], [], []
+        for i in range(layers):
+            layer = keras.layers.LSTM(units, return_sequences=True, return_state=True,
                                       name=f"lstm_{i}")
-            x = layer(x)
+            x, h, c = layer(x, initial_state=[state_h[:, i], state_c[:, i]])
             lstms.append(layer)
+            hs.append(h)
+            cs.append(c)
         dense = keras.layers.Dense(self.vocab_size, name="logits")
         logits = dense(x)
-        model = keras.Model(ids, logits, name="lmonnx_inference")
+        model = keras.Model([ids, state_h, state_c],
+                            [logits, keras.ops.stack(hs, axis=1), keras.ops.stack(cs, axis=1)],
+                            name="lmonnx_inference")
         embedding.set_weights(self.embedding.get_weights())
         # LSTMCell and LSTM share the kernel / recurrent_kernel / bias layout (gates i f c o).
         for layer, cell in zip(lstms, self.cells):
