@@ -304,30 +304,42 @@ class Evaluator:
         return self.report()
 
     def report(self) -> EvaluationReport:
-        if self.sentences == 0:
-            raise ValueError(f"{self.corpus}: no sentences to evaluate (empty or blank input)")
-        tokens = self.tokens
-        in_vocab = tokens - self.oovs
-        mean_nll = self.nll / tokens
-        seconds = self.seconds
-        return EvaluationReport(
-            corpus=self.corpus,
-            sentences=self.sentences,
-            tokens=tokens,
-            words=tokens - self.sentences,
-            oovs=self.oovs,
-            nll=self.nll,
-            mean_nll=mean_nll,
-            perplexity=perplexity_of(self.nll, tokens),
-            perplexity_no_oov=(perplexity_of(self.nll - self.oov_nll, in_vocab) if in_vocab
-                               else math.nan),
-            bits_per_token=mean_nll / LN2,
-            bits_per_byte=self.nll / LN2 / self.bytes,
-            top1_accuracy=self.hits / tokens,
-            top1_accuracy_no_oov=(self.hits - self.oov_hits) / in_vocab if in_vocab else math.nan,
-            padding_fraction=(1.0 - self.real_positions / self.computed_positions
-                              if self.computed_positions else 0.0),
-            tokens_per_second=tokens / seconds if seconds > 0 else math.inf,
-            seconds=seconds,
-            provider=self.session.provider_description,
-        )
+        return report_from_totals(
+            self.corpus, self.session.provider_description, sentences=self.sentences,
+            tokens=self.tokens, oovs=self.oovs, nll=self.nll, oov_nll=self.oov_nll,
+            hits=self.hits, oov_hits=self.oov_hits, bytes=self.bytes,
+            real_positions=self.real_positions, computed_positions=self.computed_positions,
+            seconds=self.seconds)
+
+
+def report_from_totals(corpus: str, provider: str, *, sentences: int, tokens: int, oovs: int,
+                       nll: float, oov_nll: float, hits: int, oov_hits: int, bytes: int,
+                       real_positions: int, computed_positions: int,
+                       seconds: float) -> EvaluationReport:
+    """The :class:`EvaluationReport` of summed totals: what :meth:`Evaluator.report` returns,
+    and what ``lmonnx.ray`` builds from the sums of its per-sentence rows.  ``ValueError``
+    when there is no sentence."""
+    if sentences == 0:
+        raise ValueError(f"{corpus}: no sentences to evaluate (empty or blank input)")
+    in_vocab = tokens - oovs
+    mean_nll = nll / tokens
+    return EvaluationReport(
+        corpus=corpus,
+        sentences=sentences,
+        tokens=tokens,
+        words=tokens - sentences,
+        oovs=oovs,
+        nll=nll,
+        mean_nll=mean_nll,
+        perplexity=perplexity_of(nll, tokens),
+        perplexity_no_oov=(perplexity_of(nll - oov_nll, in_vocab) if in_vocab else math.nan),
+        bits_per_token=mean_nll / LN2,
+        bits_per_byte=nll / LN2 / bytes,
+        top1_accuracy=hits / tokens,
+        top1_accuracy_no_oov=(hits - oov_hits) / in_vocab if in_vocab else math.nan,
+        padding_fraction=(1.0 - real_positions / computed_positions
+                          if computed_positions else 0.0),
+        tokens_per_second=tokens / seconds if seconds > 0 else math.inf,
+        seconds=seconds,
+        provider=provider,
+    )

@@ -395,8 +395,9 @@ class StateReport:
 
     @property
     def ok(self) -> bool:
-        return (self.max_halves_loss_rel_diff <= LOSS_RTOL
-                and self.max_row_state_abs_diff <= STATE_ATOL)
+        checks = ((self.max_halves_loss_rel_diff, LOSS_RTOL),
+                  (self.max_row_state_abs_diff, STATE_ATOL))
+        return all(value <= limit for value, limit in checks)  # NaN fails too
 
     def describe(self) -> str:
         return (f"two halves carrying the state vs one pass: loss rel diff "
