@@ -13,6 +13,7 @@ One ``.onnx`` file (ARCHITECTURE.md, "The artifact"):
   lmonnx.vocab           list of tokens in id order (ids 0..3 are <pad> <unk> <s> </s>)
   lmonnx.config          model shape, tokenizer preset and options, max length
   lmonnx.training        corpus name, epochs, validation perplexity, ...
+  lmonnx.quantization    (int8 files only) method, options, perplexity change measured at export
 
 Export writes these (``metadata_props``); runtime reads them back (``parse_metadata``) from
 onnxruntime's ``custom_metadata_map`` or onnx's ``metadata_props``: no TensorFlow here.
@@ -38,6 +39,7 @@ KEY_FORMAT = "lmonnx.format_version"
 KEY_VOCAB = "lmonnx.vocab"
 KEY_CONFIG = "lmonnx.config"
 KEY_TRAINING = "lmonnx.training"
+KEY_QUANTIZATION = "lmonnx.quantization"
 
 
 class ArtifactError(ValueError):
@@ -56,6 +58,7 @@ class ArtifactMetadata:
     config: dict[str, Any]
     training: dict[str, Any] = field(default_factory=dict)
     format_version: str = FORMAT_VERSION
+    quantization: dict[str, Any] | None = None
 
 
 def metadata_props(vocab: Vocabulary, config: Mapping[str, Any],
@@ -90,6 +93,7 @@ def parse_metadata(props: Mapping[str, str], source: str) -> ArtifactMetadata:
         tokens = json.loads(props[KEY_VOCAB])
         config = json.loads(props[KEY_CONFIG])
         training = json.loads(props.get(KEY_TRAINING, "{}"))
+        quantization = json.loads(props[KEY_QUANTIZATION]) if KEY_QUANTIZATION in props else None
         options = TokenizerOptions.from_dict(config["tokenizer"])
         vocab = Vocabulary(tokens, options)
     except (ValueError, KeyError, TypeError) as exc:
@@ -99,4 +103,4 @@ def parse_metadata(props: Mapping[str, str], source: str) -> ArtifactMetadata:
             f"{source}: config says vocab_size={config.get('vocab_size')} but the vocabulary "
             f"holds {len(vocab)} tokens")
     return ArtifactMetadata(vocab=vocab, config=config, training=training,
-                            format_version=version)
+                            format_version=version, quantization=quantization)

@@ -144,10 +144,26 @@ class EvaluationReport:
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def _token_scores(session: ModelSession, inputs, targets, mask, state, num_threads):
+    """(nll float64 [B, T] in nats, 0 where masked; top-1 hits bool [B, T]; state after).
+
+    CPU: onnxruntime's logits, read once by the kernel.  A session with the loss head (CUDA):
+    the head's [B, T] log-probabilities and hits, the logits never leave the device."""
+    if session.loss_head:
+        logprob, hit, state = session.run_head(inputs, targets, state)
+        real = mask != 0
+        nll = np.where(real, -logprob.astype(np.float64), 0.0)
+        return nll, hit & real & ~np.isnan(logprob), state  # NaN rows are never hits
+    logits, state = session.run(inputs, state)
+    nll, hits = token_nll_and_hits(logits, targets, mask, num_threads=num_threads)
+    return nll, hits, state
+
+
 def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = False,
                 num_threads: int | None = None, window: int | None = None,
                 ) -> list[SentenceResult]:
-    """Score one padded batch: onnxruntime logits, one kernel pass over them.
+    """Score one padded batch: onnxruntime logits and one kernel pass over them (or the
+    session's loss head on CUDA).
 
     ``window``: with a stateful (format 2) model, a one-row batch longer than ``window``
     positions is run in consecutive windows that carry the LSTM state, so its logits never
@@ -155,19 +171,17 @@ def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = Fals
     """
     batch_size, length = batch.inputs.shape
     if window is None or length <= window or batch_size != 1 or not session.stateful:
-        logits = session.logits(batch.inputs)
-        nll, hits = token_nll_and_hits(logits, batch.targets, batch.mask,
-                                       num_threads=num_threads)
+        nll, hits, _ = _token_scores(session, batch.inputs, batch.targets, batch.mask, None,
+                                     num_threads)
     else:
         nll = np.empty(batch.inputs.shape, dtype=np.float64)
         hits = np.empty(batch.inputs.shape, dtype=bool)
         state = None
         for start in range(0, length, window):
             part = slice(start, start + window)
-            logits, state = session.run(batch.inputs[:, part], state)
-            nll[:, part], hits[:, part] = token_nll_and_hits(
-                logits, batch.targets[:, part], batch.mask[:, part], num_threads=num_threads)
-            del logits  # the next window's logits reuse the memory
+            nll[:, part], hits[:, part], state = _token_scores(
+                session, batch.inputs[:, part], batch.targets[:, part], batch.mask[:, part],
+                state, num_threads)
     oov = (batch.targets == UNK_ID) & (batch.mask != 0)
     row_nll = nll.sum(axis=1)
     row_oov_nll = np.where(oov, nll, 0.0).sum(axis=1)

@@ -34,6 +34,7 @@ except ImportError:  # both onnxruntime and onnxruntime-gpu provide the module
 from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS, ArtifactError,
                              ArtifactMetadata, parse_metadata)
 from lmonnx.errors import InferenceError, ProviderError
+from lmonnx.loss_head import TARGETS, TOKEN_HIT, TOKEN_LOGPROB, add_loss_head
 
 log = logging.getLogger("lmonnx")
 
@@ -76,20 +77,25 @@ def _session_options(num_threads: int | None) -> ort.SessionOptions:
 class ModelSession:
     """An lmonnx model opened in onnxruntime.
 
-    Attributes: ``path`` (None when opened from bytes), ``name``, ``metadata`` (vocabulary,
+    Attributes: ``path`` (None when opened from bytes), ``source`` (the path or the bytes),
+    ``name``, ``metadata`` (vocabulary,
     config, training record), ``vocab``, ``stateful`` (format 2: the LSTM state is an input and
     an output), ``provider`` (the provider actually running the graph), ``provider_note``
     (why, when ``auto`` fell back to CPU), ``num_threads``.
     """
 
     def __init__(self, model, providers: str = "auto", num_threads: int | None = None, *,
-                 name: str | None = None):
+                 name: str | None = None, loss_head: bool | None = None):
         """``model``: a path to an ``.onnx`` file, or the serialized model as ``bytes`` (export
-        checks the model it is about to write this way); ``name`` labels it in messages."""
+        checks the model it is about to write this way); ``name`` labels it in messages.
+        ``loss_head``: compute per-position log-probabilities and hits in the graph
+        (``lmonnx.loss_head``); None = on CUDA only, where the logits must stay on the device."""
         if providers not in PROVIDER_CHOICES:
             raise ValueError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}; got {providers!r}")
+        self.provider_choice = providers
         if isinstance(model, (bytes, bytearray)):
             source, self.path = bytes(model), None
+            self.source = source
             self.name = name or "<model bytes>"
         elif isinstance(model, (str, os.PathLike)):
             self.path = Path(os.fspath(model))
@@ -99,10 +105,10 @@ class ModelSession:
             if not self.path.exists():
                 raise FileNotFoundError(f"model not found: {self.path} (create one with `lmonnx export`)")
             source = str(self.path)
+            self.source = self.path
         else:
             raise TypeError(f"model must be a path or bytes, got {type(model).__name__}")
         self.num_threads = num_threads
-        options = _session_options(num_threads)
         self.provider_note = ""
         wanted = [CPU]
         if providers in ("auto", "cuda"):
@@ -113,30 +119,59 @@ class ModelSession:
                 raise ProviderError(f"--providers cuda: CUDA is not usable: {reason}")
             else:
                 self.provider_note = f"CUDA not used: {reason}"
-        try:
-            self._session = ort.InferenceSession(source, sess_options=options, providers=wanted)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise ArtifactError(f"{self.name} is not a readable ONNX model: {_first_line(exc)}") from None
-        self.provider = self._session.get_providers()[0]
+        # On CUDA the loss is computed in the graph so the logits stay on the device.
+        self.loss_head = (CUDA in wanted) if loss_head is None else bool(loss_head)
+        self._declared_width = None
+        if self.loss_head:
+            raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+            try:
+                source, self._declared_width = add_loss_head(raw)
+            except ImportError:
+                raise
+            except Exception as exc:  # a file onnx cannot parse: the session would say so too
+                raise ArtifactError(f"{self.name} is not a readable ONNX model: "
+                                    f"{_first_line(exc)}") from None
+        self._open(source, wanted)
         if providers == "cuda" and self.provider != CUDA:
             raise ProviderError("--providers cuda: onnxruntime could not start the CUDA provider")
         if CUDA in wanted and self.provider != CUDA:
             self.provider_note = "CUDA not used: onnxruntime could not start the CUDA provider"
-        if self.provider_note:
-            log.debug("%s: %s; running on CPU", self.name, self.provider_note)
         self._check_signature()
         props = self._session.get_modelmeta().custom_metadata_map
         self.metadata: ArtifactMetadata = parse_metadata(props, self.name)
         self.vocab = self.metadata.vocab
+        self.quantization = self.metadata.quantization
+        if self.quantization and self.provider == CUDA:
+            note = ("this int8 model runs on CPU only (DynamicQuantizeLSTM and MatMulInteger "
+                    "have no CUDA kernels); use the fp32 model on CUDA")
+            if providers == "cuda":
+                raise ProviderError(f"--providers cuda: {self.name}: {note}")
+            self.provider_note = f"CUDA not used: {note}"
+            if self.loss_head and loss_head is None:  # the head was only there for CUDA
+                self.loss_head, self._declared_width = False, None
+                source = self.path and str(self.path) or raw
+            self._open(source, [CPU])
+        if self.provider_note:
+            log.debug("%s: %s; running on CPU", self.name, self.provider_note)
         self._check_format()
         self._check_vocab_width()
+
+    def _open(self, source, providers: list[str]) -> None:
+        try:
+            self._session = ort.InferenceSession(source, sess_options=_session_options(
+                self.num_threads), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise ArtifactError(f"{self.name} is not a readable ONNX model: {_first_line(exc)}") from None
+        self.provider = self._session.get_providers()[0]
 
     def _check_signature(self) -> None:
         inputs = sorted(i.name for i in self._session.get_inputs())
         outputs = [o.name for o in self._session.get_outputs()]
-        stateless = [INPUT_NAME]
-        stateful = sorted([INPUT_NAME, *STATE_INPUTS])
-        if inputs not in (stateless, stateful) or OUTPUT_NAME not in outputs or (
+        scores = [TOKEN_LOGPROB, TOKEN_HIT] if self.loss_head else [OUTPUT_NAME]
+        extra = [TARGETS] if self.loss_head else []
+        stateless = sorted([INPUT_NAME, *extra])
+        stateful = sorted([INPUT_NAME, *extra, *STATE_INPUTS])
+        if inputs not in (stateless, stateful) or not set(scores) <= set(outputs) or (
                 inputs == stateful and not set(STATE_OUTPUTS) <= set(outputs)):
             raise ArtifactError(
                 f"{self.name} is not an lmonnx model: expected input {INPUT_NAME!r} (and "
@@ -178,8 +213,11 @@ class ModelSession:
     def _check_vocab_width(self) -> None:
         """The vocabulary must name every logit: a shorter or longer one would silently score
         the wrong words.  A symbolic width is checked on every batch instead."""
-        (out,) = [o for o in self._session.get_outputs() if o.name == OUTPUT_NAME]
-        width = out.shape[-1] if out.shape else None
+        if self.loss_head:
+            width = self._declared_width
+        else:
+            (out,) = [o for o in self._session.get_outputs() if o.name == OUTPUT_NAME]
+            width = out.shape[-1] if out.shape else None
         self._logits_width = width if isinstance(width, int) else None
         if self._logits_width is not None and self._logits_width != len(self.vocab):
             raise ArtifactError(self._width_mismatch(self._logits_width))
@@ -210,11 +248,39 @@ class ModelSession:
         [layers, batch, units], the state before the first position (format 2 only).
         ``state_out``: ``(h, c)`` after each row's last real position (None for format 1).
         """
+        if self.loss_head:
+            raise ValueError(f"{self.name} was opened with the loss head: it returns per-token "
+                             "log-probabilities (run_head), not logits")
+        ids = self._ids(input_ids)
+        (logits,), state_out = self._run(ids, {}, [OUTPUT_NAME], state)
+        if logits.shape[-1] != len(self.vocab):
+            raise ArtifactError(self._width_mismatch(logits.shape[-1]))
+        return logits, state_out
+
+    def run_head(self, input_ids: np.ndarray, targets: np.ndarray, state: tuple | None = None):
+        """``(token_logprob float32 [B, T], token_hit bool [B, T], state_out)`` from the loss
+        head (sessions opened with ``loss_head``): log p(target) in nats and whether the target
+        is the first argmax, at every position (padding included: mask them)."""
+        if not self.loss_head:
+            raise ValueError(f"{self.name} was opened without the loss head")
+        ids = self._ids(input_ids)
+        targets = np.ascontiguousarray(targets, dtype=np.int32)
+        if targets.shape != ids.shape:
+            raise ValueError(f"targets shape {targets.shape} != input_ids shape {ids.shape}")
+        (logprob, hit), state_out = self._run(ids, {TARGETS: targets},
+                                              [TOKEN_LOGPROB, TOKEN_HIT], state)
+        return logprob, hit, state_out
+
+    @staticmethod
+    def _ids(input_ids) -> np.ndarray:
         ids = np.ascontiguousarray(input_ids, dtype=np.int32)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {ids.shape}")
-        feeds = {INPUT_NAME: ids}
-        names = [OUTPUT_NAME]
+        return ids
+
+    def _run(self, ids: np.ndarray, feeds: dict, names: list[str], state):
+        """One onnxruntime call: ``(outputs named ``names``, state_out or None)``."""
+        feeds = {INPUT_NAME: ids, **feeds}
         if self.stateful:
             if state is None:
                 state = self.zero_state(ids.shape[0])
@@ -225,11 +291,13 @@ class ModelSession:
                     raise ValueError(f"{name} must be [layers, batch, units] = {expected}, "
                                      f"got {value.shape}")
                 feeds[name] = value
-            names += list(STATE_OUTPUTS)
+            names = [*names, *STATE_OUTPUTS]
         elif state is not None:
             self.require_state("carrying the LSTM state")
         try:
             if self.provider == CUDA:
+                # IO binding: inputs copied once from host memory; outputs (the small [B, T]
+                # head values and the state) come back to the host once.
                 binding = self._session.io_binding()
                 for name, value in feeds.items():
                     binding.bind_cpu_input(name, value)
@@ -237,17 +305,13 @@ class ModelSession:
                     binding.bind_output(name, "cpu")
                 self._session.run_with_iobinding(binding)
                 results = [v.numpy() for v in binding.get_outputs()]
-                by_name = dict(zip([o.name for o in self._session.get_outputs()], results))
-                results = [by_name[n] for n in names]
             else:
                 results = self._session.run(names, feeds)
         except Exception as exc:  # onnxruntime's own types (Fail, RuntimeException, ...)
             raise InferenceError(
                 f"onnxruntime failed on a batch of shape {ids.shape}: {_first_line(exc, 300)}") from exc
-        logits = results[0]
-        if logits.shape[-1] != len(self.vocab):
-            raise ArtifactError(self._width_mismatch(logits.shape[-1]))
-        return logits, (tuple(results[1:]) if self.stateful else None)
+        count = len(names) - (2 if self.stateful else 0)
+        return results[:count], (tuple(results[count:]) if self.stateful else None)
 
     def __repr__(self) -> str:
         return (f"ModelSession({self.name!r}, provider={self.provider!r}, "

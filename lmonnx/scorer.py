@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -78,7 +79,27 @@ class Scorer:
         self._session = ModelSession(path, providers=providers, num_threads=num_threads)
         self._num_threads = num_threads
         self._examples = ExampleBuilder(self._session.vocab)
-        self._incremental = Incremental(self._session)
+        self._lock = threading.Lock()
+        self._logits_session = None if self._session.loss_head else self._session
+        self._incremental_scorer = None
+
+    def _logits(self) -> ModelSession:
+        """A session that returns logits.  On CUDA the main session carries the loss head
+        (scores only), and next-word distributions need the logits: a second session, made
+        on first use."""
+        with self._lock:
+            if self._logits_session is None:
+                s = self._session
+                self._logits_session = ModelSession(
+                    s.source, providers=s.provider_choice, num_threads=self._num_threads,
+                    name=s.name, loss_head=False)
+            return self._logits_session
+
+    @property
+    def _incremental(self) -> Incremental:
+        if self._incremental_scorer is None:
+            self._incremental_scorer = Incremental(self._logits())
+        return self._incremental_scorer
 
     @property
     def vocab(self):
@@ -139,7 +160,7 @@ class Scorer:
         k = check_positive_int("k", k)
         (example,) = self._sentence_examples([_check_sentence(prefix, "prefix")])
         ids = example.inputs[None, :]  # <s> w1 .. wn: the last position predicts the next word
-        logits = self._session.logits(ids)[0, -1].astype(np.float64)
+        logits = self._logits().logits(ids)[0, -1].astype(np.float64)
         logits[[PAD_ID, BOS_ID]] = -np.inf
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
