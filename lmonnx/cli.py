@@ -34,6 +34,14 @@ def _add_encoding_errors(p: argparse.ArgumentParser) -> None:
                         "bad bytes with U+FFFD")
 
 
+def _add_quantize_options(p: argparse.ArgumentParser, quantize_flag: bool) -> None:
+    if quantize_flag:
+        p.add_argument("--quantize", choices=("int8",), default=None,
+                       help="write the int8 (CPU) form of the checked model")
+    p.add_argument("--max-change", type=float, default=0.01,
+                   help="largest relative perplexity change int8 may cost (default 0.01 = 1%%)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lmonnx",
@@ -98,7 +106,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing output file (never one of the run's files or "
-                        "corpora)")
+                        "corpora); with --quantize, also write a model over --max-change")
+    _add_quantize_options(p, quantize_flag=True)
+
+    # ---- quantize
+    p = add("quantize", help="int8 form of an exported model, for CPU (dynamic quantization)")
+    p.add_argument("model", type=Path, help="an lmonnx .onnx (fp32)")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--sample", type=Path, default=None,
+                   help="text whose first 1000 sentences measure the perplexity change "
+                        "(default: 200 sentences sampled from the model itself)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing output; write even over --max-change")
+    _add_quantize_options(p, quantize_flag=False)
+    _add_encoding_errors(p)
 
     # ---- evaluate
     p = add("evaluate", help="perplexity and friends of text corpora")
@@ -181,7 +202,17 @@ def _cmd_train(args) -> None:
 def _cmd_export(args) -> None:
     from lmonnx.export import export_run
 
-    export_run(args.run_dir, args.output, opset=args.opset, force=args.force)
+    export_run(args.run_dir, args.output, opset=args.opset, force=args.force,
+               quantize=args.quantize, max_change=args.max_change)
+
+
+def _cmd_quantize(args) -> None:
+    from lmonnx.quantize import describe, quantize_file
+
+    record = quantize_file(args.model, args.output, sample=args.sample, errors=args.errors,
+                           max_change=args.max_change, force=args.force)
+    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.2f} MB)")
+    print(describe(record))
 
 
 def _check_outputs(outputs: dict[str, Path | None], inputs: list[Path], force: bool) -> None:
@@ -316,6 +347,7 @@ def _cmd_generate(args) -> None:
 
 
 COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export,
+            "quantize": _cmd_quantize,
             "evaluate": _cmd_evaluate, "score": _cmd_score, "predict": _cmd_predict,
             "generate": _cmd_generate}
 

@@ -99,6 +99,12 @@ class ParityReport:
                 f"sentences, {self.tokens} tokens, {self.batches} batches of {self.source}")
 
 
+def _describe_quantization(record: dict) -> str:
+    from lmonnx.quantize import describe
+
+    return describe(record)
+
+
 @dataclass
 class ExportReport:
     """What ``export_run`` wrote and how it checked it."""
@@ -110,6 +116,7 @@ class ExportReport:
     parity: ParityReport
     state: StateReport
     metadata: dict[str, str] = field(repr=False, default_factory=dict)
+    quantization: dict | None = None
 
     def summary(self) -> str:
         ops = ", ".join(f"{op} {n}" for op, n in sorted(self.op_counts.items(),
@@ -121,7 +128,7 @@ class ExportReport:
             f"ops: {ops}",
             f"parity: {self.parity.describe()}",
             f"state: {self.state.describe()}",
-        ])
+        ] + ([_describe_quantization(self.quantization)] if self.quantization else []))
 
 
 # ---- pieces --------------------------------------------------------------------------------
@@ -436,8 +443,8 @@ def check_state(session, examples, *, max_tokens: int = 4096,
 
 
 def export_run(run_dir, output, opset: int | None = None, force: bool = False, *,
-               sample=None, max_sentences: int = SAMPLE_SENTENCES,
-               verbose: bool = True) -> ExportReport:
+               sample=None, max_sentences: int = SAMPLE_SENTENCES, verbose: bool = True,
+               quantize: str | None = None, max_change: float | None = None) -> ExportReport:
     """Convert the run in ``run_dir`` to ``output`` (.onnx), check it, write it atomically.
 
     ``sample``: a text file whose first ``max_sentences`` sentences check parity (default:
@@ -485,9 +492,18 @@ def export_run(run_dir, output, opset: int | None = None, force: bool = False, *
     if not state.ok:
         raise ExportError(f"export failed its state check, nothing written: {state.describe()}")
 
+    quantization = None
+    if quantize == "int8":
+        from lmonnx.quantize import DEFAULT_MAX_CHANGE, quantize_checked
+
+        data, quantization = quantize_checked(
+            data, examples, source, force=force, name=str(output),
+            max_change=DEFAULT_MAX_CHANGE if max_change is None else max_change)
+
     _check_output(output, force, inputs, run)  # it may have appeared during the conversion
     write_atomic(output, data)
-    report = ExportReport(output, len(data), opset, op_counts, parity, state, props)
+    report = ExportReport(output, len(data), opset, op_counts, parity, state, props,
+                          quantization)
     if verbose:
         print(report.summary())
     return report
