@@ -51,7 +51,7 @@ bench: install
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS),bench]"
 	$(PY) benchmarks/kernel_table.py
 	test -f $(BENCH_RUN).onnx || { $(VENV)/bin/lmonnx train $(PTB)/ptb.valid.txt --tokenizer whitespace \
-	    --vocab-size 10000 --units 200 --layers 2 --epochs 1 --out $(BENCH_RUN) --force && \
+	    --vocab-size 10000 --units 200 --layers 2 --epochs 4 --out $(BENCH_RUN) --force && \
 	  $(VENV)/bin/lmonnx export $(BENCH_RUN) -o $(BENCH_RUN).onnx --force; }
 	$(PY) benchmarks/eval_table.py --run $(BENCH_RUN) --model $(BENCH_RUN).onnx --corpus $(PTB)/ptb.test.txt
 	$(PY) benchmarks/beam_table.py

@@ -6,14 +6,20 @@ Every method computes the total masked NLL of the same corpus with the same weig
 
   lmonnx      ``Scorer.evaluate``: length-bucketed batches, onnxruntime (fused LSTM ops) for
               logits, the lmonnx kernel for the masked NLL;
+  lmonnx int8 the same on the int8 form of the model (``lmonnx.quantize``, made in this run);
+  lmonnx cuda (on a GPU only) the loss head on the device, [B, T] values back; and
+  cuda logits the same model on CUDA with the logits copied to the host for the kernel;
   tensorflow  the plain way: the trained Keras model, corpus order, batches of 64 padded to
               their longest sentence, the course's ``calculate_loss`` in a ``tf.function``;
   pytorch     (when installed) ``nn.LSTM`` with the Keras weights, the same plain batches,
               ``cross_entropy(ignore_index=0, reduction="sum")``.
 
 It prints tokens/s, the speedup over TensorFlow, padding fraction, peak resident memory of
-each method (VmHWM, reset between methods) and the NLL agreement.  Threads: onnxruntime,
-TensorFlow and PyTorch all get ``--threads``.
+each method (VmHWM, reset between methods), the NLL agreement, and the effective GFLOP/s of
+each method (the model's FLOPs per scored token x tokens / seconds) beside the roofline
+measured in the same run: onnxruntime's own MatMul on the output projection's shape
+(4096 x units @ units x vocab, the bulk of the FLOPs).  Threads: onnxruntime, TensorFlow and
+PyTorch all get ``--threads``.
 """
 
 from __future__ import annotations
@@ -129,6 +135,67 @@ def pytorch_method(model, threads):
     return run
 
 
+def flops_per_token(vocab: int, embedding: int, units: int, layers: int) -> float:
+    """FLOPs per scored position: each LSTM layer's gates (4 units x (inputs + units)
+    multiply-adds) and the output projection (units x vocab); embeddings and pointwise ops
+    are noise beside them."""
+    lstm = sum(2 * 4 * units * ((embedding if i == 0 else units) + units) for i in range(layers))
+    return lstm + 2 * units * vocab
+
+
+def matmul_roofline(units: int, vocab: int, threads: int, repeat: int = 20) -> float:
+    """GFLOP/s of onnxruntime's MatMul on [4096, units] @ [units, vocab], best of ``repeat``."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((units, vocab)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "roofline",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4096, units])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4096, vocab])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((4096, units)).astype(np.float32)
+    session.run(None, {"x": x})
+    best = min(_timed(lambda: session.run(None, {"x": x})) for _ in range(repeat))
+    return 2 * 4096 * units * vocab / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def lmonnx_methods(model_path: Path, lines, threads: int) -> dict:
+    """lmonnx fp32, int8 (quantized in this run) and, on a GPU, CUDA with the loss head and
+    CUDA with the logits copied to the host."""
+    import tempfile
+
+    from lmonnx.quantize import quantize_bytes
+    from lmonnx.runtime import ModelSession, cuda_unavailable_reason
+
+    scorer = Scorer(model_path, providers="cpu", num_threads=threads)
+    methods = {"lmonnx": lambda: scorer.evaluate(lines)}
+    tmp = Path(tempfile.mkdtemp())
+    int8_path = tmp / "int8.onnx"
+    int8_path.write_bytes(quantize_bytes(model_path.read_bytes()))
+    int8 = Scorer(int8_path, providers="cpu", num_threads=threads)
+    methods["lmonnx int8"] = lambda: int8.evaluate(lines)
+    if cuda_unavailable_reason() is None:
+        cuda = Scorer(model_path, providers="cuda")
+        methods["lmonnx cuda"] = lambda: cuda.evaluate(lines)
+        logits_on_host = Scorer(model_path, providers="cuda")
+        logits_on_host._session = ModelSession(model_path, providers="cuda", loss_head=False)
+        methods["cuda logits"] = lambda: logits_on_host.evaluate(lines)
+    return methods
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="run directory (model.keras)")
@@ -146,9 +213,8 @@ def main(argv=None):
     if args.limit:
         lines = lines[:args.limit]
 
-    methods = {}
+    methods = lmonnx_methods(args.model, lines, args.threads)
     scorer = Scorer(args.model, providers="cpu", num_threads=args.threads)
-    methods["lmonnx"] = lambda: scorer.evaluate(lines)
     model, tf_run = tensorflow_method(args.run, args.threads)
     batches = plain_batches(scorer.vocab, lines, args.tf_batch_size)
     plain_padding = 1 - sum(b.tokens for b in batches) / sum(b.inputs.size for b in batches)
@@ -172,27 +238,53 @@ def main(argv=None):
             best[name] = min(best[name], time.perf_counter() - start)
             if measurable:  # memory the method added on top of what the process held
                 peak[name] = max(peak[name], peak_rss_mib() - before)
-            nll[name] = result.nll if name == "lmonnx" else result
+            nll[name] = result.nll if name.startswith(("lmonnx", "cuda")) else result
     report = scorer.evaluate(lines)
     tokens = report.tokens
+    config = scorer.config
+    flops = flops_per_token(len(scorer.vocab), config["embedding_dim"], config["num_lstm_units"],
+                            config["num_lstm_layers"])
+    roofline = matmul_roofline(config["num_lstm_units"], len(scorer.vocab), args.threads)
 
     print(f"corpus {args.corpus.name}: {report.sentences} sentences, {tokens} tokens; "
           f"vocab {len(scorer.vocab)}, {model.num_lstm_layers}x{model.num_lstm_units} LSTM; "
           f"{args.threads} threads; best of {args.repeat}; {platform.processor() or platform.machine()}")
     print(f"resident memory of the process (TensorFlow, torch, both models loaded): {rss_mib():.0f} MiB")
-    header = f"{'method':<12}{'seconds':>10}{'tokens/s':>12}{'vs TF':>8}{'padding':>9}{'+peak MiB':>11}{'NLL rel. diff':>15}"
+    print(f"{flops / 1e6:.2f} MFLOP per scored token; roofline: onnxruntime MatMul "
+          f"4096x{config['num_lstm_units']} @ {config['num_lstm_units']}x{len(scorer.vocab)} "
+          f"= {roofline:.0f} GFLOP/s")
+    header = (f"{'method':<13}{'seconds':>9}{'tokens/s':>11}{'vs TF':>8}{'GFLOP/s':>9}"
+              f"{'roofline':>9}{'padding':>9}{'+peak MiB':>10}{'NLL rel. diff':>15}")
     print(header)
     print("-" * len(header))
     for name in methods:
-        padding = report.padding_fraction if name == "lmonnx" else plain_padding
+        padding = report.padding_fraction if name.startswith(("lmonnx", "cuda")) else plain_padding
         rel = abs(nll[name] - nll["tensorflow"]) / abs(nll["tensorflow"])
-        print(f"{name:<12}{best[name]:>10.3f}{tokens / best[name]:>12,.0f}"
-              f"{best['tensorflow'] / best[name]:>7.2f}x{100 * padding:>8.1f}%"
-              f"{peak[name]:>11.0f}{rel:>15.1e}")
+        gflops = flops * tokens / best[name] / 1e9
+        print(f"{name:<13}{best[name]:>9.3f}{tokens / best[name]:>11,.0f}"
+              f"{best['tensorflow'] / best[name]:>7.2f}x{gflops:>9.0f}{100 * gflops / roofline:>8.0f}%"
+              f"{100 * padding:>8.1f}%{peak[name]:>10.0f}{rel:>15.1e}")
     if "pytorch" not in methods:
         print(f"{'pytorch':<12}  not installed (make bench installs torch==2.13.0)")
     print(f"lmonnx perplexity {report.perplexity:.3f}; Scorer.evaluate is "
-          f"{best['tensorflow'] / best['lmonnx']:.2f}x faster than TensorFlow the plain way")
+          f"{best['tensorflow'] / best['lmonnx']:.2f}x faster than TensorFlow the plain way, at "
+          f"{100 * flops * tokens / best['lmonnx'] / 1e9 / roofline:.0f}% of the MatMul roofline "
+          "(goal >= 70%)")
+    # the same tokens: ppl_int8 / ppl_fp32 = exp((nll_int8 - nll_fp32) / tokens)
+    change = math.exp((nll["lmonnx int8"] - nll["lmonnx"]) / tokens) - 1
+    print(f"lmonnx int8 is {best['lmonnx'] / best['lmonnx int8']:.2f}x faster than fp32 "
+          f"(goal >= 1.8x), perplexity change {100 * change:+.3f}% (goal < 1%)")
+    if "lmonnx cuda" in methods:
+        print(f"CUDA: the loss head is {best['cuda logits'] / best['lmonnx cuda']:.2f}x faster "
+              "than copying the logits to the host")
+    else:
+        print("CUDA rows: no usable GPU here (" + (cuda_reason() or "?") + ")")
+
+
+def cuda_reason():
+    from lmonnx.runtime import cuda_unavailable_reason
+
+    return cuda_unavailable_reason()
 
 
 if __name__ == "__main__":
