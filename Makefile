@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The design names onnxruntime-gpu (it also runs on CPU) on Linux x86-64; plain onnxruntime
 # elsewhere.  Never both in one env: they install the same `onnxruntime` module.
-EXTRAS ?= $(shell if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ]; then echo gpu,train,dev; else echo cpu,train,dev; fi)
+EXTRAS ?= $(shell if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ]; then echo gpu,train,dev,ray; else echo cpu,train,dev,ray; fi)
 STAMP := $(VENV)/.lmonnx-installed
 SOURCES := pyproject.toml setup.py lmonnx/_xent.pyx $(wildcard csrc/*.c csrc/*.h)
 
@@ -55,6 +55,9 @@ bench: install
 	  $(VENV)/bin/lmonnx export $(BENCH_RUN) -o $(BENCH_RUN).onnx --force; }
 	$(PY) benchmarks/eval_table.py --run $(BENCH_RUN) --model $(BENCH_RUN).onnx --corpus $(PTB)/ptb.test.txt
 	$(PY) benchmarks/beam_table.py
+	$(PY) benchmarks/long_line.py
+	$(PY) benchmarks/ray_table.py
+	$(PY) benchmarks/train_table.py --corpus all --seeds 0,1,2 --ptb $(PTB)
 	$(PY) -m pytest benchmarks --benchmark-only
 
 clean:
