@@ -89,6 +89,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=1e-2, help="Adam learning rate")
     p.add_argument("--clipnorm", type=float, default=5.0,
                    help="clip the global gradient norm to this (0: no clipping)")
+    p.add_argument("--lr-decay", type=float, default=4.0,
+                   help="divide the learning rate by this after an epoch whose validation "
+                        "perplexity did not improve (1: constant rate)")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop after this many epochs in a row without improvement (0: never)")
+    p.add_argument("--sort-pool", type=int, default=4,
+                   help="sort batches by length only within random pools of this many "
+                        "batches (1: random order)")
     p.add_argument("--seed", type=int, default=0,
                    help="0 to 2**32-1; same seed, same data: same run")
     p.add_argument("--out", type=Path, default=Path("run"), help="run directory")
@@ -194,7 +202,8 @@ def _cmd_train(args) -> None:
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, max_length=args.max_length,
         num_lstm_units=args.units, num_lstm_layers=args.layers, dropout=args.dropout,
         embedding_dim=args.embedding_dim, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, clipnorm=args.clipnorm, seed=args.seed)
+        learning_rate=args.learning_rate, clipnorm=args.clipnorm, seed=args.seed,
+        lr_decay=args.lr_decay, patience=args.patience, sort_pool=args.sort_pool)
     train(config, corpus=args.corpus, valid=args.valid, out_dir=args.out, errors=args.errors,
           resume=args.resume, force=args.force)
 
@@ -245,11 +254,37 @@ def _progress_bar(path: Path):
                 leave=False)
 
 
-def _cmd_evaluate(args) -> None:
-    if getattr(args, "ray", None) is not None:
-        from lmonnx.ray import evaluate_cli
+def _print_reports(reports: list, as_json: bool) -> None:
+    if as_json:
+        payload = [r.to_dict() for r in reports]
+        print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
 
-        return evaluate_cli(args)
+
+def _cmd_evaluate_ray(args) -> None:
+    """``evaluate --ray``: the local command's checks, report and ``--json``, one Ray job per
+    corpus (lmonnx.ray)."""
+    from lmonnx.ray import RayEvaluator, check_sources, sentence_sink
+
+    if args.per_token is not None:
+        raise ValueError("--per-token is not available with --ray; use --per-sentence")
+    check_sources(args.corpus)
+    _check_outputs({"--per-sentence": args.per_sentence}, [*args.corpus, args.model], args.force)
+    runner = RayEvaluator(args.model, num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                          gpus_per_actor=args.gpus_per_actor, providers=args.providers,
+                          num_threads=args.threads, batch_size=args.batch_size,
+                          max_tokens=args.max_tokens, address=args.ray, log_errors=args.debug)
+    reports = []
+    with sentence_sink(args.per_sentence, "--per-sentence") as sink:
+        for corpus in args.corpus:
+            reports.append(runner.evaluate(str(corpus), errors=args.errors, sink=sink))
+            if not args.json:
+                print(reports[-1].format_table(), end="\n\n")
+    _print_reports(reports, args.json)
+
+
+def _cmd_evaluate(args) -> None:
+    if args.ray is not None:
+        return _cmd_evaluate_ray(args)
     from lmonnx.atomic import output_file
     from lmonnx.corpus import require_sentences
     from lmonnx.evaluate import Evaluator, SentenceWriter, TokenWriter
@@ -285,11 +320,8 @@ def _cmd_evaluate(args) -> None:
                     bar.close()
             reports.append(report)
             if not args.json:
-                print(report.format_table())
-                print()
-    if args.json:
-        payload = [r.to_dict() for r in reports]
-        print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
+                print(report.format_table(), end="\n\n")
+    _print_reports(reports, args.json)
 
 
 def _read_cli_sentences(sentences: list[str], errors: str) -> list:

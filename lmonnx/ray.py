@@ -659,37 +659,12 @@ def evaluate(dataset_or_paths, model, *, num_actors: int | None = None,
         return runner.evaluate(dataset_or_paths, corpus=corpus, errors=errors, sink=sink)
 
 
-def evaluate_cli(args) -> None:
-    """``lmonnx evaluate CORPUS... --ray [auto|ADDRESS]``: the local command's checks, report
-    and ``--json``, one Ray job per corpus (one report each, as locally)."""
-    import json
-
-    from lmonnx.cli import _check_outputs
-
+def check_sources(paths) -> None:
+    """Fail now, in one line, for a local path that does not exist or holds no file (URIs are
+    checked by the read tasks): before any cluster starts."""
     _require_ray()
-    if getattr(args, "per_token", None) is not None:
-        raise ValueError("--per-token is not available with --ray; use --per-sentence")
-    for c in args.corpus:
-        if str(c) == "-":
+    for path in paths:
+        if str(path) == "-":
             raise ValueError("--ray reads files, not stdin (-); save the input to a file")
-    _check_outputs({"--per-sentence": args.per_sentence}, [*args.corpus, args.model], args.force)
-    for c in args.corpus:  # a bad path fails before the cluster starts
-        if not _is_uri(str(c)):
-            _local_files(str(c))
-    runner = RayEvaluator(args.model, num_actors=getattr(args, "actors", None),
-                          cpus_per_actor=getattr(args, "cpus_per_actor", 1.0),
-                          gpus_per_actor=getattr(args, "gpus_per_actor", 0.0),
-                          providers=args.providers, num_threads=args.threads,
-                          batch_size=args.batch_size, max_tokens=args.max_tokens,
-                          address=args.ray, log_errors=bool(getattr(args, "debug", False)))
-    reports = []
-    with sentence_sink(args.per_sentence, "--per-sentence") as sink:
-        for corpus in args.corpus:
-            report = runner.evaluate(str(corpus), errors=args.errors, sink=sink)
-            reports.append(report)
-            if not args.json:
-                print(report.format_table())
-                print()
-    if args.json:
-        payload = [r.to_dict() for r in reports]
-        print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
+        if not _is_uri(str(path)):
+            _local_files(str(path))
