@@ -10,7 +10,9 @@ directly instead (:func:`output_file`).
 from __future__ import annotations
 
 import os
+import re
 import stat
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +57,32 @@ def write_atomic(path, data: str | bytes) -> None:
             os.fsync(f.fileno())
 
 
+_FD_PATH = re.compile(r"^/(?:dev/fd|proc/self/fd)/(\d+)$")
+_STANDARD = {"-": 1, "/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def descriptor_of(path) -> int | None:
+    """The open file descriptor a user's output names, if it names one: ``-`` and
+    ``/dev/stdout`` (1), ``/dev/stderr`` (2), ``/dev/fd/N`` and ``/proc/self/fd/N`` (N, e.g. a
+    process substitution).  Written through the descriptor itself: re-opening ``/dev/stdout``
+    would truncate the file a shell redirected it to (``>> log``), and renaming over it would
+    replace that file."""
+    text = str(path)
+    if text in _STANDARD:
+        return _STANDARD[text]
+    match = _FD_PATH.match(os.path.abspath(text))
+    return int(match.group(1)) if match else None
+
+
+def same_file_identity(path) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` names (``-``: stdin), or None when it does not exist."""
+    try:
+        st = os.fstat(0) if str(path) == "-" else os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def check_output(path, flag: str, *, force: bool) -> None:
     """Up-front checks of a user's output path, before any work: ``flag`` names it in errors.
 
@@ -62,6 +90,13 @@ def check_output(path, flag: str, *, force: bool) -> None:
     process substitution (``>(cat)``, i.e. ``/dev/fd/N``) is written to directly and needs no
     ``force`` (writing into a pipe overwrites nothing).
     """
+    fd = descriptor_of(path)
+    if fd is not None:
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise ValueError(f"{flag} {path}: file descriptor {fd} is not open") from None
+        return
     path = Path(path)
     try:
         st = os.stat(path)  # follows symlinks: a link to a file is that file
@@ -82,10 +117,18 @@ def output_file(path, flag: str = "output") -> Iterator[TextIO]:
 
     A regular file (or a new name) is written atomically: a temp file beside it replaces it
     only when the ``with`` block succeeds, so a failed run leaves the old file.  A symlink is
-    followed and its target replaced, never the link itself.  Anything else that exists (a
-    FIFO, ``/dev/stdout``, ``/dev/fd/N``) is opened and written directly: renaming over it
-    would detach its reader.  Errors name ``path``, never the temp file.
+    followed and its target replaced, never the link itself.  ``-``, ``/dev/stdout``,
+    ``/dev/stderr`` and ``/dev/fd/N`` are written through that descriptor (see
+    :func:`descriptor_of`); anything else that exists (a FIFO, a terminal) is opened and
+    written directly: renaming over it would detach its reader.  Errors name ``path``, never
+    the temp file.
     """
+    fd = descriptor_of(path)
+    if fd is not None:
+        with os.fdopen(os.dup(fd), "w", encoding="utf-8") as f:
+            sys.stdout.flush()  # what was printed before goes first
+            yield f
+        return
     path = Path(path)
     try:
         st = os.stat(path)

@@ -33,6 +33,17 @@ size ``B * T_max`` stays within ``max_tokens``::
 An item longer than ``max_tokens`` becomes a batch of its own and is never truncated. For
 training, :func:`split_windows` cuts sentences longer than ``max_length`` into consecutive
 windows first, so no token is dropped either (the LSTM state restarts at each window).
+
+Training does not sort a whole chunk: every batch would then hold sentences of one length, and
+the gradient would see a biased sample at every step. :func:`pooled_batches` sorts only within
+random pools of a few batches (DESIGN.md, "Training quality")::
+
+    shuffled items    | pool 1 (4 batches' worth) | pool 2 | pool 3 | ...
+    each pool         sorted by length, cut into batches (short ... long)
+    the epoch         every pool's batches, in one random order
+
+A batch then holds a random quarter (for pools of 4) of a random sample, ordered by length:
+padding drops to a fraction of random order's, while the batches still mix lengths.
 """
 
 from __future__ import annotations
@@ -188,3 +199,31 @@ def _bucketed(it, max_tokens: int, max_batch_size: int, lookahead: int,
             groups = [groups[i] for i in rng.permutation(len(groups))]
         for group in groups:
             yield pad_batch([(x, y) for _, x, y in group], [k for k, _, _ in group])
+
+
+def pooled_batches(items: Sequence[tuple[object, np.ndarray, np.ndarray]], *, max_tokens: int,
+                   max_batch_size: int, pool_batches: int,
+                   rng: np.random.Generator) -> list[Batch]:
+    """One training epoch of ``(key, inputs, targets)`` items, sorted by length only within
+    random pools of ``pool_batches`` batches.
+
+    The items are shuffled, the shuffled sequence is cut into pools of ``pool_batches *
+    max_batch_size`` items, each pool is sorted by length (ties keep the shuffled order) and
+    cut into batches as :func:`bucketed_batches` does (``B * T_max <= max_tokens``, ``B <=
+    max_batch_size``, an item longer than ``max_tokens`` alone), and the batches of all pools
+    are yielded in one random order.  ``pool_batches=1`` is plain random batching: consecutive
+    runs of the shuffled items, each padded to its longest.  Every item appears in exactly one
+    batch, and the result depends only on ``items`` and the state of ``rng``, so an epoch's
+    batches are a function of the generator's seed.
+    """
+    max_tokens = _check_positive("max_tokens", max_tokens)
+    max_batch_size = _check_positive("max_batch_size", max_batch_size)
+    pool_batches = _check_positive("pool_batches", pool_batches)
+    order = rng.permutation(len(items))
+    pool = pool_batches * max_batch_size
+    batches: list[Batch] = []
+    for start in range(0, len(order), pool):
+        chunk = [items[i] for i in order[start:start + pool]]
+        # One chunk per pool; without rng the sort is stable, so ties keep the shuffled order.
+        batches.extend(_bucketed(iter(chunk), max_tokens, max_batch_size, len(chunk), None))
+    return [batches[i] for i in rng.permutation(len(batches))]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -225,21 +226,26 @@ def _cmd_quantize(args) -> None:
 
 
 def _check_outputs(outputs: dict[str, Path | None], inputs: list[Path], force: bool) -> None:
-    """Refuse to clobber, before any work: an input, one output twice, a directory, an
-    existing regular file without --force."""
-    from lmonnx.atomic import check_output
+    """Refuse to clobber, before any work: an input (by identity: a symlink, a hard link or
+    the file behind stdin count), one output twice, a directory, an existing regular file
+    without --force."""
+    from lmonnx.atomic import check_output, descriptor_of, same_file_identity
 
-    seen: dict[Path, str] = {}
-    protected = {p.resolve(): str(p) for p in inputs if str(p) != "-"}
+    protected = {same_file_identity(p): str(p) for p in inputs}
+    protected.pop(None, None)
+    seen: dict = {}
     for flag, path in outputs.items():
         if path is None:
             continue
-        resolved = path.resolve()
-        if resolved in protected:
-            raise ValueError(f"{flag} {path} is an input of this command; choose another file")
-        if resolved in seen:
-            raise ValueError(f"{seen[resolved]} and {flag} name the same file {path}")
-        seen[resolved] = flag
+        identity = same_file_identity(path)
+        if identity in protected:
+            raise ValueError(f"{flag} {path} is an input of this command "
+                             f"({protected[identity]}); choose another file")
+        key = ("fd", descriptor_of(path)) if descriptor_of(path) is not None else (
+            identity or Path(path).resolve())
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {flag} name the same file {path}")
+        seen[key] = flag
         check_output(path, flag, force=force)
 
 
@@ -392,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmonnx: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`lmonnx score ... | head`): stop quietly, as Unix tools do.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, TypeError, OSError, ImportError, ProviderError, InferenceError) as exc:
         if args.debug:
             raise

@@ -53,7 +53,8 @@ def decode_line(raw: bytes, errors: str, where: str) -> str:
         bad = raw[exc.start:exc.start + 1]
         raise CorpusError(
             f"{where}: not valid UTF-8 (byte 0x{bad.hex()} at byte {exc.start + 1} of the "
-            "line); pass --errors replace to substitute U+FFFD") from None
+            "line); pass --errors replace (errors=\"replace\" in Python) to substitute U+FFFD"
+        ) from None
 
 
 def _line_bytes(raw: bytes) -> bytes:

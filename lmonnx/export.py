@@ -124,7 +124,9 @@ class ExportReport:
         return "\n".join([
             f"wrote {self.output} ({self.size_bytes / 1e6:.2f} MB, lmonnx format "
             f"{self.metadata.get('lmonnx.format_version', '?')}, opset {self.opset}, "
-            f"{self.op_counts.get('LSTM', 0)} fused LSTM with state, no Loop)",
+            + (f"{self.op_counts.get('DynamicQuantizeLSTM', 0)} int8 DynamicQuantizeLSTM"
+               if self.quantization else f"{self.op_counts.get('LSTM', 0)} fused LSTM")
+            + " with state, no Loop)",
             f"ops: {ops}",
             f"parity: {self.parity.describe()}",
             f"state: {self.state.describe()}",
@@ -499,6 +501,9 @@ def export_run(run_dir, output, opset: int | None = None, force: bool = False, *
         data, quantization = quantize_checked(
             data, examples, source, force=force, name=str(output),
             max_change=DEFAULT_MAX_CHANGE if max_change is None else max_change)
+        import onnx
+
+        op_counts = dict(Counter(n.op_type for n in onnx.load_from_string(data).graph.node))
 
     _check_output(output, force, inputs, run)  # it may have appeared during the conversion
     write_atomic(output, data)

@@ -42,6 +42,10 @@ class LMState:
     words: int = 0
     ended: bool = False
 
+    def __repr__(self) -> str:
+        return (f"LMState(words={self.words}, ended={self.ended}, layers={self.h.shape[0]}, "
+                f"units={self.h.shape[1]}, vocab={self.logprobs.shape[0]})")
+
     def logprob(self, token_id: int) -> float:
         """log p(token | history) in nats."""
         return float(self.logprobs[token_id])
@@ -90,6 +94,18 @@ class Incremental:
             # two threads may both compute it; they get equal, immutable states
             self._begin = self._states_after(np.array([BOS_ID]), None)[0]
         return self._begin
+
+    def state_after(self, input_ids: np.ndarray, window: int) -> LMState:
+        """The state after ``input_ids`` (int32 [n], ``<s>`` first), run in windows of at
+        most ``window`` tokens that carry the state: a long history costs memory for one
+        window's logits, never for all of them."""
+        self.session.require_state("a state after a history")
+        state = None
+        for start in range(0, len(input_ids), window):
+            logits, state = self.session.run(input_ids[None, start:start + window], state)
+        h, c = state
+        last = _log_softmax(logits[:, -1, :])[0]
+        return LMState(_frozen(h[:, 0]), _frozen(c[:, 0]), _frozen(last), len(input_ids) - 1)
 
     def word_id(self, word) -> int:
         """The id a word is scored as: ``</s>`` ends the sentence, an OOV word is ``<unk>``.
@@ -151,13 +167,16 @@ class Incremental:
 
     def next_logprobs(self, states: Sequence[LMState]) -> np.ndarray:
         """float32 [n, V]: each state's next-token log-probabilities (index with token ids)."""
+        if isinstance(states, LMState):
+            raise TypeError("next_logprobs takes a list of states; for one: next_logprobs([state])")
         states = self._check_states(states)
         if not states:
             return np.empty((0, len(self.vocab)), np.float32)
         return np.stack([s.logprobs for s in states])
 
     def generate(self, prefix: str = "", *, words: int = 20, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int | None = None) -> list[str]:
+                 top_k: int | None = None, seed: int | None = None,
+                 window: int = 4096) -> list[str]:
         """Sample up to ``words`` words after ``prefix`` by stepping the state.
 
         Stops early at ``</s>`` (then the last item is ``"</s>"``).  ``temperature`` 0 is
@@ -173,13 +192,14 @@ class Incremental:
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if top_k is not None:
             top_k = check_positive_int("top_k", top_k)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                                 or seed < 0):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be a non-negative integer or None, got {type(seed).__name__}")
+        if seed is not None and seed < 0:
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
         rng = np.random.default_rng(seed)
-        state = self.begin()
-        for word in self.vocab.words(prefix):
-            _, state = self.step(state, word)
+        ids = self.vocab.encode_words(self.vocab.words(prefix))
+        state = (self.state_after(np.concatenate([[BOS_ID], ids]).astype(np.int32), window)
+                 if len(ids) else self.begin())
         out: list[str] = []
         for _ in range(words):
             token = self._draw(state.logprobs, temperature, top_k, rng)

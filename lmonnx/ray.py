@@ -534,6 +534,22 @@ class RayEvaluator:
         else:
             self._model = [ray.put(data)]  # in a list: the actor fetches it, Ray keeps it alive
         self.num_actors = num_actors or self._default_actors()
+        self._check_fits()
+
+    def _check_fits(self) -> None:
+        """Ray waits forever for resources that never come: say so now, in one line."""
+        resources = ray.cluster_resources()
+        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+        need_cpus = self.num_actors * self.cpus_per_actor + READ_CPUS
+        if need_cpus > cpus + 1e-9:
+            raise ValueError(
+                f"{self.num_actors} actor(s) x {self.cpus_per_actor:g} CPU plus {READ_CPUS:g} "
+                f"for reading need {need_cpus:g} CPUs, the cluster has {cpus:g}; lower "
+                "--actors or --cpus-per-actor (fractions allowed)")
+        need_gpus = self.num_actors * self.gpus_per_actor
+        if need_gpus > gpus + 1e-9:
+            raise ValueError(f"{self.num_actors} actor(s) x {self.gpus_per_actor:g} GPU need "
+                             f"{need_gpus:g} GPUs, the cluster has {gpus:g}")
 
     def _default_actors(self) -> int:
         resources = ray.cluster_resources()

@@ -10,7 +10,17 @@ record that export puts into the model's metadata::
     model.keras          the best epoch by validation perplexity (by training loss without --valid)
     history.json         one record per finished epoch, best epoch, checkpoint pointer, status
     checkpoint-N.npz     model + optimizer state after epoch N (for --resume; only the newest)
-    training_curve.png   train and validation perplexity per epoch
+    training_curve.png   train and validation perplexity per epoch, the learning rate
+
+**history.json.**  ``{"status": "running" | "complete", "epochs": [record, ...], "best_epoch",
+"checkpoint", "learning_rate", "stopped_early"}``: ``learning_rate`` is the rate the next epoch
+trains with (after any decay on a plateau), ``stopped_early`` whether ``--patience`` ran out
+(the run is then ``complete``, and extending it trains nothing).  A record holds ``epoch``, ``train_loss``
+(mean NLL per token), ``train_perplexity``, ``train_tokens``, ``train_seconds``,
+``tokens_per_second``, ``learning_rate`` (the rate the epoch trained with),
+``epochs_without_improvement`` (0 for a new best) and, with a validation set, ``valid_nll``,
+``valid_tokens``, ``valid_perplexity``, ``valid_seconds``.  Runs written before the schedule
+lack the learning-rate and stopping keys; readers treat them as a constant rate, never stopped.
 
 **What a run owns.**  A run names a file in its manifest *before* it creates it and drops the
 name *after* deleting it, each time rewriting the manifest atomically, so the manifest always
@@ -61,7 +71,8 @@ STDIN = "-"
 STDIN_CORPUS = "<stdin>"
 """How ``config.json`` records a corpus that was read from standard input."""
 
-TRAINING_RECORD_SETTINGS = ("epochs", "batch_size", "learning_rate", "clipnorm", "dropout", "seed")
+TRAINING_RECORD_SETTINGS = ("epochs", "batch_size", "learning_rate", "clipnorm", "dropout", "seed",
+                            "sort_pool", "lr_decay", "patience")
 
 __all__ = ["RUN_FORMAT", "MANIFEST_FILE", "CONFIG_FILE", "VOCAB_FILE", "MODEL_FILE",
            "HISTORY_FILE", "CURVE_FILE", "FIXED_FILES", "STDIN_CORPUS", "RunDirError", "RunDir",
@@ -157,6 +168,8 @@ def training_record(config: dict, history: dict | None) -> dict:
     if history:
         epochs = history.get("epochs") or []
         record["epochs_trained"] = len(epochs)
+        if history.get("stopped_early"):
+            record["stopped_early"] = True
         best = history.get("best_epoch")
         if isinstance(best, int) and 1 <= best <= len(epochs):
             b = epochs[best - 1]

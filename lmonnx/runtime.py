@@ -112,6 +112,7 @@ class ModelSession:
             self.source = self.path
         else:
             raise TypeError(f"model must be a path or bytes, got {type(model).__name__}")
+        _session_options(num_threads)  # a bad thread count is the caller's error, not the model's
         self.num_threads = num_threads
         self.provider_note = ""
         wanted = [CPU]

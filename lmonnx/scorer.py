@@ -36,7 +36,7 @@ from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, Evaluator, Se
                              TokenScore, TokenWriter, check_positive_int, token_scores)
 from lmonnx.examples import ExampleBuilder
 from lmonnx.incremental import Incremental, LMState
-from lmonnx.metrics import perplexity_of
+from lmonnx.metrics import default_max_tokens, perplexity_of
 from lmonnx.runtime import ModelSession
 from lmonnx.vocab import BOS_ID, PAD_ID
 
@@ -118,6 +118,10 @@ class Scorer:
     def training(self) -> dict:
         return dict(self._session.metadata.training)
 
+    def _window(self) -> int:
+        """Positions per onnxruntime call for one long history (the batch budget)."""
+        return self.max_tokens or default_max_tokens(len(self.vocab))
+
     def _evaluator(self, corpus: str = "<lines>", *, keep_tokens: bool = False,
                    writers=()) -> Evaluator:
         return Evaluator(self._session, corpus=corpus, batch_size=self.batch_size,
@@ -130,7 +134,7 @@ class Scorer:
                             "score([sentence])[0] or perplexity(sentence)")
         for i, s in enumerate(sentences):
             yield self._examples.build(to_line(i, _check_sentence(s), "strict",
-                                               f"sentence {i}"))
+                                               f"sentence {i + 1}"))
 
     def score(self, sentences: Iterable) -> list[SentenceScore]:
         """One ``SentenceScore`` per sentence (``str`` or UTF-8 ``bytes``), in order.
@@ -159,8 +163,14 @@ class Scorer:
         """
         k = check_positive_int("k", k)
         (example,) = self._sentence_examples([_check_sentence(prefix, "prefix")])
-        ids = example.inputs[None, :]  # <s> w1 .. wn: the last position predicts the next word
-        logits = self._logits().logits(ids)[0, -1].astype(np.float64)
+        # <s> w1 .. wn: the last position predicts the next word.  A stateful model runs a
+        # long prefix in windows and keeps only the last distribution.
+        session = self._logits()
+        if session.stateful:
+            state = self._incremental.state_after(example.inputs, self._window())
+            logits = state.logprobs.astype(np.float64)
+        else:
+            logits = session.logits(example.inputs[None, :])[0, -1].astype(np.float64)
         logits[[PAD_ID, BOS_ID]] = -np.inf
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
@@ -226,7 +236,7 @@ class Scorer:
         """Sample up to ``words`` words after ``prefix`` (``"</s>"`` last if the model ended
         the sentence).  ``temperature=0`` is greedy; a ``seed`` makes it reproducible."""
         return self._incremental.generate(prefix, words=words, temperature=temperature,
-                                          top_k=top_k, seed=seed)
+                                          top_k=top_k, seed=seed, window=self._window())
 
     def __repr__(self) -> str:
         return (f"Scorer({self._session.name!r}, provider={self.provider!r}, "

@@ -1,11 +1,12 @@
-"""Pairs, windows, padding and length bucketing."""
+"""Pairs, windows, padding, length bucketing and training's pooled batches."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmonnx.batching import Batch, bucketed_batches, make_pair, pad_batch, split_windows
+from lmonnx.batching import (Batch, bucketed_batches, make_pair, pad_batch, pooled_batches,
+                             split_windows)
 from lmonnx.vocab import BOS_ID, EOS_ID
 
 
@@ -148,3 +149,94 @@ def test_bucketing_rejects_bad_budgets(kwargs):
 
 def test_bucketing_empty_input():
     assert list(bucketed_batches([], max_tokens=10, max_batch_size=2)) == []
+
+
+# ---- pooled batches (training) ------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=200), st.integers(1, 64), st.integers(1, 16),
+       st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_pooled_invariants(lengths, max_tokens, max_batch_size, pool_batches, seed):
+    items = [_item(i, n) for i, n in enumerate(lengths)]
+    batches = pooled_batches(items, max_tokens=max_tokens, max_batch_size=max_batch_size,
+                             pool_batches=pool_batches, rng=np.random.default_rng(seed))
+    seen = _collect(batches)
+    assert sorted(k for k, _, _ in seen) == list(range(len(items)))  # every item once, whole
+    for key, x, y in seen:
+        assert x == items[key][1].tolist() and y == items[key][2].tolist()
+    for b in batches:
+        assert 1 <= len(b.keys) <= max_batch_size
+        np.testing.assert_array_equal(b.mask, np.sign(b.inputs))
+        assert b.inputs.shape[1] == b.lengths.max()
+        if b.inputs.size > max_tokens:
+            assert len(b.keys) == 1 and b.lengths[0] > max_tokens
+
+
+def _epoch(items, seed, pool_batches, max_batch_size=16):
+    return pooled_batches(items, max_tokens=10_000, max_batch_size=max_batch_size,
+                          pool_batches=pool_batches, rng=np.random.default_rng(seed))
+
+
+def _corpus(n=2000, seed=1):
+    rng = np.random.default_rng(seed)
+    return [_item(i, int(k), rng) for i, k in enumerate(rng.geometric(0.08, n))]
+
+
+def test_pool_of_one_batch_is_random_order():
+    """pool_batches=1: consecutive runs of one shuffle, unsorted (the plain loop's batches)."""
+    items = _corpus(500)
+    batches = _epoch(items, 3, 1)
+    rng = np.random.default_rng(3)
+    order = rng.permutation(len(items)).tolist()
+    runs = [sorted(order[i:i + 16]) for i in range(0, len(order), 16)]
+    assert sorted(sorted(b.keys) for b in batches) == sorted(runs)
+
+
+def test_pools_sort_within_a_pool_only():
+    """Each pool of 4 batches' worth of shuffled items is sorted by length and cut into 4
+    batches: batches of one pool do not overlap in length, and the pools are random samples."""
+    items = _corpus(4096)
+    pool = 4 * 16
+    rng = np.random.default_rng(5)
+    order = rng.permutation(len(items))
+    pool_of = {int(k): i // pool for i, k in enumerate(order)}
+    batches = _epoch(items, 5, 4)
+    assert len(batches) == len(items) // 16
+    by_pool: dict = {}
+    for b in batches:
+        pools = {pool_of[k] for k in b.keys}
+        assert len(pools) == 1 and len(b.keys) == 16
+        by_pool.setdefault(pools.pop(), []).append(b)
+    for group in by_pool.values():
+        group.sort(key=lambda b: b.lengths.min())
+        for lo, hi in zip(group, group[1:]):
+            assert lo.lengths.max() <= hi.lengths.min()
+    # the epoch's batch order is shuffled: batches of one pool are not yielded together
+    first_pools = [pool_of[b.keys[0]] for b in batches[:8]]
+    assert len(set(first_pools)) > 2
+
+
+def test_pooled_padding_between_random_and_full_sort():
+    items = _corpus(4096)
+
+    def padding(batches):
+        return 1 - sum(b.tokens for b in batches) / sum(b.inputs.size for b in batches)
+
+    random_order = padding(_epoch(items, 0, 1))
+    pools = padding(_epoch(items, 0, 4))
+    full = padding(_epoch(items, 0, 4096))
+    assert full < pools < 0.7 * random_order
+
+
+def test_pooled_batches_are_a_function_of_the_seed():
+    items = _corpus(600)
+
+    def run(seed):
+        return [(b.keys, b.inputs.tolist()) for b in _epoch(items, seed, 4)]
+
+    assert run([7, 1]) == run([7, 1])  # (seed, epoch), as the trainer seeds it
+    assert run([7, 1]) != run([7, 2])
+    assert _epoch([], 0, 4) == []
+    with pytest.raises(ValueError, match="pool_batches"):
+        pooled_batches(items, max_tokens=10, max_batch_size=4, pool_batches=0,
+                       rng=np.random.default_rng(0))

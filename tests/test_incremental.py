@@ -202,6 +202,21 @@ def test_long_line_memory_is_bounded_by_the_budget(tmp_path):
     assert tokens == 200_001 and peak_mib < 1024
 
 
+def test_a_long_prefix_runs_in_windows_for_predict_and_generate(model):
+    prefix = " ".join(np.random.default_rng(3).choice(WORDS, size=3000))
+    small = Scorer(model, providers="cpu", max_tokens=256)  # 12 windows
+    big = Scorer(model, providers="cpu", max_tokens=10**6)
+    a, b = small.predict_next(prefix, k=5), big.predict_next(prefix, k=5)
+    assert [w for w, _ in a] == [w for w, _ in b]
+    assert [p for _, p in a] == pytest.approx([p for _, p in b], rel=1e-4)
+    assert small.generate(prefix, words=5, temperature=0) == big.generate(prefix, words=5,
+                                                                          temperature=0)
+    state = small.begin()
+    assert "words=0" in repr(state) and len(repr(state)) < 100
+    with pytest.raises(TypeError, match="list of states"):
+        small.next_logprobs(state)
+
+
 # ---- generation ------------------------------------------------------------------------------
 
 def test_generation_is_reproducible_and_greedy_at_temperature_0(scorer):

@@ -136,7 +136,8 @@ def test_predict_next_is_the_softmax_at_the_last_position(scorer):
     probs /= probs.sum()
     best = np.argsort(-probs)[:5]
     assert [w for w, _ in top] == [session.vocab.id_to_token(int(i)) for i in best]
-    assert [p for _, p in top] == pytest.approx(probs[best].tolist(), rel=1e-9)
+    # stateful models read the distribution from the state (a float32 log-softmax)
+    assert [p for _, p in top] == pytest.approx(probs[best].tolist(), rel=1e-6)
     assert all(w not in ("<pad>", "<s>") for w, _ in scorer.predict_next("the", k=len(WORDS) + 2))
 
 

@@ -2,9 +2,32 @@
 
     corpus --read once (lmonnx.corpus)--> lines --Vocabulary.fit--> vocab.json
            --ExampleBuilder (lmonnx.examples), split_windows(max_length)--> training windows
-    each epoch: shuffle (rng seeded by (seed, epoch)) --bucketed_batches--> padded batches
-           --Adam on (summed masked NLL / tokens), global-norm clipping--> weights
+    each epoch: rng seeded by (seed, epoch) --pooled_batches: shuffle, sort by length only
+           within random pools of sort_pool batches, shuffle the batches--> padded batches
+           --Adam on (summed masked NLL / the epoch's mean tokens per batch), global-norm
+           clipping--> weights
            --validation: full sentences, token-weighted exp(sum NLL / tokens)--> history.json
+           --no improvement: learning rate / lr_decay; patience epochs without one: stop
+
+Convergence (DESIGN.md, "Training quality").  Two things decide whether length-sorted batches
+cost convergence, and the trainer handles both:
+
+- *which sentences share a batch*: fully sorted buckets put sentences of one length in each
+  batch, a biased sample at every step; pools of a few batches (``sort_pool``, default 4) keep
+  most of the padding saving while every batch is still drawn from a random sample;
+- *how much each token weighs*: with the loss divided by each batch's own token count, a token
+  in a batch of short sentences weighs several times one in a batch of long ones, so the
+  objective over an epoch is no longer the corpus NLL.  The loss is divided instead by one
+  number per epoch, its mean tokens per batch: every token weighs the same, as in the course's
+  ``reduce_sum``, and the step size stays that of a per-token mean.
+
+Schedule and stopping.  After each epoch the selection loss (validation NLL per token; the
+training loss without a validation set) either improves on the best so far -- the epoch is
+saved as ``model.keras`` -- or not, and then the learning rate is divided by ``lr_decay`` for
+the next epoch (pytorch's word_language_model anneals by 4 the same way; 1 keeps it constant).
+With ``patience`` N > 0 training stops after N epochs in a row without improvement.  Both are
+recorded in ``history.json`` (each epoch's ``learning_rate`` and ``epochs_without_improvement``,
+the run's next ``learning_rate`` and ``stopped_early``) and drawn in the training curve.
 
 The run directory (file names, config and history schema, checkpoints, the manifest of what a
 run owns) is described in :mod:`lmonnx.rundir`; this module keeps the training loop.
@@ -36,12 +59,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from lmonnx.atomic import atomic_path
-from lmonnx.batching import Batch, bucketed_batches, split_windows
+from lmonnx.batching import Batch, bucketed_batches, pooled_batches, split_windows
 from lmonnx.corpus import require_sentences
 from lmonnx.examples import ExampleBuilder
 from lmonnx.metrics import default_max_tokens, perplexity_of
@@ -51,6 +74,8 @@ from lmonnx.rundir import (CURVE_FILE, MODEL_FILE, RUN_FORMAT, STDIN, STDIN_CORP
 from lmonnx.vocab import PRESETS, SPECIAL_TOKENS, TokenizerOptions, Vocabulary
 
 DEFAULT_EPOCHS = 5
+DEFAULT_SORT_POOL = 4
+DEFAULT_LR_DECAY = 4.0
 SEED_MAX = 2**32 - 1
 """The largest seed NumPy's legacy generator (which ``keras.utils.set_random_seed`` seeds) takes."""
 MAX_MEAN_NLL = 709.0
@@ -71,6 +96,10 @@ class TrainConfig:
     ``clipnorm`` clips the global gradient norm (0 turns clipping off).  ``epochs`` None means
     :data:`DEFAULT_EPOCHS` for a new run and the stored value when resuming; a number larger
     than a resumed run's extends it.  ``seed`` is an integer from 0 to 2**32 - 1.
+    ``sort_pool``: batches are sorted by length only within random pools of this many batches
+    (1: random order, no sorting).  ``lr_decay``: divide the learning rate by this after an
+    epoch without improvement (1: constant).  ``patience``: stop after this many epochs in a
+    row without improvement (0: never).
     """
 
     tokenizer: str = "keras"
@@ -85,6 +114,9 @@ class TrainConfig:
     learning_rate: float = 1e-2
     clipnorm: float = 5.0
     seed: int = 0
+    sort_pool: int = DEFAULT_SORT_POOL
+    lr_decay: float = DEFAULT_LR_DECAY
+    patience: int = 0
 
     def validate(self) -> None:
         """``ValueError`` naming the flag for the first setting out of range."""
@@ -96,7 +128,9 @@ class TrainConfig:
                 ("--units", self.num_lstm_units, 1, None),
                 ("--layers", self.num_lstm_layers, 1, None),
                 ("--epochs", DEFAULT_EPOCHS if self.epochs is None else self.epochs, 1, None),
-                ("--batch-size", self.batch_size, 1, None))
+                ("--batch-size", self.batch_size, 1, None),
+                ("--sort-pool", self.sort_pool, 1, "1 = random order"),
+                ("--patience", self.patience, 0, "0 = never stop early"))
         for flag, value, low, why in ints:
             if not _is_int(value) or value < low:
                 extra = f" ({why})" if why else ""
@@ -111,6 +145,9 @@ class TrainConfig:
             raise ValueError(f"--learning-rate must be a positive number; got {self.learning_rate!r}")
         if not (_is_real(self.clipnorm) and self.clipnorm >= 0 and math.isfinite(self.clipnorm)):
             raise ValueError(f"--clipnorm must be >= 0 (0 = no clipping); got {self.clipnorm!r}")
+        if not (_is_real(self.lr_decay) and self.lr_decay >= 1 and math.isfinite(self.lr_decay)):
+            raise ValueError(f"--lr-decay must be a number >= 1 (1 = constant learning rate); "
+                             f"got {self.lr_decay!r}")
         if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
             raise ValueError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1); "
                              f"got {self.seed!r}")
@@ -120,8 +157,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The settings stored in a run's config.json.  A run from before the learning-rate
+        schedule (no ``lr_decay`` stored) keeps a constant rate and never stops early."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        stored = {k: v for k, v in d.items() if k in names}
+        stored.setdefault("lr_decay", 1.0)
+        return cls(**stored)
 
 
 def _is_int(value) -> bool:
@@ -178,12 +219,17 @@ def sentence_items(vocab: Vocabulary, lines: Iterable) -> list:
 
 
 def _epoch_batches(items: list, config: TrainConfig, epoch: int) -> list[Batch]:
-    """Epoch ``epoch`` (1-based): a shuffle that depends only on (seed, epoch), bucketed."""
+    """Epoch ``epoch`` (1-based): batches sorted by length within random pools of
+    ``config.sort_pool`` batches, in random order; a function of (seed, epoch) only."""
     rng = np.random.default_rng([config.seed, epoch])
-    order = rng.permutation(len(items))
-    return list(bucketed_batches((items[i] for i in order),
-                                 max_tokens=config.batch_size * config.max_length,
-                                 max_batch_size=config.batch_size, rng=rng))
+    return pooled_batches(items, max_tokens=config.batch_size * config.max_length,
+                          max_batch_size=config.batch_size, pool_batches=config.sort_pool,
+                          rng=rng)
+
+
+def _loss_scale(batches: list[Batch]) -> float:
+    """The epoch's mean tokens per batch: what every batch's summed loss is divided by."""
+    return sum(b.tokens for b in batches) / len(batches)
 
 
 # ---- TensorFlow steps ----------------------------------------------------------------------
@@ -193,15 +239,16 @@ def _make_steps(model, optimizer):
 
     spec = tf.TensorSpec((None, None), tf.int32)
 
-    @tf.function(input_signature=(spec, spec))
-    def train_step(inputs, targets):
+    @tf.function(input_signature=(spec, spec, tf.TensorSpec((), tf.float32)))
+    def train_step(inputs, targets, loss_scale):
         with tf.GradientTape() as tape:
             lstm_outputs, binary_sequences = model.run_lstm(inputs, training=True)
             loss_sum = model.calculate_loss(lstm_outputs, binary_sequences, targets)
             tokens = tf.math.reduce_sum(tf.cast(binary_sequences, tf.float32))
-            # The course minimised the sum; the per-token mean makes the step size (and the
-            # clipping threshold) independent of how many tokens a bucketed batch holds.
-            loss = loss_sum / tokens
+            # The course minimised the sum; dividing it by one number per epoch (the mean
+            # tokens per batch) keeps every token's weight equal, whatever its batch holds,
+            # with the step size (and clipping threshold) of a per-token mean.
+            loss = loss_sum / loss_scale
         variables = model.trainable_variables
         grads = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(grads, variables))
@@ -242,7 +289,7 @@ def _set_seed(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def _plot_curve(path: Path, history: list[dict]) -> None:
+def _plot_curve(path: Path, history: list[dict], stopped_early: bool = False) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -253,14 +300,23 @@ def _plot_curve(path: Path, history: list[dict]) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, floats("train_perplexity"), "o-", label="train (dropout on)")
+    lines = ax.plot(epochs, floats("train_perplexity"), "o-", label="train (dropout on)")
     if any(h.get("valid_tokens") for h in history):
-        ax.plot(epochs, floats("valid_perplexity"), "s-", label="validation")
+        lines += ax.plot(epochs, floats("valid_perplexity"), "s-", label="validation")
     ax.set_xlabel("epoch")
     ax.set_ylabel("perplexity (exp mean NLL per token)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    rates = [h.get("learning_rate") for h in history]
+    if all(r is not None for r in rates):  # runs from before the schedule have none
+        lr_ax = ax.twinx()
+        lines += lr_ax.step(epochs, rates, "--", where="mid", color="0.5", label="learning rate")
+        lr_ax.set_yscale("log")
+        lr_ax.set_ylabel("learning rate")
+    if stopped_early:
+        lines.append(ax.axvline(epochs[-1], color="r", alpha=0.4,
+                                label=f"stopped early (epoch {epochs[-1]})"))
+    ax.legend(lines, [line.get_label() for line in lines])
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
@@ -290,7 +346,8 @@ def _ppl(value) -> str:
 # ---- the run -------------------------------------------------------------------------------
 
 def train(config: TrainConfig, corpus, valid=None, out_dir="run", errors: str = "strict",
-          resume: bool = False, force: bool = False) -> TrainResult:
+          resume: bool = False, force: bool = False,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ``LanguageModel`` on ``corpus`` (one sentence per line; ``"-"``: standard input)
     into ``out_dir``.
 
@@ -300,6 +357,9 @@ def train(config: TrainConfig, corpus, valid=None, out_dir="run", errors: str = 
     only the files that run owns (see :mod:`lmonnx.rundir`).  User errors (bad settings,
     unreadable corpora, an occupied ``out_dir``) raise ``ValueError`` with a one-line message
     before anything is written; a non-finite loss raises ``ValueError`` during training.
+
+    ``on_epoch``, when given, is called with each finished epoch's record (as stored in
+    ``history.json``) after the epoch's files are written; benchmarks use it to interleave.
     """
     corpus = Path(corpus)
     valid = Path(valid) if valid is not None else None
@@ -314,7 +374,7 @@ def train(config: TrainConfig, corpus, valid=None, out_dir="run", errors: str = 
         require_sentences(valid, errors)
     if resume:
         run.check_resume()
-        return _resume(config, corpus, valid, run, errors)
+        return _resume(config, corpus, valid, run, errors, on_epoch)
     run.check_new(force)
 
     # Read everything and build the model before the first write, so bad input leaves nothing.
@@ -348,14 +408,15 @@ def train(config: TrainConfig, corpus, valid=None, out_dir="run", errors: str = 
         "valid_sha256": valid_source.sha256 if valid_source else None,
         "errors": errors,
     }
-    history_doc = {"status": "running", "epochs": [], "best_epoch": None, "checkpoint": None}
+    history_doc = {"status": "running", "epochs": [], "best_epoch": None, "checkpoint": None,
+                   "learning_rate": float(config.learning_rate), "stopped_early": False}
 
     run.start_new(force)  # the manifest first, then every file it lists
     vocab.save(run.claim(VOCAB_FILE))
     run.write_config(run_config)
     run.write_history(history_doc)
     return _fit(model, optimizer, config, vocab, items, valid_items, run, history_doc,
-                start_epoch=1)
+                start_epoch=1, on_epoch=on_epoch)
 
 
 def _build_model(config: TrainConfig, vocab_size: int):
@@ -438,7 +499,7 @@ def _resume_source(given: Path | None, stored: str | None, stored_sha: str | Non
 
 
 def _resume(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir,
-            errors: str) -> TrainResult:
+            errors: str, on_epoch=None) -> TrainResult:
     run_config = run.read_config()
     history_doc = run.read_history()
     if history_doc is None:
@@ -455,6 +516,11 @@ def _resume(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir,
     if target < done:
         raise ValueError(f"--epochs {target}: {run.path} has already trained {done} epochs "
                          "and a run cannot be shortened; start a new run instead")
+    if history_doc.get("stopped_early"):
+        print(f"{run.path}: run stopped early after epoch {done} (no improvement in "
+              f"{stored.patience} epochs, --patience {stored.patience}); nothing to resume")
+        return TrainResult(run.path, history_doc["epochs"], history_doc["best_epoch"],
+                           run_config["vocab_size"])
     if target == done:
         print(f"{run.path}: run already complete ({done} epochs); nothing to resume "
               "(pass a larger --epochs to extend it)")
@@ -477,6 +543,10 @@ def _resume(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir,
         if ckpt is None or not ckpt.is_file() or _load_checkpoint(ckpt, model, optimizer) != done:
             raise ValueError(f"{run.path}: checkpoint of epoch {done} is missing or does not "
                              "match history.json; start over with --force")
+        # The rate the next epoch trains with (the checkpoint holds it too; a run from before
+        # the schedule has none stored and keeps its constant rate).
+        optimizer.learning_rate.assign(history_doc.get("learning_rate",
+                                                       float(config.learning_rate)))
     run.adopt()  # a run from before manifests gets one now
     if target != stored.epochs:
         run_config["train"]["epochs"] = target
@@ -488,12 +558,12 @@ def _resume(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir,
     if done:
         print(f"resuming {run.path} after epoch {done} of {config.epochs}")
     return _fit(model, optimizer, config, vocab, items, valid_items, run, history_doc,
-                start_epoch=done + 1)
+                start_epoch=done + 1, on_epoch=on_epoch)
 
 
 def _fit(model, optimizer, config: TrainConfig, vocab: Vocabulary, items: list,
          valid_items: list | None, run: RunDir, history_doc: dict,
-         start_epoch: int) -> TrainResult:
+         start_epoch: int, on_epoch=None) -> TrainResult:
     train_step, eval_step = _make_steps(model, optimizer)
     n_tokens = sum(len(x) for _, x, _ in items)
     if start_epoch == 1:
@@ -501,7 +571,7 @@ def _fit(model, optimizer, config: TrainConfig, vocab: Vocabulary, items: list,
               f"{model.count_params()} parameters")
     try:
         _epochs(model, optimizer, config, items, valid_items, run, history_doc, train_step,
-                eval_step, start_epoch)
+                eval_step, start_epoch, on_epoch)
     except KeyboardInterrupt:
         done = len(history_doc["epochs"])
         print(f"interrupted after {done} finished epoch(s); continue with the same command "
@@ -530,20 +600,24 @@ def _check_loss(epoch: int, what: str, nll: float, tokens: int, config: TrainCon
 
 
 def _epochs(model, optimizer, config: TrainConfig, items: list, valid_items: list | None,
-            run: RunDir, history_doc: dict, train_step, eval_step, start_epoch: int) -> None:
-    """Train epochs ``start_epoch .. config.epochs``, recording each in ``history_doc``."""
+            run: RunDir, history_doc: dict, train_step, eval_step, start_epoch: int,
+            on_epoch=None) -> None:
+    """Train epochs ``start_epoch .. config.epochs`` (fewer when patience runs out),
+    recording each in ``history_doc``."""
     from tqdm.auto import tqdm
 
     history = history_doc["epochs"]
     best = history[history_doc["best_epoch"] - 1] if history_doc.get("best_epoch") else None
+    lr = float(history_doc.get("learning_rate", config.learning_rate))
     for epoch in range(start_epoch, config.epochs + 1):
         t0 = time.perf_counter()
         batches = _epoch_batches(items, config, epoch)
+        loss_scale = np.float32(_loss_scale(batches))
         nll_sum, tokens = 0.0, 0
         with tqdm(total=len(batches), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                   disable=None, leave=False) as bar:
             for i, batch in enumerate(batches):
-                loss_sum, n = train_step(batch.inputs, batch.targets)
+                loss_sum, n = train_step(batch.inputs, batch.targets, loss_scale)
                 loss_sum, n = float(loss_sum), int(n)
                 if not math.isfinite(loss_sum):
                     _check_loss(epoch, "training", loss_sum, n, config)
@@ -557,7 +631,8 @@ def _epochs(model, optimizer, config: TrainConfig, items: list, valid_items: lis
         record = {"epoch": epoch, "train_loss": nll_sum / tokens,
                   "train_perplexity": finite_or_none(perplexity_of(nll_sum, tokens)),
                   "train_tokens": tokens, "train_seconds": round(train_seconds, 3),
-                  "tokens_per_second": round(tokens / train_seconds, 1)}
+                  "tokens_per_second": round(tokens / train_seconds, 1),
+                  "learning_rate": lr}
         if valid_items is not None:
             v0 = time.perf_counter()
             nll, n = evaluate_nll(model, valid_items, eval_step=eval_step)
@@ -571,22 +646,39 @@ def _epochs(model, optimizer, config: TrainConfig, items: list, valid_items: lis
         if improved:
             best = record
             _save_model_atomic(model, run.claim(MODEL_FILE))
+        record["epochs_without_improvement"] = stale = epoch - best["epoch"]
         history.append(record)
+        # The plateau rule: an epoch that did not improve divides the next epoch's rate.
+        if not improved and config.lr_decay != 1:
+            lr = lr / float(config.lr_decay)
+            optimizer.learning_rate.assign(lr)
+        # Patience running out in the last epoch counts too: extending the run must not go on
+        # where a longer run would have stopped.
+        stop = bool(config.patience) and stale >= config.patience
         # Checkpoint first, then point history.json at it, then drop the older one: a crash
         # at any moment leaves a consistent (checkpoint, history) pair, and the manifest
         # names each checkpoint before it exists and until after it is gone.
         ckpt_name = checkpoint_name(epoch)
         _save_checkpoint(run.claim(ckpt_name), model, optimizer, epoch)
         previous = history_doc.get("checkpoint")
-        history_doc.update(best_epoch=best["epoch"], checkpoint=ckpt_name,
-                           status="complete" if epoch == config.epochs else "running")
+        history_doc.update(best_epoch=best["epoch"], checkpoint=ckpt_name, learning_rate=lr,
+                           stopped_early=stop,
+                           status="complete" if epoch == config.epochs or stop else "running")
         run.write_history(history_doc)
         if previous and previous != ckpt_name and checkpoint_epoch(previous) is not None:
             run.release(previous)
-        _plot_curve(run.claim(CURVE_FILE), history)
+        _plot_curve(run.claim(CURVE_FILE), history, stop)
         valid_text = (f"valid ppl {_ppl(record['valid_perplexity'])}"
                       if valid_items is not None else "no validation set")
+        after = ("  *best" if improved else
+                 f"  (no improvement; learning rate now {lr:.3g})" if config.lr_decay != 1
+                 else "  (no improvement)")
         print(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f} "
               f"(ppl {_ppl(record['train_perplexity'])}), {valid_text}, "
-              f"{train_seconds:.1f} s ({record['tokens_per_second']:.0f} tokens/s)"
-              + ("  *best" if improved else ""))
+              f"{train_seconds:.1f} s ({record['tokens_per_second']:.0f} tokens/s)" + after)
+        if on_epoch is not None:
+            on_epoch(record)
+        if stop:
+            print(f"stopping early: no improvement in {stale} epochs (--patience "
+                  f"{config.patience}); best epoch {best['epoch']}")
+            break
