@@ -258,3 +258,23 @@ def test_generate_from_the_command_line(model, capsys):
     assert first["words"] == Scorer(model, providers="cpu").generate("w1 w2", words=12, seed=5)
     assert main(["generate", "w1", "--temperature", "0", "--words", "3", "--model", str(model)]) == 0
     assert capsys.readouterr().out.startswith("w1 ")
+
+
+def test_stepping_200_ptb_sentences_gives_full_scores(ptb_dir, tmp_path):
+    """Real text with literal <unk> and OOVs: 200 PTB test sentences, word by word."""
+    from collections import Counter
+
+    counts = Counter(w for line in (ptb_dir / "ptb.valid.txt").read_text().split("\n")
+                     for w in line.split())
+    words = [w for w, _ in counts.most_common(2000) if w != "<unk>"]
+    path = tmp_path / "ptb_vocab.onnx"
+    build_random_lm(path, make_vocab(words), units=32, layers=2, seed=8)
+    scorer = Scorer(path, providers="cpu")
+    sentences = [s for s in (ptb_dir / "ptb.test.txt").read_text().split("\n") if s.strip()][:200]
+    worst, oovs = 0.0, 0
+    for sentence in sentences:
+        logprobs, _ = stepped(scorer, sentence)
+        full = scorer.full_scores(sentence)
+        oovs += sum(t.is_oov for t in full)
+        worst = max(worst, max(abs(a - t.logprob) for a, t in zip(logprobs, full)))
+    assert worst < 1e-4 and oovs > 100
