@@ -7,10 +7,10 @@ the same training windows, with the same optimizer (Adam, global-norm clipping),
 schedule (divided by ``--lr-decay`` after an epoch whose validation perplexity did not improve;
 1 keeps it constant) and number of epochs:
 
-  lmonnx  ``lmonnx.train.trainer.train``, the trainer ``lmonnx train`` runs: batches sorted by
-          length within random pools of ``--sort-pool`` batches, in random order, each one's
-          summed NLL divided by its pool's mean tokens per batch, the output layer computed
-          at real (unpadded) positions only;
+  lmonnx  ``lmonnx.train.trainer.train``, the trainer ``lmonnx train`` runs: random-order
+          batches (with ``--sort-pool N`` > 1: sorted by length within random pools of N
+          batches, each one's summed NLL divided by its pool's mean tokens per batch), the
+          output layer and loss computed at real (unpadded) positions only;
   plain   the simplest loop: each epoch one random permutation (seeded by (seed, epoch)) cut
           into consecutive batches of ``batch_size`` windows, each padded to its longest,
           ``model(inputs)`` logits at every position and the masked mean NLL per batch in a

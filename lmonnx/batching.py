@@ -35,15 +35,17 @@ training, :func:`split_windows` cuts sentences longer than ``max_length`` into c
 windows first, so no token is dropped either (the LSTM state restarts at each window).
 
 Training does not sort a whole chunk: every batch would then hold sentences of one length, and
-the gradient would see a biased sample at every step. :func:`pooled_batches` sorts only within
-random pools of a few batches (DESIGN.md, "Training quality")::
+the gradient would see a biased sample at every step. :func:`pooled_batches` draws random
+batches, or, with ``pool_batches`` > 1, sorts only within random pools of a few batches
+(DESIGN.md, "Training quality"; the trainer's default is random order, see
+``lmonnx.train.trainer``)::
 
     shuffled items    | pool 1 (4 batches' worth) | pool 2 | pool 3 | ...
     each pool         sorted by length, cut into batches (short ... long)
     the epoch         every pool's batches, in one random order
 
-A batch then holds a random quarter (for pools of 4) of a random sample, ordered by length:
-padding drops to a fraction of random order's, while the batches still mix lengths.
+A batch then holds a length quarter (for pools of 4) of a random sample: padding drops to a
+fraction of random order's, but each batch's sentences are of similar length.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ class Batch:
     """B pairs padded to the longest, T positions.
 
     inputs, targets: int32 [B, T], 0 after each row's length; mask: float32 [B, T] = sign(inputs);
-    lengths: int64 [B]; keys: one caller-given key per row, in row order.
+    lengths: int64 [B]; keys: one caller-given key per row, in row order; pool: the number of
+    the training pool it was cut from (:func:`pooled_batches`), None otherwise.
     """
 
     inputs: np.ndarray
@@ -98,6 +101,7 @@ class Batch:
     mask: np.ndarray
     lengths: np.ndarray
     keys: list = field(default_factory=list)
+    pool: int | None = None
 
     @property
     def tokens(self) -> int:
@@ -211,10 +215,11 @@ def pooled_batches(items: Sequence[tuple[object, np.ndarray, np.ndarray]], *, ma
     max_batch_size`` items, each pool is sorted by length (ties keep the shuffled order) and
     cut into batches as :func:`bucketed_batches` does (``B * T_max <= max_tokens``, ``B <=
     max_batch_size``, an item longer than ``max_tokens`` alone), and the batches of all pools
-    are yielded in one random order.  ``pool_batches=1`` is plain random batching: consecutive
-    runs of the shuffled items, each padded to its longest.  Every item appears in exactly one
-    batch, and the result depends only on ``items`` and the state of ``rng``, so an epoch's
-    batches are a function of the generator's seed.
+    are returned in one random order, each with ``pool`` set to its pool's number (0, 1, ..).
+    ``pool_batches=1`` is plain random batching: consecutive runs of the shuffled items, each
+    padded to its longest.  Every item appears in exactly one batch, and the result depends
+    only on ``items`` and the state of ``rng``, so an epoch's batches are a function of the
+    generator's seed.
     """
     max_tokens = _check_positive("max_tokens", max_tokens)
     max_batch_size = _check_positive("max_batch_size", max_batch_size)
@@ -222,8 +227,10 @@ def pooled_batches(items: Sequence[tuple[object, np.ndarray, np.ndarray]], *, ma
     order = rng.permutation(len(items))
     pool = pool_batches * max_batch_size
     batches: list[Batch] = []
-    for start in range(0, len(order), pool):
+    for number, start in enumerate(range(0, len(order), pool)):
         chunk = [items[i] for i in order[start:start + pool]]
         # One chunk per pool; without rng the sort is stable, so ties keep the shuffled order.
-        batches.extend(_bucketed(iter(chunk), max_tokens, max_batch_size, len(chunk), None))
+        for batch in _bucketed(iter(chunk), max_tokens, max_batch_size, len(chunk), None):
+            batch.pool = number
+            batches.append(batch)
     return [batches[i] for i in rng.permutation(len(batches))]

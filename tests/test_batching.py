@@ -205,7 +205,7 @@ def test_pools_sort_within_a_pool_only():
     by_pool: dict = {}
     for b in batches:
         pools = {pool_of[k] for k in b.keys}
-        assert len(pools) == 1 and len(b.keys) == 16
+        assert pools == {b.pool} and len(b.keys) == 16  # one pool each, and it says which
         by_pool.setdefault(pools.pop(), []).append(b)
     for group in by_pool.values():
         group.sort(key=lambda b: b.lengths.min())

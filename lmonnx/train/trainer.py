@@ -2,24 +2,28 @@
 
     corpus --read once (lmonnx.corpus)--> lines --Vocabulary.fit--> vocab.json
            --ExampleBuilder (lmonnx.examples), split_windows(max_length)--> training windows
-    each epoch: rng seeded by (seed, epoch) --pooled_batches: shuffle, sort by length only
-           within random pools of sort_pool batches, shuffle the batches--> padded batches
-           --Adam on (summed masked NLL / the epoch's mean tokens per batch), global-norm
-           clipping--> weights
+    each epoch: rng seeded by (seed, epoch) --pooled_batches: shuffle, cut into batches
+           (sorted by length within random pools of sort_pool batches when sort_pool > 1),
+           shuffle the batches--> padded batches
+           --Adam on (summed masked NLL / its pool's mean tokens per batch: with the default
+           sort_pool 1, each batch's own token count), global-norm clipping--> weights
            --validation: full sentences, token-weighted exp(sum NLL / tokens)--> history.json
            --no improvement: learning rate / lr_decay; patience epochs without one: stop
 
-Convergence (DESIGN.md, "Training quality").  Two things decide whether length-sorted batches
-cost convergence, and the trainer handles both:
-
-- *which sentences share a batch*: fully sorted buckets put sentences of one length in each
-  batch, a biased sample at every step; pools of a few batches (``sort_pool``, default 4) keep
-  most of the padding saving while every batch is still drawn from a random sample;
-- *how much each token weighs*: with the loss divided by each batch's own token count, a token
-  in a batch of short sentences weighs several times one in a batch of long ones, so the
-  objective over an epoch is no longer the corpus NLL.  The loss is divided instead by one
-  number per epoch, its mean tokens per batch: every token weighs the same, as in the course's
-  ``reduce_sum``, and the step size stays that of a per-token mean.
+Convergence (DESIGN.md, "Training quality").  By default the batches are those of the plain
+loop: one shuffle per epoch cut into batches of ``batch_size`` windows, each padded to its
+longest, the masked NLL per token of each batch minimised; the speed comes from computing the
+output layer at real positions only (``LanguageModel.calculate_loss``).  Sorting by length
+saves the LSTM's padded steps but changes what a step sees, and ``sort_pool`` N > 1 trades the
+two: each pool of N batches' worth of shuffled windows is sorted by length before it is cut,
+and each batch's summed NLL is divided by its pool's mean tokens per batch, so every token of
+a pool weighs the same (dividing by each batch's own count would weigh a token in a batch of
+short sentences several times one in a batch of long ones; with N = 1 the two agree).
+Measured with ``benchmarks/train_table.py`` (README, "Benchmarks"): on the synthetic corpus
+pools of 4 train 2x faster per epoch at a test perplexity within seed noise of random order,
+but on PTB they train 1.4x faster and converge markedly slower (4-33% higher test perplexity
+after 3 epochs over three seeds, 8% after 10 epochs for one), so random order is the default
+and pools are an option.
 
 Schedule and stopping.  After each epoch the selection loss (validation NLL per token; the
 training loss without a validation set) either improves on the best so far -- the epoch is
@@ -74,7 +78,7 @@ from lmonnx.rundir import (CURVE_FILE, MODEL_FILE, RUN_FORMAT, STDIN, STDIN_CORP
 from lmonnx.vocab import PRESETS, SPECIAL_TOKENS, TokenizerOptions, Vocabulary
 
 DEFAULT_EPOCHS = 5
-DEFAULT_SORT_POOL = 4
+DEFAULT_SORT_POOL = 1
 DEFAULT_LR_DECAY = 4.0
 SEED_MAX = 2**32 - 1
 """The largest seed NumPy's legacy generator (which ``keras.utils.set_random_seed`` seeds) takes."""
@@ -96,8 +100,8 @@ class TrainConfig:
     ``clipnorm`` clips the global gradient norm (0 turns clipping off).  ``epochs`` None means
     :data:`DEFAULT_EPOCHS` for a new run and the stored value when resuming; a number larger
     than a resumed run's extends it.  ``seed`` is an integer from 0 to 2**32 - 1.
-    ``sort_pool``: batches are sorted by length only within random pools of this many batches
-    (1: random order, no sorting).  ``lr_decay``: divide the learning rate by this after an
+    ``sort_pool``: batches are sorted by length within random pools of this many batches
+    (1, the default: random order, no sorting; faster, but see "Convergence" above).  ``lr_decay``: divide the learning rate by this after an
     epoch without improvement (1: constant).  ``patience``: stop after this many epochs in a
     row without improvement (0: never).
     """
@@ -219,17 +223,28 @@ def sentence_items(vocab: Vocabulary, lines: Iterable) -> list:
 
 
 def _epoch_batches(items: list, config: TrainConfig, epoch: int) -> list[Batch]:
-    """Epoch ``epoch`` (1-based): batches sorted by length within random pools of
-    ``config.sort_pool`` batches, in random order; a function of (seed, epoch) only."""
+    """Epoch ``epoch`` (1-based): random batches (sorted by length within random pools of
+    ``config.sort_pool`` batches when that is > 1), in random order; a function of (seed,
+    epoch) only."""
     rng = np.random.default_rng([config.seed, epoch])
     return pooled_batches(items, max_tokens=config.batch_size * config.max_length,
                           max_batch_size=config.batch_size, pool_batches=config.sort_pool,
                           rng=rng)
 
 
-def _loss_scale(batches: list[Batch]) -> float:
-    """The epoch's mean tokens per batch: what every batch's summed loss is divided by."""
-    return sum(b.tokens for b in batches) / len(batches)
+def _loss_scales(batches: list[Batch]) -> list[np.float32]:
+    """What each batch's summed loss is divided by: its pool's mean tokens per batch.
+
+    A pool holds what the plain loop's batches hold, a random sample; within it the token
+    counts of the length-sorted batches differ several-fold, and dividing each by their common
+    mean weighs every token of the pool alike (the course's sum), where each batch's own count
+    would weigh a token in a batch of short sentences several times one in a batch of long
+    ones.  With pools of one batch this is the plain per-token mean of each batch."""
+    totals: dict = {}
+    for b in batches:
+        tokens, count = totals.get(b.pool, (0, 0))
+        totals[b.pool] = (tokens + b.tokens, count + 1)
+    return [np.float32(totals[b.pool][0] / totals[b.pool][1]) for b in batches]
 
 
 # ---- TensorFlow steps ----------------------------------------------------------------------
@@ -245,9 +260,9 @@ def _make_steps(model, optimizer):
             lstm_outputs, binary_sequences = model.run_lstm(inputs, training=True)
             loss_sum = model.calculate_loss(lstm_outputs, binary_sequences, targets)
             tokens = tf.math.reduce_sum(tf.cast(binary_sequences, tf.float32))
-            # The course minimised the sum; dividing it by one number per epoch (the mean
-            # tokens per batch) keeps every token's weight equal, whatever its batch holds,
-            # with the step size (and clipping threshold) of a per-token mean.
+            # The course minimised the sum; dividing it by the mean tokens per batch of the
+            # batch's pool (see _loss_scales) keeps every token's weight equal, whatever its
+            # batch holds, with the step size (and clipping threshold) of a per-token mean.
             loss = loss_sum / loss_scale
         variables = model.trainable_variables
         grads = tape.gradient(loss, variables)
@@ -612,12 +627,12 @@ def _epochs(model, optimizer, config: TrainConfig, items: list, valid_items: lis
     for epoch in range(start_epoch, config.epochs + 1):
         t0 = time.perf_counter()
         batches = _epoch_batches(items, config, epoch)
-        loss_scale = np.float32(_loss_scale(batches))
+        loss_scales = _loss_scales(batches)
         nll_sum, tokens = 0.0, 0
         with tqdm(total=len(batches), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                   disable=None, leave=False) as bar:
             for i, batch in enumerate(batches):
-                loss_sum, n = train_step(batch.inputs, batch.targets, loss_scale)
+                loss_sum, n = train_step(batch.inputs, batch.targets, loss_scales[i])
                 loss_sum, n = float(loss_sum), int(n)
                 if not math.isfinite(loss_sum):
                     _check_loss(epoch, "training", loss_sum, n, config)
