@@ -242,8 +242,8 @@ def _check_outputs(outputs: dict[str, Path | None], inputs: list[Path], force: b
         if identity in protected:
             raise ValueError(f"{flag} {path} is an input of this command "
                              f"({protected[identity]}); choose another file")
-        key = ("fd", descriptor_of(path)) if descriptor_of(path) is not None else (
-            identity or Path(path).resolve())
+        fd = descriptor_of(path)
+        key = ("fd", fd) if fd is not None else (identity or Path(path).resolve())
         if key in seen:
             raise ValueError(f"{seen[key]} and {flag} name the same file {path}")
         seen[key] = flag

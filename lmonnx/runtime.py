@@ -131,7 +131,7 @@ class ModelSession:
             raw = source if isinstance(source, bytes) else Path(source).read_bytes()
             try:
                 source, self._declared_width = add_loss_head(raw)
-            except ImportError:
+            except ImportError:  # onnx missing: say which extra, not "unreadable model"
                 raise
             except Exception as exc:  # a file onnx cannot parse: the session would say so too
                 raise ArtifactError(f"{self.name} is not a readable ONNX model: "
@@ -154,7 +154,7 @@ class ModelSession:
             self.provider_note = f"CUDA not used: {note}"
             if self.loss_head and loss_head is None:  # the head was only there for CUDA
                 self.loss_head, self._declared_width = False, None
-                source = self.path and str(self.path) or raw
+                source = raw
             self._open(source, [CPU])
         if self.provider_note:
             log.debug("%s: %s; running on CPU", self.name, self.provider_note)
