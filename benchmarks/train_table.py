@@ -1,23 +1,30 @@
 """Training side by side, in one process: ``lmonnx train`` vs a plain Keras loop.
 
     python benchmarks/train_table.py [--corpus synth|ptb|all] [--seeds 0,1,2] [--work DIR]
+                                     [--no-pack [--sort-pool N]]
 
 Both train the same ``LanguageModel`` (same initial weights: the same seed builds both), on
 the same training windows, with the same optimizer (Adam, global-norm clipping), learning-rate
 schedule (divided by ``--lr-decay`` after an epoch whose validation perplexity did not improve;
 1 keeps it constant) and number of epochs:
 
-  lmonnx  ``lmonnx.train.trainer.train``, the trainer ``lmonnx train`` runs: random-order
-          batches (with ``--sort-pool N`` > 1: sorted by length within random pools of N
-          batches, each one's summed NLL divided by its pool's mean tokens per batch), the
-          output layer and loss computed at real (unpadded) positions only;
+  lmonnx  ``lmonnx.train.trainer.train``, the trainer ``lmonnx train`` runs: the plain loop's
+          batches in the plain loop's order (the same shuffle of (seed, epoch)), each packed
+          end to end in fewer rows with the LSTM state reset at every window, the output
+          layer and loss computed at real (unpadded) positions only; with ``--no-pack``
+          padded random batches (with ``--sort-pool N`` > 1: sorted by length within random
+          pools of N batches, each one's summed NLL divided by its pool's mean tokens per
+          batch);
   plain   the simplest loop: each epoch one random permutation (seeded by (seed, epoch)) cut
           into consecutive batches of ``batch_size`` windows, each padded to its longest,
           ``model(inputs)`` logits at every position and the masked mean NLL per batch in a
           ``tf.function`` (``GradientTape``, ``apply_gradients``).
 
-They run in lockstep (lmonnx's epoch k, then the plain loop's epoch k, through the trainer's
-``on_epoch`` hook), so load from other processes falls on both alike.  Per epoch the table
+With packing both take the same optimisation steps (same batches, same per-token mean loss,
+same gradient), so their perplexities differ only by float32 round-off growing over the run;
+the speed-up is packing's and the real-position output layer's.  They run in lockstep
+(lmonnx's epoch k, then the plain loop's epoch k, through the trainer's ``on_epoch`` hook), so
+load from other processes falls on both alike.  Per epoch the table
 shows validation perplexity (whole sentences, ``trainer.evaluate_nll`` for both) and training
 tokens/s (batching and steps; validation excluded) of each; then the test perplexity of each
 one's best validation epoch (for the synthetic corpus beside the true perplexity) and the
@@ -224,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the corpus's epochs")
     ap.add_argument("--sort-pool", type=int, default=None,
                     help="lmonnx's pool size in batches (default: the trainer's)")
+    ap.add_argument("--no-pack", dest="pack", action="store_false",
+                    help="lmonnx pads its random batches instead of packing them")
     ap.add_argument("--lr-decay", type=float, default=None,
                     help="plateau decay for both (default: the trainer's; 1 = constant)")
     ap.add_argument("--ptb", type=Path, default=PTB, help="folder with ptb.valid/test.txt")
@@ -242,6 +251,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = {k: v for k, v in (("sort_pool", args.sort_pool), ("lr_decay", args.lr_decay),
                                ("epochs", args.epochs)) if v is not None}
+    extra["pack"] = args.pack
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs; work folder {work}")
     all_results = []
     if args.corpus in ("synth", "all"):

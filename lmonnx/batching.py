@@ -35,10 +35,18 @@ training, :func:`split_windows` cuts sentences longer than ``max_length`` into c
 windows first, so no token is dropped either (the LSTM state restarts at each window).
 
 Training does not sort a whole chunk: every batch would then hold sentences of one length, and
-the gradient would see a biased sample at every step. :func:`pooled_batches` draws random
-batches, or, with ``pool_batches`` > 1, sorts only within random pools of a few batches
-(DESIGN.md, "Training quality"; the trainer's default is random order, see
-``lmonnx.train.trainer``)::
+the gradient would see a biased sample at every step.  The trainer's default is
+:func:`packed_batches`: the plain loop's random batches, each laid end to end in fewer rows by
+:func:`pack_rows`, with the LSTM state restarting at each sequence (``carry`` 0)::
+
+    random batch, padded (B = 4, T = 6)        packed (2 rows, T = 6)
+    [a a a a a a]                              [a a a a a a]    carry [0 1 1 1 1 1]
+    [b b 0 0 0 0]                              [c c c b b d]          [0 1 1 0 1 0]
+    [c c c 0 0 0]
+    [d 0 0 0 0 0]
+
+:func:`pooled_batches` (``lmonnx train --no-pack``) pads random batches, or, with
+``pool_batches`` > 1, sorts only within random pools of a few batches::
 
     shuffled items    | pool 1 (4 batches' worth) | pool 2 | pool 3 | ...
     each pool         sorted by length, cut into batches (short ... long)
@@ -234,3 +242,98 @@ def pooled_batches(items: Sequence[tuple[object, np.ndarray, np.ndarray]], *, ma
             batch.pool = number
             batches.append(batch)
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+@dataclass
+class PackedBatch:
+    """A training batch of sequences laid end to end in fewer rows (:func:`pack_rows`).
+
+    inputs, targets: int32 [R, T], 0 after each row's last sequence; carry: float32 [R, T],
+    0.0 where a sequence starts (the LSTM state restarts from zero there) and 1.0 elsewhere;
+    lengths: int64 [S], the S sequences' lengths in the order given; pool: as :class:`Batch`.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    carry: np.ndarray
+    lengths: np.ndarray
+    pool: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Real (scored) positions in the batch."""
+        return int(self.lengths.sum())
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the R * T positions that are padding."""
+        size = self.inputs.size
+        return 0.0 if size == 0 else 1.0 - self.tokens / size
+
+    def __len__(self) -> int:
+        """Sequences in the batch (not rows)."""
+        return self.lengths.shape[0]
+
+
+def pack_rows(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> PackedBatch:
+    """Lay (inputs, targets) pairs end to end in as few rows as first-fit decreasing finds,
+    each row as long as the longest pair.
+
+    A batch of random sentences padded to its longest is mostly padding when lengths vary (on
+    a corpus of mean length 10 and longest 35, three positions in four), and a recurrent step
+    costs the same for a padded row as for a real one.  Packed, the same sentences fill about a
+    third of the rows at the same number of steps; ``carry`` restarts the state at each
+    sequence's first position, so every sequence is computed exactly as alone from a zero
+    state, and the summed loss and its gradient are those of the padded batch::
+
+        pairs (lengths 5 3 2 4 1), T = 5    rows      inputs           carry
+                                            row 0  [a a a a a]      [0 1 1 1 1]
+                                            row 1  [d d d d e]      [0 1 1 1 0]
+                                            row 2  [b b b c c]      [0 1 1 0 1]
+    """
+    if len(pairs) == 0:
+        raise ValueError("cannot pack no pairs")
+    lengths = np.array([len(x) for x, _ in pairs], dtype=np.int64)
+    for r, (x, y) in enumerate(pairs):
+        if len(x) != len(y):
+            raise ValueError(f"pair {r}: inputs have {len(x)} positions, targets {len(y)}")
+    width = int(lengths.max())
+    if width == 0:
+        raise ValueError("cannot pack pairs of no positions")
+    fill: list[int] = []  # positions used in each row
+    placed: list[tuple[int, int, int]] = []  # (pair, row, start)
+    for i in np.argsort(-lengths, kind="stable"):  # longest first; ties keep the given order
+        n = int(lengths[i])
+        row = next((r for r, used in enumerate(fill) if used + n <= width), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        placed.append((int(i), row, fill[row]))
+        fill[row] += n
+    inputs = np.full((len(fill), width), PAD_ID, dtype=np.int32)
+    targets = np.full((len(fill), width), PAD_ID, dtype=np.int32)
+    carry = np.ones((len(fill), width), dtype=np.float32)
+    for i, row, start in placed:
+        x, y = pairs[i]
+        n = int(lengths[i])
+        inputs[row, start:start + n] = x
+        targets[row, start:start + n] = y
+        carry[row, start] = 0.0
+    return PackedBatch(inputs, targets, carry, lengths)
+
+
+def packed_batches(items: Sequence[tuple[object, np.ndarray, np.ndarray]], *, batch_size: int,
+                   rng: np.random.Generator) -> list[PackedBatch]:
+    """One training epoch of random batches, each packed (:func:`pack_rows`).
+
+    The items are shuffled once and cut into consecutive batches of ``batch_size`` items: the
+    plain loop's random-order batches, in the plain loop's order.  Each batch's ``pool`` is its
+    own number (it is its own sample).  A function of ``items`` and the state of ``rng``.
+    """
+    batch_size = _check_positive("batch_size", batch_size)
+    order = rng.permutation(len(items))
+    batches = []
+    for number, start in enumerate(range(0, len(order), batch_size)):
+        batch = pack_rows([items[i][1:] for i in order[start:start + batch_size]])
+        batch.pool = number
+        batches.append(batch)
+    return batches

@@ -95,9 +95,13 @@ def _build_parser() -> argparse.ArgumentParser:
                         "perplexity did not improve (1: constant rate)")
     p.add_argument("--patience", type=int, default=0,
                    help="stop after this many epochs in a row without improvement (0: never)")
+    p.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="pad each random batch to its longest window instead of packing its "
+                        "windows end to end in fewer rows (same batches, same gradient; "
+                        "packing is faster)")
     p.add_argument("--sort-pool", type=int, default=1,
-                   help="sort by length within random pools of this many batches: less "
-                        "padding, faster epochs, but slower convergence on real text "
+                   help="with --no-pack: sort by length within random pools of this many "
+                        "batches: less padding, but slower convergence on real text "
                         "(default 1: random order)")
     p.add_argument("--seed", type=int, default=0,
                    help="0 to 2**32-1; same seed, same data: same run")
@@ -205,7 +209,8 @@ def _cmd_train(args) -> None:
         num_lstm_units=args.units, num_lstm_layers=args.layers, dropout=args.dropout,
         embedding_dim=args.embedding_dim, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, clipnorm=args.clipnorm, seed=args.seed,
-        lr_decay=args.lr_decay, patience=args.patience, sort_pool=args.sort_pool)
+        lr_decay=args.lr_decay, patience=args.patience, sort_pool=args.sort_pool,
+        pack=args.pack)
     train(config, corpus=args.corpus, valid=args.valid, out_dir=args.out, errors=args.errors,
           resume=args.resume, force=args.force)
 

@@ -72,7 +72,7 @@ STDIN_CORPUS = "<stdin>"
 """How ``config.json`` records a corpus that was read from standard input."""
 
 TRAINING_RECORD_SETTINGS = ("epochs", "batch_size", "learning_rate", "clipnorm", "dropout", "seed",
-                            "sort_pool", "lr_decay", "patience")
+                            "pack", "sort_pool", "lr_decay", "patience")
 
 __all__ = ["RUN_FORMAT", "MANIFEST_FILE", "CONFIG_FILE", "VOCAB_FILE", "MODEL_FILE",
            "HISTORY_FILE", "CURVE_FILE", "FIXED_FILES", "STDIN_CORPUS", "RunDirError", "RunDir",

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmonnx.batching import (Batch, bucketed_batches, make_pair, pad_batch, pooled_batches,
-                             split_windows)
+from lmonnx.batching import (Batch, bucketed_batches, make_pair, pack_rows, packed_batches,
+                             pad_batch, pooled_batches, split_windows)
 from lmonnx.vocab import BOS_ID, EOS_ID
 
 
@@ -240,3 +240,73 @@ def test_pooled_batches_are_a_function_of_the_seed():
     with pytest.raises(ValueError, match="pool_batches"):
         pooled_batches(items, max_tokens=10, max_batch_size=4, pool_batches=0,
                        rng=np.random.default_rng(0))
+
+
+# ---- packed batches (training) ------------------------------------------------------------------
+
+def _unpack(batch):
+    """Each sequence of a PackedBatch as (inputs, targets) lists, read back through carry."""
+    out = []
+    for row in range(batch.inputs.shape[0]):
+        real = int(np.count_nonzero(batch.inputs[row]))
+        assert not batch.inputs[row, real:].any()  # padding only after the row's last sequence
+        starts = [t for t in range(real) if batch.carry[row, t] == 0.0]
+        assert starts[:1] == [0]
+        assert (batch.carry[row, real:] == 1.0).all()
+        for a, b in zip(starts, starts[1:] + [real]):
+            out.append((batch.inputs[row, a:b].tolist(), batch.targets[row, a:b].tolist()))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=80), st.integers(0, 2**32 - 1))
+def test_pack_rows_holds_every_pair_once_whole_with_its_state_restart(lengths, seed):
+    rng = np.random.default_rng(seed)
+    pairs = [_item(i, n - 1, rng)[1:] for i, n in enumerate(lengths)]
+    batch = pack_rows(pairs)
+    assert batch.inputs.dtype == batch.targets.dtype == np.int32
+    assert batch.carry.dtype == np.float32
+    assert batch.inputs.shape == batch.targets.shape == batch.carry.shape
+    assert batch.inputs.shape[1] == max(lengths)  # rows as long as the longest pair
+    assert batch.inputs.shape[0] <= len(pairs)
+    assert len(batch) == len(pairs) and batch.tokens == sum(lengths)
+    assert sorted(_unpack(batch)) == sorted((x.tolist(), y.tolist()) for x, y in pairs)
+    # first-fit decreasing: no two rows could have been merged into one
+    fill = np.count_nonzero(batch.inputs, axis=1)
+    assert all(a + b > max(lengths) for i, a in enumerate(fill) for b in fill[i + 1:])
+
+
+def test_pack_rows_fills_rows_first_fit_decreasing():
+    pairs = [_item(i, n - 1)[1:] for i, n in enumerate([5, 3, 2, 4, 1])]
+    batch = pack_rows(pairs)
+    assert batch.carry.tolist() == [[0, 1, 1, 1, 1], [0, 1, 1, 1, 0], [0, 1, 1, 0, 1]]
+    assert batch.padding_fraction == 0.0
+    assert pack_rows(pairs[:2]).padding_fraction == pytest.approx(2 / 10)
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ([], "no pairs"),
+    ([(np.zeros(0, np.int32), np.zeros(0, np.int32))], "no positions"),
+    ([(np.ones(3, np.int32), np.ones(2, np.int32))], "pair 0: inputs have 3 positions"),
+])
+def test_pack_rows_refuses_what_it_cannot_pack(pairs, message):
+    with pytest.raises(ValueError, match=message):
+        pack_rows(pairs)
+
+
+def test_packed_batches_are_the_plain_loops_batches_in_its_order():
+    """One shuffle, cut into consecutive batches: the plain loop's batches, same order."""
+    items = _corpus(500)
+    batches = packed_batches(items, batch_size=16, rng=np.random.default_rng(3))
+    order = np.random.default_rng(3).permutation(len(items))
+    assert [b.pool for b in batches] == list(range(len(batches)))
+    for b, start in zip(batches, range(0, len(items), 16)):
+        chosen = [items[i] for i in order[start:start + 16]]
+        assert sorted(_unpack(b)) == sorted((x.tolist(), y.tolist()) for _, x, y in chosen)
+    padded = sum(pad_batch([(x, y) for _, x, y in (items[i] for i in order[s:s + 16])]).inputs.size
+                 for s in range(0, len(items), 16))
+    assert sum(b.inputs.size for b in batches) < 0.6 * padded  # geometric lengths: far less padding
+    again = packed_batches(items, batch_size=16, rng=np.random.default_rng(3))
+    assert all((a.inputs == b.inputs).all() for a, b in zip(batches, again))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        packed_batches(items, batch_size=0, rng=np.random.default_rng(3))

@@ -24,6 +24,10 @@ Training keeps ``RNN(StackedRNNCells)``: on a CPU (no cuDNN) Keras runs a masked
 measured slower per training step (1.09x the time of the stacked cells for 2x128 over a
 104-word vocabulary, 1.05x for 2x200 over 10000 words; 2-core x86-64, Keras 3.15).
 
+``run_lstm_packed`` runs the same cells over packed training rows (several windows end to end,
+the state reset at each): what the trainer trains on by default, the same loss and gradient as
+the padded batch in fewer rows.
+
 Export rebuilds the same network from fused ``keras.layers.LSTM`` layers without the mask
 (``inference_model``): with right padding a causal LSTM's outputs at real positions do not
 depend on the padding, and tf2onnx turns only unmasked LSTM layers into ONNX ``LSTM`` ops.
@@ -112,6 +116,29 @@ class LanguageModel(keras.Model):
         binary_sequences = tf.math.sign(input_sequences)
         lstm_outputs = self.rnn(input_embeddings, training=training)
         return lstm_outputs, binary_sequences
+
+    def run_lstm_packed(self, input_sequences, carry, training: bool = False):
+        """``run_lstm`` over packed rows (``lmonnx.batching.pack_rows``): several sequences
+        end to end in each row, the state restarting from zero wherever ``carry`` (float32
+        [batch, time]) is 0.  Returns the same pair as ``run_lstm``; at the real positions of
+        each sequence the outputs are those of ``run_lstm`` on that sequence alone.
+
+        The same cells (the same weights) run in a second ``RNN`` that is not part of the model,
+        so what is saved and exported is unchanged.  No padding mask is needed: padding comes
+        only after a row's last sequence, where outputs are not scored.  Input dropout masks are
+        drawn once per row, as ``run_lstm`` draws one per sentence.
+        """
+        input_sequences = tf.convert_to_tensor(input_sequences, dtype=tf.int32)
+        carry = tf.convert_to_tensor(carry, dtype=tf.float32)
+        # A new tensor: the embedding's padding mask does not ride along into the RNN.
+        steps = tf.concat([self.get_input_embeddings(input_sequences), carry[..., None]], -1)
+        cell = _RestartingCells(self.rnn.cell)
+        cell.draw_dropout_masks(tf.shape(input_sequences)[0], self.embedding_dim, training)
+        try:
+            lstm_outputs = keras.layers.RNN(cell, return_sequences=True)(steps, training=training)
+        finally:
+            cell.forget_dropout_masks()
+        return lstm_outputs, tf.math.sign(input_sequences)
 
     def get_logits(self, lstm_outputs):
         """float32 [batch, time, vocab_size]."""
@@ -221,3 +248,46 @@ class LanguageModel(keras.Model):
             layer.cell.set_weights(cell.get_weights())
         dense.set_weights(self.dense.get_weights())
         return model
+
+
+class _RestartingCells(keras.layers.Layer):
+    """Training-only view of the model's cells for packed rows: each step's input carries one
+    extra feature, ``carry``, multiplied into every state before the cells run (0 restarts a
+    sequence from the zero state).  No weights of its own."""
+
+    def __init__(self, cell, **kwargs):
+        super().__init__(**kwargs)
+        self.cell = cell
+        self.state_size = cell.state_size
+        self.output_size = cell.output_size
+
+    @property
+    def _cells(self) -> list:
+        cell = self.cell
+        return list(cell.cells) if isinstance(cell, keras.layers.StackedRNNCells) else [cell]
+
+    def build(self, input_shape):
+        self.built = True  # the wrapped cells are the model's, built already
+
+    def get_initial_state(self, batch_size=None):
+        return self.cell.get_initial_state(batch_size=batch_size)
+
+    def draw_dropout_masks(self, batch_size, input_dim: int, training: bool) -> None:
+        """Fix each cell's input dropout mask for this call (Keras's RNN does this only for
+        cells it recognises), one mask per row, as ``RNN`` draws one per sequence."""
+        if not training:
+            return
+        for cell in self._cells:
+            if getattr(cell, "dropout", 0) > 0:
+                cell.get_dropout_mask(tf.ones(tf.stack([batch_size, input_dim])))
+            input_dim = cell.units
+
+    def forget_dropout_masks(self) -> None:
+        for cell in self._cells:
+            if hasattr(cell, "reset_dropout_mask"):
+                cell.reset_dropout_mask()
+
+    def call(self, inputs, states, training=False):
+        x, carry = inputs[:, :-1], inputs[:, -1:]
+        states = tf.nest.map_structure(lambda s: s * carry, states)
+        return self.cell(x, states, training=training)

@@ -2,28 +2,32 @@
 
     corpus --read once (lmonnx.corpus)--> lines --Vocabulary.fit--> vocab.json
            --ExampleBuilder (lmonnx.examples), split_windows(max_length)--> training windows
-    each epoch: rng seeded by (seed, epoch) --pooled_batches: shuffle, cut into batches
-           (sorted by length within random pools of sort_pool batches when sort_pool > 1),
-           shuffle the batches--> padded batches
-           --Adam on (summed masked NLL / its pool's mean tokens per batch: with the default
-           sort_pool 1, each batch's own token count), global-norm clipping--> weights
+    each epoch: rng seeded by (seed, epoch) --packed_batches: one shuffle cut into batches of
+           batch_size windows (the plain loop's batches, in its order), each packed end to end
+           in fewer rows with the state restarting at every window (pack_rows)
+           [--no-pack: pooled_batches, padded to the longest, sorted by length within random
+           pools of sort_pool batches when sort_pool > 1]
+           --Adam on (summed masked NLL / its pool's mean tokens per batch: for packed or
+           random batches, each batch's own token count), global-norm clipping--> weights
            --validation: full sentences, token-weighted exp(sum NLL / tokens)--> history.json
            --no improvement: learning rate / lr_decay; patience epochs without one: stop
 
-Convergence (DESIGN.md, "Training quality").  By default the batches are those of the plain
-loop: one shuffle per epoch cut into batches of ``batch_size`` windows, each padded to its
-longest, the masked NLL per token of each batch minimised; the speed comes from computing the
-output layer at real positions only (``LanguageModel.calculate_loss``).  Sorting by length
-saves the LSTM's padded steps but changes what a step sees, and ``sort_pool`` N > 1 trades the
-two: each pool of N batches' worth of shuffled windows is sorted by length before it is cut,
-and each batch's summed NLL is divided by its pool's mean tokens per batch, so every token of
-a pool weighs the same (dividing by each batch's own count would weigh a token in a batch of
-short sentences several times one in a batch of long ones; with N = 1 the two agree).
-Measured with ``benchmarks/train_table.py`` (README, "Benchmarks"): on the synthetic corpus
-pools of 4 train 2x faster per epoch at a test perplexity within seed noise of random order,
-but on PTB they train 1.4x faster and converge markedly slower (4-33% higher test perplexity
-after 3 epochs over three seeds, 8% after 10 epochs for one), so random order is the default
-and pools are an option.
+Convergence and speed (README, "Batches").  Sorting batches by length saves the
+LSTM's padded steps but gives every step a biased sample, and on real text that costs
+convergence.  So the batches are those of the plain loop -- one shuffle per epoch cut into
+batches of ``batch_size`` windows, the masked NLL per token of each batch minimised -- and the
+speed comes from not computing padding: each batch's windows are laid end to end in as few
+rows as first-fit decreasing finds, each row as long as the batch's longest window, and the
+LSTM state is zeroed at the first position of every window (``LanguageModel.run_lstm_packed``),
+so every window is computed exactly as alone and the summed loss and gradient are the padded
+batch's (tested to float32 round-off, step by step); the output layer runs at real positions
+only (``LanguageModel.calculate_loss``).  Measured with ``benchmarks/train_table.py`` (README,
+"Benchmarks"): the same test perplexity as the plain loop within seed noise, 1.7x its speed on
+the synthetic corpus, where three positions in four of a random batch are padding.
+``--no-pack`` pads instead; with it ``sort_pool`` N > 1 sorts each pool of N batches' worth of
+shuffled windows by length before cutting it, and divides each batch's summed NLL by its
+pool's mean tokens per batch, so every token of a pool weighs the same.  Measured: pools of 4
+converge markedly slower on PTB (4-33% higher test perplexity after 3 epochs over three seeds).
 
 Schedule and stopping.  After each epoch the selection loss (validation NLL per token; the
 training loss without a validation set) either improves on the best so far -- the epoch is
@@ -68,7 +72,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from lmonnx.atomic import atomic_path
-from lmonnx.batching import Batch, bucketed_batches, pooled_batches, split_windows
+from lmonnx.batching import (Batch, PackedBatch, bucketed_batches, packed_batches,
+                             pooled_batches, split_windows)
 from lmonnx.corpus import require_sentences
 from lmonnx.examples import ExampleBuilder
 from lmonnx.metrics import default_max_tokens, perplexity_of
@@ -100,8 +105,10 @@ class TrainConfig:
     ``clipnorm`` clips the global gradient norm (0 turns clipping off).  ``epochs`` None means
     :data:`DEFAULT_EPOCHS` for a new run and the stored value when resuming; a number larger
     than a resumed run's extends it.  ``seed`` is an integer from 0 to 2**32 - 1.
-    ``sort_pool``: batches are sorted by length within random pools of this many batches
-    (1, the default: random order, no sorting; faster, but see "Convergence" above).  ``lr_decay``: divide the learning rate by this after an
+    ``pack``: lay each random batch's windows end to end in fewer rows (the default; see
+    "Convergence" above); False pads each batch to its longest.  ``sort_pool`` (padded
+    batches only): batches are sorted by length within random pools of this many batches (1,
+    the default: random order, no sorting).  ``lr_decay``: divide the learning rate by this after an
     epoch without improvement (1: constant).  ``patience``: stop after this many epochs in a
     row without improvement (0: never).
     """
@@ -119,6 +126,7 @@ class TrainConfig:
     clipnorm: float = 5.0
     seed: int = 0
     sort_pool: int = DEFAULT_SORT_POOL
+    pack: bool = True
     lr_decay: float = DEFAULT_LR_DECAY
     patience: int = 0
 
@@ -139,6 +147,11 @@ class TrainConfig:
             if not _is_int(value) or value < low:
                 extra = f" ({why})" if why else ""
                 raise ValueError(f"{flag} must be an integer >= {low}{extra}; got {value!r}")
+        if not isinstance(self.pack, (bool, np.bool_)):
+            raise ValueError(f"pack must be True or False; got {self.pack!r}")
+        if self.pack and self.sort_pool > 1:
+            raise ValueError(f"--sort-pool {self.sort_pool} sorts padded batches: add --no-pack "
+                             "(packing already leaves almost no padding)")
         if self.embedding_dim is not None and (not _is_int(self.embedding_dim)
                                                or self.embedding_dim < 1):
             raise ValueError(f"--embedding-dim must be an integer >= 1; got {self.embedding_dim!r}")
@@ -162,10 +175,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """The settings stored in a run's config.json.  A run from before the learning-rate
-        schedule (no ``lr_decay`` stored) keeps a constant rate and never stops early."""
+        schedule (no ``lr_decay`` stored) keeps a constant rate and never stops early; one from
+        before packing (no ``pack``) keeps padded batches, so resuming it stays exact."""
         names = {f.name for f in dataclasses.fields(cls)}
         stored = {k: v for k, v in d.items() if k in names}
         stored.setdefault("lr_decay", 1.0)
+        stored.setdefault("pack", False)  # runs from before packing padded their batches
         return cls(**stored)
 
 
@@ -222,17 +237,19 @@ def sentence_items(vocab: Vocabulary, lines: Iterable) -> list:
     return [(ex.key, ex.inputs, ex.targets) for ex in ExampleBuilder(vocab).build_all(lines)]
 
 
-def _epoch_batches(items: list, config: TrainConfig, epoch: int) -> list[Batch]:
-    """Epoch ``epoch`` (1-based): random batches (sorted by length within random pools of
-    ``config.sort_pool`` batches when that is > 1), in random order; a function of (seed,
-    epoch) only."""
+def _epoch_batches(items: list, config: TrainConfig, epoch: int) -> list[Batch | PackedBatch]:
+    """Epoch ``epoch`` (1-based): random batches, packed (``config.pack``) or padded (sorted by
+    length within random pools of ``config.sort_pool`` batches when that is > 1), in random
+    order; a function of (seed, epoch) only."""
     rng = np.random.default_rng([config.seed, epoch])
+    if config.pack:
+        return packed_batches(items, batch_size=config.batch_size, rng=rng)
     return pooled_batches(items, max_tokens=config.batch_size * config.max_length,
                           max_batch_size=config.batch_size, pool_batches=config.sort_pool,
                           rng=rng)
 
 
-def _loss_scales(batches: list[Batch]) -> list[np.float32]:
+def _loss_scales(batches: list[Batch | PackedBatch]) -> list[np.float32]:
     """What each batch's summed loss is divided by: its pool's mean tokens per batch.
 
     A pool holds what the plain loop's batches hold, a random sample; within it the token
@@ -269,13 +286,34 @@ def _make_steps(model, optimizer):
         optimizer.apply_gradients(zip(grads, variables))
         return loss_sum, tokens
 
+    @tf.function(input_signature=(spec, spec, tf.TensorSpec((None, None), tf.float32),
+                                  tf.TensorSpec((), tf.float32)))
+    def packed_train_step(inputs, targets, carry, loss_scale):
+        # train_step on packed rows: the same summed loss of the same windows, so the same
+        # gradient as their padded batch, in fewer rows (lmonnx.batching.pack_rows).
+        with tf.GradientTape() as tape:
+            lstm_outputs, binary_sequences = model.run_lstm_packed(inputs, carry, training=True)
+            loss_sum = model.calculate_loss(lstm_outputs, binary_sequences, targets)
+            tokens = tf.math.reduce_sum(tf.cast(binary_sequences, tf.float32))
+            loss = loss_sum / loss_scale
+        variables = model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss_sum, tokens
+
+    def step(batch, loss_scale):
+        """(summed NLL, tokens) of one training step on a Batch or a PackedBatch."""
+        if isinstance(batch, PackedBatch):
+            return packed_train_step(batch.inputs, batch.targets, batch.carry, loss_scale)
+        return train_step(batch.inputs, batch.targets, loss_scale)
+
     @tf.function(input_signature=(spec, spec))
     def eval_step(inputs, targets):
         lstm_outputs, binary_sequences = model.run_lstm(inputs, training=False)
         loss_sum = model.calculate_loss(lstm_outputs, binary_sequences, targets)
         return loss_sum, tf.math.reduce_sum(tf.cast(binary_sequences, tf.float32))
 
-    return train_step, eval_step
+    return step, eval_step
 
 
 def evaluate_nll(model, pairs: Iterable, *, max_tokens: int | None = None,
@@ -632,7 +670,7 @@ def _epochs(model, optimizer, config: TrainConfig, items: list, valid_items: lis
         with tqdm(total=len(batches), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                   disable=None, leave=False) as bar:
             for i, batch in enumerate(batches):
-                loss_sum, n = train_step(batch.inputs, batch.targets, loss_scales[i])
+                loss_sum, n = train_step(batch, loss_scales[i])
                 loss_sum, n = float(loss_sum), int(n)
                 if not math.isfinite(loss_sum):
                     _check_loss(epoch, "training", loss_sum, n, config)
