@@ -39,7 +39,7 @@ def _add_quantize_options(p: argparse.ArgumentParser, quantize_flag: bool) -> No
     if quantize_flag:
         p.add_argument("--quantize", choices=("int8",), default=None,
                        help="write the int8 (CPU) form of the checked model")
-    p.add_argument("--max-change", type=float, default=0.01,
+    p.add_argument("--max-change", type=float, default=None,
                    help="largest relative perplexity change int8 may cost (default 0.01 = 1%%)")
 
 
@@ -157,10 +157,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=None,
                    help="with --ray: scoring actors (default: as many as the cluster's CPUs "
                         "allow)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0,
+    p.add_argument("--cpus-per-actor", type=float, default=None,
                    help="with --ray: CPUs per actor, fractions allowed (its onnxruntime "
-                        "threads, rounded up, unless --threads)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="with --ray: GPUs per actor")
+                        "threads, rounded up, unless --threads; default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="with --ray: GPUs per actor (default 0)")
 
     # ---- score
     p = add("score", help="log-probability of sentences (arguments or stdin lines)")
@@ -225,8 +226,11 @@ def _cmd_export(args) -> None:
 def _cmd_quantize(args) -> None:
     from lmonnx.quantize import describe, quantize_file
 
+    from lmonnx.quantize import DEFAULT_MAX_CHANGE
+
+    max_change = DEFAULT_MAX_CHANGE if args.max_change is None else args.max_change
     record = quantize_file(args.model, args.output, sample=args.sample, errors=args.errors,
-                           max_change=args.max_change, force=args.force)
+                           max_change=max_change, force=args.force)
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.2f} MB)")
     print(describe(record))
 
@@ -281,8 +285,10 @@ def _cmd_evaluate_ray(args) -> None:
         raise ValueError("--per-token is not available with --ray; use --per-sentence")
     check_sources(args.corpus)
     _check_outputs({"--per-sentence": args.per_sentence}, [*args.corpus, args.model], args.force)
-    runner = RayEvaluator(args.model, num_actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                          gpus_per_actor=args.gpus_per_actor, providers=args.providers,
+    cpus = 1.0 if args.cpus_per_actor is None else args.cpus_per_actor
+    gpus = 0.0 if args.gpus_per_actor is None else args.gpus_per_actor
+    runner = RayEvaluator(args.model, num_actors=args.actors, cpus_per_actor=cpus,
+                          gpus_per_actor=gpus, providers=args.providers,
                           num_threads=args.threads, batch_size=args.batch_size,
                           max_tokens=args.max_tokens, address=args.ray, log_errors=args.debug)
     reports = []
@@ -297,6 +303,10 @@ def _cmd_evaluate_ray(args) -> None:
 def _cmd_evaluate(args) -> None:
     if args.ray is not None:
         return _cmd_evaluate_ray(args)
+    for flag, value in (("--actors", args.actors), ("--cpus-per-actor", args.cpus_per_actor),
+                        ("--gpus-per-actor", args.gpus_per_actor)):
+        if value is not None:
+            raise ValueError(f"{flag} sizes the Ray actors: it needs --ray")
     from lmonnx.atomic import output_file
     from lmonnx.corpus import require_sentences
     from lmonnx.evaluate import Evaluator, SentenceWriter, TokenWriter
@@ -341,6 +351,9 @@ def _read_cli_sentences(sentences: list[str], errors: str) -> list:
     scorer through the same path as a corpus, so --errors and line numbers apply)."""
     from lmonnx.corpus import sentences_of_lines, to_line
 
+    if "-" in sentences and len(sentences) > 1:
+        raise ValueError("- reads the sentences from stdin: give it alone, or only sentences "
+                         "as arguments")
     if sentences and sentences != ["-"]:
         return [to_line(i, s, errors, f"argument {i}").text for i, s in enumerate(sentences, 1)]
     if sys.stdin.isatty() and not sentences:

@@ -456,6 +456,10 @@ def export_run(run_dir, output, opset: int | None = None, force: bool = False, *
     ``output`` without ``force``, and ``ExportError`` (a ``ValueError``) when a check fails;
     nothing is written then.
     """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    if max_change is not None and quantize is None:
+        raise ValueError("--max-change bounds what int8 may cost: it needs --quantize int8")
     run, output = RunDir(run_dir), Path(output)
     opset = DEFAULT_OPSET if opset is None else opset
     # The cheap checks first, before TensorFlow starts.

@@ -161,3 +161,18 @@ def test_directory_as_corpus_or_model(model, corpus, tmp_path, capsys):
 def test_strict_cuda_without_a_gpu_is_one_line(model, corpus, capsys):
     assert main(["evaluate", str(corpus), "--model", str(model), "--providers", "cuda"]) == 1
     assert "CUDA is not usable" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flags", [["--actors", "2"], ["--cpus-per-actor", "0.5"],
+                                   ["--gpus-per-actor", "1"]])
+def test_ray_sizing_flags_without_ray_are_refused(model, corpus, capsys, flags):
+    """A flag that would do nothing is an error, not silently ignored."""
+    assert main(["evaluate", str(corpus), "--model", str(model), "--providers", "cpu",
+                 *flags]) == 1
+    assert f"{flags[0]} sizes the Ray actors: it needs --ray" in one_error_line(capsys)
+    assert capsys.readouterr().out == ""
+
+
+def test_score_refuses_stdin_mixed_with_sentence_arguments(model, capsys):
+    assert main(["score", "-", "the cat", "--model", str(model), "--providers", "cpu"]) == 1
+    assert "- reads the sentences from stdin: give it alone" in one_error_line(capsys)

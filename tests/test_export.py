@@ -261,6 +261,14 @@ def test_cli_bad_opset_and_missing_output_dir(run, tmp_path, capsys):
     assert "does not exist" in one_error_line(capsys)
 
 
+def test_max_change_without_quantize_is_refused(run, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(run / "run"), "-o", str(out), "--max-change", "0.05"]) == 1
+    assert "--max-change bounds what int8 may cost: it needs --quantize int8" in \
+        one_error_line(capsys)
+    assert not out.exists()
+
+
 def test_failed_parity_writes_nothing(run, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "LOGIT_ATOL", -1.0)
     with pytest.raises(export.ExportError, match=r"parity check.*max \|logit diff\|"):
