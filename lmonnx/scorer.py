@@ -159,7 +159,9 @@ class Scorer:
         """Top-``k`` (word, probability) after ``prefix``: the softmax at its last position.
 
         The course's ``get_word_predictions`` for one sequence.  ``</s>`` means the sentence
-        ends there; padding and ``<s>`` are never predicted (they are never targets).
+        ends there; padding and ``<s>`` are never listed (they are never targets).  The
+        probabilities are the model's full softmax, not renormalised over what is listed, so
+        a word's probability here is ``exp`` of its ``logprob`` when scored after ``prefix``.
         """
         k = check_positive_int("k", k)
         (example,) = self._sentence_examples([_check_sentence(prefix, "prefix")])
@@ -171,11 +173,12 @@ class Scorer:
             logits = state.logprobs.astype(np.float64)
         else:
             logits = session.logits(example.inputs[None, :])[0, -1].astype(np.float64)
-        logits[[PAD_ID, BOS_ID]] = -np.inf
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
+        listed = probs.copy()
+        listed[[PAD_ID, BOS_ID]] = -1.0  # below every probability: never in the top k
         k = min(k, len(probs) - 2)
-        top = np.argsort(-probs, kind="stable")[:k]
+        top = np.argsort(-listed, kind="stable")[:k]
         return [(self.vocab.id_to_token(int(i)), float(probs[i])) for i in top]
 
     def evaluate(self, source, *, corpus: str | None = None, errors: str = "strict",

@@ -131,14 +131,22 @@ def test_predict_next_is_the_softmax_at_the_last_position(scorer):
     assert len(top) == 5
     ids = np.concatenate([[2], session.vocab.encode("the cat")]).astype(np.int32)
     logits = session.logits(ids[None])[0, -1].astype(np.float64)
-    logits[[0, 2]] = -np.inf
     probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    best = np.argsort(-probs)[:5]
+    probs /= probs.sum()  # the full softmax: padding and <s> keep their (tiny) share
+    ranked = probs.copy()
+    ranked[[0, 2]] = -1
+    best = np.argsort(-ranked)[:5]
     assert [w for w, _ in top] == [session.vocab.id_to_token(int(i)) for i in best]
     # stateful models read the distribution from the state (a float32 log-softmax)
     assert [p for _, p in top] == pytest.approx(probs[best].tolist(), rel=1e-6)
     assert all(w not in ("<pad>", "<s>") for w, _ in scorer.predict_next("the", k=len(WORDS) + 2))
+    # the same number scoring gives: P(w | the cat) = exp(logprob of w in "the cat w")
+    for word, p in top:
+        if word == "</s>":
+            logprob = scorer.full_scores("the cat")[-1].logprob
+        else:
+            logprob = scorer.full_scores(f"the cat {word}")[2].logprob
+        assert p == pytest.approx(math.exp(logprob), rel=1e-5)
 
 
 def test_scorer_is_thread_safe(scorer):
