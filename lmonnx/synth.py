@@ -204,6 +204,14 @@ def sample_splits(seed: int = 0, words: int = DEFAULT_WORDS, **sizes: int):
     return chain, out
 
 
+def _is_synth_output(truth: Path) -> bool:
+    """True when ``truth`` is the ``truth.json`` :func:`write_corpus` writes."""
+    try:
+        return json.loads(truth.read_text(encoding="utf-8")).get("format") == SYNTH_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def write_corpus(out_dir, *, seed: int = 0, words: int = DEFAULT_WORDS,
                  train_sentences: int = DEFAULT_TRAIN_SENTENCES,
                  valid_sentences: int = DEFAULT_VALID_SENTENCES,
@@ -223,10 +231,14 @@ def write_corpus(out_dir, *, seed: int = 0, words: int = DEFAULT_WORDS,
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     targets = [out_dir / f"{s}.txt" for s in SPLITS] + [out_dir / "truth.json"]
-    if not force:
-        for p in targets:
-            if p.exists():
-                raise FileExistsError(f"{p} already exists; pass --force to overwrite")
+    existing = [p for p in targets if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise FileExistsError(f"{existing[0]} already exists; pass --force to overwrite")
+    if existing and not _is_synth_output(out_dir / "truth.json"):
+        # --force replaces a corpus this command wrote, never a user's own train.txt & co.
+        raise FileExistsError(f"{existing[0]} exists and {out_dir} holds no lmonnx synth "
+                              "truth.json: not overwriting it even with --force; choose "
+                              "another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     chain, texts = sample_splits(seed, int(words), train=train_sentences, valid=valid_sentences,

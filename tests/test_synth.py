@@ -136,6 +136,23 @@ def test_refuses_to_overwrite(tmp_path):
     assert _read(tmp_path, "train") != before
 
 
+@pytest.mark.parametrize("truth", [None, "{}", "not json", '{"format": "lmonnx-synth/1"}'])
+def test_force_never_replaces_a_users_own_corpus(tmp_path, truth):
+    """--force replaces what synth wrote (its truth.json says so), never a user's train.txt."""
+    (tmp_path / "train.txt").write_text("my own corpus\n", encoding="utf-8")
+    if truth is not None:
+        (tmp_path / "truth.json").write_text(truth, encoding="utf-8")
+    if truth and "lmonnx-synth" in truth:
+        write_corpus(tmp_path, words=20, force=True, **SMALL)
+        assert _read(tmp_path, "train") != "my own corpus\n"
+        return
+    with pytest.raises(FileExistsError, match="no lmonnx synth truth.json") as ei:
+        write_corpus(tmp_path, words=20, force=True, **SMALL)
+    assert "\n" not in str(ei.value)
+    assert (tmp_path / "train.txt").read_text(encoding="utf-8") == "my own corpus\n"
+    assert not (tmp_path / "valid.txt").exists()
+
+
 @pytest.mark.parametrize("kwargs", [dict(words=1), dict(train_sentences=0), dict(test_sentences=-3)])
 def test_rejects_bad_sizes(tmp_path, kwargs):
     with pytest.raises(ValueError):
