@@ -1,7 +1,7 @@
 """Training side by side, in one process: ``lmonnx train`` vs a plain Keras loop.
 
     python benchmarks/train_table.py [--corpus synth|ptb|all] [--seeds 0,1,2] [--work DIR]
-                                     [--no-pack [--sort-pool N]]
+                                     [--no-pack] [--sort-pool N (implies --no-pack)]
 
 Both train the same ``LanguageModel`` (same initial weights: the same seed builds both), on
 the same training windows, with the same optimizer (Adam, global-norm clipping), learning-rate
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = {k: v for k, v in (("sort_pool", args.sort_pool), ("lr_decay", args.lr_decay),
                                ("epochs", args.epochs)) if v is not None}
-    extra["pack"] = args.pack
+    extra["pack"] = args.pack and args.sort_pool in (None, 1)  # sorted pools are padded
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs; work folder {work}")
     all_results = []
     if args.corpus in ("synth", "all"):

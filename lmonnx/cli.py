@@ -86,7 +86,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs in all (default: 5; with --resume the run's own number, and a "
                         "larger one extends a finished run)")
-    p.add_argument("--batch-size", type=int, default=32, help="sentences per batch at most")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="training windows (sentences, cut at --max-length) per batch at most")
     p.add_argument("--learning-rate", type=float, default=1e-2, help="Adam learning rate")
     p.add_argument("--clipnorm", type=float, default=5.0,
                    help="clip the global gradient norm to this (0: no clipping)")
@@ -97,12 +98,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="stop after this many epochs in a row without improvement (0: never)")
     p.add_argument("--no-pack", dest="pack", action="store_false",
                    help="pad each random batch to its longest window instead of packing its "
-                        "windows end to end in fewer rows (same batches, same gradient; "
-                        "packing is faster)")
+                        "windows end to end in fewer rows (the same windows per batch, the "
+                        "batches in another random order; packing is faster)")
     p.add_argument("--sort-pool", type=int, default=1,
-                   help="with --no-pack: sort by length within random pools of this many "
-                        "batches: less padding, but slower convergence on real text "
-                        "(default 1: random order)")
+                   help="N > 1: padded batches (implies --no-pack) sorted by length within "
+                        "random pools of N batches: less padding, but slower convergence on "
+                        "real text (default 1: random order)")
     p.add_argument("--seed", type=int, default=0,
                    help="0 to 2**32-1; same seed, same data: same run")
     p.add_argument("--out", type=Path, default=Path("run"), help="run directory")
@@ -211,7 +212,7 @@ def _cmd_train(args) -> None:
         embedding_dim=args.embedding_dim, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, clipnorm=args.clipnorm, seed=args.seed,
         lr_decay=args.lr_decay, patience=args.patience, sort_pool=args.sort_pool,
-        pack=args.pack)
+        pack=args.pack and args.sort_pool == 1)  # sorted pools are padded batches
     train(config, corpus=args.corpus, valid=args.valid, out_dir=args.out, errors=args.errors,
           resume=args.resume, force=args.force)
 
