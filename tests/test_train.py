@@ -785,3 +785,23 @@ def test_pack_is_the_default_recorded_and_old_runs_keep_padding(text, tmp_path):
     assert TrainConfig.from_dict(stored).pack is False  # resuming stays exact
     with pytest.raises(ValueError, match="pack must be True or False"):
         TrainConfig(**TINY, pack="yes").validate()
+
+
+def test_resume_names_only_settings_given_and_records_what_an_old_run_keeps(text, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(text), "--out", str(out), *FIXTURE_FLAGS, "--epochs", "1"]) == 0
+    config_path = out / "config.json"
+    doc = json.loads(config_path.read_text())
+    del doc["train"]["pack"]  # as a run from before packing wrote it
+    config_path.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["train", str(text), "--out", str(out), "--resume", "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "ignoring" not in printed  # no flag given: nothing is being ignored
+    assert "is from before pack: it keeps pack=False (padded batches)" in printed
+    assert json.loads(config_path.read_text())["train"]["pack"] is False
+    assert main(["train", str(text), "--out", str(out), "--resume", "--epochs", "3",
+                 "--units", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert "ignoring num_lstm_units=7)" in printed and "is from before" not in printed

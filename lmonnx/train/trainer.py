@@ -560,11 +560,19 @@ def _resume(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir,
                           "to start a new run")
     stored = TrainConfig.from_dict(run_config["train"])
     target = stored.epochs if config.epochs is None else config.epochs
+    # Name only settings given away from the defaults: a default is not something the user
+    # asked for (the CLI's defaults are TrainConfig's).
+    given, defaults = config.to_dict(), TrainConfig().to_dict()
     differing = [k for k, v in stored.to_dict().items()
-                 if k != "epochs" and config.to_dict()[k] != v]
+                 if k != "epochs" and given[k] != v and given[k] != defaults[k]]
     if differing:
         print(f"resuming {run.path} with its stored settings (ignoring "
-              + ", ".join(f"{k}={config.to_dict()[k]!r}" for k in differing) + ")")
+              + ", ".join(f"{k}={given[k]!r}" for k in differing) + ")")
+    missing = [k for k in stored.to_dict() if k not in run_config["train"]]
+    if missing:  # a run from before a setting existed: record what it keeps using
+        print(f"{run.path} is from before " + ", ".join(missing) + ": it keeps "
+              + ", ".join(f"{k}={getattr(stored, k)!r}" for k in missing)
+              + (" (padded batches)" if "pack" in missing else ""))
     done = len(history_doc["epochs"])
     if target < done:
         raise ValueError(f"--epochs {target}: {run.path} has already trained {done} epochs "
@@ -601,8 +609,8 @@ def _resume(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir,
         optimizer.learning_rate.assign(history_doc.get("learning_rate",
                                                        float(config.learning_rate)))
     run.adopt()  # a run from before manifests gets one now
-    if target != stored.epochs:
-        run_config["train"]["epochs"] = target
+    if target != stored.epochs or missing:
+        run_config["train"].update({k: getattr(stored, k) for k in missing}, epochs=target)
         run.write_config(run_config)
         print(f"extending {run.path} from {stored.epochs} to {target} epochs")
     if history_doc.get("status") != "running":
