@@ -208,6 +208,17 @@ def run_pair(name: str, config, corpus: Path, valid: Path, test: Path, work: Pat
     return out
 
 
+def run_seeds(name: str, configs: list, description: str, corpora: tuple, work: Path,
+              true_ppl: float | None) -> list[dict]:
+    """run_pair for each config (one per seed) on (train, valid, test), then the means."""
+    results = []
+    for config in configs:
+        print(f"\n{description}; flags {json.dumps(config.to_dict())}")
+        results.append(run_pair(name, config, *corpora, work, true_ppl))
+    _summary(name, results)
+    return results
+
+
 def _summary(name: str, results: list[dict]) -> None:
     if len(results) < 2:
         return
@@ -258,15 +269,10 @@ def main(argv=None) -> int:
         d = work / "synth"
         truth = write_corpus(d, seed=0, words=100, train_sentences=20000, force=True)
         true_ppl = truth["true_perplexity"]["test"]
-        results = []
-        for seed in seeds:
-            config = TrainConfig(**{**SYNTH, **extra}, seed=seed)
-            print(f"\nsynthetic Markov corpus (100 words, 20000 training sentences), "
-                  f"flags {json.dumps(config.to_dict())}")
-            results.append(run_pair("synth", config, d / "train.txt", d / "valid.txt",
-                                    d / "test.txt", work, true_ppl))
-        _summary("synth", results)
-        all_results += results
+        all_results += run_seeds(
+            "synth", [TrainConfig(**{**SYNTH, **extra}, seed=seed) for seed in seeds],
+            "synthetic Markov corpus (100 words, 20000 training sentences)",
+            (d / "train.txt", d / "valid.txt", d / "test.txt"), work, true_ppl)
     if args.corpus in ("ptb", "all"):
         if not (args.ptb / "ptb.valid.txt").is_file():
             print(f"\nPTB: {args.ptb}/ptb.valid.txt not found; skipped")
@@ -277,15 +283,11 @@ def main(argv=None) -> int:
             cut = len(lines) - len(lines) // 10
             (d / "train.txt").write_text("".join(lines[:cut]), encoding="utf-8")
             (d / "valid.txt").write_text("".join(lines[cut:]), encoding="utf-8")
-            results = []
-            for seed in seeds:
-                config = TrainConfig(**{**PTB_FLAGS, **extra}, seed=seed)
-                print(f"\nPTB: train ptb.valid.txt lines 1-{cut}, validate lines {cut + 1}-"
-                      f"{len(lines)}, test ptb.test.txt; flags {json.dumps(config.to_dict())}")
-                results.append(run_pair("ptb", config, d / "train.txt", d / "valid.txt",
-                                        args.ptb / "ptb.test.txt", work, None))
-            _summary("ptb", results)
-            all_results += results
+            all_results += run_seeds(
+                "ptb", [TrainConfig(**{**PTB_FLAGS, **extra}, seed=seed) for seed in seeds],
+                f"PTB: train ptb.valid.txt lines 1-{cut}, validate lines {cut + 1}-"
+                f"{len(lines)}, test ptb.test.txt",
+                (d / "train.txt", d / "valid.txt", args.ptb / "ptb.test.txt"), work, None)
     if args.json:
         args.json.write_text(json.dumps(all_results, indent=2) + "\n")
     return 0

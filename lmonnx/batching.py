@@ -95,8 +95,26 @@ def split_windows(inputs, targets, max_length: int) -> list[tuple[np.ndarray, np
     return [(inputs[i:i + max_length], targets[i:i + max_length]) for i in range(0, n, max_length)]
 
 
+class _Positions:
+    """What a padded batch and a packed one both report, from ``inputs`` and ``lengths``."""
+
+    inputs: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        """Real (scored) positions in the batch."""
+        return int(self.lengths.sum())
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the batch's positions that are padding."""
+        size = self.inputs.size
+        return 0.0 if size == 0 else 1.0 - self.tokens / size
+
+
 @dataclass
-class Batch:
+class Batch(_Positions):
     """B pairs padded to the longest, T positions.
 
     inputs, targets: int32 [B, T], 0 after each row's length; mask: float32 [B, T] = sign(inputs);
@@ -110,17 +128,6 @@ class Batch:
     lengths: np.ndarray
     keys: list = field(default_factory=list)
     pool: int | None = None
-
-    @property
-    def tokens(self) -> int:
-        """Real (scored) positions in the batch."""
-        return int(self.lengths.sum())
-
-    @property
-    def padding_fraction(self) -> float:
-        """Share of the B * T positions that are padding."""
-        size = self.inputs.size
-        return 0.0 if size == 0 else 1.0 - self.tokens / size
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -245,7 +252,7 @@ def pooled_batches(items: Sequence[tuple[object, np.ndarray, np.ndarray]], *, ma
 
 
 @dataclass
-class PackedBatch:
+class PackedBatch(_Positions):
     """A training batch of sequences laid end to end in fewer rows (:func:`pack_rows`).
 
     inputs, targets: int32 [R, T], 0 after each row's last sequence; carry: float32 [R, T],
@@ -258,17 +265,6 @@ class PackedBatch:
     carry: np.ndarray
     lengths: np.ndarray
     pool: int | None = None
-
-    @property
-    def tokens(self) -> int:
-        """Real (scored) positions in the batch."""
-        return int(self.lengths.sum())
-
-    @property
-    def padding_fraction(self) -> float:
-        """Share of the R * T positions that are padding."""
-        size = self.inputs.size
-        return 0.0 if size == 0 else 1.0 - self.tokens / size
 
     def __len__(self) -> int:
         """Sequences in the batch (not rows)."""

@@ -207,8 +207,7 @@ class LanguageModel(keras.Model):
     @property
     def cells(self) -> list:
         """The LSTM cells, bottom first."""
-        cell = self.rnn.cell
-        return list(cell.cells) if isinstance(cell, keras.layers.StackedRNNCells) else [cell]
+        return _cells_of(self.rnn.cell)
 
     def inference_model(self) -> keras.Model:
         """The same network, weights copied, as Embedding (no mask) -> ``keras.layers.LSTM``
@@ -250,6 +249,11 @@ class LanguageModel(keras.Model):
         return model
 
 
+def _cells_of(cell) -> list:
+    """The LSTM cells behind the RNN's cell (a StackedRNNCells, or one bare cell), bottom first."""
+    return list(cell.cells) if isinstance(cell, keras.layers.StackedRNNCells) else [cell]
+
+
 class _RestartingCells(keras.layers.Layer):
     """Training-only view of the model's cells for packed rows: each step's input carries one
     extra feature, ``carry``, multiplied into every state before the cells run (0 restarts a
@@ -260,11 +264,6 @@ class _RestartingCells(keras.layers.Layer):
         self.cell = cell
         self.state_size = cell.state_size
         self.output_size = cell.output_size
-
-    @property
-    def _cells(self) -> list:
-        cell = self.cell
-        return list(cell.cells) if isinstance(cell, keras.layers.StackedRNNCells) else [cell]
 
     def build(self, input_shape):
         self.built = True  # the wrapped cells are the model's, built already
@@ -277,13 +276,13 @@ class _RestartingCells(keras.layers.Layer):
         cells it recognises), one mask per row, as ``RNN`` draws one per sequence."""
         if not training:
             return
-        for cell in self._cells:
+        for cell in _cells_of(self.cell):
             if getattr(cell, "dropout", 0) > 0:
                 cell.get_dropout_mask(tf.ones(tf.stack([batch_size, input_dim])))
             input_dim = cell.units
 
     def forget_dropout_masks(self) -> None:
-        for cell in self._cells:
+        for cell in _cells_of(self.cell):
             if hasattr(cell, "reset_dropout_mask"):
                 cell.reset_dropout_mask()
 

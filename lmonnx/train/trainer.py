@@ -271,10 +271,10 @@ def _make_steps(model, optimizer):
 
     spec = tf.TensorSpec((None, None), tf.int32)
 
-    @tf.function(input_signature=(spec, spec, tf.TensorSpec((), tf.float32)))
-    def train_step(inputs, targets, loss_scale):
+    def descend(run_lstm, lstm_inputs, targets, loss_scale):
+        """One optimizer step on ``run_lstm(*lstm_inputs)``'s summed loss; (its NLL, tokens)."""
         with tf.GradientTape() as tape:
-            lstm_outputs, binary_sequences = model.run_lstm(inputs, training=True)
+            lstm_outputs, binary_sequences = run_lstm(*lstm_inputs, training=True)
             loss_sum = model.calculate_loss(lstm_outputs, binary_sequences, targets)
             tokens = tf.math.reduce_sum(tf.cast(binary_sequences, tf.float32))
             # The course minimised the sum; dividing it by the mean tokens per batch of the
@@ -286,20 +286,17 @@ def _make_steps(model, optimizer):
         optimizer.apply_gradients(zip(grads, variables))
         return loss_sum, tokens
 
-    @tf.function(input_signature=(spec, spec, tf.TensorSpec((None, None), tf.float32),
-                                  tf.TensorSpec((), tf.float32)))
+    scale = tf.TensorSpec((), tf.float32)
+
+    @tf.function(input_signature=(spec, spec, scale))
+    def train_step(inputs, targets, loss_scale):
+        return descend(model.run_lstm, (inputs,), targets, loss_scale)
+
+    @tf.function(input_signature=(spec, spec, tf.TensorSpec((None, None), tf.float32), scale))
     def packed_train_step(inputs, targets, carry, loss_scale):
-        # train_step on packed rows: the same summed loss of the same windows, so the same
-        # gradient as their padded batch, in fewer rows (lmonnx.batching.pack_rows).
-        with tf.GradientTape() as tape:
-            lstm_outputs, binary_sequences = model.run_lstm_packed(inputs, carry, training=True)
-            loss_sum = model.calculate_loss(lstm_outputs, binary_sequences, targets)
-            tokens = tf.math.reduce_sum(tf.cast(binary_sequences, tf.float32))
-            loss = loss_sum / loss_scale
-        variables = model.trainable_variables
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(grads, variables))
-        return loss_sum, tokens
+        # Packed rows: the same summed loss of the same windows, so the same gradient as
+        # their padded batch, in fewer rows (lmonnx.batching.pack_rows).
+        return descend(model.run_lstm_packed, (inputs, carry), targets, loss_scale)
 
     def step(batch, loss_scale):
         """(summed NLL, tokens) of one training step on a Batch or a PackedBatch."""
