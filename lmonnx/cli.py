@@ -227,11 +227,9 @@ def _cmd_export(args) -> None:
 def _cmd_quantize(args) -> None:
     from lmonnx.quantize import describe, quantize_file
 
-    from lmonnx.quantize import DEFAULT_MAX_CHANGE
-
-    max_change = DEFAULT_MAX_CHANGE if args.max_change is None else args.max_change
+    bound = {} if args.max_change is None else {"max_change": args.max_change}
     record = quantize_file(args.model, args.output, sample=args.sample, errors=args.errors,
-                           max_change=max_change, force=args.force)
+                           force=args.force, **bound)
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.2f} MB)")
     print(describe(record))
 
@@ -286,10 +284,9 @@ def _cmd_evaluate_ray(args) -> None:
         raise ValueError("--per-token is not available with --ray; use --per-sentence")
     check_sources(args.corpus)
     _check_outputs({"--per-sentence": args.per_sentence}, [*args.corpus, args.model], args.force)
-    cpus = 1.0 if args.cpus_per_actor is None else args.cpus_per_actor
-    gpus = 0.0 if args.gpus_per_actor is None else args.gpus_per_actor
-    runner = RayEvaluator(args.model, num_actors=args.actors, cpus_per_actor=cpus,
-                          gpus_per_actor=gpus, providers=args.providers,
+    sizes = {k: v for k, v in (("cpus_per_actor", args.cpus_per_actor),
+                               ("gpus_per_actor", args.gpus_per_actor)) if v is not None}
+    runner = RayEvaluator(args.model, num_actors=args.actors, **sizes, providers=args.providers,
                           num_threads=args.threads, batch_size=args.batch_size,
                           max_tokens=args.max_tokens, address=args.ray, log_errors=args.debug)
     reports = []

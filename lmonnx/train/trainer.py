@@ -12,9 +12,9 @@
            --validation: full sentences, token-weighted exp(sum NLL / tokens)--> history.json
            --no improvement: learning rate / lr_decay; patience epochs without one: stop
 
-Convergence and speed (README, "Batches").  Sorting batches by length saves the
-LSTM's padded steps but gives every step a biased sample, and on real text that costs
-convergence.  So the batches are those of the plain loop -- one shuffle per epoch cut into
+Convergence and speed (README, "Batches").  Sorting batches by length saves the LSTM's padded
+steps but gives every step a biased sample, and on real text that costs convergence.  So the
+batches are those of the plain loop -- one shuffle per epoch cut into
 batches of ``batch_size`` windows, the masked NLL per token of each batch minimised -- and the
 speed comes from not computing padding: each batch's windows are laid end to end in as few
 rows as first-fit decreasing finds, each row as long as the batch's longest window, and the
