@@ -20,6 +20,7 @@ and native int64 labels.
 import numpy as np
 
 from libc.stdint cimport int64_t, uint8_t
+from lmonnx.errors import ArgumentTypeError, InvalidArgumentError
 
 
 cdef extern from "lmonnx_xent.h" nogil:
@@ -43,7 +44,7 @@ def simd_path():
 def force_simd_path(str name):
     """Use another SIMD path (tests and benchmarks); ``ValueError`` if this CPU lacks it."""
     if lmx_force_simd_path(name.encode()) != 0:
-        raise ValueError(f"SIMD path {name!r} is not available on this CPU")
+        raise InvalidArgumentError(f"SIMD path {name!r} is not available on this CPU")
 
 
 def has_openmp():
@@ -58,12 +59,12 @@ def _as_logits(logits):
             logits = logits.astype(np.float32)
     # float32 in either byte order (dtype.kind/itemsize, since np.dtype(">f4") != np.float32).
     if logits.dtype.kind != "f" or logits.dtype.itemsize != 4:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"logits must be float32, got {logits.dtype}; convert with logits.astype(np.float32)")
     if logits.ndim < 1:
-        raise ValueError("logits must have at least one axis (the vocabulary axis [..., V])")
+        raise InvalidArgumentError("logits must have at least one axis (the vocabulary axis [..., V])")
     if logits.shape[-1] < 1:
-        raise ValueError("logits have an empty vocabulary axis (V = 0)")
+        raise InvalidArgumentError("logits have an empty vocabulary axis (V = 0)")
     if not logits.dtype.isnative:
         # The C kernel reads native floats.  Byte-swapping is the one copy a big-endian array
         # costs (same size, unlike a float64 -> float32 cast, which is refused above).
@@ -75,9 +76,9 @@ def _as_labels(labels, expected_shape):
     labels = np.asarray(labels)
     # uint64 ids past 2**63 would wrap to negative int64 and be reported as a wrong label.
     if labels.dtype.kind not in "iu" or (labels.dtype.kind == "u" and labels.dtype.itemsize == 8):
-        raise TypeError(f"labels must be int32 or int64 token ids, got {labels.dtype}")
+        raise ArgumentTypeError(f"labels must be int32 or int64 token ids, got {labels.dtype}")
     if labels.shape != expected_shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"labels shape {labels.shape} does not match logits.shape[:-1] = {expected_shape}")
     # Native int64 whatever the width and byte order (no copy when it already is).
     return np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
@@ -98,7 +99,7 @@ def mask_weights(mask):
         return None
     mask = np.asarray(mask)
     if mask.dtype.kind not in "biuf":
-        raise TypeError(
+        raise ArgumentTypeError(
             f"mask must have a bool, integer or real floating dtype (it is cast to float32 "
             f"weights), got {mask.dtype}")
     # asarray(order="C"), not ascontiguousarray, which would turn a 0-d mask into shape (1,).
@@ -110,7 +111,7 @@ def _as_weights(mask, expected_shape):
     if weights is None:
         return None
     if weights.shape != expected_shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"mask shape {weights.shape} does not match labels shape {expected_shape}")
     return weights.reshape(-1)
 
@@ -138,9 +139,9 @@ def masked_token_nll(logits, labels, mask=None, bint want_hits=False, num_thread
     cdef int threads = 0
     if num_threads is not None:
         if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
-            raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
+            raise ArgumentTypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
         if num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+            raise InvalidArgumentError(f"num_threads must be >= 1, got {num_threads}")
         threads = <int>min(num_threads, 1 << 16)
 
     nll = np.empty(n_rows, dtype=np.float64)
@@ -168,7 +169,7 @@ def masked_token_nll(logits, labels, mask=None, bint want_hits=False, num_thread
                              &bad_row)
     if rc == LMX_BAD_LABEL:
         position = tuple(int(i) for i in np.unravel_index(bad_row, shape)) if shape else ()
-        raise ValueError(
+        raise InvalidArgumentError(
             f"label {int(labels_flat[bad_row])} at position {position} is outside the "
             f"vocabulary [0, {V}); masked positions are not checked")
     if rc == LMX_NO_MEMORY:

@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from lmonnx.errors import ArtifactError, InvalidArgumentError
 from lmonnx.vocab import TokenizerOptions, Vocabulary
 
 FORMAT_VERSION = "2"
@@ -42,8 +43,6 @@ KEY_TRAINING = "lmonnx.training"
 KEY_QUANTIZATION = "lmonnx.quantization"
 
 
-class ArtifactError(ValueError):
-    """The file is not a usable lmonnx model (foreign, truncated, or from a newer version)."""
 
 
 @dataclass
@@ -66,7 +65,7 @@ def metadata_props(vocab: Vocabulary, config: Mapping[str, Any],
                    ) -> dict[str, str]:
     """The ``metadata_props`` key -> JSON string map that export writes into the model."""
     if format_version not in READABLE_FORMATS:
-        raise ValueError(f"unknown lmonnx format version {format_version!r}")
+        raise InvalidArgumentError(f"unknown lmonnx format version {format_version!r}")
     config = dict(config)
     config["tokenizer"] = vocab.options.to_dict()
     config["vocab_size"] = len(vocab)

@@ -16,7 +16,9 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import IO, Iterator, Mapping, Sequence
+
+from lmonnx.errors import OutputError
 
 
 def _new_file_mode() -> int:
@@ -83,6 +85,33 @@ def same_file_identity(path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def check_outputs(outputs: Mapping[str, object], inputs: Sequence = (), *, force: bool) -> None:
+    """Refuse to clobber, before any work: the one output policy of every command and API.
+
+    ``outputs`` maps a name for messages (a flag such as ``--per-token``, a parameter such as
+    ``per_token``) to a path, or None when not asked for.  Refused: an output that is one of
+    ``inputs`` (by identity: a symlink, a hard link or the file behind stdin count), two
+    outputs naming one file, a directory, a missing parent directory and, without ``force``,
+    an existing regular file.  Descriptors, FIFOs and terminals need no ``force``.
+    """
+    protected = {same_file_identity(p): str(p) for p in inputs}
+    protected.pop(None, None)
+    seen: dict = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        identity = same_file_identity(path)
+        if identity in protected:
+            raise OutputError(f"{flag} {path} is an input of this command "
+                              f"({protected[identity]}); choose another file")
+        fd = descriptor_of(path)
+        key = ("fd", fd) if fd is not None else (identity or Path(path).resolve())
+        if key in seen:
+            raise OutputError(f"{seen[key]} and {flag} name the same file {path}")
+        seen[key] = flag
+        check_output(path, flag, force=force)
+
+
 def check_output(path, flag: str, *, force: bool) -> None:
     """Up-front checks of a user's output path, before any work: ``flag`` names it in errors.
 
@@ -90,12 +119,14 @@ def check_output(path, flag: str, *, force: bool) -> None:
     process substitution (``>(cat)``, i.e. ``/dev/fd/N``) is written to directly and needs no
     ``force`` (writing into a pipe overwrites nothing).
     """
+    if str(path) == "":
+        raise OutputError(f"{flag} is empty; give a file name")
     fd = descriptor_of(path)
     if fd is not None:
         try:
             os.fstat(fd)
         except OSError:
-            raise ValueError(f"{flag} {path}: file descriptor {fd} is not open") from None
+            raise OutputError(f"{flag} {path}: file descriptor {fd} is not open") from None
         return
     path = Path(path)
     try:
@@ -112,8 +143,8 @@ def check_output(path, flag: str, *, force: bool) -> None:
 
 
 @contextmanager
-def output_file(path, flag: str = "output") -> Iterator[TextIO]:
-    """Open a user's output for writing text (UTF-8).
+def output_file(path, flag: str = "output", *, binary: bool = False) -> Iterator[IO]:
+    """Open a user's output for writing: text (UTF-8), or bytes with ``binary``.
 
     A regular file (or a new name) is written atomically: a temp file beside it replaces it
     only when the ``with`` block succeeds, so a failed run leaves the old file.  A symlink is
@@ -123,9 +154,10 @@ def output_file(path, flag: str = "output") -> Iterator[TextIO]:
     written directly: renaming over it would detach its reader.  Errors name ``path``, never
     the temp file.
     """
+    mode, encoding = ("wb", None) if binary else ("w", "utf-8")
     fd = descriptor_of(path)
     if fd is not None:
-        with os.fdopen(os.dup(fd), "w", encoding="utf-8") as f:
+        with os.fdopen(os.dup(fd), mode, encoding=encoding) as f:
             sys.stdout.flush()  # what was printed before goes first
             yield f
         return
@@ -137,12 +169,12 @@ def output_file(path, flag: str = "output") -> Iterator[TextIO]:
     if st is not None and not stat.S_ISREG(st.st_mode):
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(f"{flag} {path} is a directory; give a file name")
-        with open(path, "w", encoding="utf-8") as f:
+        with open(path, mode, encoding=encoding) as f:
             yield f
         return
     target = Path(os.path.realpath(path))
     try:
-        with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        with atomic_path(target) as tmp, open(tmp, mode, encoding=encoding) as f:
             yield f
     except OSError as exc:
         # Say which of the user's files failed, not the name of our temp file.

@@ -64,6 +64,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from lmonnx.errors import InvalidArgumentError
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -83,11 +84,11 @@ def make_pair(word_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def split_windows(inputs, targets, max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Cut one pair into consecutive windows of at most ``max_length`` positions (no token dropped)."""
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
-        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        raise InvalidArgumentError(f"max_length must be a positive integer, got {max_length!r}")
     inputs = np.asarray(inputs)
     targets = np.asarray(targets)
     if inputs.shape != targets.shape or inputs.ndim != 1:
-        raise ValueError(f"inputs and targets must be 1-D of equal length, got {inputs.shape} "
+        raise InvalidArgumentError(f"inputs and targets must be 1-D of equal length, got {inputs.shape} "
                          f"and {targets.shape}")
     n = inputs.shape[0]
     if n <= max_length:
@@ -140,15 +141,15 @@ def pad_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], keys: Sequence | N
     """
     b = len(pairs)
     if b == 0:
-        raise ValueError("cannot make a batch of no pairs")
+        raise InvalidArgumentError("cannot make a batch of no pairs")
     if keys is None:
         keys = list(range(b))
     elif len(keys) != b:
-        raise ValueError(f"got {len(keys)} keys for {b} pairs")
+        raise InvalidArgumentError(f"got {len(keys)} keys for {b} pairs")
     lengths = np.empty(b, dtype=np.int64)
     for r, (x, y) in enumerate(pairs):
         if len(x) != len(y):
-            raise ValueError(f"row {r}: inputs have {len(x)} positions, targets {len(y)}")
+            raise InvalidArgumentError(f"row {r}: inputs have {len(x)} positions, targets {len(y)}")
         lengths[r] = len(x)
     t = int(lengths.max())
     inputs = np.full((b, t), PAD_ID, dtype=np.int32)
@@ -163,7 +164,7 @@ def pad_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], keys: Sequence | N
 
 def _check_positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -288,14 +289,14 @@ def pack_rows(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> PackedBatch:
                                             row 2  [b b b c c]      [0 1 1 0 1]
     """
     if len(pairs) == 0:
-        raise ValueError("cannot pack no pairs")
+        raise InvalidArgumentError("cannot pack no pairs")
     lengths = np.array([len(x) for x, _ in pairs], dtype=np.int64)
     for r, (x, y) in enumerate(pairs):
         if len(x) != len(y):
-            raise ValueError(f"pair {r}: inputs have {len(x)} positions, targets {len(y)}")
+            raise InvalidArgumentError(f"pair {r}: inputs have {len(x)} positions, targets {len(y)}")
     width = int(lengths.max())
     if width == 0:
-        raise ValueError("cannot pack pairs of no positions")
+        raise InvalidArgumentError("cannot pack pairs of no positions")
     fill: list[int] = []  # positions used in each row
     placed: list[tuple[int, int, int]] = []  # (pair, row, start)
     for i in np.argsort(-lengths, kind="stable"):  # longest first; ties keep the given order

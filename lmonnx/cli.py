@@ -2,8 +2,11 @@
 
 User errors print one line, ``lmonnx: error: ...``: status 2 for a command line that does not
 parse (an unknown flag, a value of the wrong type), status 1 for everything found while
-running (missing or undecodable files, foreign models, outputs that exist); ``--debug`` shows
-the traceback instead.  TensorFlow is imported only by ``train`` and ``export``, onnxruntime
+running (missing or undecodable files, foreign models, outputs that exist): an
+:class:`~lmonnx.errors.LmonnxError` or an ``OSError``, nothing else.  Any other exception is a
+bug in lmonnx and keeps its traceback; ``--debug`` shows the traceback of user errors too.
+Progress and notices from the library arrive through the ``lmonnx`` logger, which ``main``
+prints on stderr.  TensorFlow is imported only by ``train`` and ``export``, onnxruntime
 only by the commands that run a model, both lazily.
 """
 
@@ -12,11 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
-from lmonnx.errors import InferenceError, ProviderError
+from lmonnx import __version__
+from lmonnx.errors import InvalidArgumentError, LmonnxError, first_line
+from lmonnx.validation import check_int, check_real
 
 EXIT_USER_ERROR = 1
 EXIT_USAGE = 2
@@ -29,6 +35,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _int_arg(low: int | None = 1, high: int | None = None, why: str = ""):
+    """An argparse ``type``: an integer within bounds, else a usage error naming the flag."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        try:
+            return check_int("it", value, low=low, high=high, why=why)
+        except InvalidArgumentError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("it ")) from None
+    return integer
+
+
+def _real_arg(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+              why: str = ""):
+    """An argparse ``type``: a finite number within bounds, else a usage error."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return check_real("it", value, low=low, high=high, low_open=low_open, why=why)
+        except InvalidArgumentError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("it ")) from None
+    return number
+
+
 def _add_encoding_errors(p: argparse.ArgumentParser) -> None:
     p.add_argument("--errors", choices=("strict", "replace"), default="strict",
                    help="undecodable UTF-8: fail naming the line (strict, default) or replace "
@@ -39,33 +74,46 @@ def _add_quantize_options(p: argparse.ArgumentParser, quantize_flag: bool) -> No
     if quantize_flag:
         p.add_argument("--quantize", choices=("int8",), default=None,
                        help="write the int8 (CPU) form of the checked model")
-    p.add_argument("--max-change", type=float, default=None,
+    p.add_argument("--max-change", type=_real_arg(low=0), default=None,
                    help="largest relative perplexity change int8 may cost (default 0.01 = 1%%)")
+
+
+def _model_parent() -> argparse.ArgumentParser:
+    """The flags of every command that runs a model."""
+    p = _Parser(add_help=False)
+    p.add_argument("--model", type=Path, default=Path("model.onnx"),
+                   help="an lmonnx .onnx file (default: model.onnx)")
+    p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="onnxruntime execution provider (auto: CUDA when usable, else CPU)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lmonnx",
         description="Stacked-LSTM word LMs: TensorFlow training, one ONNX file, fast exact scoring.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     # --debug is also accepted after the subcommand; SUPPRESS keeps it from resetting the flag
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks for errors")
+    model = _model_parent()
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
 
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common])
+    def add(name: str, help: str, runs_model: bool = False) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common, model] if runs_model else [common])
 
     # ---- synth
     p = add("synth", help="write a synthetic corpus whose true perplexity is known")
     p.add_argument("--out", type=Path, default=Path("synth"), help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--words", type=int, default=None, help="vocabulary size of the chain")
-    p.add_argument("--train-sentences", type=int, default=None)
-    p.add_argument("--valid-sentences", type=int, default=None)
-    p.add_argument("--test-sentences", type=int, default=None)
+    p.add_argument("--seed", type=_int_arg(0), default=0)
+    p.add_argument("--words", type=_int_arg(2), default=None, help="vocabulary size of the chain")
+    p.add_argument("--train-sentences", type=_int_arg(1), default=None)
+    p.add_argument("--valid-sentences", type=_int_arg(1), default=None)
+    p.add_argument("--test-sentences", type=_int_arg(1), default=None)
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
 
     # ---- train
@@ -118,7 +166,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = add("export", help="export a run to one self-describing .onnx (tf2onnx)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"))
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
+    p.add_argument("--opset", type=_int_arg(1), default=None, help="ONNX opset (default: 17)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing output file (never one of the run's files or "
                         "corpora); with --quantize, also write a model over --max-change")
@@ -137,15 +185,14 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_encoding_errors(p)
 
     # ---- evaluate
-    p = add("evaluate", help="perplexity and friends of text corpora")
+    p = add("evaluate", help="perplexity and friends of text corpora", runs_model=True)
     p.add_argument("corpus", type=Path, nargs="+", help="text files; - reads stdin")
-    p.add_argument("--model", type=Path, default=Path("model.onnx"))
-    p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch at most")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--threads", type=_int_arg(1), default=None,
+                   help="onnxruntime intra-op threads")
+    p.add_argument("--batch-size", type=_int_arg(1), default=64,
+                   help="sentences per batch at most")
+    p.add_argument("--max-tokens", type=_int_arg(1), default=None,
                    help="padded tokens per batch at most (default: a batch's logits <= 64 MiB)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--per-sentence", type=Path, default=None,
                    help="JSON lines per sentence (a file, FIFO or /dev/stdout)")
     p.add_argument("--per-token", type=Path, default=None, help="JSON lines per token")
@@ -155,41 +202,36 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="evaluate on a Ray cluster (extra lmonnx[ray]): auto = RAY_ADDRESS, "
                         "else a cluster started on this machine, else a new local one; or the "
                         "cluster's address.  --per-sentence FILE.parquet writes Parquet")
-    p.add_argument("--actors", type=int, default=None,
+    p.add_argument("--actors", type=_int_arg(1), default=None,
                    help="with --ray: scoring actors (default: as many as the cluster's CPUs "
                         "allow)")
-    p.add_argument("--cpus-per-actor", type=float, default=None,
+    p.add_argument("--cpus-per-actor", type=_real_arg(0, low_open=True), default=None,
                    help="with --ray: CPUs per actor, fractions allowed (its onnxruntime "
                         "threads, rounded up, unless --threads; default 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=None,
+    p.add_argument("--gpus-per-actor", type=_real_arg(0), default=None,
                    help="with --ray: GPUs per actor (default 0)")
 
     # ---- score
-    p = add("score", help="log-probability of sentences (arguments or stdin lines)")
+    p = add("score", help="log-probability of sentences (arguments or stdin lines)",
+            runs_model=True)
     p.add_argument("sentences", nargs="*", help="sentences; none (or -) reads stdin lines")
-    p.add_argument("--model", type=Path, default=Path("model.onnx"))
-    p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--json", action="store_true")
     _add_encoding_errors(p)
 
     # ---- predict
-    p = add("predict", help="top-k next words after a prefix")
+    p = add("predict", help="top-k next words after a prefix", runs_model=True)
     p.add_argument("prefix")
-    p.add_argument("-k", type=int, default=5)
-    p.add_argument("--model", type=Path, default=Path("model.onnx"))
-    p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("-k", type=_int_arg(1), default=5, help="words to list (default 5)")
 
     # ---- generate
-    p = add("generate", help="sample text after a prefix by stepping the LSTM state")
+    p = add("generate", help="sample text after a prefix by stepping the LSTM state",
+            runs_model=True)
     p.add_argument("prefix", nargs="?", default="", help="words to start from (default: none)")
-    p.add_argument("--words", type=int, default=20, help="most words to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (argmax)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    p.add_argument("--model", type=Path, default=Path("model.onnx"))
-    p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--words", type=_int_arg(1), default=20, help="most words to generate")
+    p.add_argument("--temperature", type=_real_arg(0), default=1.0,
+                   help="0 is greedy (argmax)")
+    p.add_argument("--top-k", type=_int_arg(1), default=None,
+                   help="sample among the k most likely")
+    p.add_argument("--seed", type=_int_arg(0), default=None, help="same seed, same text")
     return parser
 
 
@@ -234,30 +276,6 @@ def _cmd_quantize(args) -> None:
     print(describe(record))
 
 
-def _check_outputs(outputs: dict[str, Path | None], inputs: list[Path], force: bool) -> None:
-    """Refuse to clobber, before any work: an input (by identity: a symlink, a hard link or
-    the file behind stdin count), one output twice, a directory, an existing regular file
-    without --force."""
-    from lmonnx.atomic import check_output, descriptor_of, same_file_identity
-
-    protected = {same_file_identity(p): str(p) for p in inputs}
-    protected.pop(None, None)
-    seen: dict = {}
-    for flag, path in outputs.items():
-        if path is None:
-            continue
-        identity = same_file_identity(path)
-        if identity in protected:
-            raise ValueError(f"{flag} {path} is an input of this command "
-                             f"({protected[identity]}); choose another file")
-        fd = descriptor_of(path)
-        key = ("fd", fd) if fd is not None else (identity or Path(path).resolve())
-        if key in seen:
-            raise ValueError(f"{seen[key]} and {flag} name the same file {path}")
-        seen[key] = flag
-        check_output(path, flag, force=force)
-
-
 def _progress_bar(path: Path):
     """A tqdm bar over the corpus bytes on stderr, or None when stderr is not a terminal."""
     if not sys.stderr.isatty():
@@ -278,12 +296,14 @@ def _print_reports(reports: list, as_json: bool) -> None:
 def _cmd_evaluate_ray(args) -> None:
     """``evaluate --ray``: the local command's checks, report and ``--json``, one Ray job per
     corpus (lmonnx.ray)."""
+    from lmonnx.atomic import check_outputs
     from lmonnx.ray import RayEvaluator, check_sources, sentence_sink
 
     if args.per_token is not None:
-        raise ValueError("--per-token is not available with --ray; use --per-sentence")
+        raise InvalidArgumentError("--per-token is not available with --ray; use --per-sentence")
     check_sources(args.corpus)
-    _check_outputs({"--per-sentence": args.per_sentence}, [*args.corpus, args.model], args.force)
+    check_outputs({"--per-sentence": args.per_sentence}, [*args.corpus, args.model],
+                  force=args.force)
     sizes = {k: v for k, v in (("cpus_per_actor", args.cpus_per_actor),
                                ("gpus_per_actor", args.gpus_per_actor)) if v is not None}
     runner = RayEvaluator(args.model, num_actors=args.actors, **sizes, providers=args.providers,
@@ -304,17 +324,17 @@ def _cmd_evaluate(args) -> None:
     for flag, value in (("--actors", args.actors), ("--cpus-per-actor", args.cpus_per_actor),
                         ("--gpus-per-actor", args.gpus_per_actor)):
         if value is not None:
-            raise ValueError(f"{flag} sizes the Ray actors: it needs --ray")
-    from lmonnx.atomic import output_file
+            raise InvalidArgumentError(f"{flag} sizes the Ray actors: it needs --ray")
+    from lmonnx.atomic import check_outputs, output_file
     from lmonnx.corpus import require_sentences
     from lmonnx.evaluate import Evaluator, SentenceWriter, TokenWriter
     from lmonnx.examples import ExampleBuilder
     from lmonnx.runtime import ModelSession
 
     if [str(c) for c in args.corpus].count("-") > 1:
-        raise ValueError("stdin (-) can be read only once; name it once")
+        raise InvalidArgumentError("stdin (-) can be read only once; name it once")
     outputs = {"--per-sentence": args.per_sentence, "--per-token": args.per_token}
-    _check_outputs(outputs, [*args.corpus, args.model], args.force)
+    check_outputs(outputs, [*args.corpus, args.model], force=args.force)
     # Open every corpus before the model loads: a bad path fails first, not after corpus one.
     sources = [require_sentences(c, errors=args.errors) for c in args.corpus]
     session = ModelSession(args.model, providers=args.providers, num_threads=args.threads)
@@ -350,15 +370,15 @@ def _read_cli_sentences(sentences: list[str], errors: str) -> list:
     from lmonnx.corpus import sentences_of_lines, to_line
 
     if "-" in sentences and len(sentences) > 1:
-        raise ValueError("- reads the sentences from stdin: give it alone, or only sentences "
+        raise InvalidArgumentError("- reads the sentences from stdin: give it alone, or only sentences "
                          "as arguments")
     if sentences and sentences != ["-"]:
         return [to_line(i, s, errors, f"argument {i}").text for i, s in enumerate(sentences, 1)]
     if sys.stdin.isatty() and not sentences:
-        raise ValueError("give sentences as arguments or pipe them in, one per line")
+        raise InvalidArgumentError("give sentences as arguments or pipe them in, one per line")
     lines = [line.text for line in sentences_of_lines(sys.stdin.buffer, errors, "<stdin>")]
     if not lines:
-        raise ValueError("no sentences on stdin")
+        raise InvalidArgumentError("no sentences on stdin")
     return lines
 
 
@@ -407,9 +427,28 @@ COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export,
             "generate": _cmd_generate}
 
 
+class _MessageHandler(logging.Handler):
+    """The library's notices (logger ``lmonnx``, INFO and up) as plain lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(record.getMessage(), file=sys.stderr, flush=True)
+        except Exception:  # a closed stderr must not turn a notice into a crash
+            self.handleError(record)
+
+
+def _show_library_messages() -> None:
+    logger = logging.getLogger("lmonnx")
+    if not any(isinstance(h, _MessageHandler) for h in logger.handlers):
+        logger.addHandler(_MessageHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    _show_library_messages()
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -420,10 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         # Point stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except (ValueError, TypeError, OSError, ImportError, ProviderError, InferenceError) as exc:
+    except (LmonnxError, OSError) as exc:
         if args.debug:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in message:
             message = f"{message}: {exc.filename}"
         print(f"lmonnx: error: {message}", file=sys.stderr)

@@ -17,14 +17,13 @@ import os
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
+from lmonnx.errors import ArgumentTypeError, CorpusError
 
 ERRORS = ("strict", "replace")
 STDIN = "-"
 _BOM_BYTES = "\ufeff".encode("utf-8")
 
 
-class CorpusError(ValueError):
-    """Text that cannot be read; the message is one line, fit for the CLI."""
 
 
 class Line(NamedTuple):
@@ -72,7 +71,7 @@ def as_bytes(line) -> bytes:
         return bytes(line)
     if isinstance(line, str):
         return line.encode("utf-8", "surrogateescape")
-    raise TypeError(f"a line must be str or bytes, got {type(line).__name__}")
+    raise ArgumentTypeError(f"a line must be str or bytes, got {type(line).__name__}")
 
 
 def to_line(key, line, errors: str = "strict", where: str = "<sentence>") -> Line:
@@ -89,7 +88,7 @@ def sentences_of_lines(lines: Iterable, errors: str = "strict",
     numbered from 1 with blank lines counted.  Errors name ``source:line``."""
     check_errors(errors)
     if isinstance(lines, (str, bytes)):
-        raise TypeError(f"expected an iterable of lines, got one {type(lines).__name__}; "
+        raise ArgumentTypeError(f"expected an iterable of lines, got one {type(lines).__name__}; "
                         "wrap a single sentence in a list")
     for lineno, line in enumerate(lines, start=1):
         item = to_line(lineno, line, errors, f"{source}:{lineno}")

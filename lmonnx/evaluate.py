@@ -32,24 +32,17 @@ from typing import Callable, Iterable, Iterator, TextIO
 import numpy as np
 
 from lmonnx.batching import Batch, bucketed_batches
+from lmonnx.errors import CorpusError, InvalidArgumentError
 from lmonnx.examples import Example
 from lmonnx.metrics import LN2, default_max_tokens, perplexity_of
 from lmonnx.runtime import ModelSession
 from lmonnx.vocab import UNK_ID
+from lmonnx.validation import check_int
 from lmonnx.xent import token_nll_and_hits
 
 DEFAULT_BATCH_SIZE = 64
 LOOKAHEAD = 4096
 """Sentences read ahead to sort into length buckets: bounds memory and latency."""
-
-
-def check_positive_int(name: str, value) -> int:
-    """``value`` as an int when it is a positive integer (NumPy integers included)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 @dataclass
@@ -90,7 +83,7 @@ def token_scores(example: Example, result: SentenceResult) -> list[TokenScore]:
     """Per-token scores of a sentence scored with ``keep_tokens=True``, like kenlm's
     ``full_scores``: its words as the example builder split them, then ``</s>``."""
     if result.token_nll is None:
-        raise ValueError("the sentence was scored without keep_tokens=True")
+        raise InvalidArgumentError("the sentence was scored without keep_tokens=True")
     words = example.words + ("</s>",)
     return [TokenScore(word=w, id=int(i), logprob=-float(n), is_oov=int(i) == UNK_ID)
             for w, i, n in zip(words, example.targets, result.token_nll)]
@@ -249,26 +242,17 @@ class Evaluator:
                  num_threads: int | None = None, keep_tokens: bool = False, writers=()):
         self.session = session
         self.corpus = corpus
-        self.batch_size = check_positive_int("batch size", batch_size)
+        self.batch_size = check_int("batch_size", batch_size)
         self.max_tokens = (default_max_tokens(session.vocab_size) if max_tokens is None
-                           else check_positive_int("max tokens", max_tokens))
+                           else check_int("max_tokens", max_tokens))
         self.num_threads = num_threads
         self.writers = tuple(writers)
         self.keep_tokens = keep_tokens or any(w.needs_tokens for w in self.writers)
-        self.sentences = self.tokens = self.oovs = self.hits = self.oov_hits = self.bytes = 0
-        self.nll = self.oov_nll = 0.0
-        self.real_positions = self.computed_positions = 0
+        self.totals = Totals()
         self.seconds = 0.0
 
     def _add(self, example: Example, result: SentenceResult) -> None:
-        self.sentences += 1
-        self.tokens += result.tokens
-        self.oovs += result.oovs
-        self.nll += result.nll
-        self.oov_nll += result.oov_nll
-        self.hits += result.hits
-        self.oov_hits += result.oov_hits
-        self.bytes += example.nbytes
+        self.totals.add(result, example.nbytes)
         for writer in self.writers:
             writer.write(self.corpus, example, result)
 
@@ -293,8 +277,8 @@ class Evaluator:
         try:
             for batch in bucketed_batches(items(), max_tokens=self.max_tokens,
                                           max_batch_size=self.batch_size, lookahead=LOOKAHEAD):
-                self.real_positions += batch.tokens
-                self.computed_positions += batch.inputs.size
+                self.totals.real_positions += batch.tokens
+                self.totals.computed_positions += batch.inputs.size
                 for result in score_batch(self.session, batch, keep_tokens=self.keep_tokens,
                                           num_threads=self.num_threads, window=self.max_tokens):
                     ready[result.key] = result
@@ -318,42 +302,63 @@ class Evaluator:
         return self.report()
 
     def report(self) -> EvaluationReport:
-        return report_from_totals(
-            self.corpus, self.session.provider_description, sentences=self.sentences,
-            tokens=self.tokens, oovs=self.oovs, nll=self.nll, oov_nll=self.oov_nll,
-            hits=self.hits, oov_hits=self.oov_hits, bytes=self.bytes,
-            real_positions=self.real_positions, computed_positions=self.computed_positions,
-            seconds=self.seconds)
+        return self.totals.report(self.corpus, self.session.provider_description, self.seconds)
 
 
-def report_from_totals(corpus: str, provider: str, *, sentences: int, tokens: int, oovs: int,
-                       nll: float, oov_nll: float, hits: int, oov_hits: int, bytes: int,
-                       real_positions: int, computed_positions: int,
-                       seconds: float) -> EvaluationReport:
-    """The :class:`EvaluationReport` of summed totals: what :meth:`Evaluator.report` returns,
-    and what ``lmonnx.ray`` builds from the sums of its per-sentence rows.  ``ValueError``
-    when there is no sentence."""
-    if sentences == 0:
-        raise ValueError(f"{corpus}: no sentences to evaluate (empty or blank input)")
-    in_vocab = tokens - oovs
-    mean_nll = nll / tokens
-    return EvaluationReport(
-        corpus=corpus,
-        sentences=sentences,
-        tokens=tokens,
-        words=tokens - sentences,
-        oovs=oovs,
-        nll=nll,
-        mean_nll=mean_nll,
-        perplexity=perplexity_of(nll, tokens),
-        perplexity_no_oov=(perplexity_of(nll - oov_nll, in_vocab) if in_vocab else math.nan),
-        bits_per_token=mean_nll / LN2,
-        bits_per_byte=nll / LN2 / bytes,
-        top1_accuracy=hits / tokens,
-        top1_accuracy_no_oov=(hits - oov_hits) / in_vocab if in_vocab else math.nan,
-        padding_fraction=(1.0 - real_positions / computed_positions
-                          if computed_positions else 0.0),
-        tokens_per_second=tokens / seconds if seconds > 0 else math.inf,
-        seconds=seconds,
-        provider=provider,
-    )
+@dataclass
+class Totals:
+    """The sums a report is made of: counts, and float64 NLL sums in nats, added sentence by
+    sentence in input order.  :class:`Evaluator` keeps one; ``lmonnx.ray`` adds its rows into
+    one in the same order, so both report the same numbers to the last bit."""
+
+    sentences: int = 0
+    tokens: int = 0
+    oovs: int = 0
+    nll: float = 0.0
+    oov_nll: float = 0.0
+    hits: int = 0
+    oov_hits: int = 0
+    bytes: int = 0
+    real_positions: int = 0
+    computed_positions: int = 0
+
+    def add(self, result: SentenceResult, nbytes: int) -> None:
+        """Count one scored sentence of ``nbytes`` original UTF-8 bytes."""
+        self.sentences += 1
+        self.tokens += result.tokens
+        self.oovs += result.oovs
+        self.nll += result.nll
+        self.oov_nll += result.oov_nll
+        self.hits += result.hits
+        self.oov_hits += result.oov_hits
+        self.bytes += nbytes
+
+    def report(self, corpus: str, provider: str, seconds: float) -> EvaluationReport:
+        """The :class:`EvaluationReport` of these sums; ``CorpusError`` when there is no
+        sentence."""
+        if self.sentences == 0:
+            raise CorpusError(f"{corpus}: no sentences to evaluate (empty or blank input)")
+        tokens, nll = self.tokens, self.nll
+        in_vocab = tokens - self.oovs
+        mean_nll = nll / tokens
+        return EvaluationReport(
+            corpus=corpus,
+            sentences=self.sentences,
+            tokens=tokens,
+            words=tokens - self.sentences,
+            oovs=self.oovs,
+            nll=nll,
+            mean_nll=mean_nll,
+            perplexity=perplexity_of(nll, tokens),
+            perplexity_no_oov=(perplexity_of(nll - self.oov_nll, in_vocab) if in_vocab
+                               else math.nan),
+            bits_per_token=mean_nll / LN2,
+            bits_per_byte=nll / LN2 / self.bytes,
+            top1_accuracy=self.hits / tokens,
+            top1_accuracy_no_oov=(self.hits - self.oov_hits) / in_vocab if in_vocab else math.nan,
+            padding_fraction=(1.0 - self.real_positions / self.computed_positions
+                              if self.computed_positions else 0.0),
+            tokens_per_second=tokens / seconds if seconds > 0 else math.inf,
+            seconds=seconds,
+            provider=provider,
+        )

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from lmonnx.errors import ArgumentTypeError
 from lmonnx.batching import make_pair
 from lmonnx.corpus import Line
 from lmonnx.vocab import UNK_ID, Vocabulary
@@ -51,7 +52,7 @@ class ExampleBuilder:
 
     def __init__(self, vocab: Vocabulary):
         if not isinstance(vocab, Vocabulary):
-            raise TypeError(f"vocab must be a Vocabulary, got {type(vocab).__name__}")
+            raise ArgumentTypeError(f"vocab must be a Vocabulary, got {type(vocab).__name__}")
         self.vocab = vocab
 
     def build(self, line: Line) -> Example:

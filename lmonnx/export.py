@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmonnx.errors import ExportError, InvalidArgumentError
 from lmonnx.artifact import (FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, STATE_INPUTS,
                              STATE_OUTPUTS, metadata_props)
 from lmonnx.atomic import write_atomic
@@ -64,8 +65,6 @@ __all__ = ["ExportError", "ExportReport", "export_run", "convert", "check_parity
            "DEFAULT_OPSET", "LOGIT_ATOL", "LOSS_RTOL"]
 
 
-class ExportError(ValueError):
-    """The converted model failed a check (graph form or parity); nothing was written."""
 
 
 @dataclass
@@ -145,15 +144,15 @@ def _load_keras_model(path: Path):
     try:
         complete = zipfile.is_zipfile(path)
     except OSError as exc:
-        raise ValueError(f"{path} is unreadable: {exc.strerror or exc}") from None
+        raise InvalidArgumentError(f"{path} is unreadable: {exc.strerror or exc}") from None
     if not complete:
-        raise ValueError(f"{path} is unreadable: not a complete .keras (zip) file, perhaps "
+        raise InvalidArgumentError(f"{path} is unreadable: not a complete .keras (zip) file, perhaps "
                          "truncated; retrain or restore it")
     try:
         return keras.saving.load_model(path)
     except Exception as exc:  # Keras raises many types for damaged archives
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path} is unreadable as a Keras model ({first}); retrain or "
+        raise InvalidArgumentError(f"{path} is unreadable as a Keras model ({first}); retrain or "
                          "restore it") from None
 
 
@@ -165,7 +164,7 @@ def _load_run(run: RunDir):
     vocab = Vocabulary.load(run.file(VOCAB_FILE))
     model = _load_keras_model(run.file(MODEL_FILE))
     if getattr(model, "vocab_size", None) != len(vocab):
-        raise ValueError(f"{run.path}: {MODEL_FILE} has {getattr(model, 'vocab_size', '?')} "
+        raise InvalidArgumentError(f"{run.path}: {MODEL_FILE} has {getattr(model, 'vocab_size', '?')} "
                          f"outputs but {VOCAB_FILE} holds {len(vocab)} tokens; the run "
                          "directory is inconsistent")
     return config, vocab, model
@@ -299,7 +298,7 @@ def _sample_examples(config: dict, vocab: Vocabulary, sample, limit: int):
         if examples:
             return examples, path.name
         if sample is not None:
-            raise ValueError(f"{path}: no sentences to check the export on")
+            raise InvalidArgumentError(f"{path}: no sentences to check the export on")
     # The corpora moved away: random words still exercise every weight of the graph.
     rng = np.random.default_rng(0)
     words = vocab.tokens[len(SPECIAL_TOKENS):]
@@ -357,13 +356,13 @@ def _check_output(output: Path, force: bool, inputs: dict[Path, str] | None = No
     (path -> what it is) or a run-file name inside ``run`` (both whatever ``force`` says), or
     an existing file without ``force``."""
     if output.is_dir():
-        raise ValueError(f"-o {output} is a directory; give a file name such as {output}/model.onnx")
+        raise InvalidArgumentError(f"-o {output} is a directory; give a file name such as {output}/model.onnx")
     for path, what in (inputs or {}).items():
         if _same_file(output, path):
-            raise ValueError(f"-o {output} is an input of this export ({what}); lmonnx never "
+            raise InvalidArgumentError(f"-o {output} is an input of this export ({what}); lmonnx never "
                              "overwrites it, even with --force: choose another file")
     if run is not None and _run_name_in(output, run.path):
-        raise ValueError(f"-o {output} would put a file named like the run's own files into "
+        raise InvalidArgumentError(f"-o {output} would put a file named like the run's own files into "
                          f"the run directory {run.path}; choose another name, such as "
                          f"{output.parent / 'model.onnx'}")
     if (output.exists() or output.is_symlink()) and not force:
@@ -457,9 +456,9 @@ def export_run(run_dir, output, opset: int | None = None, force: bool = False, *
     nothing is written then.
     """
     if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        raise InvalidArgumentError(f"quantize must be None or 'int8', got {quantize!r}")
     if max_change is not None and quantize is None:
-        raise ValueError("--max-change bounds what int8 may cost: it needs --quantize int8")
+        raise InvalidArgumentError("--max-change bounds what int8 may cost: it needs --quantize int8")
     run, output = RunDir(run_dir), Path(output)
     opset = DEFAULT_OPSET if opset is None else opset
     # The cheap checks first, before TensorFlow starts.
@@ -524,5 +523,5 @@ def _check_opset(opset) -> None:
 
     highest = max(tf2onnx.constants.OPSET_TO_IR_VERSION)
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= highest:
-        raise ValueError(f"--opset must be an integer from {MIN_OPSET} to {highest} "
+        raise InvalidArgumentError(f"--opset must be an integer from {MIN_OPSET} to {highest} "
                          f"(tf2onnx's newest); got {opset!r}")

@@ -23,7 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from lmonnx.evaluate import check_positive_int
+from lmonnx.errors import ArgumentTypeError, InvalidArgumentError
+from lmonnx.validation import check_int
 from lmonnx.runtime import ModelSession
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -112,12 +113,12 @@ class Incremental:
 
         ``word`` is tokenized as sentences are and must be exactly one word."""
         if not isinstance(word, str):
-            raise TypeError(f"a word must be a str, got {type(word).__name__}")
+            raise ArgumentTypeError(f"a word must be a str, got {type(word).__name__}")
         if word == END:
             return EOS_ID
         words = self.vocab.words(word)
         if len(words) != 1:
-            raise ValueError(f"step takes one word; the tokenizer makes {len(words)} of {word!r}")
+            raise InvalidArgumentError(f"step takes one word; the tokenizer makes {len(words)} of {word!r}")
         return int(self.vocab.encode_words(words)[0])
 
     def _check_states(self, states) -> list[LMState]:
@@ -125,9 +126,9 @@ class Incremental:
         shape = (self.session.num_layers, self.session.num_units)
         for i, s in enumerate(states):
             if not isinstance(s, LMState):
-                raise TypeError(f"state {i} is a {type(s).__name__}, not an LMState from begin()/step()")
+                raise ArgumentTypeError(f"state {i} is a {type(s).__name__}, not an LMState from begin()/step()")
             if s.h.shape != shape or s.logprobs.shape != (len(self.vocab),):
-                raise ValueError(f"state {i} comes from another model (shape {s.h.shape}, "
+                raise InvalidArgumentError(f"state {i} comes from another model (shape {s.h.shape}, "
                                  f"{s.logprobs.shape[0]} tokens)")
         return states
 
@@ -138,15 +139,15 @@ class Incremental:
         do not end go through ONE onnxruntime call; ``</s>`` needs none (its state is ended).
         """
         if isinstance(words, str):
-            raise TypeError("step_batch takes a list of words, one per state")
+            raise ArgumentTypeError("step_batch takes a list of words, one per state")
         states = self._check_states(states)
         words = list(words)
         if len(words) != len(states):
-            raise ValueError(f"got {len(states)} states and {len(words)} words")
+            raise InvalidArgumentError(f"got {len(states)} states and {len(words)} words")
         ids = np.array([self.word_id(w) for w in words], dtype=np.int64)
         for i, s in enumerate(states):
             if s.ended:
-                raise ValueError(f"hypothesis {i} already ended with </s>; it cannot be advanced")
+                raise InvalidArgumentError(f"hypothesis {i} already ended with </s>; it cannot be advanced")
         logprobs = np.array([s.logprob(t) for s, t in zip(states, ids)], dtype=np.float64)
         new: list[LMState | None] = [None] * len(states)
         going_on = [i for i, t in enumerate(ids) if t != EOS_ID]
@@ -168,7 +169,7 @@ class Incremental:
     def next_logprobs(self, states: Sequence[LMState]) -> np.ndarray:
         """float32 [n, V]: each state's next-token log-probabilities (index with token ids)."""
         if isinstance(states, LMState):
-            raise TypeError("next_logprobs takes a list of states; for one: next_logprobs([state])")
+            raise ArgumentTypeError("next_logprobs takes a list of states; for one: next_logprobs([state])")
         states = self._check_states(states)
         if not states:
             return np.empty((0, len(self.vocab)), np.float32)
@@ -184,18 +185,18 @@ class Incremental:
         same text.  Padding and ``<s>`` are never drawn.
         """
         if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-        words = check_positive_int("words", words)
+            raise ArgumentTypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        words = check_int("words", words)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)):
-            raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+            raise ArgumentTypeError(f"temperature must be a number, got {type(temperature).__name__}")
         if not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+            raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if top_k is not None:
-            top_k = check_positive_int("top_k", top_k)
+            top_k = check_int("top_k", top_k)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"seed must be a non-negative integer or None, got {type(seed).__name__}")
+            raise ArgumentTypeError(f"seed must be a non-negative integer or None, got {type(seed).__name__}")
         if seed is not None and seed < 0:
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+            raise InvalidArgumentError(f"seed must be a non-negative integer or None, got {seed!r}")
         rng = np.random.default_rng(seed)
         ids = self.vocab.encode_words(self.vocab.words(prefix))
         state = (self.state_after(np.concatenate([[BOS_ID], ids]).astype(np.int32), window)

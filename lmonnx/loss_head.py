@@ -17,6 +17,7 @@ Building the head edits the graph with the ``onnx`` package (in the ``gpu`` extr
 
 from __future__ import annotations
 
+from lmonnx.errors import MissingDependencyError
 from lmonnx.artifact import INPUT_NAME, OUTPUT_NAME
 
 TARGETS = "target_ids"
@@ -32,7 +33,7 @@ def add_loss_head(model: bytes) -> tuple[bytes, int | None]:
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
-        raise ImportError("the CUDA loss head edits the graph with the onnx package: "
+        raise MissingDependencyError("the CUDA loss head edits the graph with the onnx package: "
                           "install lmonnx[gpu]") from None
     import numpy as np
 

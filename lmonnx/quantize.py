@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from lmonnx.errors import InvalidArgumentError, MissingDependencyError, QuantizationError
 from lmonnx.artifact import KEY_QUANTIZATION
 from lmonnx.examples import Example
 
@@ -33,8 +34,6 @@ PER_CHANNEL = True
 REDUCE_RANGE = False
 
 
-class QuantizationError(ValueError):
-    """The int8 model changes the perplexity more than allowed; nothing was written."""
 
 
 def quantize_bytes(model: bytes, *, per_channel: bool = PER_CHANNEL,
@@ -44,7 +43,7 @@ def quantize_bytes(model: bytes, *, per_channel: bool = PER_CHANNEL,
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
-        raise ImportError("quantization needs the onnx package: install lmonnx[cpu,train] "
+        raise MissingDependencyError("quantization needs the onnx package: install lmonnx[cpu,train] "
                           "or pip install onnx") from None
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -80,10 +79,10 @@ def quantize_checked(model: bytes, examples: Iterable[Example], source: str, *,
     it changes by more than ``max_change`` (relative) and not ``force``."""
     if not (isinstance(max_change, (int, float)) and math.isfinite(max_change)
             and max_change >= 0):
-        raise ValueError(f"--max-change must be a number >= 0 (a fraction), got {max_change!r}")
+        raise InvalidArgumentError(f"--max-change must be a number >= 0 (a fraction), got {max_change!r}")
     examples = list(examples)
     if not examples:
-        raise ValueError(f"{source}: no sentences to measure the quantization on")
+        raise InvalidArgumentError(f"{source}: no sentences to measure the quantization on")
     int8 = quantize_bytes(model)
     fp32_ppl, tokens = _perplexity(model, examples, name)
     int8_ppl, _ = _perplexity(int8, examples, f"{name} (int8)")
@@ -145,11 +144,11 @@ def quantize_file(source, output, *, sample=None, errors: str = "strict",
 
     source, output = Path(source), Path(output)
     if output.exists() and source.exists() and output.resolve() == source.resolve():
-        raise ValueError(f"-o {output} is the model being quantized; choose another file")
+        raise InvalidArgumentError(f"-o {output} is the model being quantized; choose another file")
     check_output(output, "-o", force=force)
     session = ModelSession(source, providers="cpu")
     if session.quantization:
-        raise ValueError(f"{source} is already quantized ({session.quantization.get('method')})")
+        raise InvalidArgumentError(f"{source} is already quantized ({session.quantization.get('method')})")
     model = source.read_bytes()
     if sample is not None:
         builder = ExampleBuilder(session.vocab)

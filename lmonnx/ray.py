@@ -57,11 +57,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from lmonnx.errors import InvalidArgumentError, MissingDependencyError
+from lmonnx.validation import check_int
 from lmonnx.atomic import atomic_path, check_output, output_file
 from lmonnx.corpus import CorpusError, Line, check_errors, sentences_of_lines, to_line
 from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, LOOKAHEAD, EvaluationReport, Evaluator,
-                             SentenceResult, SentenceWriter, check_positive_int,
-                             report_from_totals)
+                             SentenceResult, SentenceWriter, Totals)
 from lmonnx.examples import ExampleBuilder
 
 try:
@@ -97,7 +98,7 @@ _SUM_COLUMNS = ("tokens", "oovs", "nll", "oov_nll", "hits", "oov_hits", "nbytes"
 
 def _require_ray() -> None:
     if ray is None:
-        raise ImportError("evaluating on Ray needs Ray Data: install the extra 'lmonnx[ray]' "
+        raise MissingDependencyError("evaluating on Ray needs Ray Data: install the extra 'lmonnx[ray]' "
                           f"({_MISSING})")
 
 
@@ -265,7 +266,8 @@ class _LineScorer:
         # Chunk-level counters ride on the chunk's first row (0 on the others).
         first = np.zeros(n, np.int64)
         real, computed = first.copy(), first.copy()
-        real[:1], computed[:1] = evaluator.real_positions, evaluator.computed_positions
+        real[:1] = evaluator.totals.real_positions
+        computed[:1] = evaluator.totals.computed_positions
         seconds = np.zeros(n, np.float64)
         seconds[:1] = evaluator.seconds
         provider = [""] * n
@@ -304,12 +306,12 @@ class _Totals:
 
     def report(self, corpus: str, seconds: float) -> EvaluationReport:
         s = self.sums
-        return report_from_totals(
-            corpus, ", ".join(self.providers) or "-", sentences=self.sentences,
+        return Totals(
+            sentences=self.sentences,
             tokens=s["tokens"], oovs=s["oovs"], nll=s["nll"], oov_nll=s["oov_nll"],
             hits=s["hits"], oov_hits=s["oov_hits"], bytes=s["nbytes"],
             real_positions=s["real_positions"], computed_positions=s["computed_positions"],
-            seconds=seconds)
+        ).report(corpus, ", ".join(self.providers) or "-", seconds)
 
 
 def _sentence_schema() -> "pa.Schema":
@@ -426,7 +428,7 @@ def _resolve(sources) -> tuple[list[str], dict[str, str], str]:
         sources = [sources]
     sources = [os.fspath(s) for s in sources]
     if not sources:
-        raise ValueError("no corpus given")
+        raise InvalidArgumentError("no corpus given")
     paths, names = [], {}
     for source in sources:
         pairs = [(source, source)] if _is_uri(source) else _local_files(source)
@@ -499,20 +501,20 @@ class RayEvaluator:
         from lmonnx.runtime import ModelSession
 
         if num_actors is not None:
-            num_actors = check_positive_int("num_actors", num_actors)
+            num_actors = check_int("num_actors", num_actors)
         for what, value, low in (("cpus_per_actor", cpus_per_actor, 0.0),
                                  ("gpus_per_actor", gpus_per_actor, -1e-12)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low:
-                raise ValueError(f"{what} must be a {'positive' if low == 0 else 'non-negative'}"
+                raise InvalidArgumentError(f"{what} must be a {'positive' if low == 0 else 'non-negative'}"
                                  f" number, got {value!r}")
         self.cpus_per_actor = float(cpus_per_actor)
         self.gpus_per_actor = float(gpus_per_actor)
-        self.num_threads = (check_positive_int("num_threads", num_threads) if num_threads
+        self.num_threads = (check_int("num_threads", num_threads) if num_threads
                             is not None else max(1, math.ceil(self.cpus_per_actor - 1e-9)))
-        self.batch_size = check_positive_int("batch size", batch_size)
-        self.max_tokens = None if max_tokens is None else check_positive_int("max tokens",
+        self.batch_size = check_int("batch size", batch_size)
+        self.max_tokens = None if max_tokens is None else check_int("max tokens",
                                                                              max_tokens)
-        self.lines_per_batch = check_positive_int("lines_per_batch", lines_per_batch)
+        self.lines_per_batch = check_int("lines_per_batch", lines_per_batch)
         self.providers = providers
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.log_errors = log_errors
@@ -522,7 +524,7 @@ class RayEvaluator:
         if isinstance(model, (bytes, bytearray)):
             data, self.model_name = bytes(model), "<model bytes>"
             if model_is_shared:
-                raise ValueError("model_is_shared needs a path, not bytes")
+                raise InvalidArgumentError("model_is_shared needs a path, not bytes")
             ModelSession(data, providers="cpu", num_threads=1)
         else:
             self.model_name = os.fspath(model)
@@ -542,13 +544,13 @@ class RayEvaluator:
         cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
         need_cpus = self.num_actors * self.cpus_per_actor + READ_CPUS
         if need_cpus > cpus + 1e-9:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{self.num_actors} actor(s) x {self.cpus_per_actor:g} CPU plus {READ_CPUS:g} "
                 f"for reading need {need_cpus:g} CPUs, the cluster has {cpus:g}; lower "
                 "--actors or --cpus-per-actor (fractions allowed)")
         need_gpus = self.num_actors * self.gpus_per_actor
         if need_gpus > gpus + 1e-9:
-            raise ValueError(f"{self.num_actors} actor(s) x {self.gpus_per_actor:g} GPU need "
+            raise InvalidArgumentError(f"{self.num_actors} actor(s) x {self.gpus_per_actor:g} GPU need "
                              f"{need_gpus:g} GPUs, the cluster has {gpus:g}")
 
     def _default_actors(self) -> int:
@@ -564,7 +566,7 @@ class RayEvaluator:
         blocks = 4 * self.num_actors  # Ray splits blocks by rows: whole chunks, spread out
         if isinstance(source, ray.data.Dataset):
             if "text" not in source.schema().names:
-                raise ValueError("a dataset to evaluate needs a 'text' column (str or bytes; "
+                raise InvalidArgumentError("a dataset to evaluate needs a 'text' column (str or bytes; "
                                  "optional 'line' and 'path' columns)")
             label = corpus or "<dataset>"
             chunks = source.map_batches(
@@ -681,6 +683,6 @@ def check_sources(paths) -> None:
     _require_ray()
     for path in paths:
         if str(path) == "-":
-            raise ValueError("--ray reads files, not stdin (-); save the input to a file")
+            raise InvalidArgumentError("--ray reads files, not stdin (-); save the input to a file")
         if not _is_uri(str(path)):
             _local_files(str(path))

@@ -52,6 +52,7 @@ import stat
 from pathlib import Path
 from typing import Any, Iterable
 
+from lmonnx.errors import InvalidArgumentError, RunDirError
 from lmonnx.atomic import write_atomic
 
 RUN_FORMAT = "lmonnx-run/1"
@@ -81,8 +82,6 @@ __all__ = ["RUN_FORMAT", "MANIFEST_FILE", "CONFIG_FILE", "VOCAB_FILE", "MODEL_FI
            "load_run_config"]
 
 
-class RunDirError(ValueError):
-    """A run directory that cannot be used as asked; the message is one line, fit for the CLI."""
 
 
 # ---- names -----------------------------------------------------------------------------------
@@ -124,7 +123,7 @@ def write_json(path, payload) -> None:
 
 
 def _reject_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
+    raise InvalidArgumentError(f"{name} is not JSON")
 
 
 def read_json(path):
@@ -334,7 +333,7 @@ class RunDir:
     def claim(self, name: str) -> Path:
         """List ``name`` in the manifest (before the file is created); returns its path."""
         if not is_run_file_name(name) or name == MANIFEST_FILE:
-            raise ValueError(f"{name!r} is not a run file name")
+            raise InvalidArgumentError(f"{name!r} is not a run file name")
         files = self._manifest if self._manifest is not None else (self.read_manifest() or [])
         if name not in files:
             self._write_manifest([*files, name])

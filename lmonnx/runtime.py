@@ -24,16 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
+from lmonnx.errors import ArgumentTypeError, InferenceError, InvalidArgumentError, MissingDependencyError, ProviderError
+
 try:
     import onnxruntime as ort
 except ImportError:  # both onnxruntime and onnxruntime-gpu provide the module
-    raise ImportError(
+    raise MissingDependencyError(
         "scoring needs an ONNX Runtime: install exactly one of the extras 'lmonnx[cpu]' "
         "(onnxruntime) or 'lmonnx[gpu]' (onnxruntime-gpu, also runs on CPU)") from None
 
 from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS, ArtifactError,
                              ArtifactMetadata, parse_metadata)
-from lmonnx.errors import InferenceError, ProviderError
 from lmonnx.loss_head import TARGETS, TOKEN_HIT, TOKEN_LOGPROB, add_loss_head
 
 log = logging.getLogger("lmonnx")
@@ -65,9 +66,9 @@ def _session_options(num_threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if num_threads is not None:
         if isinstance(num_threads, bool) or not isinstance(num_threads, int):
-            raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
+            raise ArgumentTypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
         if num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+            raise InvalidArgumentError(f"num_threads must be >= 1, got {num_threads}")
         options.intra_op_num_threads = num_threads
     # onnxruntime's intra-op threads spin after each run by default; in evaluation the kernel
     # runs next on the same cores, and spinning threads steal them (PTB test, 2 cores:
@@ -95,7 +96,7 @@ class ModelSession:
         ``loss_head``: compute per-position log-probabilities and hits in the graph
         (``lmonnx.loss_head``); None = on CUDA only, where the logits must stay on the device."""
         if providers not in PROVIDER_CHOICES:
-            raise ValueError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}; got {providers!r}")
+            raise InvalidArgumentError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}; got {providers!r}")
         self.provider_choice = providers
         if isinstance(model, (bytes, bytearray)):
             source, self.path = bytes(model), None
@@ -111,7 +112,7 @@ class ModelSession:
             source = str(self.path)
             self.source = self.path
         else:
-            raise TypeError(f"model must be a path or bytes, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model must be a path or bytes, got {type(model).__name__}")
         _session_options(num_threads)  # a bad thread count is the caller's error, not the model's
         self.num_threads = num_threads
         self.provider_note = ""
@@ -254,7 +255,7 @@ class ModelSession:
         ``state_out``: ``(h, c)`` after each row's last real position (None for format 1).
         """
         if self.loss_head:
-            raise ValueError(f"{self.name} was opened with the loss head: it returns per-token "
+            raise InvalidArgumentError(f"{self.name} was opened with the loss head: it returns per-token "
                              "log-probabilities (run_head), not logits")
         ids = self._ids(input_ids)
         (logits,), state_out = self._run(ids, {}, [OUTPUT_NAME], state)
@@ -267,11 +268,11 @@ class ModelSession:
         head (sessions opened with ``loss_head``): log p(target) in nats and whether the target
         is the first argmax, at every position (padding included: mask them)."""
         if not self.loss_head:
-            raise ValueError(f"{self.name} was opened without the loss head")
+            raise InvalidArgumentError(f"{self.name} was opened without the loss head")
         ids = self._ids(input_ids)
         targets = np.ascontiguousarray(targets, dtype=np.int32)
         if targets.shape != ids.shape:
-            raise ValueError(f"targets shape {targets.shape} != input_ids shape {ids.shape}")
+            raise InvalidArgumentError(f"targets shape {targets.shape} != input_ids shape {ids.shape}")
         (logprob, hit), state_out = self._run(ids, {TARGETS: targets},
                                               [TOKEN_LOGPROB, TOKEN_HIT], state)
         return logprob, hit, state_out
@@ -280,7 +281,7 @@ class ModelSession:
     def _ids(input_ids) -> np.ndarray:
         ids = np.ascontiguousarray(input_ids, dtype=np.int32)
         if ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, time], got shape {ids.shape}")
+            raise InvalidArgumentError(f"input_ids must be [batch, time], got shape {ids.shape}")
         return ids
 
     def _run(self, ids: np.ndarray, feeds: dict, names: list[str], state):
@@ -293,7 +294,7 @@ class ModelSession:
             for name, value in zip(STATE_INPUTS, state):
                 value = np.ascontiguousarray(value, dtype=np.float32)
                 if value.shape != expected:
-                    raise ValueError(f"{name} must be [layers, batch, units] = {expected}, "
+                    raise InvalidArgumentError(f"{name} must be [layers, batch, units] = {expected}, "
                                      f"got {value.shape}")
                 feeds[name] = value
             names = [*names, *STATE_OUTPUTS]

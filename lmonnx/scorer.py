@@ -30,10 +30,12 @@ from typing import Iterable
 
 import numpy as np
 
+from lmonnx.errors import ArgumentTypeError
+from lmonnx.validation import check_int
 from lmonnx.atomic import check_output, output_file
 from lmonnx.corpus import read_sentences, sentences_of_lines, to_line
 from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, Evaluator, SentenceWriter,
-                             TokenScore, TokenWriter, check_positive_int, token_scores)
+                             TokenScore, TokenWriter, token_scores)
 from lmonnx.examples import ExampleBuilder
 from lmonnx.incremental import Incremental, LMState
 from lmonnx.metrics import default_max_tokens, perplexity_of
@@ -56,7 +58,7 @@ class SentenceScore:
 
 def _check_sentence(sentence, what="sentence"):
     if not isinstance(sentence, (str, bytes)):
-        raise TypeError(f"{what} must be str (or UTF-8 bytes), got {type(sentence).__name__}")
+        raise ArgumentTypeError(f"{what} must be str (or UTF-8 bytes), got {type(sentence).__name__}")
     return sentence
 
 
@@ -72,9 +74,9 @@ class Scorer:
     def __init__(self, path, providers: str = "auto", num_threads: int | None = None, *,
                  batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int | None = None):
         if num_threads is not None:
-            num_threads = check_positive_int("num_threads", num_threads)
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.max_tokens = None if max_tokens is None else check_positive_int("max_tokens",
+            num_threads = check_int("num_threads", num_threads)
+        self.batch_size = check_int("batch_size", batch_size)
+        self.max_tokens = None if max_tokens is None else check_int("max_tokens",
                                                                              max_tokens)
         self._session = ModelSession(path, providers=providers, num_threads=num_threads)
         self._num_threads = num_threads
@@ -130,7 +132,7 @@ class Scorer:
 
     def _sentence_examples(self, sentences: Iterable):
         if isinstance(sentences, (str, bytes)):
-            raise TypeError("score() takes a list of sentences; for one sentence use "
+            raise ArgumentTypeError("score() takes a list of sentences; for one sentence use "
                             "score([sentence])[0] or perplexity(sentence)")
         for i, s in enumerate(sentences):
             yield self._examples.build(to_line(i, _check_sentence(s), "strict",
@@ -163,7 +165,7 @@ class Scorer:
         probabilities are the model's full softmax, not renormalised over what is listed, so
         a word's probability here is ``exp`` of its ``logprob`` when scored after ``prefix``.
         """
-        k = check_positive_int("k", k)
+        k = check_int("k", k)
         (example,) = self._sentence_examples([_check_sentence(prefix, "prefix")])
         # <s> w1 .. wn: the last position predicts the next word.  A stateful model runs a
         # long prefix in windows and keeps only the last distribution.

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmonnx.errors import InvalidArgumentError
 from lmonnx.atomic import write_atomic
 
 SYNTH_FORMAT = "lmonnx-synth/1"
@@ -57,16 +58,16 @@ class MarkovChain:
         self.eos = np.asarray(eos, dtype=np.float64)
         self.names = tuple(names) if names is not None else tuple(f"w{i}" for i in range(v))
         if not (len(self.successors) == len(self.probs) == self.eos.shape[0] == len(self.names) == v):
-            raise ValueError("start, successors, probs, eos and names must all cover the same words")
+            raise InvalidArgumentError("start, successors, probs, eos and names must all cover the same words")
         if not math.isclose(self.start.sum(), 1.0, rel_tol=1e-9) or (self.start < 0).any():
-            raise ValueError("start must be a probability distribution")
+            raise InvalidArgumentError("start must be a probability distribution")
         if not ((self.eos > 0) & (self.eos < 1)).all():
-            raise ValueError("eos probabilities must lie in (0, 1)")
+            raise InvalidArgumentError("eos probabilities must lie in (0, 1)")
         for i, (s, p) in enumerate(zip(self.successors, self.probs)):
             if s.shape != p.shape or len(set(s.tolist())) != len(s) or (p <= 0).any():
-                raise ValueError(f"word {i}: successors must be distinct with positive probabilities")
+                raise InvalidArgumentError(f"word {i}: successors must be distinct with positive probabilities")
             if not math.isclose(p.sum() + self.eos[i], 1.0, rel_tol=1e-9):
-                raise ValueError(f"word {i}: successor and eos probabilities must sum to 1")
+                raise InvalidArgumentError(f"word {i}: successor and eos probabilities must sum to 1")
         self._index = {name: i for i, name in enumerate(self.names)}
         # Log-probabilities keyed by (word, next word) for exact scoring, cumulative tables for
         # sampling: the outcome after a word is one of its successors or -1 (end of sentence).
@@ -98,7 +99,7 @@ class MarkovChain:
         per-word end probabilities; ``starters``: how many words may start a sentence.
         """
         if isinstance(words, bool) or not isinstance(words, (int, np.integer)) or words < 2:
-            raise ValueError(f"words must be an integer >= 2, got {words!r}")
+            raise InvalidArgumentError(f"words must be an integer >= 2, got {words!r}")
         rng = np.random.default_rng(0) if rng is None else rng
         v = int(words)
         rank_w = 1.0 / np.arange(1, v + 1) ** zipf
@@ -198,7 +199,7 @@ def sample_splits(seed: int = 0, words: int = DEFAULT_WORDS, **sizes: int):
     for name, seq in zip(SPLITS, split_seqs):
         n = sizes.get(name, 0)
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"{name}_sentences must be a non-negative integer, got {n!r}")
+            raise InvalidArgumentError(f"{name}_sentences must be a non-negative integer, got {n!r}")
         rng = np.random.default_rng(seq)
         out[name] = [chain.sample_sentence(rng) for _ in range(int(n))]
     return chain, out
@@ -223,10 +224,10 @@ def write_corpus(out_dir, *, seed: int = 0, words: int = DEFAULT_WORDS,
     (nats per token). Existing files are an error unless ``force``.
     """
     if isinstance(words, bool) or not isinstance(words, (int, np.integer)) or words < 2:
-        raise ValueError(f"words must be an integer >= 2, got {words!r}")
+        raise InvalidArgumentError(f"words must be an integer >= 2, got {words!r}")
     for name, n in (("train", train_sentences), ("valid", valid_sentences), ("test", test_sentences)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"{name}_sentences must be a positive integer, got {n!r}")
+            raise InvalidArgumentError(f"{name}_sentences must be a positive integer, got {n!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")

@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from lmonnx.errors import InvalidArgumentError
 from lmonnx.atomic import write_atomic
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -51,11 +52,11 @@ class TokenizerOptions:
 
     def __post_init__(self):
         if self.preset not in PRESETS:
-            raise ValueError(f"unknown tokenizer preset {self.preset!r}; expected one of {PRESETS}")
+            raise InvalidArgumentError(f"unknown tokenizer preset {self.preset!r}; expected one of {PRESETS}")
         if not isinstance(self.lower, bool):
-            raise ValueError(f"tokenizer option 'lower' must be a bool, got {self.lower!r}")
+            raise InvalidArgumentError(f"tokenizer option 'lower' must be a bool, got {self.lower!r}")
         if not isinstance(self.filters, str):
-            raise ValueError(f"tokenizer option 'filters' must be a string, got {self.filters!r}")
+            raise InvalidArgumentError(f"tokenizer option 'filters' must be a string, got {self.filters!r}")
         # Filter characters become spaces, as the Keras Tokenizer did with its split=" ".
         object.__setattr__(self, "_table", str.maketrans(self.filters, " " * len(self.filters)))
 
@@ -65,7 +66,7 @@ class TokenizerOptions:
             return cls("keras", True, KERAS_FILTERS)
         if name == "whitespace":
             return cls("whitespace", False, "")
-        raise ValueError(f"unknown tokenizer preset {name!r}; expected one of {PRESETS}")
+        raise InvalidArgumentError(f"unknown tokenizer preset {name!r}; expected one of {PRESETS}")
 
     def split(self, line: str) -> list[str]:
         """Lowercase if ``lower``, replace filter characters by spaces, split on whitespace."""
@@ -81,10 +82,10 @@ class TokenizerOptions:
     @classmethod
     def from_dict(cls, d: dict) -> "TokenizerOptions":
         if not isinstance(d, dict):
-            raise ValueError(f"tokenizer options must be a JSON object, got {type(d).__name__}")
+            raise InvalidArgumentError(f"tokenizer options must be a JSON object, got {type(d).__name__}")
         unknown = set(d) - {"preset", "lower", "filters"}
         if unknown:
-            raise ValueError(f"unknown tokenizer option(s): {', '.join(sorted(unknown))}")
+            raise InvalidArgumentError(f"unknown tokenizer option(s): {', '.join(sorted(unknown))}")
         return cls(preset=d["preset"], lower=d["lower"], filters=d["filters"])
 
 
@@ -94,17 +95,17 @@ class Vocabulary:
     def __init__(self, tokens: Sequence[str], options: TokenizerOptions):
         tokens = tuple(tokens)
         if tokens[:4] != SPECIAL_TOKENS:
-            raise ValueError(f"a vocabulary must start with the special tokens {SPECIAL_TOKENS}, "
+            raise InvalidArgumentError(f"a vocabulary must start with the special tokens {SPECIAL_TOKENS}, "
                              f"got {tokens[:4]}")
         if not all(isinstance(t, str) and t for t in tokens):
-            raise ValueError("vocabulary tokens must be non-empty strings")
+            raise InvalidArgumentError("vocabulary tokens must be non-empty strings")
         if not isinstance(options, TokenizerOptions):
-            raise ValueError(f"options must be TokenizerOptions, got {type(options).__name__}")
+            raise InvalidArgumentError(f"options must be TokenizerOptions, got {type(options).__name__}")
         index = {t: i for i, t in enumerate(tokens)}
         if len(index) != len(tokens):
             seen: set[str] = set()
             dup = next(t for t in tokens if t in seen or seen.add(t))
-            raise ValueError(f"duplicate token {dup!r} in vocabulary")
+            raise InvalidArgumentError(f"duplicate token {dup!r} in vocabulary")
         self.tokens: tuple[str, ...] = tokens
         self.options: TokenizerOptions = options
         self._index = index
@@ -124,9 +125,9 @@ class Vocabulary:
         Literal special tokens in the text (PTB's ``<unk>``) are never added as words.
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
-            raise ValueError(f"vocab_size must be an integer, got {vocab_size!r}")
+            raise InvalidArgumentError(f"vocab_size must be an integer, got {vocab_size!r}")
         if vocab_size < len(SPECIAL_TOKENS) + 1:
-            raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 1} "
+            raise InvalidArgumentError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 1} "
                              f"(4 special tokens and one word), got {vocab_size}")
         counts: dict[str, int] = {}  # insertion order == order of first occurrence
         get = counts.get
@@ -205,17 +206,17 @@ class Vocabulary:
         try:
             d = json.loads(s)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"vocabulary is not valid JSON: {exc}") from None
+            raise InvalidArgumentError(f"vocabulary is not valid JSON: {exc}") from None
         if not isinstance(d, dict) or "tokens" not in d or "options" not in d:
-            raise ValueError("vocabulary JSON must be an object with 'tokens' and 'options'")
+            raise InvalidArgumentError("vocabulary JSON must be an object with 'tokens' and 'options'")
         if d.get("format", VOCAB_FORMAT) != VOCAB_FORMAT:
-            raise ValueError(f"unsupported vocabulary format {d.get('format')!r}")
+            raise InvalidArgumentError(f"unsupported vocabulary format {d.get('format')!r}")
         if not isinstance(d["tokens"], list):
-            raise ValueError("vocabulary 'tokens' must be a list")
+            raise InvalidArgumentError("vocabulary 'tokens' must be a list")
         try:
             options = TokenizerOptions.from_dict(d["options"])
         except KeyError as exc:
-            raise ValueError(f"tokenizer options lack {exc}") from None
+            raise InvalidArgumentError(f"tokenizer options lack {exc}") from None
         return cls(d["tokens"], options)
 
     def save(self, path) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 # set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from lmonnx.errors import InvalidArgumentError
 from lmonnx import _xent  # noqa: E402
 
 REDUCTIONS = ("none", "sum", "mean", "sequence")
@@ -81,7 +82,7 @@ def masked_cross_entropy(logits, labels, mask=None, *, reduction="sum", num_thre
     at ``-inf`` gives ``inf``); a NaN in a counted row gives NaN.
     """
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+        raise InvalidArgumentError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
     # Converted once, here: the kernel uses these weights in place, and "mean" divides by
     # their sum, so any mask dtype or byte order gives the mean of its float32 equivalent.
     weights = _xent.mask_weights(mask)
@@ -94,5 +95,5 @@ def masked_cross_entropy(logits, labels, mask=None, *, reduction="sum", num_thre
         total_weight = float(weights.sum(dtype=np.float64)) if weights is not None else nll.size
         return float(nll.sum(dtype=np.float64)) / total_weight if total_weight else math.nan
     if nll.ndim == 0:
-        raise ValueError('reduction="sequence" needs labels with at least one axis [..., time]')
+        raise InvalidArgumentError('reduction="sequence" needs labels with at least one axis [..., time]')
     return nll.sum(axis=-1, dtype=np.float64)

@@ -239,9 +239,9 @@ def test_errors_never_show_the_temp_file(model, small_corpus, tmp_path, capsys):
 # ---- API validation -------------------------------------------------------------------------
 
 def test_scorer_checks_its_arguments_at_construction(model):
-    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1; got 0"):
         Scorer(model, providers="cpu", batch_size=0)
-    with pytest.raises(TypeError, match="max_tokens must be a positive integer, got str"):
+    with pytest.raises(TypeError, match="max_tokens must be an integer >= 1; got '64'"):
         Scorer(model, providers="cpu", max_tokens="64")
     scorer = Scorer(model, providers="cpu", batch_size=np.int64(8), max_tokens=np.int32(512))
     assert len(scorer.predict_next("w1", k=np.int64(3))) == 3

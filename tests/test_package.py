@@ -29,7 +29,7 @@ def test_without_onnxruntime_the_scorer_names_the_extras():
     """, HIDE_ONNXRUNTIME)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert "ImportError" in last and "lmonnx[cpu]" in last and "lmonnx[gpu]" in last
+    assert "MissingDependencyError" in last and "lmonnx[cpu]" in last and "lmonnx[gpu]" in last
 
 
 def test_training_and_synth_work_without_onnxruntime(tmp_path):

@@ -180,7 +180,7 @@ def test_results_stream_in_input_order_with_bounded_lookahead(scorer):
     assert consumed < 20_000  # the first results came long before the input was read
     keys += [next(stream)[1].key for _ in range(12_000)]  # across several look-ahead chunks
     assert keys == list(range(12_100))
-    assert evaluator.sentences == 12_100  # the evaluator owns the totals of what it yielded
+    assert evaluator.totals.sentences == 12_100  # the evaluator owns the totals of what it yielded
 
 
 def test_empty_input_is_an_error(scorer):
@@ -195,8 +195,8 @@ def test_empty_input_is_an_error(scorer):
     (lambda s: s.score(b"one sentence"), TypeError, "list of sentences"),
     (lambda s: s.score([3]), TypeError, "must be str .* got int"),
     (lambda s: s.score([None]), TypeError, "got NoneType"),
-    (lambda s: s.predict_next("the", k=0), ValueError, "positive integer"),
-    (lambda s: s.predict_next("the", k=2.0), TypeError, "k must be a positive integer, got float"),
+    (lambda s: s.predict_next("the", k=0), ValueError, "k must be an integer >= 1; got 0"),
+    (lambda s: s.predict_next("the", k=2.0), TypeError, "k must be an integer >= 1; got 2.0"),
     (lambda s: s.evaluate(b"the cat"), TypeError, "one bytes"),
     (lambda s: s.evaluate("no/such/file.txt"), ValueError, "no such file"),
     (lambda s: s.score([b"bad \xff"]), ValueError, "not valid UTF-8"),

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+from lmonnx.errors import InvalidArgumentError
 
 __all__ = ["LanguageModel", "default_embedding_dim"]
 
@@ -71,9 +72,9 @@ class LanguageModel(keras.Model):
                                  ("num_lstm_layers", num_lstm_layers, 1),
                                  ("embedding_dim", embedding_dim, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+                raise InvalidArgumentError(f"{name} must be an integer >= {low}; got {value!r}")
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout is a drop rate in [0, 1); got {dropout!r}")
+            raise InvalidArgumentError(f"dropout is a drop rate in [0, 1); got {dropout!r}")
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.num_lstm_units = num_lstm_units

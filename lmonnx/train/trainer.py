@@ -71,6 +71,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from lmonnx.errors import InvalidArgumentError
 from lmonnx.atomic import atomic_path
 from lmonnx.batching import (Batch, PackedBatch, bucketed_batches, packed_batches,
                              pooled_batches, split_windows)
@@ -133,7 +134,7 @@ class TrainConfig:
     def validate(self) -> None:
         """``ValueError`` naming the flag for the first setting out of range."""
         if self.tokenizer not in PRESETS:
-            raise ValueError(f"--tokenizer must be one of {', '.join(PRESETS)}; "
+            raise InvalidArgumentError(f"--tokenizer must be one of {', '.join(PRESETS)}; "
                              f"got {self.tokenizer!r}")
         ints = (("--vocab-size", self.vocab_size, 5, "4 special tokens and at least one word"),
                 ("--max-length", self.max_length, 1, None),
@@ -146,27 +147,27 @@ class TrainConfig:
         for flag, value, low, why in ints:
             if not _is_int(value) or value < low:
                 extra = f" ({why})" if why else ""
-                raise ValueError(f"{flag} must be an integer >= {low}{extra}; got {value!r}")
+                raise InvalidArgumentError(f"{flag} must be an integer >= {low}{extra}; got {value!r}")
         if not isinstance(self.pack, (bool, np.bool_)):
-            raise ValueError(f"pack must be True or False; got {self.pack!r}")
+            raise InvalidArgumentError(f"pack must be True or False; got {self.pack!r}")
         if self.pack and self.sort_pool > 1:
-            raise ValueError(f"--sort-pool {self.sort_pool} sorts padded batches: add --no-pack "
+            raise InvalidArgumentError(f"--sort-pool {self.sort_pool} sorts padded batches: add --no-pack "
                              "(packing already leaves almost no padding)")
         if self.embedding_dim is not None and (not _is_int(self.embedding_dim)
                                                or self.embedding_dim < 1):
-            raise ValueError(f"--embedding-dim must be an integer >= 1; got {self.embedding_dim!r}")
+            raise InvalidArgumentError(f"--embedding-dim must be an integer >= 1; got {self.embedding_dim!r}")
         if not (_is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"--dropout is a drop rate in [0, 1); got {self.dropout!r}")
+            raise InvalidArgumentError(f"--dropout is a drop rate in [0, 1); got {self.dropout!r}")
         if not (_is_real(self.learning_rate) and self.learning_rate > 0
                 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"--learning-rate must be a positive number; got {self.learning_rate!r}")
+            raise InvalidArgumentError(f"--learning-rate must be a positive number; got {self.learning_rate!r}")
         if not (_is_real(self.clipnorm) and self.clipnorm >= 0 and math.isfinite(self.clipnorm)):
-            raise ValueError(f"--clipnorm must be >= 0 (0 = no clipping); got {self.clipnorm!r}")
+            raise InvalidArgumentError(f"--clipnorm must be >= 0 (0 = no clipping); got {self.clipnorm!r}")
         if not (_is_real(self.lr_decay) and self.lr_decay >= 1 and math.isfinite(self.lr_decay)):
-            raise ValueError(f"--lr-decay must be a number >= 1 (1 = constant learning rate); "
+            raise InvalidArgumentError(f"--lr-decay must be a number >= 1 (1 = constant learning rate); "
                              f"got {self.lr_decay!r}")
         if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
-            raise ValueError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1); "
+            raise InvalidArgumentError(f"--seed must be an integer from 0 to {SEED_MAX} (2**32 - 1); "
                              f"got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -416,9 +417,9 @@ def train(config: TrainConfig, corpus, valid=None, out_dir="run", errors: str = 
     run = RunDir(out_dir)
     config.validate()
     if resume and force:
-        raise ValueError("--resume and --force contradict each other: pick one")
+        raise InvalidArgumentError("--resume and --force contradict each other: pick one")
     if str(corpus) == STDIN and valid is not None and str(valid) == STDIN:
-        raise ValueError("CORPUS and --valid cannot both be - (standard input)")
+        raise InvalidArgumentError("CORPUS and --valid cannot both be - (standard input)")
     require_sentences(corpus, errors)  # a missing corpus fails here, before anything is read
     if valid is not None:
         require_sentences(valid, errors)
@@ -436,7 +437,7 @@ def train(config: TrainConfig, corpus, valid=None, out_dir="run", errors: str = 
                            TokenizerOptions.from_preset(config.tokenizer))
     if len(vocab) <= len(SPECIAL_TOKENS):
         name = "standard input" if str(corpus) == STDIN else corpus
-        raise ValueError(f"{name}: no words after tokenization with the {config.tokenizer!r} "
+        raise InvalidArgumentError(f"{name}: no words after tokenization with the {config.tokenizer!r} "
                          "tokenizer (punctuation only?); nothing to train on")
     items = _training_items(vocab, source.lines, config.max_length)
     valid_items = sentence_items(vocab, valid_source.lines) if valid_source else None
@@ -481,7 +482,7 @@ def _build_model(config: TrainConfig, vocab_size: int):
                               dropout=config.dropout)
         model.build()
     except (MemoryError, tf.errors.ResourceExhaustedError):
-        raise ValueError(f"the model does not fit in memory (--units {config.num_lstm_units}, "
+        raise InvalidArgumentError(f"the model does not fit in memory (--units {config.num_lstm_units}, "
                          f"--layers {config.num_lstm_layers}, vocabulary {vocab_size}); "
                          "choose smaller values") from None
     return model
@@ -510,12 +511,12 @@ def _load_checkpoint(path: Path, model, optimizer) -> int:
         for prefix, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
             stored = sorted(k for k in data.files if k.startswith(prefix + "_"))
             if len(stored) != len(variables):
-                raise ValueError(f"{path} holds {len(stored)} {prefix} variables, the model "
+                raise InvalidArgumentError(f"{path} holds {len(stored)} {prefix} variables, the model "
                                  f"needs {len(variables)}; the checkpoint does not fit this run")
             for key, var in zip(stored, variables):
                 value = data[key]
                 if tuple(value.shape) != tuple(var.shape):
-                    raise ValueError(f"{path}: {key} has shape {value.shape}, {var.path} needs "
+                    raise InvalidArgumentError(f"{path}: {key} has shape {value.shape}, {var.path} needs "
                                      f"{tuple(var.shape)}; the checkpoint does not fit this run")
                 var.assign(value)
         return int(data["epoch"])
@@ -528,22 +529,22 @@ def _resume_source(given: Path | None, stored: str | None, stored_sha: str | Non
     verb = "trained" if what == "CORPUS" else "validated"
     if stored is None:
         if given is not None:
-            raise ValueError(f"{run.path} was {verb} without {what}; resume without it or "
+            raise InvalidArgumentError(f"{run.path} was {verb} without {what}; resume without it or "
                              "start a new run")
         return None
     if given is None:
         if stored == STDIN_CORPUS:
-            raise ValueError(f"{run.path} was {verb} on standard input; resume with {what} - "
+            raise InvalidArgumentError(f"{run.path} was {verb} on standard input; resume with {what} - "
                              "and the same text piped in")
         given = Path(stored)
     elif (STDIN_CORPUS if str(given) == STDIN else str(given.resolve())) != stored:
         shown = "standard input" if stored == STDIN_CORPUS else stored
-        raise ValueError(f"{run.path} was {verb} on {shown}, not {given}; resume with the "
+        raise InvalidArgumentError(f"{run.path} was {verb} on {shown}, not {given}; resume with the "
                          f"same {what} or start a new run")
     source = _read_source(given, errors)
     if stored_sha and source.sha256 != stored_sha:
         name = "standard input" if str(given) == STDIN else str(given)
-        raise ValueError(f"{name} is not the text {run.path} was {verb} on (its sentences "
+        raise InvalidArgumentError(f"{name} is not the text {run.path} was {verb} on (its sentences "
                          "hash differently); resume with the same text or start a new run")
     return source
 
@@ -572,7 +573,7 @@ def _resume(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir,
               + (" (padded batches)" if "pack" in missing else ""))
     done = len(history_doc["epochs"])
     if target < done:
-        raise ValueError(f"--epochs {target}: {run.path} has already trained {done} epochs "
+        raise InvalidArgumentError(f"--epochs {target}: {run.path} has already trained {done} epochs "
                          "and a run cannot be shortened; start a new run instead")
     if history_doc.get("stopped_early"):
         print(f"{run.path}: run stopped early after epoch {done} (no improvement in "
@@ -599,7 +600,7 @@ def _resume(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir,
         name = history_doc.get("checkpoint")
         ckpt = run.file(name) if name == checkpoint_name(done) else None
         if ckpt is None or not ckpt.is_file() or _load_checkpoint(ckpt, model, optimizer) != done:
-            raise ValueError(f"{run.path}: checkpoint of epoch {done} is missing or does not "
+            raise InvalidArgumentError(f"{run.path}: checkpoint of epoch {done} is missing or does not "
                              "match history.json; start over with --force")
         # The rate the next epoch trains with (the checkpoint holds it too; a run from before
         # the schedule has none stored and keeps its constant rate).
@@ -652,7 +653,7 @@ def _check_loss(epoch: int, what: str, nll: float, tokens: int, config: TrainCon
     clip = ("clip gradients with --clipnorm (e.g. 5)" if config.clipnorm == 0
             else f"lower --clipnorm (now {config.clipnorm:g})")
     size = "" if not math.isfinite(mean) else " (its perplexity overflows a float64)"
-    raise ValueError(f"training diverged in epoch {epoch}: the {what} loss is {mean:.4g} nats "
+    raise InvalidArgumentError(f"training diverged in epoch {epoch}: the {what} loss is {mean:.4g} nats "
                      f"per token{size}; lower --learning-rate (now {config.learning_rate:g}) "
                      f"or {clip}")
 
