@@ -53,8 +53,6 @@ def ray_configs(cpus: int, read_cpus: float) -> list[tuple[str, dict]]:
     share = (cpus - read_cpus) / cpus
     return [
         (f"ray {cpus} actors x {share:.3g} CPU", dict(num_actors=cpus, cpus_per_actor=share)),
-        (f"ray {cpus} actors x {share:.3g} CPU, 1024-line chunks",
-         dict(num_actors=cpus, cpus_per_actor=share, lines_per_batch=1024)),
         (f"ray 1 actor x {cpus - read_cpus:.3g} CPU ({cpus} threads)",
          dict(num_actors=1, cpus_per_actor=cpus - read_cpus)),
     ]
@@ -118,8 +116,8 @@ def main(argv=None) -> int:
         local_rate = local.tokens / best["local"][0]
         for name, (wall, report, actor_s) in best.items():
             rate = report.tokens / wall
-            same = (report.tokens == local.tokens and report.oovs == local.oovs
-                    and abs(report.nll - local.nll) <= 1e-9 * abs(local.nll))
+            same = all(getattr(report, k) == getattr(local, k) for k in
+                       ("sentences", "tokens", "oovs", "nll", "top1_accuracy", "padding_fraction"))
             print(f"{label:<18} {name:<42} {rate:>10,.0f} {rate / local_rate:>7.2f}x "
                   f"{wall:>7.2f} {actor_s if actor_s is not None else wall:>7.2f} "
                   f"{100 * report.padding_fraction:>6.2f}%  "

@@ -295,20 +295,22 @@ def _print_reports(reports: list, as_json: bool) -> None:
 
 def _cmd_evaluate_ray(args) -> None:
     """``evaluate --ray``: the local command's checks, report and ``--json``, one Ray job per
-    corpus (lmonnx.ray)."""
+    corpus (lmonnx.ray).  Every corpus is checked before Ray starts."""
     from lmonnx.atomic import check_outputs
     from lmonnx.ray import RayEvaluator, check_sources, sentence_sink
 
     if args.per_token is not None:
         raise InvalidArgumentError("--per-token is not available with --ray; use --per-sentence")
-    check_sources(args.corpus)
-    check_outputs({"--per-sentence": args.per_sentence}, [*args.corpus, args.model],
-                  force=args.force)
+    files = [path for corpus in args.corpus
+             for path, _ in check_sources(str(corpus), args.errors)[0]]
+    check_outputs({"--per-sentence": args.per_sentence}, [*files, args.model], force=args.force)
+    if not args.debug:  # errors are ours to report, in one line; Ray Data's news is not
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     sizes = {k: v for k, v in (("cpus_per_actor", args.cpus_per_actor),
                                ("gpus_per_actor", args.gpus_per_actor)) if v is not None}
     runner = RayEvaluator(args.model, num_actors=args.actors, **sizes, providers=args.providers,
                           num_threads=args.threads, batch_size=args.batch_size,
-                          max_tokens=args.max_tokens, address=args.ray, log_errors=args.debug)
+                          max_tokens=args.max_tokens, address=args.ray)
     reports = []
     with sentence_sink(args.per_sentence, "--per-sentence") as sink:
         for corpus in args.corpus:
