@@ -96,3 +96,23 @@ def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_di
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+
+
+def edit_logits(src, dst, *, nan: bool = False, float16: bool = False) -> None:
+    """A copy of the model at ``src`` written to ``dst`` whose logits are broken the way a
+    foreign or diverged model's are: ``nan`` puts NaN in every logit (through the output
+    bias), ``float16`` casts the logits output to float16."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    if nan:
+        (bias,) = [t for t in graph.initializer if t.name == "dense_b"]
+        values = np.full(numpy_helper.to_array(bias).shape, np.nan, np.float32)
+        bias.CopyFrom(numpy_helper.from_array(values, "dense_b"))
+    if float16:
+        (add,) = [n for n in graph.node if OUTPUT_NAME in n.output]
+        add.output[0] = "logits_float32"
+        graph.node.append(helper.make_node("Cast", ["logits_float32"], [OUTPUT_NAME],
+                                           to=TensorProto.FLOAT16))
+        (out,) = [o for o in graph.output if o.name == OUTPUT_NAME]
+        out.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.save(model, str(dst))
