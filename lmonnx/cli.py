@@ -280,6 +280,15 @@ def _cmd_quantize(args) -> None:
     print(describe(record))
 
 
+def _passive_openmp() -> None:
+    """The scoring commands' process: OpenMP workers of the loss kernel sleep between calls
+    instead of spinning on the cores onnxruntime uses next.  libgomp reads this once, when
+    ``lmonnx._xent`` loads, so it is set before the scoring modules are imported; a value the
+    user set wins.  (The library never changes the environment: an application embedding
+    ``Scorer`` sets ``OMP_WAIT_POLICY`` itself before importing it, if it wants this.)"""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _progress_bar(path: Path):
     """A tqdm bar over the corpus bytes on stderr, or None when stderr is not a terminal or
     the corpus is stdin."""
@@ -353,6 +362,7 @@ def _cmd_evaluate_ray(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
+    _passive_openmp()
     if args.ray is not None:
         return _cmd_evaluate_ray(args)
     for flag, value in (("--actors", args.actors), ("--cpus-per-actor", args.cpus_per_actor),
@@ -416,6 +426,7 @@ def _read_cli_prefix(prefix: str, errors: str) -> str:
 
 
 def _cmd_score(args) -> None:
+    _passive_openmp()
     from lmonnx.evaluate import json_line
     from lmonnx.scorer import Scorer
 
@@ -430,6 +441,7 @@ def _cmd_score(args) -> None:
 
 
 def _cmd_predict(args) -> None:
+    _passive_openmp()
     from lmonnx.evaluate import json_line
     from lmonnx.scorer import Scorer
 
@@ -444,6 +456,7 @@ def _cmd_predict(args) -> None:
 
 
 def _cmd_generate(args) -> None:
+    _passive_openmp()
     from lmonnx.evaluate import json_line
     from lmonnx.scorer import Scorer
 

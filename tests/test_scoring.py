@@ -368,3 +368,17 @@ def test_a_tiny_temperature_is_greedy_without_warnings(scorer):
         warnings.simplefilter("error")
         tiny = scorer.generate("the cat", words=8, temperature=1e-320, seed=1)
     assert tiny == scorer.generate("the cat", words=8, temperature=0)
+
+
+def test_importing_the_scoring_stack_leaves_the_environment_alone():
+    """lmonnx.xent set OMP_WAIT_POLICY on import; only the CLI's own process may."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import os, lmonnx.xent, lmonnx.scorer, lmonnx.evaluate; "
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert (out.returncode, out.stdout) == (0, "None\n"), out.stderr
