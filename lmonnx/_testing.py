@@ -22,30 +22,10 @@ def make_vocab(words, preset="whitespace") -> Vocabulary:
     return Vocabulary(["<pad>", "<unk>", "<s>", "</s>", *words], TokenizerOptions.from_preset(preset))
 
 
-def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_dim=4, seed=0,
-                    scale=1.0, stateful: bool = True) -> None:
-    """Write a random-weight lmonnx model with ``layers`` fused LSTMs of ``units`` to ``path``.
-
-    ``stateful``: format 2 (state inputs and outputs, ``sequence_lens`` computed in the graph
-    from ``input_ids != 0``), else format 1.
-    """
-    rng = np.random.default_rng(seed)
-    V = len(vocab)
-    init = [numpy_helper.from_array((rng.standard_normal((V, embedding_dim)) * scale)
-                                    .astype(np.float32), "embedding"),
-            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")]
-    nodes = [
-        helper.make_node("Gather", ["embedding", INPUT_NAME], ["emb"]),
-        helper.make_node("Transpose", ["emb"], ["x0"], perm=[1, 0, 2]),  # [T, B, E]
-    ]
-    if stateful:  # lengths = sum(input_ids != 0) per row, the LSTM's sequence_lens
-        init.append(numpy_helper.from_array(np.array(0, dtype=np.int32), "zero"))
-        nodes += [
-            helper.make_node("Greater", [INPUT_NAME, "zero"], ["real"]),
-            helper.make_node("Cast", ["real"], ["real32"], to=TensorProto.INT32),
-            helper.make_node("ReduceSum", ["real32", "axis1"], ["lengths"], keepdims=0),
-        ]
-    inp, size = "x0", embedding_dim
+def _lstm_layers(rng, nodes: list, init: list, *, units: int, layers: int, size: int,
+                 scale: float, stateful: bool) -> str:
+    """Append ``layers`` fused LSTMs over ``x0`` [T, B, size]; the name of the last output."""
+    inp = "x0"
     for layer in range(layers):
         w = (rng.standard_normal((1, 4 * units, size)) * scale / np.sqrt(size)).astype(np.float32)
         r = (rng.standard_normal((1, 4 * units, units)) * scale / np.sqrt(units)).astype(np.float32)
@@ -65,16 +45,14 @@ def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_di
             helper.make_node("Squeeze", [f"y{layer}", "axis1"], [f"h{layer}"]),
         ]
         inp, size = f"h{layer}", units
-    init += [numpy_helper.from_array((rng.standard_normal((units, V)) * scale * 2 / np.sqrt(units))
-                                     .astype(np.float32), "dense_w"),
-             numpy_helper.from_array((rng.standard_normal(V) * 0.5).astype(np.float32), "dense_b")]
-    nodes += [
-        helper.make_node("Transpose", [inp], ["bth"], perm=[1, 0, 2]),
-        helper.make_node("MatMul", ["bth", "dense_w"], ["proj"]),
-        helper.make_node("Add", ["proj", "dense_b"], [OUTPUT_NAME]),
-    ]
+    return inp
+
+
+def _signature(nodes: list, vocab_size: int, *, units: int, layers: int, stateful: bool):
+    """The graph's inputs and outputs (and, for format 2, the Concat of the layers' states)."""
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.INT32, ["batch", "time"])]
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", "time", V])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
+                                             ["batch", "time", vocab_size])]
     if stateful:
         state_shape = [layers, "batch", units]
         inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, state_shape)
@@ -84,8 +62,45 @@ def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_di
         for k, kind in enumerate(("yh", "yc")):
             nodes.append(helper.make_node("Concat", [f"{kind}{i}" for i in range(layers)],
                                           [STATE_OUTPUTS[k]], axis=0))
-    graph = helper.make_graph(nodes, "random_lm", inputs, outputs, init)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return inputs, outputs
+
+
+def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_dim=4, seed=0,
+                    scale=1.0, stateful: bool = True) -> None:
+    """Write a random-weight lmonnx model with ``layers`` fused LSTMs of ``units`` to ``path``.
+
+    ``stateful``: format 2 (state inputs and outputs, ``sequence_lens`` computed in the graph
+    from ``input_ids != 0``), else format 1 (only to test that it is refused).
+    """
+    rng = np.random.default_rng(seed)
+    V = len(vocab)
+    init = [numpy_helper.from_array((rng.standard_normal((V, embedding_dim)) * scale)
+                                    .astype(np.float32), "embedding"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")]
+    nodes = [
+        helper.make_node("Gather", ["embedding", INPUT_NAME], ["emb"]),
+        helper.make_node("Transpose", ["emb"], ["x0"], perm=[1, 0, 2]),  # [T, B, E]
+    ]
+    if stateful:  # lengths = sum(input_ids != 0) per row, the LSTM's sequence_lens
+        init.append(numpy_helper.from_array(np.array(0, dtype=np.int32), "zero"))
+        nodes += [
+            helper.make_node("Greater", [INPUT_NAME, "zero"], ["real"]),
+            helper.make_node("Cast", ["real"], ["real32"], to=TensorProto.INT32),
+            helper.make_node("ReduceSum", ["real32", "axis1"], ["lengths"], keepdims=0),
+        ]
+    last = _lstm_layers(rng, nodes, init, units=units, layers=layers, size=embedding_dim,
+                        scale=scale, stateful=stateful)
+    init += [numpy_helper.from_array((rng.standard_normal((units, V)) * scale * 2 / np.sqrt(units))
+                                     .astype(np.float32), "dense_w"),
+             numpy_helper.from_array((rng.standard_normal(V) * 0.5).astype(np.float32), "dense_b")]
+    nodes += [
+        helper.make_node("Transpose", [last], ["bth"], perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["bth", "dense_w"], ["proj"]),
+        helper.make_node("Add", ["proj", "dense_b"], [OUTPUT_NAME]),
+    ]
+    inputs, outputs = _signature(nodes, V, units=units, layers=layers, stateful=stateful)
+    model = helper.make_model(helper.make_graph(nodes, "random_lm", inputs, outputs, init),
+                              opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     config = dict(vocab_size=V, max_length=35, num_lstm_units=units, num_lstm_layers=layers,
                   embedding_dim=embedding_dim, dropout=0.0)
@@ -96,3 +111,23 @@ def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_di
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+
+
+def edit_logits(src, dst, *, nan: bool = False, float16: bool = False) -> None:
+    """A copy of the model at ``src`` written to ``dst`` whose logits are broken the way a
+    foreign or diverged model's are: ``nan`` puts NaN in every logit (through the output
+    bias), ``float16`` casts the logits output to float16."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    if nan:
+        (bias,) = [t for t in graph.initializer if t.name == "dense_b"]
+        values = np.full(numpy_helper.to_array(bias).shape, np.nan, np.float32)
+        bias.CopyFrom(numpy_helper.from_array(values, "dense_b"))
+    if float16:
+        (add,) = [n for n in graph.node if OUTPUT_NAME in n.output]
+        add.output[0] = "logits_float32"
+        graph.node.append(helper.make_node("Cast", ["logits_float32"], [OUTPUT_NAME],
+                                           to=TensorProto.FLOAT16))
+        (out,) = [o for o in graph.output if o.name == OUTPUT_NAME]
+        out.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.save(model, str(dst))

@@ -13,7 +13,6 @@ only by the commands that run a model, both lazily.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -214,24 +213,29 @@ def _build_parser() -> argparse.ArgumentParser:
     # ---- score
     p = add("score", help="log-probability of sentences (arguments or stdin lines)",
             runs_model=True)
-    p.add_argument("sentences", nargs="*", help="sentences; none (or -) reads stdin lines")
+    p.add_argument("sentences", nargs="*",
+                   help="sentences; none (or -) reads stdin, one sentence per line (an empty "
+                        "one scores </s> alone)")
     _add_encoding_errors(p)
 
     # ---- predict
     p = add("predict", help="top-k next words after a prefix", runs_model=True)
-    p.add_argument("prefix")
+    p.add_argument("prefix", help="words to start from; - reads them from stdin")
     p.add_argument("-k", type=_int_arg(1), default=5, help="words to list (default 5)")
+    _add_encoding_errors(p)
 
     # ---- generate
     p = add("generate", help="sample text after a prefix by stepping the LSTM state",
             runs_model=True)
-    p.add_argument("prefix", nargs="?", default="", help="words to start from (default: none)")
+    p.add_argument("prefix", nargs="?", default="",
+                   help="words to start from (default: none); - reads them from stdin")
     p.add_argument("--words", type=_int_arg(1), default=20, help="most words to generate")
     p.add_argument("--temperature", type=_real_arg(0), default=1.0,
                    help="0 is greedy (argmax)")
     p.add_argument("--top-k", type=_int_arg(1), default=None,
                    help="sample among the k most likely")
     p.add_argument("--seed", type=_int_arg(0), default=None, help="same seed, same text")
+    _add_encoding_errors(p)
     return parser
 
 
@@ -276,9 +280,19 @@ def _cmd_quantize(args) -> None:
     print(describe(record))
 
 
+def _passive_openmp() -> None:
+    """The scoring commands' process: OpenMP workers of the loss kernel sleep between calls
+    instead of spinning on the cores onnxruntime uses next.  libgomp reads this once, when
+    ``lmonnx._xent`` loads, so it is set before the scoring modules are imported; a value the
+    user set wins.  (The library never changes the environment: an application embedding
+    ``Scorer`` sets ``OMP_WAIT_POLICY`` itself before importing it, if it wants this.)"""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _progress_bar(path: Path):
-    """A tqdm bar over the corpus bytes on stderr, or None when stderr is not a terminal."""
-    if not sys.stderr.isatty():
+    """A tqdm bar over the corpus bytes on stderr, or None when stderr is not a terminal or
+    the corpus is stdin."""
+    if not sys.stderr.isatty() or str(path) == "-":
         return None
     from tqdm import tqdm
 
@@ -287,10 +301,39 @@ def _progress_bar(path: Path):
                 leave=False)
 
 
+class _CorpusProgress:
+    """The library's progress and report callbacks for ``evaluate``: a bar per corpus on a
+    terminal, and each corpus's table as soon as it is done (unless ``--json``)."""
+
+    def __init__(self, corpora: list[Path], as_json: bool):
+        self.corpora, self.as_json = corpora, as_json
+        self.index, self.bar = None, None
+
+    def update(self, index: int, nbytes: int) -> None:
+        if index != self.index:
+            self.close()
+            self.index, self.bar = index, _progress_bar(self.corpora[index])
+        if self.bar is not None:
+            self.bar.update(nbytes)
+
+    def report(self, index: int, report) -> None:
+        self.close()
+        if not self.as_json:
+            print(report.format_table(), end="\n\n", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _print_reports(reports: list, as_json: bool) -> None:
+    """``--json``: one report as an object, several as a list; strict JSON (NaN -> null)."""
     if as_json:
+        from lmonnx.evaluate import json_text
+
         payload = [r.to_dict() for r in reports]
-        print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
+        print(json_text(payload[0] if len(payload) == 1 else payload, indent=2))
 
 
 def _cmd_evaluate_ray(args) -> None:
@@ -321,106 +364,113 @@ def _cmd_evaluate_ray(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
+    _passive_openmp()
     if args.ray is not None:
         return _cmd_evaluate_ray(args)
     for flag, value in (("--actors", args.actors), ("--cpus-per-actor", args.cpus_per_actor),
                         ("--gpus-per-actor", args.gpus_per_actor)):
         if value is not None:
             raise InvalidArgumentError(f"{flag} sizes the Ray actors: it needs --ray")
-    from lmonnx.atomic import check_outputs, output_file
-    from lmonnx.corpus import require_sentences
-    from lmonnx.evaluate import Evaluator, SentenceWriter, TokenWriter
-    from lmonnx.examples import ExampleBuilder
-    from lmonnx.runtime import ModelSession
+    from lmonnx.atomic import check_outputs
+    from lmonnx.corpus import check_corpora
+    from lmonnx.scorer import Scorer
 
-    if [str(c) for c in args.corpus].count("-") > 1:
-        raise InvalidArgumentError("stdin (-) can be read only once; name it once")
-    outputs = {"--per-sentence": args.per_sentence, "--per-token": args.per_token}
-    check_outputs(outputs, [*args.corpus, args.model], force=args.force)
-    # Open every corpus before the model loads: a bad path fails first, not after corpus one.
-    sources = [require_sentences(c, errors=args.errors) for c in args.corpus]
-    session = ModelSession(args.model, providers=args.providers, num_threads=args.threads)
-    builder = ExampleBuilder(session.vocab)
-    reports = []
-    with contextlib.ExitStack() as stack:
-        # Regular files are written to temp files that replace them only when every corpus
-        # succeeded; FIFOs and /dev/stdout are written as results come.
-        writers = [kind(stack.enter_context(output_file(path, flag)))
-                   for flag, path, kind in (("--per-sentence", args.per_sentence, SentenceWriter),
-                                            ("--per-token", args.per_token, TokenWriter))
-                   if path is not None]
-        for corpus, lines in zip(args.corpus, sources):
-            evaluator = Evaluator(session, corpus="<stdin>" if str(corpus) == "-" else str(corpus),
-                                  batch_size=args.batch_size, max_tokens=args.max_tokens,
-                                  num_threads=args.threads, writers=writers)
-            bar = _progress_bar(corpus) if str(corpus) != "-" else None
-            try:
-                report = evaluator.run(builder.build_all(lines),
-                                       progress=bar.update if bar else None)
-            finally:
-                if bar:
-                    bar.close()
-            reports.append(report)
-            if not args.json:
-                print(report.format_table(), end="\n\n")
+    # Every corpus and output is checked before the model loads: a bad path fails first.
+    flags = ("--per-sentence", "--per-token")
+    check_outputs(dict(zip(flags, (args.per_sentence, args.per_token))),
+                  [*args.corpus, args.model], force=args.force)
+    check_corpora(args.corpus, args.errors)
+    scorer = Scorer(args.model, providers=args.providers, num_threads=args.threads,
+                    batch_size=args.batch_size, max_tokens=args.max_tokens)
+    progress = _CorpusProgress(args.corpus, args.json)
+    try:
+        reports = scorer.evaluate_corpora(
+            args.corpus, errors=args.errors, per_sentence=args.per_sentence,
+            per_token=args.per_token, force=args.force, progress=progress.update,
+            on_report=progress.report, flags=flags)
+    finally:
+        progress.close()
     _print_reports(reports, args.json)
 
 
-def _read_cli_sentences(sentences: list[str], errors: str) -> list:
-    """The sentences given as arguments, or stdin's non-empty lines (bytes, decoded by the
-    scorer through the same path as a corpus, so --errors and line numbers apply)."""
-    from lmonnx.corpus import sentences_of_lines, to_line
+def _stdin_lines(errors: str) -> list[str]:
+    """Every line of stdin as cleaned text (blank lines too), decoded like a corpus line:
+    errors name ``<stdin>:N``."""
+    from lmonnx.corpus import to_line
+
+    return [to_line(i, raw, errors, f"<stdin>:{i}").text
+            for i, raw in enumerate(sys.stdin.buffer, 1)]
+
+
+def _read_cli_sentences(sentences: list[str], errors: str) -> list[str]:
+    """The sentences to ``score``: the arguments, or with none (or ``-``) every line of
+    stdin.  Each is one sentence, an empty one too (it scores ``</s>`` alone), so the output
+    has one line per argument or input line."""
+    from lmonnx.corpus import to_line
 
     if "-" in sentences and len(sentences) > 1:
-        raise InvalidArgumentError("- reads the sentences from stdin: give it alone, or only sentences "
-                         "as arguments")
+        raise InvalidArgumentError("- reads the sentences from stdin: give it alone, or only "
+                                   "sentences as arguments")
     if sentences and sentences != ["-"]:
         return [to_line(i, s, errors, f"argument {i}").text for i, s in enumerate(sentences, 1)]
     if sys.stdin.isatty() and not sentences:
         raise InvalidArgumentError("give sentences as arguments or pipe them in, one per line")
-    lines = [line.text for line in sentences_of_lines(sys.stdin.buffer, errors, "<stdin>")]
+    lines = _stdin_lines(errors)
     if not lines:
         raise InvalidArgumentError("no sentences on stdin")
     return lines
 
 
+def _read_cli_prefix(prefix: str, errors: str) -> str:
+    """The prefix of ``predict`` / ``generate``: the argument, or with ``-`` all of stdin (its
+    lines are one prefix: a prefix too long for an argument list can be piped)."""
+    return " ".join(_stdin_lines(errors)) if prefix == "-" else prefix
+
+
 def _cmd_score(args) -> None:
+    _passive_openmp()
+    from lmonnx.evaluate import json_line
     from lmonnx.scorer import Scorer
 
     sentences = _read_cli_sentences(args.sentences, args.errors)
     scorer = Scorer(args.model, providers=args.providers)
     for text, score in zip(sentences, scorer.score(sentences)):
         if args.json:
-            print(json.dumps({"sentence": text, "logprob": score.logprob, "tokens": score.tokens,
-                              "oovs": score.oovs, "perplexity": score.perplexity},
-                             ensure_ascii=False))
+            print(json_line({"sentence": text, "logprob": score.logprob, "tokens": score.tokens,
+                             "oovs": score.oovs, "perplexity": score.perplexity}))
         else:
             print(f"{score.logprob:12.4f}  ppl {score.perplexity:10.3f}  {text}")
 
 
 def _cmd_predict(args) -> None:
+    _passive_openmp()
+    from lmonnx.evaluate import json_line
     from lmonnx.scorer import Scorer
 
+    prefix = _read_cli_prefix(args.prefix, args.errors)
     scorer = Scorer(args.model, providers=args.providers)
-    top = scorer.predict_next(args.prefix, k=args.k)
+    top = scorer.predict_next(prefix, k=args.k)
     if args.json:
-        print(json.dumps([{"word": w, "probability": p} for w, p in top], ensure_ascii=False))
+        print(json_line([{"word": w, "probability": p} for w, p in top]))
     else:
         for word, prob in top:
             print(f"{prob:8.4f}  {word}")
 
 
 def _cmd_generate(args) -> None:
+    _passive_openmp()
+    from lmonnx.evaluate import json_line
     from lmonnx.scorer import Scorer
 
+    prefix = _read_cli_prefix(args.prefix, args.errors)
     scorer = Scorer(args.model, providers=args.providers)
-    words = scorer.generate(args.prefix, words=args.words, temperature=args.temperature,
+    words = scorer.generate(prefix, words=args.words, temperature=args.temperature,
                             top_k=args.top_k, seed=args.seed)
     if args.json:
-        print(json.dumps({"prefix": args.prefix, "words": words,
-                          "ended": bool(words) and words[-1] == "</s>"}, ensure_ascii=False))
+        print(json_line({"prefix": prefix, "words": words,
+                         "ended": bool(words) and words[-1] == "</s>"}))
     else:
-        print(" ".join(w for w in [args.prefix.strip(), *words] if w))
+        print(" ".join(w for w in [prefix.strip(), *words] if w))
 
 
 COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export,

@@ -114,15 +114,24 @@ def _check(path, errors: str) -> Path | None:
 
 
 def _lines(path: Path | None, errors: str) -> Iterator[Line]:
-    if path is None:
-        yield from sentences_of_lines(sys.stdin.buffer, errors, "<stdin>")
-        return
-    try:
-        f = open(path, "rb")
+    name = "<stdin>" if path is None else str(path)
+    try:  # a read can fail too (EIO from a device, a vanished mount): name the file
+        if path is None:
+            yield from sentences_of_lines(sys.stdin.buffer, errors, name)
+            return
+        with open(path, "rb") as f:
+            yield from sentences_of_lines(f, errors, name)
     except OSError as exc:
-        raise CorpusError(f"{path}: {exc.strerror or exc}") from None
-    with f:
-        yield from sentences_of_lines(f, errors, str(path))
+        raise CorpusError(f"{name}: cannot read it: {exc.strerror or exc}") from None
+
+
+def check_corpora(paths, errors: str = "strict") -> None:
+    """Check corpus paths before any work: stdin (``-``) named at most once, every path an
+    existing file, not a directory; :class:`CorpusError` naming the first bad one."""
+    if [str(p) for p in paths].count(STDIN) > 1:
+        raise CorpusError("stdin (-) can be read only once; name it once")
+    for path in paths:
+        _check(path, errors)
 
 
 def read_sentences(path, errors: str = "strict") -> Iterator[Line]:

@@ -14,23 +14,28 @@ not, one byte for each line break, which ``</s>`` predicts; blank lines are not 
 not counted), so it compares models with different tokenizers.  Totals are float64 sums of
 per-sentence float64 sums: they do not depend on batch size or order beyond float rounding.
 
-Memory is bounded by the batch budget and the look-ahead for any input.  A sentence longer
-than the budget is a batch of its own, and with a stateful (format 2) model it is scored in
-consecutive windows of ``max_tokens`` positions that carry the LSTM state: its logits never
-exceed the budget, and its NLL is that of one pass (to float rounding).  A format-1 model has
-no state to carry and scores such a line in one call (``4 * V`` bytes of logits per word).
+Memory is bounded by the batch budget and the look-ahead for any input: sentences are read
+ahead (to sort them into length buckets) up to :data:`LOOKAHEAD` sentences *and*
+:data:`LOOKAHEAD_TOKENS` tokens, and a sentence longer than the budget is a batch of its own,
+scored in consecutive windows of ``max_tokens`` positions that carry the LSTM state: its
+logits never exceed the budget, and its NLL is that of one pass (to float rounding).
+
+JSON (``--json``, the per-sentence and per-token lines) is strict: a NaN or infinite number
+(a model whose logits hold NaN, a diverged model's perplexity) is written as ``null``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 
 import numpy as np
 
+from lmonnx.atomic import check_outputs, output_file
 from lmonnx.batching import Batch, bucketed_batches
 from lmonnx.errors import CorpusError, InvalidArgumentError
 from lmonnx.examples import Example
@@ -43,6 +48,30 @@ from lmonnx.xent import token_nll_and_hits
 DEFAULT_BATCH_SIZE = 64
 LOOKAHEAD = 4096
 """Sentences read ahead to sort into length buckets: bounds memory and latency."""
+LOOKAHEAD_TOKENS = 1 << 18
+"""Tokens read ahead at most (a sentence longer than this is read alone): bounds the memory of
+the look-ahead when lines are long (4096 lines of 300k words would otherwise be held)."""
+
+
+def json_text(value, **dumps_options) -> str:
+    """``value`` as strict JSON (``json.dumps`` options pass through): NaN and infinities,
+    which JSON has no spelling for, become ``null``."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **dumps_options)
+
+
+def json_line(record: Mapping) -> str:
+    """``record`` as one line of strict JSON, non-ASCII text as is."""
+    return json_text(record, ensure_ascii=False)
+
+
+def _finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 @dataclass
@@ -158,12 +187,12 @@ def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = Fals
     """Score one padded batch: onnxruntime logits and one kernel pass over them (or the
     session's loss head on CUDA).
 
-    ``window``: with a stateful (format 2) model, a one-row batch longer than ``window``
-    positions is run in consecutive windows that carry the LSTM state, so its logits never
-    exceed ``window x V`` at once; the NLL equals one pass up to float rounding.
+    ``window``: a one-row batch longer than ``window`` positions is run in consecutive windows
+    that carry the LSTM state, so its logits never exceed ``window x V`` at once; the NLL
+    equals one pass up to float rounding.
     """
     batch_size, length = batch.inputs.shape
-    if window is None or length <= window or batch_size != 1 or not session.stateful:
+    if window is None or length <= window or batch_size != 1:
         nll, hits, _ = _token_scores(session, batch.inputs, batch.targets, batch.mask, None,
                                      num_threads)
     else:
@@ -203,7 +232,7 @@ class SentenceWriter:
         self.file = file
 
     def write(self, corpus: str, example: Example, result: SentenceResult) -> None:
-        self.file.write(json.dumps({
+        self.file.write(json_line({
             "corpus": corpus, "line": example.key, "tokens": result.tokens,
             "oovs": result.oovs, "nll": result.nll, "perplexity": result.perplexity,
             "hits": result.hits}) + "\n")
@@ -219,8 +248,47 @@ class TokenWriter:
 
     def write(self, corpus: str, example: Example, result: SentenceResult) -> None:
         for token in token_scores(example, result):
-            self.file.write(json.dumps({"corpus": corpus, "line": example.key,
-                                        **asdict(token)}, ensure_ascii=False) + "\n")
+            self.file.write(json_line({"corpus": corpus, "line": example.key,
+                                       **asdict(token)}) + "\n")
+
+
+def lookahead_chunks(examples: Iterable[Example], max_sentences: int = LOOKAHEAD,
+                     max_tokens: int = LOOKAHEAD_TOKENS) -> Iterator[list[Example]]:
+    """Consecutive runs of ``examples`` of at most ``max_sentences`` sentences and
+    ``max_tokens`` tokens (a longer sentence is a run of its own): what the evaluator holds
+    at once to sort into length buckets."""
+    chunk: list[Example] = []
+    tokens = 0
+    for example in examples:
+        if chunk and (len(chunk) >= max_sentences or tokens + example.tokens > max_tokens):
+            yield chunk
+            chunk, tokens = [], 0
+        chunk.append(example)
+        tokens += example.tokens
+    if chunk:
+        yield chunk
+
+
+@contextlib.contextmanager
+def open_writers(per_sentence=None, per_token=None, *, inputs: Sequence = (),
+                 force: bool = False, flags: tuple[str, str] = ("per_sentence", "per_token"),
+                 ) -> Iterator[list]:
+    """The writers of the outputs asked for (None: not asked for), as a context.
+
+    A target is an open text file, or a path: checked first by
+    :func:`lmonnx.atomic.check_outputs` (not one of ``inputs``, not both one file, an existing
+    file only with ``force``), then opened with :func:`lmonnx.atomic.output_file`, so a regular
+    file is replaced only when the ``with`` block succeeds while a FIFO or ``/dev/stdout`` is
+    written as results come.  ``flags`` name the two outputs in errors."""
+    wanted = [(flag, target, kind) for flag, target, kind in
+              zip(flags, (per_sentence, per_token), (SentenceWriter, TokenWriter))
+              if target is not None]
+    check_outputs({flag: target for flag, target, _ in wanted if not hasattr(target, "write")},
+                  inputs, force=force)
+    with contextlib.ExitStack() as stack:
+        yield [kind(target if hasattr(target, "write")
+                    else stack.enter_context(output_file(target, flag)))
+               for flag, target, kind in wanted]
 
 
 # ---- the evaluator ---------------------------------------------------------------------------
@@ -260,39 +328,35 @@ class Evaluator:
                ) -> Iterator[tuple[Example, SentenceResult]]:
         """Yield ``(example, result)`` for every example, in input order, streaming.
 
-        Sentences are bucketed by length within a look-ahead of :data:`LOOKAHEAD`, so memory
-        stays bounded by the batch budget and the look-ahead, never by the corpus.
-        ``progress`` is called with the bytes of each scored sentence.
+        Sentences are bucketed by length within a look-ahead of :data:`LOOKAHEAD` sentences
+        and :data:`LOOKAHEAD_TOKENS` tokens, so memory stays bounded by the batch budget and
+        the look-ahead, never by the corpus.  ``progress`` is called with the bytes of each
+        scored sentence.
         """
-        pending: dict[int, Example] = {}
-        ready: dict[int, SentenceResult] = {}
-        next_out = 0
-
-        def items():
-            for seq, example in enumerate(examples):
-                pending[seq] = example
-                yield seq, example.inputs, example.targets
-
         start = time.perf_counter()
         try:
-            for batch in bucketed_batches(items(), max_tokens=self.max_tokens,
-                                          max_batch_size=self.batch_size, lookahead=LOOKAHEAD):
-                self.totals.real_positions += batch.tokens
-                self.totals.computed_positions += batch.inputs.size
-                for result in score_batch(self.session, batch, keep_tokens=self.keep_tokens,
-                                          num_threads=self.num_threads, window=self.max_tokens):
-                    ready[result.key] = result
-                while next_out in ready:  # hand results back in input order
-                    result = ready.pop(next_out)
-                    example = pending.pop(next_out)
+            for chunk in lookahead_chunks(examples):
+                for example, result in zip(chunk, self._score_chunk(chunk)):
                     result.key = example.key
                     self._add(example, result)
                     if progress is not None:
                         progress(example.nbytes)
                     yield example, result
-                    next_out += 1
         finally:
             self.seconds += time.perf_counter() - start
+
+    def _score_chunk(self, chunk: Sequence[Example]) -> list[SentenceResult]:
+        """Results of one look-ahead's examples, in their order (batched by length)."""
+        results: list[SentenceResult | None] = [None] * len(chunk)
+        items = [(i, example.inputs, example.targets) for i, example in enumerate(chunk)]
+        for batch in bucketed_batches(items, max_tokens=self.max_tokens,
+                                      max_batch_size=self.batch_size, lookahead=len(items)):
+            self.totals.real_positions += batch.tokens
+            self.totals.computed_positions += batch.inputs.size
+            for result in score_batch(self.session, batch, keep_tokens=self.keep_tokens,
+                                      num_threads=self.num_threads, window=self.max_tokens):
+                results[result.key] = result
+        return results
 
     def run(self, examples: Iterable[Example],
             progress: Callable[[int], None] | None = None) -> EvaluationReport:

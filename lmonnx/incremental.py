@@ -1,34 +1,54 @@
 """Incremental scoring for decoders: the LM state after a history, advanced a word at a time.
 
-KenLM's ``State`` / ``BaseScore`` for a neural LM (format-2 models carry the LSTM state)::
+KenLM's ``State`` / ``BaseScore`` for a neural LM (the LSTM state of a format-2 model)::
 
     state = begin()                          after <s>: h, c and log p(. | <s>)
     logprob, state = step(state, "the")      log p(the | <s>) read from the state; one
                                              onnxruntime call computes the next state
-    logprobs, states = step_batch(states, words)   n hypotheses, ONE onnxruntime call
+    logprob, state = step(state, END)        log p(</s> | ...): the sentence ends (no call)
+    logprobs, states = step_batch(states, words)   n hypotheses, one onnxruntime call per
+                                             max_rows of them (the logits budget)
 
 A state holds the LSTM state (h, c: float32 [layers, units]) *and* the next-word
 log-distribution, so the probability of a word is known before the model runs again: a beam
 search or shallow fusion costs one batched call per step, not a re-score of every prefix.
 States are immutable (read-only arrays) and cheap to keep: ``4 * (2 * layers * units + V)``
-bytes each.  Word-by-word probabilities equal ``Scorer.full_scores`` (the same graph, the
-state carried instead of recomputed).
+bytes each.  Words are tokenized as sentences are, so a literal ``"</s>"`` is a word (scored
+as ``<unk>``, as ``Scorer.score`` scores it); the end of a sentence is :data:`END`.
+Word-by-word probabilities (``END`` last) equal ``Scorer.full_scores``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from lmonnx.errors import ArgumentTypeError, InvalidArgumentError
-from lmonnx.validation import check_int
+from lmonnx.errors import ArgumentTypeError, InferenceError, InvalidArgumentError
+from lmonnx.metrics import default_max_tokens
 from lmonnx.runtime import ModelSession
+from lmonnx.validation import check_int, check_optional_int, check_real
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
-END = "</s>"
+
+class _End:
+    """The end of a sentence, for ``step`` / ``step_batch``: scores ``</s>``."""
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = _End()
+"""Pass as a word to end a hypothesis: it scores ``</s>``.  A ``"</s>"`` string is a word."""
+EOS_TEXT = "</s>"
+"""What ``generate`` returns last when the model ended the sentence."""
+
+
+def next_token_ids(vocab_size: int) -> np.ndarray:
+    """int64 ids that can be a next token: every id but padding and ``<s>`` (never targets)."""
+    ids = np.arange(vocab_size)
+    return ids[(ids != PAD_ID) & (ids != BOS_ID)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,12 +87,21 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Incremental:
-    """Begin, step and sample hypotheses with one stateful :class:`ModelSession`."""
+    """Begin, step and sample hypotheses with one :class:`ModelSession` (that returns logits).
 
-    def __init__(self, session: ModelSession):
+    ``max_rows``: hypotheses per onnxruntime call in ``step_batch`` (None: as many as keep
+    their float32 logits under the batch budget, :func:`lmonnx.metrics.default_max_tokens`).
+    Everything is computed at construction (the state after ``<s>`` included): an
+    ``Incremental`` never changes afterwards, so threads may share it.
+    """
+
+    def __init__(self, session: ModelSession, max_rows: int | None = None):
         self.session = session
         self.vocab = session.vocab
-        self._begin: LMState | None = None
+        self.max_rows = check_optional_int("max_rows", max_rows) or default_max_tokens(
+            len(self.vocab))
+        self._candidates = next_token_ids(len(self.vocab))
+        self._begin = self._states_after(np.array([BOS_ID]), None)[0]
 
     def _states_after(self, ids: np.ndarray, states: Sequence[LMState] | None) -> list[LMState]:
         """New states after feeding one token id per row: one onnxruntime call."""
@@ -89,18 +118,13 @@ class Incremental:
                 for i in range(n)]
 
     def begin(self) -> LMState:
-        """The state after ``<s>``: the start of every sentence."""
-        if self._begin is None:
-            self.session.require_state("incremental scoring (begin/step)")
-            # two threads may both compute it; they get equal, immutable states
-            self._begin = self._states_after(np.array([BOS_ID]), None)[0]
+        """The state after ``<s>``: the start of every sentence (one value, shared)."""
         return self._begin
 
     def state_after(self, input_ids: np.ndarray, window: int) -> LMState:
         """The state after ``input_ids`` (int32 [n], ``<s>`` first), run in windows of at
         most ``window`` tokens that carry the state: a long history costs memory for one
         window's logits, never for all of them."""
-        self.session.require_state("a state after a history")
         state = None
         for start in range(0, len(input_ids), window):
             logits, state = self.session.run(input_ids[None, start:start + window], state)
@@ -108,14 +132,21 @@ class Incremental:
         last = _log_softmax(logits[:, -1, :])[0]
         return LMState(_frozen(h[:, 0]), _frozen(c[:, 0]), _frozen(last), len(input_ids) - 1)
 
-    def word_id(self, word) -> int:
-        """The id a word is scored as: ``</s>`` ends the sentence, an OOV word is ``<unk>``.
+    def state_after_text(self, prefix: str, window: int) -> LMState:
+        """The state after ``<s>`` and the words of ``prefix`` (tokenized as a sentence)."""
+        ids = self.vocab.encode_words(self.vocab.words(prefix))
+        if not len(ids):
+            return self._begin
+        return self.state_after(np.concatenate([[BOS_ID], ids]).astype(np.int32), window)
 
-        ``word`` is tokenized as sentences are and must be exactly one word."""
-        if not isinstance(word, str):
-            raise ArgumentTypeError(f"a word must be a str, got {type(word).__name__}")
-        if word == END:
+    def word_id(self, word) -> int:
+        """The id a word is scored as: :data:`END` is ``</s>``; a word is tokenized as
+        sentences are and must be exactly one word (an OOV word, ``"</s>"`` included, is
+        ``<unk>``)."""
+        if word is END:
             return EOS_ID
+        if not isinstance(word, str):
+            raise ArgumentTypeError(f"a word must be a str (or END), got {type(word).__name__}")
         words = self.vocab.words(word)
         if len(words) != 1:
             raise InvalidArgumentError(f"step takes one word; the tokenizer makes {len(words)} of {word!r}")
@@ -132,37 +163,38 @@ class Incremental:
                                  f"{s.logprobs.shape[0]} tokens)")
         return states
 
-    def step_batch(self, states: Sequence[LMState], words: Sequence[str]):
-        """Advance hypothesis i by ``words[i]``: ``(logprobs, new_states)``.
-
-        ``logprobs``: float64 [n], log p(words[i] | history i) in nats.  All hypotheses that
-        do not end go through ONE onnxruntime call; ``</s>`` needs none (its state is ended).
-        """
+    def _check_step(self, states, words) -> tuple[list[LMState], np.ndarray]:
         if isinstance(words, str):
             raise ArgumentTypeError("step_batch takes a list of words, one per state")
-        states = self._check_states(states)
-        words = list(words)
+        states, words = self._check_states(states), list(words)
         if len(words) != len(states):
             raise InvalidArgumentError(f"got {len(states)} states and {len(words)} words")
-        ids = np.array([self.word_id(w) for w in words], dtype=np.int64)
         for i, s in enumerate(states):
             if s.ended:
                 raise InvalidArgumentError(f"hypothesis {i} already ended with </s>; it cannot be advanced")
+        return states, np.array([self.word_id(w) for w in words], dtype=np.int64)
+
+    def step_batch(self, states: Sequence[LMState], words: Sequence):
+        """Advance hypothesis i by ``words[i]`` (a word or :data:`END`): ``(logprobs,
+        new_states)``.
+
+        ``logprobs``: float64 [n], log p(words[i] | history i) in nats.  The hypotheses that
+        do not end go through one onnxruntime call per ``max_rows`` of them; :data:`END`
+        needs none (its state is ended).
+        """
+        states, ids = self._check_step(states, words)
         logprobs = np.array([s.logprob(t) for s, t in zip(states, ids)], dtype=np.float64)
-        new: list[LMState | None] = [None] * len(states)
-        going_on = [i for i, t in enumerate(ids) if t != EOS_ID]
-        if going_on:
-            advanced = self._states_after(ids[going_on], [states[i] for i in going_on])
-            for i, state in zip(going_on, advanced):
+        new = [LMState(s.h, s.c, s.logprobs, s.words + 1, ended=True) for s in states]
+        going_on = np.flatnonzero(ids != EOS_ID)
+        for start in range(0, len(going_on), self.max_rows):
+            rows = going_on[start:start + self.max_rows]
+            for i, state in zip(rows, self._states_after(ids[rows], [states[i] for i in rows])):
                 new[i] = state
-        for i, t in enumerate(ids):
-            if t == EOS_ID:
-                s = states[i]
-                new[i] = LMState(s.h, s.c, s.logprobs, s.words + 1, ended=True)
         return logprobs, new
 
-    def step(self, state: LMState, word: str) -> tuple[float, LMState]:
-        """``(log p(word | history), state after word)``; one onnxruntime call."""
+    def step(self, state: LMState, word) -> tuple[float, LMState]:
+        """``(log p(word | history), state after word)``; one onnxruntime call (none for
+        :data:`END`)."""
         logprobs, (new,) = self.step_batch([state], [word])
         return float(logprobs[0]), new
 
@@ -175,56 +207,56 @@ class Incremental:
             return np.empty((0, len(self.vocab)), np.float32)
         return np.stack([s.logprobs for s in states])
 
+    def top_next(self, state: LMState, k: int) -> list[tuple[int, float]]:
+        """The ``k`` likeliest next tokens of ``state`` as ``(id, log-probability)``, best
+        first; padding and ``<s>`` never (NaN log-probabilities rank last)."""
+        scores = state.logprobs[self._candidates]
+        order = np.argsort(-scores, kind="stable")[:k]  # NaN sorts last
+        return [(int(self._candidates[i]), float(scores[i])) for i in order]
+
     def generate(self, prefix: str = "", *, words: int = 20, temperature: float = 1.0,
                  top_k: int | None = None, seed: int | None = None,
                  window: int = 4096) -> list[str]:
         """Sample up to ``words`` words after ``prefix`` by stepping the state.
 
         Stops early at ``</s>`` (then the last item is ``"</s>"``).  ``temperature`` 0 is
-        greedy (argmax); ``top_k`` keeps the k most likely tokens; the same ``seed`` gives the
-        same text.  Padding and ``<s>`` are never drawn.
+        greedy (argmax), and a tiny positive one acts as its limit (sampling among the tied
+        maxima); ``top_k`` keeps the k most likely tokens; the same ``seed`` gives the same
+        text.  Padding and ``<s>`` are never drawn.
         """
         if not isinstance(prefix, str):
             raise ArgumentTypeError(f"prefix must be a str, got {type(prefix).__name__}")
         words = check_int("words", words)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)):
-            raise ArgumentTypeError(f"temperature must be a number, got {type(temperature).__name__}")
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None:
-            top_k = check_int("top_k", top_k)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise ArgumentTypeError(f"seed must be a non-negative integer or None, got {type(seed).__name__}")
-        if seed is not None and seed < 0:
-            raise InvalidArgumentError(f"seed must be a non-negative integer or None, got {seed!r}")
+        temperature = check_real("temperature", temperature, low=0)
+        top_k = check_optional_int("top_k", top_k)
+        seed = check_optional_int("seed", seed, low=0)
         rng = np.random.default_rng(seed)
-        ids = self.vocab.encode_words(self.vocab.words(prefix))
-        state = (self.state_after(np.concatenate([[BOS_ID], ids]).astype(np.int32), window)
-                 if len(ids) else self.begin())
+        state = self.state_after_text(prefix, window)
         out: list[str] = []
         for _ in range(words):
             token = self._draw(state.logprobs, temperature, top_k, rng)
             if token == EOS_ID:
-                out.append(END)
+                out.append(EOS_TEXT)
                 break
-            word = self.vocab.id_to_token(token)
-            out.append(word)
+            out.append(self.vocab.id_to_token(token))
             (state,) = self._states_after(np.array([token]), [state])
         return out
 
-    @staticmethod
-    def _draw(logprobs: np.ndarray, temperature: float, top_k: int | None,
+    def _draw(self, logprobs: np.ndarray, temperature: float, top_k: int | None,
               rng: np.random.Generator) -> int:
-        scores = logprobs.astype(np.float64)
-        scores[[PAD_ID, BOS_ID]] = -np.inf
+        scores = logprobs[self._candidates].astype(np.float64)
+        if np.isnan(scores).any():
+            raise InferenceError(f"{self.session.name}: the model's next-word distribution "
+                                 "holds NaN; it cannot be sampled")
         if top_k is not None and top_k < scores.size:
             cut = np.partition(scores, -top_k)[-top_k]
             scores[scores < cut] = -np.inf
         if temperature == 0:
-            return int(np.argmax(scores))
-        scores = scores / temperature
-        p = np.exp(scores - scores.max())
-        return int(rng.choice(scores.size, p=p / p.sum()))
+            return int(self._candidates[np.argmax(scores)])
+        with np.errstate(over="ignore"):  # a tiny temperature: every non-maximum -> -inf
+            scaled = (scores - scores.max()) / temperature
+        p = np.exp(scaled)
+        return int(self._candidates[rng.choice(scores.size, p=p / p.sum())])
 
 
-__all__ = ["LMState", "Incremental", "END", "UNK_ID"]
+__all__ = ["LMState", "Incremental", "END", "EOS_TEXT", "UNK_ID", "next_token_ids"]

@@ -19,8 +19,11 @@ onnxruntime writes close to cache when the kernel reads them."""
 
 def perplexity_of(nll: float, tokens: int) -> float:
     """``exp(nll / tokens)`` for a total ``nll`` in nats; ``inf`` instead of an
-    ``OverflowError`` for a diverged model (mean NLL above ~709 nats)."""
+    ``OverflowError`` for a diverged model (mean NLL above ~709 nats), NaN for a NaN ``nll``
+    (a model whose logits hold NaN)."""
     mean = nll / tokens
+    if math.isnan(mean):
+        return math.nan
     return math.exp(mean) if mean < 709.0 else math.inf
 
 

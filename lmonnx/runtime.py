@@ -2,17 +2,20 @@
 
 No TensorFlow here.  Every onnxruntime session lmonnx makes -- for scoring, evaluation and
 export's self-check -- is built by :class:`ModelSession` from a path or from the model's bytes,
-with the same options and the same signature and metadata checks.  Provider choice is never
-silent:
+with the same options and the same signature and metadata checks, all at load: a foreign graph
+(other dtypes or ranks, no LSTM state) is refused before the first batch.  Only format 2 (the
+LSTM state in and out) is read; a format-1 file is refused with "re-export this model".
+Provider choice is never silent:
 
   ``"auto"``  CUDA when onnxruntime-gpu can really use a GPU, else CPU; the reason for a CPU
              fallback is kept in ``ModelSession.provider_note`` (shown in the evaluation
              report's provider line) and logged at debug level (logger ``lmonnx``);
   ``"cpu"``   CPU only;
-  ``"cuda"``  CUDA or a ``RuntimeError`` that says why not.
+  ``"cuda"``  CUDA or a :class:`~lmonnx.errors.ProviderError` that says why not.
 
-On CUDA, inputs and outputs go through IO binding: the int32 ids are bound from host memory and
-the logits are written once into a host buffer that the kernel then reads in place.
+Inputs and outputs go through ``InferenceSession.run`` (host arrays) on every provider.  On
+CUDA the session carries the loss head, so what comes back to the host is [batch, time]
+values and the state, never the logits.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lmonnx.errors import ArgumentTypeError, InferenceError, InvalidArgumentError, MissingDependencyError, ProviderError
+from lmonnx.errors import (ArgumentTypeError, ArtifactError, InferenceError,
+                           InvalidArgumentError, MissingDependencyError, ProviderError,
+                           first_line)
+from lmonnx.validation import check_choice, check_optional_int
 
 try:
     import onnxruntime as ort
@@ -33,17 +39,21 @@ except ImportError:  # both onnxruntime and onnxruntime-gpu provide the module
         "scoring needs an ONNX Runtime: install exactly one of the extras 'lmonnx[cpu]' "
         "(onnxruntime) or 'lmonnx[gpu]' (onnxruntime-gpu, also runs on CPU)") from None
 
-from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS, ArtifactError,
+from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS,
                              ArtifactMetadata, parse_metadata)
 from lmonnx.loss_head import TARGETS, TOKEN_HIT, TOKEN_LOGPROB, add_loss_head
 
 log = logging.getLogger("lmonnx")
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
-
+FORMAT_VERSION = "2"
+"""The only format read: the LSTM state is an input and an output."""
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+
+_INT8_ON_CPU_ONLY = ("this int8 model runs on CPU only (DynamicQuantizeLSTM and MatMulInteger "
+                     "have no CUDA kernels); use the fp32 model on CUDA")
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -57,18 +67,9 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
-
-
 def _session_options(num_threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int):
-            raise ArgumentTypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
-        if num_threads < 1:
-            raise InvalidArgumentError(f"num_threads must be >= 1, got {num_threads}")
         options.intra_op_num_threads = num_threads
     # onnxruntime's intra-op threads spin after each run by default; in evaluation the kernel
     # runs next on the same cores, and spinning threads steal them (PTB test, 2 cores:
@@ -79,14 +80,44 @@ def _session_options(num_threads: int | None) -> ort.SessionOptions:
     return options
 
 
+def _resolve_source(model, name: str | None) -> tuple[bytes | Path, Path | None, str]:
+    """``(source, path or None, name)`` of a model given as a path or as its bytes."""
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model), None, name or "<model bytes>"
+    if not isinstance(model, (str, os.PathLike)):
+        raise ArgumentTypeError(f"model must be a path or bytes, got {type(model).__name__}")
+    path = Path(os.fspath(model))
+    if path.is_dir():
+        raise IsADirectoryError(f"model path is a directory, not an .onnx file: {path}")
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path} (create one with `lmonnx export`)")
+    return path, path, name or str(path)
+
+
+def _wanted_providers(choice: str) -> tuple[list[str], str]:
+    """``(onnxruntime providers to ask for, why CUDA is not among them or "")``."""
+    if choice == "cpu":
+        return [CPU], ""
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return [CUDA, CPU], ""
+    if choice == "cuda":
+        raise ProviderError(f"--providers cuda: CUDA is not usable: {reason}")
+    return [CPU], f"CUDA not used: {reason}"
+
+
+def _type_text(arg) -> str:
+    return f"{arg.type} of rank {len(arg.shape)}" if arg.shape is not None else arg.type
+
+
 class ModelSession:
-    """An lmonnx model opened in onnxruntime.
+    """An lmonnx model (format 2) opened in onnxruntime.
 
     Attributes: ``path`` (None when opened from bytes), ``source`` (the path or the bytes),
-    ``name``, ``metadata`` (vocabulary,
-    config, training record), ``vocab``, ``stateful`` (format 2: the LSTM state is an input and
-    an output), ``provider`` (the provider actually running the graph), ``provider_note``
-    (why, when ``auto`` fell back to CPU), ``num_threads``.
+    ``name``, ``metadata`` (vocabulary, config, training record), ``vocab``,
+    ``num_layers`` and ``num_units`` (the LSTM state is float32 [layers, batch, units]),
+    ``provider`` (the provider actually running the graph), ``provider_note`` (why CUDA is
+    not used, when ``auto`` fell back to CPU), ``num_threads``, ``loss_head``.
     """
 
     def __init__(self, model, providers: str = "auto", num_threads: int | None = None, *,
@@ -95,124 +126,110 @@ class ModelSession:
         checks the model it is about to write this way); ``name`` labels it in messages.
         ``loss_head``: compute per-position log-probabilities and hits in the graph
         (``lmonnx.loss_head``); None = on CUDA only, where the logits must stay on the device."""
-        if providers not in PROVIDER_CHOICES:
-            raise InvalidArgumentError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}; got {providers!r}")
-        self.provider_choice = providers
-        if isinstance(model, (bytes, bytearray)):
-            source, self.path = bytes(model), None
-            self.source = source
-            self.name = name or "<model bytes>"
-        elif isinstance(model, (str, os.PathLike)):
-            self.path = Path(os.fspath(model))
-            self.name = name or str(self.path)
-            if self.path.is_dir():
-                raise IsADirectoryError(f"model path is a directory, not an .onnx file: {self.path}")
-            if not self.path.exists():
-                raise FileNotFoundError(f"model not found: {self.path} (create one with `lmonnx export`)")
-            source = str(self.path)
-            self.source = self.path
-        else:
-            raise ArgumentTypeError(f"model must be a path or bytes, got {type(model).__name__}")
-        _session_options(num_threads)  # a bad thread count is the caller's error, not the model's
-        self.num_threads = num_threads
-        self.provider_note = ""
-        wanted = [CPU]
-        if providers in ("auto", "cuda"):
-            reason = cuda_unavailable_reason()
-            if reason is None:
-                wanted = [CUDA, CPU]
-            elif providers == "cuda":
-                raise ProviderError(f"--providers cuda: CUDA is not usable: {reason}")
-            else:
-                self.provider_note = f"CUDA not used: {reason}"
+        self.provider_choice = check_choice("providers", providers, PROVIDER_CHOICES)
+        self.num_threads = check_optional_int("num_threads", num_threads)
+        self.source, self.path, self.name = _resolve_source(model, name)
+        wanted, self.provider_note = _wanted_providers(providers)
         # On CUDA the loss is computed in the graph so the logits stay on the device.
         self.loss_head = (CUDA in wanted) if loss_head is None else bool(loss_head)
-        self._declared_width = None
-        if self.loss_head:
-            raw = source if isinstance(source, bytes) else Path(source).read_bytes()
-            try:
-                source, self._declared_width = add_loss_head(raw)
-            except ImportError:  # onnx missing: say which extra, not "unreadable model"
-                raise
-            except Exception as exc:  # a file onnx cannot parse: the session would say so too
-                raise ArtifactError(f"{self.name} is not a readable ONNX model: "
-                                    f"{_first_line(exc)}") from None
-        self._open(source, wanted)
-        if providers == "cuda" and self.provider != CUDA:
-            raise ProviderError("--providers cuda: onnxruntime could not start the CUDA provider")
+        self._open(self._graph(), wanted)
         if CUDA in wanted and self.provider != CUDA:
+            if providers == "cuda":
+                raise ProviderError("--providers cuda: onnxruntime could not start the CUDA provider")
             self.provider_note = "CUDA not used: onnxruntime could not start the CUDA provider"
         self._check_signature()
-        props = self._session.get_modelmeta().custom_metadata_map
-        self.metadata: ArtifactMetadata = parse_metadata(props, self.name)
+        self.metadata: ArtifactMetadata = parse_metadata(
+            self._session.get_modelmeta().custom_metadata_map, self.name)
         self.vocab = self.metadata.vocab
         self.quantization = self.metadata.quantization
         if self.quantization and self.provider == CUDA:
-            note = ("this int8 model runs on CPU only (DynamicQuantizeLSTM and MatMulInteger "
-                    "have no CUDA kernels); use the fp32 model on CUDA")
-            if providers == "cuda":
-                raise ProviderError(f"--providers cuda: {self.name}: {note}")
-            self.provider_note = f"CUDA not used: {note}"
-            if self.loss_head and loss_head is None:  # the head was only there for CUDA
-                self.loss_head, self._declared_width = False, None
-                source = raw
-            self._open(source, [CPU])
+            self._reopen_int8_on_cpu(head_only_for_cuda=loss_head is None)
         if self.provider_note:
             log.debug("%s: %s; running on CPU", self.name, self.provider_note)
         self._check_format()
         self._check_vocab_width()
+
+    def _graph(self) -> bytes | str:
+        """What onnxruntime opens: the file (its path) or bytes, the loss head added if asked."""
+        self._declared_width = None
+        if not self.loss_head:
+            return self.source if isinstance(self.source, bytes) else str(self.source)
+        raw = self.source if isinstance(self.source, bytes) else self.source.read_bytes()
+        try:
+            graph, self._declared_width = add_loss_head(raw)
+        except ImportError:  # onnx missing: say which extra, not "unreadable model"
+            raise
+        except Exception as exc:  # a file onnx cannot parse: the session would say so too
+            raise ArtifactError(f"{self.name} is not a readable ONNX model: "
+                                f"{first_line(exc, 200)}") from None
+        return graph
+
+    def _reopen_int8_on_cpu(self, head_only_for_cuda: bool) -> None:
+        """int8 ops have no CUDA kernels: refuse ``cuda``, or reopen on CPU for ``auto``
+        (without the loss head when it was there only for CUDA)."""
+        if self.provider_choice == "cuda":
+            raise ProviderError(f"--providers cuda: {self.name}: {_INT8_ON_CPU_ONLY}")
+        self.provider_note = f"CUDA not used: {_INT8_ON_CPU_ONLY}"
+        if head_only_for_cuda:
+            self.loss_head = False
+        self._open(self._graph(), [CPU])
 
     def _open(self, source, providers: list[str]) -> None:
         try:
             self._session = ort.InferenceSession(source, sess_options=_session_options(
                 self.num_threads), providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise ArtifactError(f"{self.name} is not a readable ONNX model: {_first_line(exc)}") from None
+            raise ArtifactError(f"{self.name} is not a readable ONNX model: "
+                                f"{first_line(exc, 200)}") from None
         self.provider = self._session.get_providers()[0]
 
     def _check_signature(self) -> None:
-        inputs = sorted(i.name for i in self._session.get_inputs())
-        outputs = [o.name for o in self._session.get_outputs()]
+        """Names, dtypes and ranks of the graph's inputs and outputs, at load."""
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name: o for o in self._session.get_outputs()}
         scores = [TOKEN_LOGPROB, TOKEN_HIT] if self.loss_head else [OUTPUT_NAME]
         extra = [TARGETS] if self.loss_head else []
-        stateless = sorted([INPUT_NAME, *extra])
-        stateful = sorted([INPUT_NAME, *extra, *STATE_INPUTS])
-        if inputs not in (stateless, stateful) or not set(scores) <= set(outputs) or (
-                inputs == stateful and not set(STATE_OUTPUTS) <= set(outputs)):
+        if sorted(inputs) == sorted([INPUT_NAME, *extra]):
             raise ArtifactError(
-                f"{self.name} is not an lmonnx model: expected input {INPUT_NAME!r} (and "
-                f"{'/'.join(STATE_INPUTS)} in, {'/'.join(STATE_OUTPUTS)} out) and output "
-                f"{OUTPUT_NAME!r}, found inputs {inputs} and outputs {outputs}")
-        self.stateful = inputs == stateful
+                f"{self.name} is a format-1 (stateless) lmonnx model, which this lmonnx no "
+                "longer reads: re-export this model")
+        if (sorted(inputs) != sorted([INPUT_NAME, *extra, *STATE_INPUTS])
+                or not {*scores, *STATE_OUTPUTS} <= set(outputs)):
+            raise ArtifactError(
+                f"{self.name} is not an lmonnx model: expected inputs {INPUT_NAME!r}, "
+                f"{'/'.join(STATE_INPUTS)} and outputs {OUTPUT_NAME!r}, "
+                f"{'/'.join(STATE_OUTPUTS)}; found inputs {sorted(inputs)} and outputs "
+                f"{sorted(outputs)}")
+        expected = {INPUT_NAME: ("tensor(int32)", 2), TARGETS: ("tensor(int32)", 2),
+                    OUTPUT_NAME: ("tensor(float)", 3), TOKEN_LOGPROB: ("tensor(float)", 2),
+                    **{n: ("tensor(float)", 3) for n in (*STATE_INPUTS, *STATE_OUTPUTS)}}
+        for arg in [*inputs.values(), *(outputs[n] for n in (*scores, *STATE_OUTPUTS))]:
+            dtype, rank = expected.get(arg.name, (arg.type, None))
+            if arg.type != dtype or (rank is not None and arg.shape is not None
+                                     and len(arg.shape) != rank):
+                raise ArtifactError(
+                    f"{self.name}: {arg.name!r} is {_type_text(arg)}, an lmonnx model has "
+                    f"{dtype} of rank {rank} (float32 logits and state, int32 ids): "
+                    "re-export this model")
 
     def _check_format(self) -> None:
         version = self.metadata.format_version
-        if (version == "2") != self.stateful:
+        if version != FORMAT_VERSION:
             raise ArtifactError(
-                f"{self.name} says lmonnx format {version} but its graph "
-                f"{'has' if self.stateful else 'lacks'} the LSTM state inputs; the file was "
-                "edited or is damaged (re-export it)")
-        if self.stateful:
-            shape = {i.name: i.shape for i in self._session.get_inputs()}[STATE_INPUTS[0]]
-            config = self.metadata.config
-            self.num_layers = int(config.get("num_lstm_layers", shape[0]))
-            self.num_units = int(config.get("num_lstm_units", shape[-1]))
-            for declared, expected in ((shape[0], self.num_layers), (shape[-1], self.num_units)):
-                if isinstance(declared, int) and declared != expected:
-                    raise ArtifactError(
-                        f"{self.name}: state inputs are {shape} but the config says "
-                        f"{self.num_layers} layers of {self.num_units} units")
-
-    def require_state(self, feature: str) -> None:
-        """``ArtifactError`` unless the model carries the LSTM state (format 2)."""
-        if not self.stateful:
-            raise ArtifactError(
-                f"{self.name} is a format-1 (stateless) model; {feature} needs the LSTM state: "
-                "re-export this model with lmonnx export")
+                f"{self.name} says lmonnx format {version} but its graph has the LSTM state "
+                "of format 2; the file was edited or is damaged: re-export this model")
+        shape = {i.name: i.shape for i in self._session.get_inputs()}[STATE_INPUTS[0]]
+        config = self.metadata.config
+        self.num_layers = int(config.get("num_lstm_layers", shape[0]))
+        self.num_units = int(config.get("num_lstm_units", shape[-1]))
+        for declared, expected in ((shape[0], self.num_layers), (shape[-1], self.num_units)):
+            if isinstance(declared, int) and declared != expected:
+                raise ArtifactError(
+                    f"{self.name}: state inputs are {shape} but the config says "
+                    f"{self.num_layers} layers of {self.num_units} units")
 
     def zero_state(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """(h, c) float32 [layers, batch, units] of zeros: the start of a sentence."""
-        self.require_state("a state")
         shape = (self.num_layers, batch, self.num_units)
         return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
@@ -244,19 +261,19 @@ class ModelSession:
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """float32 [batch, time, vocab_size] logits of int32 ids [batch, time] (0 = padding),
-        every row from the start of a sentence (a zero state)."""
+        every row from the start of a sentence: ``run(input_ids)[0]``."""
         return self.run(input_ids)[0]
 
     def run(self, input_ids: np.ndarray, state: tuple | None = None):
         """``(logits, state_out)`` for int32 ids [batch, time], right-padded with 0.
 
         ``state``: None (zeros: every row starts a sentence) or ``(h, c)`` float32
-        [layers, batch, units], the state before the first position (format 2 only).
-        ``state_out``: ``(h, c)`` after each row's last real position (None for format 1).
+        [layers, batch, units], the state before the first position.  ``state_out``:
+        ``(h, c)`` after each row's last real position.
         """
         if self.loss_head:
-            raise InvalidArgumentError(f"{self.name} was opened with the loss head: it returns per-token "
-                             "log-probabilities (run_head), not logits")
+            raise InvalidArgumentError(f"{self.name} was opened with the loss head: it returns "
+                                       "per-token log-probabilities (run_head), not logits")
         ids = self._ids(input_ids)
         (logits,), state_out = self._run(ids, {}, [OUTPUT_NAME], state)
         if logits.shape[-1] != len(self.vocab):
@@ -284,40 +301,28 @@ class ModelSession:
             raise InvalidArgumentError(f"input_ids must be [batch, time], got shape {ids.shape}")
         return ids
 
+    def _state_feeds(self, state, batch: int) -> dict[str, np.ndarray]:
+        if state is None:
+            state = self.zero_state(batch)
+        expected = (self.num_layers, batch, self.num_units)
+        feeds = {}
+        for name, value in zip(STATE_INPUTS, state):
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            if value.shape != expected:
+                raise InvalidArgumentError(f"{name} must be [layers, batch, units] = {expected}, "
+                                           f"got {value.shape}")
+            feeds[name] = value
+        return feeds
+
     def _run(self, ids: np.ndarray, feeds: dict, names: list[str], state):
-        """One onnxruntime call: ``(outputs named ``names``, state_out or None)``."""
-        feeds = {INPUT_NAME: ids, **feeds}
-        if self.stateful:
-            if state is None:
-                state = self.zero_state(ids.shape[0])
-            expected = (self.num_layers, ids.shape[0], self.num_units)
-            for name, value in zip(STATE_INPUTS, state):
-                value = np.ascontiguousarray(value, dtype=np.float32)
-                if value.shape != expected:
-                    raise InvalidArgumentError(f"{name} must be [layers, batch, units] = {expected}, "
-                                     f"got {value.shape}")
-                feeds[name] = value
-            names = [*names, *STATE_OUTPUTS]
-        elif state is not None:
-            self.require_state("carrying the LSTM state")
+        """One onnxruntime call: ``(outputs named ``names``, state_out)``."""
+        feeds = {INPUT_NAME: ids, **feeds, **self._state_feeds(state, ids.shape[0])}
         try:
-            if self.provider == CUDA:
-                # IO binding: inputs copied once from host memory; outputs (the small [B, T]
-                # head values and the state) come back to the host once.
-                binding = self._session.io_binding()
-                for name, value in feeds.items():
-                    binding.bind_cpu_input(name, value)
-                for name in names:
-                    binding.bind_output(name, "cpu")
-                self._session.run_with_iobinding(binding)
-                results = [v.numpy() for v in binding.get_outputs()]
-            else:
-                results = self._session.run(names, feeds)
+            results = self._session.run([*names, *STATE_OUTPUTS], feeds)
         except Exception as exc:  # onnxruntime's own types (Fail, RuntimeException, ...)
-            raise InferenceError(
-                f"onnxruntime failed on a batch of shape {ids.shape}: {_first_line(exc, 300)}") from exc
-        count = len(names) - (2 if self.stateful else 0)
-        return results[:count], (tuple(results[count:]) if self.stateful else None)
+            raise InferenceError(f"onnxruntime failed on a batch of shape {ids.shape}: "
+                                 f"{first_line(exc, 300)}") from exc
+        return results[:len(names)], tuple(results[len(names):])
 
     def __repr__(self) -> str:
         return (f"ModelSession({self.name!r}, provider={self.provider!r}, "

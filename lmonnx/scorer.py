@@ -7,14 +7,16 @@
     scorer.predict_next("the cat", k=5)            # [(word, probability), ...]
     scorer.evaluate("test.txt")                    # the same report as `lmonnx evaluate`
 
-    state = scorer.begin()                         # incremental scoring (format-2 models)
+    state = scorer.begin()                         # incremental scoring
     logprob, state = scorer.step(state, "cat")     # log p(cat | <s>), the state after it
+    logprob, state = scorer.end(state)             # log p(</s> | <s> cat), the state ended
     logprobs, states = scorer.step_batch(states, words)   # one onnxruntime call for all
     scorer.generate("the cat", words=10, seed=0)   # sampling by stepping the state
 
 Log-probabilities are natural logs (nats); ``</s>`` is scored, ``<s>`` is not.  No TensorFlow.
-Thread-safe: onnxruntime sessions and the kernel are reentrant, and a ``Scorer`` keeps no
-mutable state after construction.  A sentence's score does not depend on the other sentences
+Thread-safe: onnxruntime sessions and the kernel are reentrant; a ``Scorer`` builds its
+scoring session at construction and what incremental scoring needs once, on first use, under
+a lock; nothing changes after that.  A sentence's score does not depend on the other sentences
 in its batch (right padding + a causal LSTM + the kernel's mask), nor on the entry point: every
 method reads text through ``lmonnx.corpus`` and builds examples with ``lmonnx.examples``, as
 the CLI does.
@@ -22,25 +24,22 @@ the CLI does.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from lmonnx.corpus import STDIN, check_corpora, require_sentences, sentences_of_lines, to_line
 from lmonnx.errors import ArgumentTypeError
-from lmonnx.validation import check_int
-from lmonnx.atomic import check_output, output_file
-from lmonnx.corpus import read_sentences, sentences_of_lines, to_line
-from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, Evaluator, SentenceWriter,
-                             TokenScore, TokenWriter, token_scores)
+from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, Evaluator, TokenScore,
+                             open_writers, token_scores)
 from lmonnx.examples import ExampleBuilder
-from lmonnx.incremental import Incremental, LMState
+from lmonnx.incremental import END, Incremental, LMState
 from lmonnx.metrics import default_max_tokens, perplexity_of
 from lmonnx.runtime import ModelSession
-from lmonnx.vocab import BOS_ID, PAD_ID
+from lmonnx.validation import check_int, check_optional_int
 
 
 @dataclass(frozen=True)
@@ -68,40 +67,35 @@ class Scorer:
     Parameters: ``path`` of the model; ``providers`` "auto" | "cpu" | "cuda"; ``num_threads``
     for onnxruntime's intra-op pool (None: one per core); ``batch_size`` and ``max_tokens`` bound
     the batches of ``score`` and ``evaluate`` (``max_tokens=None``: a batch's logits stay
-    under 64 MiB).  Every argument is checked here, not at the first call.
+    under 64 MiB).  Every argument is checked here, not at the first call, and everything is
+    built here but what only incremental scoring and predictions need (the state after
+    ``<s>``; on CUDA a second session that returns logits), which is built once, on first
+    use, under a lock.
     """
 
     def __init__(self, path, providers: str = "auto", num_threads: int | None = None, *,
                  batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int | None = None):
-        if num_threads is not None:
-            num_threads = check_int("num_threads", num_threads)
+        self._num_threads = check_optional_int("num_threads", num_threads)
         self.batch_size = check_int("batch_size", batch_size)
-        self.max_tokens = None if max_tokens is None else check_int("max_tokens",
-                                                                             max_tokens)
+        self.max_tokens = check_optional_int("max_tokens", max_tokens)
         self._session = ModelSession(path, providers=providers, num_threads=num_threads)
-        self._num_threads = num_threads
         self._examples = ExampleBuilder(self._session.vocab)
         self._lock = threading.Lock()
-        self._logits_session = None if self._session.loss_head else self._session
-        self._incremental_scorer = None
-
-    def _logits(self) -> ModelSession:
-        """A session that returns logits.  On CUDA the main session carries the loss head
-        (scores only), and next-word distributions need the logits: a second session, made
-        on first use."""
-        with self._lock:
-            if self._logits_session is None:
-                s = self._session
-                self._logits_session = ModelSession(
-                    s.source, providers=s.provider_choice, num_threads=self._num_threads,
-                    name=s.name, loss_head=False)
-            return self._logits_session
+        self._incremental_scorer: Incremental | None = None
 
     @property
     def _incremental(self) -> Incremental:
-        if self._incremental_scorer is None:
-            self._incremental_scorer = Incremental(self._logits())
-        return self._incremental_scorer
+        """Next-word distributions and states, built once on first use, under the lock.  On
+        CUDA the scoring session carries the loss head (no logits): a second session."""
+        with self._lock:
+            if self._incremental_scorer is None:
+                session = self._session
+                if session.loss_head:
+                    session = ModelSession(session.source, providers=session.provider_choice,
+                                           num_threads=self._num_threads, name=session.name,
+                                           loss_head=False)
+                self._incremental_scorer = Incremental(session, max_rows=self.max_tokens)
+            return self._incremental_scorer
 
     @property
     def vocab(self):
@@ -162,73 +156,105 @@ class Scorer:
 
         The course's ``get_word_predictions`` for one sequence.  ``</s>`` means the sentence
         ends there; padding and ``<s>`` are never listed (they are never targets).  The
-        probabilities are the model's full softmax, not renormalised over what is listed, so
-        a word's probability here is ``exp`` of its ``logprob`` when scored after ``prefix``.
+        probabilities are the model's full softmax (``exp`` of the state's log-probabilities,
+        not renormalised over what is listed), so a word's probability here is ``exp`` of its
+        ``logprob`` when scored after ``prefix``.  A long prefix runs in windows.
         """
         k = check_int("k", k)
         (example,) = self._sentence_examples([_check_sentence(prefix, "prefix")])
-        # <s> w1 .. wn: the last position predicts the next word.  A stateful model runs a
-        # long prefix in windows and keeps only the last distribution.
-        session = self._logits()
-        if session.stateful:
-            state = self._incremental.state_after(example.inputs, self._window())
-            logits = state.logprobs.astype(np.float64)
-        else:
-            logits = session.logits(example.inputs[None, :])[0, -1].astype(np.float64)
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        listed = probs.copy()
-        listed[[PAD_ID, BOS_ID]] = -1.0  # below every probability: never in the top k
-        k = min(k, len(probs) - 2)
-        top = np.argsort(-listed, kind="stable")[:k]
-        return [(self.vocab.id_to_token(int(i)), float(probs[i])) for i in top]
+        state = self._incremental.state_after(example.inputs, self._window())
+        return [(self.vocab.id_to_token(i), float(np.exp(logprob)))
+                for i, logprob in self._incremental.top_next(state, k)]
 
     def evaluate(self, source, *, corpus: str | None = None, errors: str = "strict",
-                 per_sentence=None, per_token=None, force: bool = False) -> EvaluationReport:
+                 per_sentence=None, per_token=None, force: bool = False,
+                 progress: Callable[[int], None] | None = None) -> EvaluationReport:
         """Evaluate a corpus as ``lmonnx evaluate`` does: same lines, same numbers.
 
         ``source``: a path (``"-"``: stdin), or an iterable of lines (``str`` or ``bytes``;
         a text file object works, but Python's text mode also splits at a lone ``\\r``, so
         pass the path for the CLI's exact line splitting).  Blank lines are skipped, line
         numbers count them.  ``errors``: "strict" or "replace" for undecodable UTF-8.
-        ``per_sentence`` / ``per_token``: a path (written atomically; an existing file needs
-        ``force``) or an open text file, receiving the CLI's JSON lines.
+        ``per_sentence`` / ``per_token``: a path or an open text file, receiving the CLI's
+        JSON lines (see :meth:`evaluate_corpora`).  ``progress``: called with the bytes of
+        each scored sentence.
         """
         if isinstance(source, (str, os.PathLike)):
-            lines = read_sentences(source, errors)
-            corpus = corpus if corpus is not None else os.fspath(source)
-        else:
-            lines = sentences_of_lines(source, errors)
-            corpus = corpus if corpus is not None else "<lines>"
-        with contextlib.ExitStack() as stack:
-            writers = []
-            for flag, target, kind in (("per_sentence", per_sentence, SentenceWriter),
-                                       ("per_token", per_token, TokenWriter)):
-                if target is None:
-                    continue
-                if not hasattr(target, "write"):
-                    check_output(target, flag, force=force)
-                    target = stack.enter_context(output_file(target, flag))
-                writers.append(kind(target))
-            evaluator = self._evaluator(corpus, writers=writers)
-            return evaluator.run(self._examples.build_all(lines))
+            return self.evaluate_corpora(
+                [source], errors=errors, per_sentence=per_sentence, per_token=per_token,
+                force=force, progress=progress and (lambda _, nbytes: progress(nbytes)),
+                names=None if corpus is None else [corpus])[0]
+        lines = sentences_of_lines(source, errors)
+        name = corpus if corpus is not None else "<lines>"
+        with open_writers(per_sentence, per_token, inputs=self._model_paths(),
+                          force=force) as writers:
+            return self._evaluator(name, writers=writers).run(
+                self._examples.build_all(lines), progress)
 
-    # ---- incremental scoring (format 2): KenLM's State / BaseScore for decoders ----------
+    def evaluate_corpora(self, paths: Sequence, *, errors: str = "strict", per_sentence=None,
+                         per_token=None, force: bool = False,
+                         progress: Callable[[int, int], None] | None = None,
+                         on_report: Callable[[int, EvaluationReport], None] | None = None,
+                         names: Sequence[str] | None = None,
+                         flags: tuple[str, str] = ("per_sentence", "per_token"),
+                         ) -> list[EvaluationReport]:
+        """Evaluate files (``"-"``: stdin, once) in one run, as ``lmonnx evaluate a b`` does:
+        one report each, in order.
+
+        Every path is checked (exists, not a directory) and every output checked (not a
+        corpus nor the model, not both one file, an existing regular file only with
+        ``force``) before any scoring.  ``per_sentence`` / ``per_token``: paths, written
+        atomically (replaced only when every corpus succeeded; a FIFO or ``/dev/stdout`` is
+        written as results come), or open text files.  ``progress(i, nbytes)`` is called per
+        scored sentence of corpus ``i``, ``on_report(i, report)`` when corpus ``i`` is done.
+        ``names`` label the reports (default: the paths, ``<stdin>`` for ``-``); ``flags``
+        name the outputs in errors.
+        """
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            raise ArgumentTypeError("evaluate_corpora takes a list of paths")
+        paths = list(paths)
+        check_corpora(paths, errors)
+        sources = [require_sentences(p, errors) for p in paths]
+        names = list(names) if names is not None else [
+            "<stdin>" if os.fspath(p) == STDIN else os.fspath(p) for p in paths]
+        reports = []
+        with open_writers(per_sentence, per_token, inputs=[*paths, *self._model_paths()],
+                          force=force, flags=flags) as writers:
+            for i, (name, lines) in enumerate(zip(names, sources)):
+                report = self._evaluator(name, writers=writers).run(
+                    self._examples.build_all(lines),
+                    progress and (lambda nbytes, i=i: progress(i, nbytes)))
+                reports.append(report)
+                if on_report is not None:
+                    on_report(i, report)
+        return reports
+
+    def _model_paths(self) -> list:
+        return [] if self._session.path is None else [self._session.path]
+
+    # ---- incremental scoring: KenLM's State / BaseScore for decoders -----------------------
 
     def begin(self) -> LMState:
         """The state after ``<s>``: an immutable value, cheap to keep and share."""
         return self._incremental.begin()
 
-    def step(self, state: LMState, word: str) -> tuple[float, LMState]:
+    def step(self, state: LMState, word) -> tuple[float, LMState]:
         """``(log p(word | history) in nats, the state after word)``: one onnxruntime call.
 
-        ``"</s>"`` scores the end of the sentence (no call; the state is then ended); an OOV
-        word scores as ``<unk>``.  Stepping a sentence word by word gives ``full_scores``."""
+        ``word`` is tokenized as sentences are: an OOV word (a literal ``"</s>"`` too) scores
+        as ``<unk>``.  :meth:`end` (or ``step(state, lmonnx.incremental.END)``) scores the end
+        of the sentence.  Stepping a sentence word by word, then ``end``, gives
+        ``full_scores``."""
         return self._incremental.step(state, word)
 
+    def end(self, state: LMState) -> tuple[float, LMState]:
+        """``(log p(</s> | history) in nats, the ended state)``; no onnxruntime call."""
+        return self._incremental.step(state, END)
+
     def step_batch(self, states, words) -> tuple[np.ndarray, list[LMState]]:
-        """Advance hypothesis i by ``words[i]`` in ONE onnxruntime call: ``(logprobs float64
-        [n] in nats, new states)``.  States of any history and length mix freely."""
+        """Advance hypothesis i by ``words[i]`` (a word, or ``END``): ``(logprobs float64
+        [n] in nats, new states)``.  States of any history and length mix freely; one
+        onnxruntime call per ``max_tokens`` hypotheses (the batch budget)."""
         return self._incremental.step_batch(states, words)
 
     def next_logprobs(self, states) -> np.ndarray:
@@ -248,4 +274,4 @@ class Scorer:
                 f"vocab_size={len(self.vocab)})")
 
 
-__all__ = ["Scorer", "SentenceScore", "TokenScore", "LMState"]
+__all__ = ["Scorer", "SentenceScore", "TokenScore", "LMState", "END"]

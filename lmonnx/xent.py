@@ -12,19 +12,12 @@ divide by ``log(2)`` for bits.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
-# The kernel's OpenMP workers share the cores with onnxruntime's thread pool, taking turns batch
-# by batch.  libgomp's default lets idle workers spin after each call, stealing the cores that
-# onnxruntime needs next (measured: PTB evaluation 2.5-3.1 s spinning vs 2.0-2.2 s passive).
-# libgomp reads this once when it loads, i.e. when _xent is first imported; a value the user
-# set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lmonnx.errors import InvalidArgumentError
-from lmonnx import _xent  # noqa: E402
+from lmonnx import _xent
 
 REDUCTIONS = ("none", "sum", "mean", "sequence")
 

@@ -4,11 +4,14 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import threading
 
 import pytest
-from lmonnx._testing import build_random_lm, make_vocab
+from lmonnx._testing import build_random_lm, edit_logits, make_vocab
 
+from lmonnx import Scorer
 from lmonnx.cli import main
 from lmonnx.runtime import cuda_unavailable_reason
 
@@ -114,10 +117,13 @@ def test_errors_replace_scores_undecodable_lines(tmp_path, model, capsys):
 def test_score_and_predict(model, capsys):
     assert main(["score", "the cat sat", "a dog", "--model", str(model), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["tokens"] for r in rows] == [4, 3] and all(r["logprob"] < 0 for r in rows)
+    scores = Scorer(model, providers="cpu").score(["the cat sat", "a dog"])
+    assert [(r["tokens"], r["logprob"], r["perplexity"]) for r in rows] == [
+        (s.tokens, s.logprob, s.perplexity) for s in scores]
     assert main(["predict", "the cat", "-k", "3", "--model", str(model), "--json"]) == 0
     top = json.loads(capsys.readouterr().out)
-    assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+    expected = Scorer(model, providers="cpu").predict_next("the cat", k=3)
+    assert [(t["word"], t["probability"]) for t in top] == expected
 
 
 def test_bits_per_byte_counts_the_original_bytes(model, tmp_path, capsys):
@@ -189,3 +195,75 @@ def test_ray_sizing_flags_without_ray_are_refused(model, corpus, capsys, flags):
 def test_score_refuses_stdin_mixed_with_sentence_arguments(model, capsys):
     assert main(["score", "-", "the cat", "--model", str(model), "--providers", "cpu"]) == 1
     assert "- reads the sentences from stdin: give it alone" in one_error_line(capsys)
+
+
+def run_cli(*args, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmonnx", *map(str, args)], input=stdin,
+                          capture_output=True, timeout=120)
+
+
+def test_nan_logits_print_nan_and_strict_json(model, corpus, tmp_path, capsys):
+    """A NaN model printed perplexity inf, and --json wrote NaN/Infinity (not JSON)."""
+    nan_model = tmp_path / "nan.onnx"
+    edit_logits(model, nan_model, nan=True)
+    per_sentence = tmp_path / "s.jsonl"
+    assert main(["evaluate", str(corpus), "--model", str(nan_model), "--json",
+                 "--per-sentence", str(per_sentence)]) == 0
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+
+    report = strict(capsys.readouterr().out)
+    assert (report["nll"], report["perplexity"], report["perplexity_no_oov"]) == (None,) * 3
+    assert [strict(line)["perplexity"] for line in per_sentence.read_text().splitlines()] == [None] * 3
+    assert main(["evaluate", str(corpus), "--model", str(nan_model)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^perplexity +nan$", table, re.M) and "inf" not in table
+    assert main(["score", "the cat", "--model", str(nan_model), "--json"]) == 0
+    assert strict(capsys.readouterr().out)["logprob"] is None
+    assert main(["predict", "the", "-k", "10", "--model", str(nan_model), "--json"]) == 0
+    listed = [t["word"] for t in strict(capsys.readouterr().out)]
+    assert sorted(listed) == sorted(WORDS + ["<unk>", "</s>"])
+
+
+def test_generate_at_a_tiny_temperature_is_greedy_and_quiet(model):
+    tiny = run_cli("generate", "the", "--temperature", "1e-320", "--words", "6", "--seed", "3",
+                   "--model", model, "--json")
+    greedy = run_cli("generate", "the", "--temperature", "0", "--words", "6", "--model", model,
+                     "--json")
+    assert tiny.returncode == 0 and tiny.stderr == b""
+    assert json.loads(tiny.stdout) == json.loads(greedy.stdout)
+
+
+def test_dash_reads_the_prefix_from_stdin_for_predict_and_generate(model):
+    prefix = " ".join(["the cat sat on the mat"] * 20_000)  # 120k words: too long for argv
+    for command in (["predict", "-k", "4"], ["generate", "--temperature", "0", "--words", "3"]):
+        piped = run_cli(*command, "-", "--model", model, "--json",
+                        stdin=(prefix.replace(" mat ", " mat\n") + "\n").encode())
+        assert piped.returncode == 0, piped.stderr
+        scorer = Scorer(model, providers="cpu")
+        if command[0] == "predict":
+            assert [(t["word"], t["probability"]) for t in json.loads(piped.stdout)] == \
+                scorer.predict_next(prefix, k=4)
+        else:
+            out = json.loads(piped.stdout)
+            assert out["words"] == scorer.generate(prefix, words=3, temperature=0)
+            assert out["prefix"] == prefix
+
+
+def test_score_gives_one_result_per_sentence_blank_ones_too(model):
+    """`score ""` scored </s> while a blank stdin line was skipped: both score </s> now."""
+    piped = run_cli("score", "--json", "--model", model, stdin=b"the cat\n\n  \na dog\n")
+    assert piped.returncode == 0, piped.stderr
+    rows = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert [r["tokens"] for r in rows] == [3, 1, 1, 3]
+    empty = run_cli("score", "", "--json", "--model", model)
+    assert json.loads(empty.stdout) == rows[1] == rows[2]
+    assert rows[1]["logprob"] == Scorer(model, providers="cpu").score([""])[0].logprob
+
+
+def test_an_unreadable_corpus_names_its_path(model, capsys):
+    """Reading /proc/self/mem fails with EIO: the error said "[Errno 5] Input/output error"."""
+    assert main(["evaluate", "/proc/self/mem", "--model", str(model)]) == 1
+    assert one_error_line(capsys) == (
+        "lmonnx: error: /proc/self/mem: cannot read it: Input/output error")

@@ -18,6 +18,7 @@ from lmonnx._testing import build_random_lm, make_vocab
 from lmonnx import Scorer
 from lmonnx.artifact import ArtifactError
 from lmonnx.cli import main
+from lmonnx.incremental import END
 
 WORDS = [f"w{i}" for i in range(60)]
 RNG = np.random.default_rng(11)
@@ -45,10 +46,11 @@ def scorer(model):
 
 def stepped(scorer, sentence):
     state, logprobs = scorer.begin(), []
-    for word in sentence.split() + ["</s>"]:
+    for word in sentence.split():
         logprob, state = scorer.step(state, word)
         logprobs.append(logprob)
-    return logprobs, state
+    logprob, state = scorer.end(state)
+    return logprobs + [logprob], state
 
 
 def test_stepping_a_sentence_gives_full_scores(scorer):
@@ -59,11 +61,18 @@ def test_stepping_a_sentence_gives_full_scores(scorer):
         assert state.ended and state.words == len(sentence.split()) + 1
 
 
-def test_the_stateless_and_stateful_graphs_agree(model, stateless):
-    """A zero state reproduces format 1 exactly (same weights, same seed)."""
-    a = Scorer(model, providers="cpu").score(SENTENCES)
-    b = Scorer(stateless, providers="cpu").score(SENTENCES)
-    assert [x.logprob for x in a] == [y.logprob for y in b]
+def test_a_literal_end_token_is_a_word_in_step_as_in_score(scorer):
+    """step(state, "</s>") ended the sentence while score() read a literal </s> as <unk>:
+    now a string is always a word, and END (or Scorer.end) ends the sentence."""
+    sentence = "w1 </s> w2"
+    logprobs, state = stepped(scorer, sentence)
+    assert logprobs == pytest.approx([t.logprob for t in scorer.full_scores(sentence)], abs=1e-5)
+    assert [t.id for t in scorer.full_scores(sentence)] == [5, 1, 6, 3]
+    assert state.ended and state.words == 4
+    lp, after = scorer.step(scorer.begin(), "</s>")
+    assert not after.ended and lp == scorer.begin().logprob(1)
+    lp, ended = scorer.step(scorer.begin(), END)
+    assert ended.ended and lp == scorer.begin().logprob(3) == scorer.end(scorer.begin())[0]
 
 
 def test_step_batch_equals_single_steps_with_mixed_histories(scorer):
@@ -74,19 +83,19 @@ def test_step_batch_equals_single_steps_with_mixed_histories(scorer):
         for w in h.split():
             _, state = scorer.step(state, w)
         states.append(state)
-    words = ["w4", "</s>", "zebra", "w0", "w59"]
+    words = ["w4", END, "zebra", "w0", "w59"]
     logprobs, new = scorer.step_batch(states, words)
     for state, word, lp, n in zip(states, words, logprobs, new):
         lp1, n1 = scorer.step(state, word)
-        assert lp == pytest.approx(lp1, abs=1e-6)
-        assert n.ended == (word == "</s>") and n.words == state.words + 1
+        assert lp == lp1
+        assert n.ended == (word is END) and n.words == state.words + 1
         if not n.ended:
             np.testing.assert_allclose(n.logprobs, n1.logprobs, atol=1e-5)
             np.testing.assert_allclose(n.h, n1.h, atol=1e-6)
     dist = scorer.next_logprobs(states)
     assert dist.shape == (5, len(scorer.vocab)) and dist.dtype == np.float32
     np.testing.assert_allclose(np.log(np.exp(dist.astype(np.float64)).sum(axis=1)), 0, atol=1e-5)
-    ids = [scorer.vocab.token_to_id(w) if w != "</s>" else 3 for w in words]
+    ids = [scorer.vocab.token_to_id(w) if w is not END else 3 for w in words]
     assert dist[np.arange(5), ids] == pytest.approx(logprobs, abs=1e-6)
 
 
@@ -95,8 +104,27 @@ def test_step_batch_is_one_onnxruntime_call(scorer, monkeypatch):
     real = scorer._session.run
     monkeypatch.setattr(scorer._session, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
     states = [scorer.begin()] * 64
-    scorer.step_batch(states, ["w1"] * 32 + ["</s>"] * 32)
+    scorer.step_batch(states, ["w1"] * 32 + [END] * 32)
     assert len(calls) == 1
+
+
+def test_step_batch_is_chunked_under_the_batch_budget(model, scorer, monkeypatch):
+    """50k states went through one call (2.9 GB of logits and log-softmax at V=10k): now at
+    most max_tokens rows per call, with the numbers of one call."""
+    chunked = Scorer(model, providers="cpu", max_tokens=16)
+    rows = []
+    real = chunked._incremental.session.run
+    monkeypatch.setattr(chunked._incremental.session, "run",
+                        lambda ids, state=None: rows.append(len(ids)) or real(ids, state))
+    states = [scorer.step(scorer.begin(), f"w{i % 60}")[1] for i in range(100)]
+    words = [f"w{(7 * i) % 60}" if i % 9 else END for i in range(100)]
+    logprobs, new = chunked.step_batch(states, words)
+    assert rows == [16] * 5 + [8]  # 88 hypotheses go on, 12 end
+    one_logprobs, one_new = scorer.step_batch(states, words)
+    assert logprobs.tolist() == one_logprobs.tolist()
+    for a, b in zip(new, one_new):
+        assert a.ended == b.ended and a.words == b.words
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-6)
 
 
 def test_states_are_immutable_values(scorer):
@@ -106,13 +134,13 @@ def test_states_are_immutable_values(scorer):
     with pytest.raises(AttributeError):
         state.words = 3
     _, later = scorer.step(state, "w1")
-    assert scorer.begin() is state and later is not state  # begin is cached and reused
+    assert scorer.begin() is state and later is not state  # one begin state, made once
 
 
 def test_oov_words_score_as_unk_and_bad_steps_fail(scorer):
     state = scorer.begin()
     assert scorer.step(state, "never-seen")[0] == scorer.step(state, "<unk>")[0]
-    _, ended = scorer.step(state, "</s>")
+    _, ended = scorer.end(state)
     for call, exc, match in [
         (lambda: scorer.step(ended, "w1"), ValueError, "already ended"),
         (lambda: scorer.step(state, "w1 w2"), ValueError, "one word"),
@@ -147,13 +175,12 @@ def test_incremental_scoring_is_thread_safe(scorer):
                 assert g == pytest.approx(e, abs=1e-6)
 
 
-def test_format_1_models_score_and_say_re_export_for_state(stateless):
-    scorer = Scorer(stateless, providers="cpu", max_tokens=300)
-    long_line = " ".join(["w1"] * 600)  # longer than the budget: one call, no state to carry
-    assert scorer.score([long_line])[0].tokens == 601
-    for call in (scorer.begin, lambda: scorer.generate("w1")):
-        with pytest.raises(ArtifactError, match="re-export this model with lmonnx export"):
-            call()
+def test_format_1_models_are_refused_at_load_in_one_line(stateless):
+    with pytest.raises(ArtifactError) as info:
+        Scorer(stateless, providers="cpu")
+    message = str(info.value)
+    assert "\n" not in message and message.endswith("re-export this model")
+    assert message.startswith(f"{stateless} is a format-1 (stateless) lmonnx model")
 
 
 # ---- long lines ------------------------------------------------------------------------------

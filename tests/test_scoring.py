@@ -7,17 +7,18 @@ check the accounting, batching and ordering, not the model's quality.
 import json
 import math
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
 import pytest
-from lmonnx._testing import build_random_lm, make_vocab
+from lmonnx._testing import build_random_lm, edit_logits, make_vocab
 
 from lmonnx import Scorer
 from lmonnx.artifact import ArtifactError
 from lmonnx.corpus import Line
-from lmonnx.evaluate import Evaluator
+from lmonnx.evaluate import LOOKAHEAD_TOKENS, Evaluator
 from lmonnx.examples import ExampleBuilder
 from lmonnx.runtime import ModelSession, cuda_unavailable_reason
 
@@ -107,7 +108,11 @@ def test_report_accounting_matches_reference(scorer):
     assert report.bits_per_byte == pytest.approx(total / math.log(2) / nbytes, rel=1e-5)
     assert report.top1_accuracy == pytest.approx(hits / tokens)
     assert report.top1_accuracy_no_oov == pytest.approx(in_vocab_hits / n_in_vocab)
-    assert 0.0 <= report.padding_fraction < 1.0
+    # length-sorted batches of 64 (the default budget holds them): each padded to its longest
+    lengths = sorted(len(text.split()) + 1 for text in SENTENCES)
+    computed = sum(len(g) * g[-1] for g in (lengths[i:i + 64] for i in range(0, len(lengths), 64)))
+    assert report.padding_fraction == 1.0 - tokens / computed
+    assert Scorer(session.path, providers="cpu", batch_size=1).evaluate(SENTENCES).padding_fraction == 0.0
     assert report.provider == "CPUExecutionProvider"
     assert set(report.to_dict()) >= {
         "sentences", "tokens", "words", "oovs", "nll", "mean_nll", "perplexity",
@@ -222,7 +227,7 @@ def test_bad_model_files_raise_one_clear_error(tmp_path, model_path):
         ModelSession(foreign, providers="cpu")
     with pytest.raises(ValueError, match="providers must be one of"):
         ModelSession(model_path, providers="tpu")
-    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+    with pytest.raises(ValueError, match="num_threads must be an integer >= 1; got 0"):
         ModelSession(model_path, providers="cpu", num_threads=0)
 
 
@@ -281,3 +286,99 @@ def test_writers_give_the_cli_files_to_api_users(scorer, tmp_path):
     with pytest.raises(FileExistsError, match="pass --force"):
         scorer.evaluate(lines, per_sentence=sent)
     assert sent.read_text().count("\n") == 30  # untouched
+
+
+# ---- outputs never replace inputs (bug 3) ----------------------------------------------------
+
+def test_scorer_evaluate_never_writes_over_its_corpus_or_model(scorer, model_path, tmp_path):
+    """Scorer.evaluate("in.txt", per_token="in.txt", force=True) destroyed the corpus, and
+    per_sentence="model.onnx" the model."""
+    corpus = tmp_path / "in.txt"
+    corpus.write_text("the cat sat\n")
+    model_bytes = model_path.read_bytes()
+    for outputs in ({"per_token": corpus}, {"per_sentence": model_path},
+                    {"per_sentence": str(corpus), "per_token": tmp_path / "t.jsonl"}):
+        with pytest.raises(ValueError, match="is an input of this command"):
+            scorer.evaluate(corpus, force=True, **outputs)
+    with pytest.raises(ValueError, match="is an input of this command"):
+        scorer.evaluate(["the cat"], per_sentence=model_path, force=True)
+    assert corpus.read_text() == "the cat sat\n" and model_path.read_bytes() == model_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+# ---- memory of the look-ahead (bug 7) --------------------------------------------------------
+
+def test_the_look_ahead_is_bounded_in_tokens(scorer):
+    """20 lines of 300k words were all held (779 MB) before the first result: the look-ahead
+    counted lines.  Now it holds at most LOOKAHEAD_TOKENS tokens (or one longer line)."""
+    assert LOOKAHEAD_TOKENS == 1 << 18
+    held, most = 0, 0
+    builder = ExampleBuilder(scorer.vocab)
+
+    def examples():
+        nonlocal held, most
+        for i in range(30):
+            example = builder.build(Line(i + 1, " ".join(["cat"] * 19_999), 80_000))
+            held += example.tokens
+            most = max(most, held)
+            yield example
+
+    evaluator = Evaluator(scorer._session, max_tokens=4096)
+    for example, _ in evaluator.scored(examples()):
+        held -= example.tokens
+        if example.key == 1:  # 13 lines fill 262144 tokens; the 14th, read, starts the next
+            assert most == 14 * 20_000
+    assert most == 14 * 20_000 and evaluator.totals.sentences == 30
+
+
+# ---- a model whose logits hold NaN (bug 9) and foreign dtypes --------------------------------
+
+@pytest.fixture(scope="module")
+def nan_model(model_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("nan") / "nan.onnx"
+    edit_logits(model_path, path, nan=True)
+    return path
+
+
+def test_nan_logits_give_nan_not_inf_and_predict_never_lists_pad_or_bos(nan_model):
+    scorer = Scorer(nan_model, providers="cpu")
+    report = scorer.evaluate(["the cat", "a dog"])
+    assert math.isnan(report.nll) and math.isnan(report.perplexity)
+    assert math.isnan(report.perplexity_no_oov) and report.top1_accuracy == 0.0
+    assert math.isnan(scorer.score(["the cat"])[0].perplexity)
+    listed = [w for w, _ in scorer.predict_next("the cat", k=len(WORDS) + 2)]
+    assert sorted(listed) == sorted(WORDS + ["<unk>", "</s>"])
+    with pytest.raises(RuntimeError, match="next-word distribution holds NaN"):
+        scorer.generate("the", words=3, seed=0)
+
+
+def test_float16_logits_are_refused_at_load(model_path, tmp_path):
+    """fp16 logits reached the kernel ("kernel advice") or were silently used by predict."""
+    path = tmp_path / "fp16.onnx"
+    edit_logits(model_path, path, float16=True)
+    with pytest.raises(ArtifactError, match=r"'logits' is tensor\(float16\) of rank 3, an "
+                                            r"lmonnx model has tensor\(float\) of rank 3"):
+        ModelSession(path, providers="cpu")
+
+
+# ---- generation at a tiny temperature (bug 8) ------------------------------------------------
+
+def test_a_tiny_temperature_is_greedy_without_warnings(scorer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny = scorer.generate("the cat", words=8, temperature=1e-320, seed=1)
+    assert tiny == scorer.generate("the cat", words=8, temperature=0)
+
+
+def test_importing_the_scoring_stack_leaves_the_environment_alone():
+    """lmonnx.xent set OMP_WAIT_POLICY on import; only the CLI's own process may."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import os, lmonnx.xent, lmonnx.scorer, lmonnx.evaluate; "
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert (out.returncode, out.stdout) == (0, "None\n"), out.stderr
