@@ -16,7 +16,7 @@ per-sentence float64 sums: they do not depend on batch size or order beyond floa
 
 Memory is bounded by the batch budget and the look-ahead for any input: sentences are read
 ahead (to sort them into length buckets) up to :data:`LOOKAHEAD` sentences *and*
-:data:`LOOKAHEAD_TOKENS` tokens, and a sentence longer than the budget is a batch of its own,
+:data:`LOOKAHEAD_BYTES` bytes of text, and a sentence longer than the budget is a batch of its own,
 scored in consecutive windows of ``max_tokens`` positions that carry the LSTM state: its
 logits never exceed the budget, and its NLL is that of one pass (to float rounding).
 
@@ -48,9 +48,12 @@ from lmonnx.xent import token_nll_and_hits
 DEFAULT_BATCH_SIZE = 64
 LOOKAHEAD = 4096
 """Sentences read ahead to sort into length buckets: bounds memory and latency."""
-LOOKAHEAD_TOKENS = 1 << 18
-"""Tokens read ahead at most (a sentence longer than this is read alone): bounds the memory of
-the look-ahead when lines are long (4096 lines of 300k words would otherwise be held)."""
+LOOKAHEAD_BYTES = 1 << 20
+"""Bytes of text read ahead at most (a longer sentence is read alone): bounds the memory of the
+look-ahead when lines are long (4096 lines of 300k words would otherwise be held).  Counted in
+bytes, not tokens, so that a reader that has not tokenized yet (``lmonnx.ray``'s read tasks)
+cuts exactly the chunks the evaluator cuts; a token takes at least two bytes (a character
+and a separator or the line break), so this also bounds the tokens held."""
 
 
 def json_text(value, **dumps_options) -> str:
@@ -252,19 +255,20 @@ class TokenWriter:
                                        **asdict(token)}) + "\n")
 
 
-def lookahead_chunks(examples: Iterable[Example], max_sentences: int = LOOKAHEAD,
-                     max_tokens: int = LOOKAHEAD_TOKENS) -> Iterator[list[Example]]:
-    """Consecutive runs of ``examples`` of at most ``max_sentences`` sentences and
-    ``max_tokens`` tokens (a longer sentence is a run of its own): what the evaluator holds
-    at once to sort into length buckets."""
-    chunk: list[Example] = []
-    tokens = 0
-    for example in examples:
-        if chunk and (len(chunk) >= max_sentences or tokens + example.tokens > max_tokens):
+def lookahead_chunks(items: Iterable, max_sentences: int = LOOKAHEAD,
+                     max_bytes: int = LOOKAHEAD_BYTES) -> Iterator[list]:
+    """Consecutive runs of ``items`` (:class:`Example` or :class:`lmonnx.corpus.Line`: anything
+    with ``nbytes``) of at most ``max_sentences`` sentences and ``max_bytes`` bytes of text (a
+    longer sentence is a run of its own): what the evaluator holds at once to sort into
+    length buckets, and the chunks ``lmonnx.ray`` scores, so both form the same batches."""
+    chunk: list = []
+    nbytes = 0
+    for item in items:
+        if chunk and (len(chunk) >= max_sentences or nbytes + item.nbytes > max_bytes):
             yield chunk
-            chunk, tokens = [], 0
-        chunk.append(example)
-        tokens += example.tokens
+            chunk, nbytes = [], 0
+        chunk.append(item)
+        nbytes += item.nbytes
     if chunk:
         yield chunk
 
@@ -329,7 +333,7 @@ class Evaluator:
         """Yield ``(example, result)`` for every example, in input order, streaming.
 
         Sentences are bucketed by length within a look-ahead of :data:`LOOKAHEAD` sentences
-        and :data:`LOOKAHEAD_TOKENS` tokens, so memory stays bounded by the batch budget and
+        and :data:`LOOKAHEAD_BYTES` bytes, so memory stays bounded by the batch budget and
         the look-ahead, never by the corpus.  ``progress`` is called with the bytes of each
         scored sentence.
         """

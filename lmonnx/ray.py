@@ -1,8 +1,9 @@
 """Corpus evaluation on a Ray cluster (Ray Data): the local numbers, beyond one machine.
 
     files ─driver──────> checked before Ray starts (exist, readable, a first sentence)
-          ─read tasks──> chunks: the local look-ahead (LOOKAHEAD consecutive sentences of one
-                         file), one row each: corpus, line[], text[], nbytes[]
+          ─read tasks──> chunks: the local look-ahead (evaluate.lookahead_chunks: consecutive
+                         sentences of one file, at most LOOKAHEAD of them and LOOKAHEAD_BYTES
+                         bytes), one row each: corpus, line[], text[], nbytes[]
           ─actor pool──> one row per chunk: the sentences' counts and float64 NLLs, the
                          chunk's positions, seconds, provider (one ModelSession per actor)
           ─driver──────> evaluate.Totals, sentence by sentence in input order ─> EvaluationReport
@@ -51,6 +52,7 @@ from lmonnx.atomic import atomic_path, check_outputs, output_file
 from lmonnx.corpus import Line, check_errors, sentences_of_lines, to_line
 from lmonnx.errors import CorpusError, InvalidArgumentError, LmonnxError, MissingDependencyError
 from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, LOOKAHEAD, EvaluationReport, Evaluator,
+                             lookahead_chunks,
                              SentenceResult, Totals)
 from lmonnx.examples import ExampleBuilder
 from lmonnx.validation import check_int, check_optional_int, check_real
@@ -211,18 +213,6 @@ def check_sources(sources, errors: str = "strict") -> tuple[list[tuple[str, str]
 
 # ---- reading: chunks of sentences, one row each ----------------------------------------------
 
-def _chunks_of(lines: Iterable[Line], size: int = LOOKAHEAD) -> Iterator[list[Line]]:
-    """Consecutive runs of ``size`` lines (the last shorter): the local look-ahead windows."""
-    chunk: list[Line] = []
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def _chunk_table(corpus: str, lines: list[Line]) -> "pa.Table":
     return pa.Table.from_pylist([{"corpus": corpus, "line": [ln.key for ln in lines],
                                   "text": [ln.text for ln in lines],
@@ -233,7 +223,7 @@ def _chunk_table(corpus: str, lines: list[Line]) -> "pa.Table":
 def _read_files(batch: "pa.Table", *, errors: str) -> Iterator["pa.Table"]:
     """A read task: the chunks of each file of ``batch`` (columns ``path``, ``name``)."""
     for path, name in zip(batch.column("path").to_pylist(), batch.column("name").to_pylist()):
-        for chunk in _chunks_of(_sentences(path, name, errors)):
+        for chunk in lookahead_chunks(_sentences(path, name, errors)):
             yield _chunk_table(name, chunk)
 
 
@@ -256,7 +246,7 @@ def _rows_as_chunks(batch: "pa.Table", *, errors: str, corpus: str) -> Iterator[
                 runs.append((path, []))
             runs[-1][1].append(line)
     for path, lines in runs:
-        for chunk in _chunks_of(lines):
+        for chunk in lookahead_chunks(lines):
             yield _chunk_table(path, chunk)
 
 

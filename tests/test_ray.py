@@ -22,7 +22,7 @@ from lmonnx import Scorer
 from lmonnx._testing import build_random_lm, make_vocab
 from lmonnx.cli import main
 from lmonnx.corpus import read_sentences
-from lmonnx.evaluate import LOOKAHEAD, Evaluator, Totals
+from lmonnx.evaluate import LOOKAHEAD, LOOKAHEAD_BYTES, Evaluator, Totals, lookahead_chunks
 from lmonnx.examples import ExampleBuilder
 from lmonnx.runtime import ModelSession
 
@@ -201,6 +201,23 @@ def test_an_existing_dataset_and_a_model_only_in_the_object_store(lray, ray_clus
     copy.unlink()  # the actors get the model's bytes from the object store, not the file
     report = runner.evaluate(dataset, corpus="<lines>").to_dict()
     assert_same_report(report, local)
+
+
+def test_chunks_cut_by_the_byte_bound_equal_local(lray, model, tmp_path):
+    """Long lines end a look-ahead chunk by bytes, long before LOOKAHEAD sentences: the read
+    tasks (which have not tokenized) must cut exactly where the local evaluator does."""
+    rng = random.Random(3)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.choice([3, 40_000])))
+             for _ in range(90)]
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    chunks = list(lookahead_chunks(read_sentences(corpus)))
+    assert len(chunks) > 2 and all(len(c) < LOOKAHEAD for c in chunks)
+    assert corpus.stat().st_size > 2 * LOOKAHEAD_BYTES
+    local = Scorer(model, providers="cpu").evaluate(corpus, per_sentence=tmp_path / "l.jsonl")
+    report = lray.evaluate(corpus, model, per_sentence=tmp_path / "r.jsonl", **RAY)
+    assert_same_report(report.to_dict(), local.to_dict())
+    assert read_jsonl(tmp_path / "r.jsonl") == read_jsonl(tmp_path / "l.jsonl")
 
 
 # ---- faults ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from lmonnx._testing import build_random_lm, edit_logits, make_vocab
 from lmonnx import Scorer
 from lmonnx.artifact import ArtifactError
 from lmonnx.corpus import Line
-from lmonnx.evaluate import LOOKAHEAD_TOKENS, Evaluator
+from lmonnx.evaluate import LOOKAHEAD_BYTES, Evaluator
 from lmonnx.examples import ExampleBuilder
 from lmonnx.runtime import ModelSession, cuda_unavailable_reason
 
@@ -308,17 +308,17 @@ def test_scorer_evaluate_never_writes_over_its_corpus_or_model(scorer, model_pat
 
 # ---- memory of the look-ahead (bug 7) --------------------------------------------------------
 
-def test_the_look_ahead_is_bounded_in_tokens(scorer):
+def test_the_look_ahead_is_bounded_in_bytes(scorer):
     """20 lines of 300k words were all held (779 MB) before the first result: the look-ahead
-    counted lines.  Now it holds at most LOOKAHEAD_TOKENS tokens (or one longer line)."""
-    assert LOOKAHEAD_TOKENS == 1 << 18
+    counted lines.  Now it holds at most LOOKAHEAD_BYTES bytes of text (or one longer line)."""
+    assert LOOKAHEAD_BYTES == 1 << 20
     held, most = 0, 0
     builder = ExampleBuilder(scorer.vocab)
 
     def examples():
         nonlocal held, most
         for i in range(30):
-            example = builder.build(Line(i + 1, " ".join(["cat"] * 19_999), 80_000))
+            example = builder.build(Line(i + 1, " ".join(["cat"] * 19_999), 80_000))  # 80 kB
             held += example.tokens
             most = max(most, held)
             yield example
@@ -326,7 +326,7 @@ def test_the_look_ahead_is_bounded_in_tokens(scorer):
     evaluator = Evaluator(scorer._session, max_tokens=4096)
     for example, _ in evaluator.scored(examples()):
         held -= example.tokens
-        if example.key == 1:  # 13 lines fill 262144 tokens; the 14th, read, starts the next
+        if example.key == 1:  # 13 lines fill 1 MiB; the 14th, read, starts the next
             assert most == 14 * 20_000
     assert most == 14 * 20_000 and evaluator.totals.sentences == 30
 
