@@ -127,13 +127,14 @@ def sentence_items(vocab: Vocabulary, lines: Iterable) -> list:
     return [(ex.key, ex.inputs, ex.targets) for ex in ExampleBuilder(vocab).build_all(lines)]
 
 
-def _epoch_batches(items: list, config: TrainConfig, epoch: int) -> list[Batch | PackedBatch]:
+def _epoch_batches(items: list, config: TrainConfig, epoch: int
+                   ) -> list[tuple[Batch | PackedBatch, np.float32]]:
     """Epoch ``epoch`` (1-based): random batches of ``batch_size`` windows, packed
-    (``config.pack``) or padded, in random order; a function of (seed, epoch) only."""
+    (``config.pack``) or padded, in random order, each with what its summed loss is divided
+    by (its tokens: the per-token mean); a function of (seed, epoch) only."""
     rng = np.random.default_rng([config.seed, epoch])
-    if config.pack:
-        return packed_batches(items, batch_size=config.batch_size, rng=rng)
-    return padded_batches(items, batch_size=config.batch_size, rng=rng)
+    make = packed_batches if config.pack else padded_batches
+    return [(b, np.float32(b.tokens)) for b in make(items, batch_size=config.batch_size, rng=rng)]
 
 
 def _check_loss(epoch: int, what: str, nll: float, tokens: int, config: TrainConfig) -> None:
@@ -208,8 +209,8 @@ class TrainingRun:
         nll, tokens = 0.0, 0
         with tqdm(total=len(batches), desc=f"epoch {epoch}/{self.config.epochs}",
                   unit="batch", disable=None, leave=False) as bar:
-            for i, batch in enumerate(batches):
-                loss_sum, n = self.step(batch, np.float32(batch.tokens))
+            for i, (batch, loss_scale) in enumerate(batches):
+                loss_sum, n = self.step(batch, loss_scale)
                 loss_sum, n = float(loss_sum), int(n)
                 if not math.isfinite(loss_sum):
                     _check_loss(epoch, "training", loss_sum, n, self.config)
