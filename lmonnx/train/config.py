@@ -111,6 +111,10 @@ def flag_of(name: str) -> str:
     return next(f.metadata["flag"] for f in dataclasses.fields(TrainConfig) if f.name == name)
 
 
+def _shown(name: str, value) -> str:
+    return f"{name}={value}" if isinstance(value, bool) else f"{flag_of(name)} {value}"
+
+
 def resumed_config(stored: TrainConfig, given: Mapping[str, Any], run_path
                    ) -> tuple[TrainConfig, dict[str, tuple]]:
     """The config a run resumes with: ``stored`` with the resumable settings of ``given`` that
@@ -122,8 +126,8 @@ def resumed_config(stored: TrainConfig, given: Mapping[str, Any], run_path
     if fixed:
         k = fixed[0]
         old, new = changed[k]
-        raise RunDirError(f"{flag_of(k)} {new}: the run in {run_path} was trained with "
-                          f"{flag_of(k)} {old}, which a resumed run cannot change (only "
+        raise RunDirError(f"{_shown(k, new)}: the run in {run_path} was trained with "
+                          f"{_shown(k, old)}, which a resumed run cannot change (only "
                           f"{', '.join(flag_of(r) for r in RESUMABLE)} can); drop the flag "
                           "or start a new run")
     return stored.with_overrides({k: new for k, (_, new) in changed.items()}), changed

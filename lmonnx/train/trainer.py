@@ -450,9 +450,11 @@ def _resume(given: dict, corpus: Path, valid: Path | None, run: RunDir,
                             run, "CORPUS")
     valid_source = _resume_source(valid, run_config["valid"], run_config["valid_sha256"],
                                   errors, run, "--valid")
+    if "learning_rate" in changed:  # the next epoch trains with the rate given
+        history.learning_rate = float(config.learning_rate)
     training = _setup(run, config, _load_vocab(run), source, valid_source, history)
     if done:
-        _restore(training, done, "learning_rate" in changed)
+        _restore(training, done)
     if changed:  # only now, every check passed: record what the run continues with
         run.write_config(dict(run_config, train=config.to_dict()))
         log.info(f"resuming {run.path} with " + ", ".join(
@@ -489,7 +491,7 @@ def _check_best_model(run: RunDir, history: History) -> None:
                           "restore the file or start over with --force")
 
 
-def _restore(training: TrainingRun, done: int, new_rate: bool) -> None:
+def _restore(training: TrainingRun, done: int) -> None:
     """The model and optimizer after epoch ``done`` from its checkpoint; a missing
     ``model.keras`` that held that epoch is saved again."""
     from lmonnx.train.checkpoint import load_checkpoint
@@ -503,8 +505,6 @@ def _restore(training: TrainingRun, done: int, new_rate: bool) -> None:
     if load_checkpoint(path, training.model, training.optimizer) != done:
         raise RunDirError(f"{path} does not hold epoch {done} as history.json says; start "
                           "over with --force")
-    if new_rate:  # the next epoch trains with the rate given on resume
-        history.learning_rate = float(training.config.learning_rate)
     training.optimizer.learning_rate.assign(history.learning_rate)
     if not run.file(MODEL_FILE).is_file():  # _check_best_model: this is the best epoch
         training.save_model(done)
