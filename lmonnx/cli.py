@@ -233,7 +233,7 @@ def _add_train_settings(p: argparse.ArgumentParser) -> None:
         kind = {"int": _int_arg, "real": _real_arg}.get(meta["kind"])
         p.add_argument(meta["flag"], dest=f.name, type=kind and kind(**bounds), default=None,
                        choices=meta["bounds"].get("choices"),
-                       metavar=None if kind is None else meta["flag"][2:].upper(),
+                       metavar=None if kind is None else meta["flag"][2:].upper().replace("-", "_"),
                        help=meta["help"] if f.default is None
                        else f"{meta['help']} (default: {f.default})")
 
