@@ -7,7 +7,8 @@ record that export puts into the model's metadata::
     lmonnx-run.json      the manifest: written first, lists every file this run created
     config.json          format, model shape, tokenizer, training settings, corpora
     vocab.json           the vocabulary with its tokenizer options
-    model.keras          the best epoch by validation perplexity (by training loss without --valid)
+    model.keras          the best epoch by validation perplexity (by training loss without
+                         --valid); its Keras config records that epoch (``model_epoch``)
     history.json         one record per finished epoch, best epoch, checkpoint pointer, status
     checkpoint-N.npz     model + optimizer state after epoch N (for --resume; only the newest)
     training_curve.png   train and validation perplexity per epoch, the learning rate
@@ -28,6 +29,11 @@ covers the run's files (a name whose file is gone is harmless).  ``train --force
 the regular files the manifest lists; anything else in the directory is left alone.  A file that
 carries one of the names above but that no run owns (a user's own ``config.json``, say) is never
 overwritten or deleted: the command stops and names it, with or without ``--force``.
+
+**Order of writes.**  After epoch N: ``checkpoint-N.npz``, then ``model.keras`` when N is the
+best so far, then ``history.json`` naming the checkpoint, then the older checkpoint is deleted
+(only while ``model.keras`` is on disk).  A run stopped between the model and the history is
+recorded by export as what is on disk: :func:`training_record` takes the model's own epoch.
 
 **Strict JSON.**  ``config.json``, ``history.json`` and the manifest are written with
 ``allow_nan=False``: a perplexity too large for a float64 is stored as ``null`` (the NLL sums
