@@ -50,7 +50,6 @@ Progress and notices go to the ``lmonnx`` logger (INFO); the CLI prints them on 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
