@@ -45,15 +45,7 @@ the gradient would see a biased sample at every step.  The trainer's default is
     [c c c 0 0 0]
     [d 0 0 0 0 0]
 
-:func:`pooled_batches` (``lmonnx train --no-pack``) pads random batches, or, with
-``pool_batches`` > 1, sorts only within random pools of a few batches::
-
-    shuffled items    | pool 1 (4 batches' worth) | pool 2 | pool 3 | ...
-    each pool         sorted by length, cut into batches (short ... long)
-    the epoch         every pool's batches, in one random order
-
-A batch then holds a length quarter (for pools of 4) of a random sample: padding drops to a
-fraction of random order's, but each batch's sentences are of similar length.
+:func:`padded_batches` (``lmonnx train --no-pack``) pads the same random batches instead.
 """
 
 from __future__ import annotations
@@ -65,6 +57,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from lmonnx.errors import InvalidArgumentError
+from lmonnx.validation import check_int
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -83,8 +76,7 @@ def make_pair(word_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def split_windows(inputs, targets, max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Cut one pair into consecutive windows of at most ``max_length`` positions (no token dropped)."""
-    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
-        raise InvalidArgumentError(f"max_length must be a positive integer, got {max_length!r}")
+    check_int("max_length", max_length)
     inputs = np.asarray(inputs)
     targets = np.asarray(targets)
     if inputs.shape != targets.shape or inputs.ndim != 1:
@@ -119,8 +111,7 @@ class Batch(_Positions):
     """B pairs padded to the longest, T positions.
 
     inputs, targets: int32 [B, T], 0 after each row's length; mask: float32 [B, T] = sign(inputs);
-    lengths: int64 [B]; keys: one caller-given key per row, in row order; pool: the number of
-    the training pool it was cut from (:func:`pooled_batches`), None otherwise.
+    lengths: int64 [B]; keys: one caller-given key per row, in row order.
     """
 
     inputs: np.ndarray
@@ -128,7 +119,6 @@ class Batch(_Positions):
     mask: np.ndarray
     lengths: np.ndarray
     keys: list = field(default_factory=list)
-    pool: int | None = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -162,12 +152,6 @@ def pad_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], keys: Sequence | N
     return Batch(inputs, targets, mask, lengths, list(keys))
 
 
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def bucketed_batches(items: Iterable[tuple[object, np.ndarray, np.ndarray]], *, max_tokens: int,
                      max_batch_size: int, lookahead: int = 4096,
                      rng: np.random.Generator | None = None) -> Iterator[Batch]:
@@ -183,9 +167,9 @@ def bucketed_batches(items: Iterable[tuple[object, np.ndarray, np.ndarray]], *, 
     the chunk's batches are yielded in random order.
     """
     # Validate now, not at the first next(): a bad budget is the caller's error at the call.
-    max_tokens = _check_positive("max_tokens", max_tokens)
-    max_batch_size = _check_positive("max_batch_size", max_batch_size)
-    lookahead = _check_positive("lookahead", lookahead)
+    max_tokens = check_int("max_tokens", max_tokens)
+    max_batch_size = check_int("max_batch_size", max_batch_size)
+    lookahead = check_int("lookahead", lookahead)
     return _bucketed(iter(items), max_tokens, max_batch_size, lookahead, rng)
 
 
@@ -221,34 +205,22 @@ def _bucketed(it, max_tokens: int, max_batch_size: int, lookahead: int,
             yield pad_batch([(x, y) for _, x, y in group], [k for k, _, _ in group])
 
 
-def pooled_batches(items: Sequence[tuple[object, np.ndarray, np.ndarray]], *, max_tokens: int,
-                   max_batch_size: int, pool_batches: int,
+def padded_batches(items: Sequence[tuple[object, np.ndarray, np.ndarray]], *, batch_size: int,
                    rng: np.random.Generator) -> list[Batch]:
-    """One training epoch of ``(key, inputs, targets)`` items, sorted by length only within
-    random pools of ``pool_batches`` batches.
+    """One training epoch of random batches, each padded to its longest (``--no-pack``).
 
-    The items are shuffled, the shuffled sequence is cut into pools of ``pool_batches *
-    max_batch_size`` items, each pool is sorted by length (ties keep the shuffled order) and
-    cut into batches as :func:`bucketed_batches` does (``B * T_max <= max_tokens``, ``B <=
-    max_batch_size``, an item longer than ``max_tokens`` alone), and the batches of all pools
-    are returned in one random order, each with ``pool`` set to its pool's number (0, 1, ..).
-    ``pool_batches=1`` is plain random batching: consecutive runs of the shuffled items, each
-    padded to its longest.  Every item appears in exactly one batch, and the result depends
-    only on ``items`` and the state of ``rng``, so an epoch's batches are a function of the
-    generator's seed.
+    The items are shuffled and cut into consecutive batches of ``batch_size`` items, the rows
+    of each in order of length (ties keep the shuffled order), and the batches returned in a
+    random order.  Every item appears in exactly one batch; the result depends only on
+    ``items`` and the state of ``rng``.
     """
-    max_tokens = _check_positive("max_tokens", max_tokens)
-    max_batch_size = _check_positive("max_batch_size", max_batch_size)
-    pool_batches = _check_positive("pool_batches", pool_batches)
+    batch_size = check_int("batch_size", batch_size)
     order = rng.permutation(len(items))
-    pool = pool_batches * max_batch_size
-    batches: list[Batch] = []
-    for number, start in enumerate(range(0, len(order), pool)):
-        chunk = [items[i] for i in order[start:start + pool]]
-        # One chunk per pool; without rng the sort is stable, so ties keep the shuffled order.
-        for batch in _bucketed(iter(chunk), max_tokens, max_batch_size, len(chunk), None):
-            batch.pool = number
-            batches.append(batch)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = sorted((items[i] for i in order[start:start + batch_size]),
+                      key=lambda item: len(item[1]))  # stable
+        batches.append(pad_batch([(x, y) for _, x, y in rows], [k for k, _, _ in rows]))
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -258,14 +230,13 @@ class PackedBatch(_Positions):
 
     inputs, targets: int32 [R, T], 0 after each row's last sequence; carry: float32 [R, T],
     0.0 where a sequence starts (the LSTM state restarts from zero there) and 1.0 elsewhere;
-    lengths: int64 [S], the S sequences' lengths in the order given; pool: as :class:`Batch`.
+    lengths: int64 [S], the S sequences' lengths in the order given.
     """
 
     inputs: np.ndarray
     targets: np.ndarray
     carry: np.ndarray
     lengths: np.ndarray
-    pool: int | None = None
 
     def __len__(self) -> int:
         """Sequences in the batch (not rows)."""
@@ -323,14 +294,10 @@ def packed_batches(items: Sequence[tuple[object, np.ndarray, np.ndarray]], *, ba
     """One training epoch of random batches, each packed (:func:`pack_rows`).
 
     The items are shuffled once and cut into consecutive batches of ``batch_size`` items: the
-    plain loop's random-order batches, in the plain loop's order.  Each batch's ``pool`` is its
-    own number (it is its own sample).  A function of ``items`` and the state of ``rng``.
+    plain loop's random-order batches, in the plain loop's order.  A function of ``items`` and
+    the state of ``rng``.
     """
-    batch_size = _check_positive("batch_size", batch_size)
+    batch_size = check_int("batch_size", batch_size)
     order = rng.permutation(len(items))
-    batches = []
-    for number, start in enumerate(range(0, len(order), batch_size)):
-        batch = pack_rows([items[i][1:] for i in order[start:start + batch_size]])
-        batch.pool = number
-        batches.append(batch)
-    return batches
+    return [pack_rows([items[i][1:] for i in order[start:start + batch_size]])
+            for start in range(0, len(order), batch_size)]

@@ -49,7 +49,7 @@ def _int_arg(low: int | None = 1, high: int | None = None, why: str = ""):
 
 
 def _real_arg(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-              why: str = ""):
+              high_open: bool = False, why: str = ""):
     """An argparse ``type``: a finite number within bounds, else a usage error."""
     def number(text: str) -> float:
         try:
@@ -57,7 +57,8 @@ def _real_arg(low: float | None = None, high: float | None = None, *, low_open: 
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         try:
-            return check_real("it", value, low=low, high=high, low_open=low_open, why=why)
+            return check_real("it", value, low=low, high=high, low_open=low_open,
+                              high_open=high_open, why=why)
         except InvalidArgumentError as exc:
             raise argparse.ArgumentTypeError(str(exc).removeprefix("it ")) from None
     return number
@@ -120,42 +121,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus", type=Path,
                    help="training text, one sentence per line (- reads stdin, once)")
     p.add_argument("--valid", type=Path, default=None, help="validation text (- reads stdin)")
-    p.add_argument("--tokenizer", choices=("keras", "whitespace"), default="keras")
-    p.add_argument("--vocab-size", type=int, default=10000,
-                   help="vocabulary entries, the 4 special tokens included (at least 5)")
-    p.add_argument("--max-length", type=int, default=35,
-                   help="longest training window; longer sentences are cut into windows")
-    p.add_argument("--units", type=int, default=200, help="LSTM units per layer")
-    p.add_argument("--layers", type=int, default=2, help="stacked LSTM layers")
-    p.add_argument("--dropout", type=float, default=0.0, help="drop rate (not keep probability)")
-    p.add_argument("--embedding-dim", type=int, default=None,
-                   help="default int(vocab_size ** 0.25), as in the course")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="epochs in all (default: 5; with --resume the run's own number, and a "
-                        "larger one extends a finished run)")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="training windows (sentences, cut at --max-length) per batch at most")
-    p.add_argument("--learning-rate", type=float, default=1e-2, help="Adam learning rate")
-    p.add_argument("--clipnorm", type=float, default=5.0,
-                   help="clip the global gradient norm to this (0: no clipping)")
-    p.add_argument("--lr-decay", type=float, default=4.0,
-                   help="divide the learning rate by this after an epoch whose validation "
-                        "perplexity did not improve (1: constant rate)")
-    p.add_argument("--patience", type=int, default=0,
-                   help="stop after this many epochs in a row without improvement (0: never)")
-    p.add_argument("--no-pack", dest="pack", action="store_false",
-                   help="pad each random batch to its longest window instead of packing its "
-                        "windows end to end in fewer rows (the same windows per batch, the "
-                        "batches in another random order; packing is faster)")
-    p.add_argument("--sort-pool", type=int, default=1,
-                   help="N > 1: padded batches (implies --no-pack) sorted by length within "
-                        "random pools of N batches: less padding, but slower convergence on "
-                        "real text (default 1: random order)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="0 to 2**32-1; same seed, same data: same run")
+    _add_train_settings(p)
     p.add_argument("--out", type=Path, default=Path("run"), help="run directory")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out (a larger --epochs extends a finished one)")
+                   help="continue the run in --out with its settings; a larger --epochs "
+                        "extends a finished one, and --epochs, --learning-rate, --lr-decay, "
+                        "--patience and --clipnorm may change")
     p.add_argument("--force", action="store_true",
                    help="start over in an existing --out, deleting only the files its run "
                         "lists in lmonnx-run.json")
@@ -249,17 +220,37 @@ def _cmd_synth(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
-def _cmd_train(args) -> None:
-    from lmonnx.train.trainer import TrainConfig, train
+def _add_train_settings(p: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` field, its help and range from the field (no TensorFlow);
+    every default None, so ``_cmd_train`` passes only the flags given."""
+    import dataclasses
 
-    config = TrainConfig(
-        tokenizer=args.tokenizer, vocab_size=args.vocab_size, max_length=args.max_length,
-        num_lstm_units=args.units, num_lstm_layers=args.layers, dropout=args.dropout,
-        embedding_dim=args.embedding_dim, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, clipnorm=args.clipnorm, seed=args.seed,
-        lr_decay=args.lr_decay, patience=args.patience, sort_pool=args.sort_pool,
-        pack=args.pack and args.sort_pool == 1)  # sorted pools are padded batches
-    train(config, corpus=args.corpus, valid=args.valid, out_dir=args.out, errors=args.errors,
+    from lmonnx.train.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        bounds = {k: v for k, v in meta["bounds"].items() if k != "choices"}
+        if meta["kind"] == "bool":  # --no-pack
+            p.add_argument(meta["flag"], dest=f.name, action="store_const", const=not f.default,
+                           default=None, help=meta["help"])
+            continue
+        kind = {"int": _int_arg, "real": _real_arg}.get(meta["kind"])
+        p.add_argument(meta["flag"], dest=f.name, type=kind and kind(**bounds), default=None,
+                       choices=meta["bounds"].get("choices"),
+                       metavar=None if kind is None else meta["flag"][2:].upper().replace("-", "_"),
+                       help=meta["help"] if f.default is None
+                       else f"{meta['help']} (default: {f.default})")
+
+
+def _cmd_train(args) -> None:
+    import dataclasses
+
+    from lmonnx.train.config import TrainConfig
+    from lmonnx.train.trainer import train
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name) is not None}
+    train(given, corpus=args.corpus, valid=args.valid, out_dir=args.out, errors=args.errors,
           resume=args.resume, force=args.force)
 
 

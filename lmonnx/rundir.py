@@ -7,7 +7,8 @@ record that export puts into the model's metadata::
     lmonnx-run.json      the manifest: written first, lists every file this run created
     config.json          format, model shape, tokenizer, training settings, corpora
     vocab.json           the vocabulary with its tokenizer options
-    model.keras          the best epoch by validation perplexity (by training loss without --valid)
+    model.keras          the best epoch by validation perplexity (by training loss without
+                         --valid); its Keras config records that epoch (``model_epoch``)
     history.json         one record per finished epoch, best epoch, checkpoint pointer, status
     checkpoint-N.npz     model + optimizer state after epoch N (for --resume; only the newest)
     training_curve.png   train and validation perplexity per epoch, the learning rate
@@ -19,18 +20,20 @@ trains with (after any decay on a plateau), ``stopped_early`` whether ``--patien
 (mean NLL per token), ``train_perplexity``, ``train_tokens``, ``train_seconds``,
 ``tokens_per_second``, ``learning_rate`` (the rate the epoch trained with),
 ``epochs_without_improvement`` (0 for a new best) and, with a validation set, ``valid_nll``,
-``valid_tokens``, ``valid_perplexity``, ``valid_seconds``.  Runs written before the schedule
-lack the learning-rate and stopping keys; readers treat them as a constant rate, never stopped.
+``valid_tokens``, ``valid_perplexity``, ``valid_seconds`` (null without one).  :class:`EpochRecord`
+and :class:`History` are these documents; a file lacking a key is refused ("re-train").
 
 **What a run owns.**  A run names a file in its manifest *before* it creates it and drops the
 name *after* deleting it, each time rewriting the manifest atomically, so the manifest always
 covers the run's files (a name whose file is gone is harmless).  ``train --force`` deletes only
 the regular files the manifest lists; anything else in the directory is left alone.  A file that
 carries one of the names above but that no run owns (a user's own ``config.json``, say) is never
-overwritten or deleted: the command stops and names it, with or without ``--force``.  A run
-written before manifests existed is recognised by its ``config.json`` (``"format":
-RUN_FORMAT``); it owns the fixed names above and ``checkpoint-<int>.npz``, as regular files,
-and gets a manifest when it is resumed or replaced.
+overwritten or deleted: the command stops and names it, with or without ``--force``.
+
+**Order of writes.**  After epoch N: ``checkpoint-N.npz``, then ``model.keras`` when N is the
+best so far, then ``history.json`` naming the checkpoint, then the older checkpoint is deleted
+(only while ``model.keras`` is on disk).  A run stopped between the model and the history is
+recorded by export as what is on disk: :func:`training_record` takes the model's own epoch.
 
 **Strict JSON.**  ``config.json``, ``history.json`` and the manifest are written with
 ``allow_nan=False``: a perplexity too large for a float64 is stored as ``null`` (the NLL sums
@@ -43,12 +46,15 @@ needs the same text again (a file with the same sentences, or the same text pipe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import zipfile
 import math
 import os
 import re
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -73,15 +79,13 @@ STDIN_CORPUS = "<stdin>"
 """How ``config.json`` records a corpus that was read from standard input."""
 
 TRAINING_RECORD_SETTINGS = ("epochs", "batch_size", "learning_rate", "clipnorm", "dropout", "seed",
-                            "pack", "sort_pool", "lr_decay", "patience")
+                            "pack", "lr_decay", "patience")
 
 __all__ = ["RUN_FORMAT", "MANIFEST_FILE", "CONFIG_FILE", "VOCAB_FILE", "MODEL_FILE",
            "HISTORY_FILE", "CURVE_FILE", "FIXED_FILES", "STDIN_CORPUS", "RunDirError", "RunDir",
            "checkpoint_name", "checkpoint_epoch", "is_run_file_name", "finite_or_none",
            "dumps_json", "write_json", "read_json", "sentences_sha256", "training_record",
-           "load_run_config"]
-
-
+           "load_run_config", "EpochRecord", "History"]
 
 
 # ---- names -----------------------------------------------------------------------------------
@@ -147,6 +151,83 @@ def sentences_sha256(texts: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+# ---- history.json -----------------------------------------------------------------------------
+
+@dataclass
+class EpochRecord:
+    """One finished epoch as ``history.json`` stores it (losses in nats per token)."""
+
+    epoch: int
+    train_loss: float
+    train_perplexity: float | None
+    train_tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    learning_rate: float
+    valid_nll: float | None = None
+    valid_tokens: int | None = None
+    valid_perplexity: float | None = None
+    valid_seconds: float | None = None
+    epochs_without_improvement: int = 0
+
+    @property
+    def selection_loss(self) -> float:
+        """What picks the best epoch: mean validation NLL per token (the log of the validation
+        perplexity, finite even where the perplexity overflows), else the training loss."""
+        if self.valid_tokens:
+            return self.valid_nll / self.valid_tokens
+        return self.train_loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, path) -> "EpochRecord":
+        return cls(**_fields_of(cls, d, path))
+
+
+@dataclass
+class History:
+    """``history.json``: the epoch records, the best epoch, the newest checkpoint's name, the
+    learning rate of the next epoch, whether patience ran out, and the run's status."""
+
+    learning_rate: float
+    epochs: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int | None = None
+    checkpoint: str | None = None
+    stopped_early: bool = False
+    status: str = "running"
+
+    @property
+    def best(self) -> EpochRecord | None:
+        return self.epochs[self.best_epoch - 1] if self.best_epoch else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(dataclasses.asdict(self), epochs=[r.to_dict() for r in self.epochs])
+
+    @classmethod
+    def from_dict(cls, d, path) -> "History":
+        values = _fields_of(cls, d, path)
+        epochs = values["epochs"]
+        if not isinstance(epochs, list) or not (values["best_epoch"] is None
+                                                or 1 <= values["best_epoch"] <= len(epochs)):
+            raise RunDirError(f"{path} is not an lmonnx training history; the run directory "
+                              "is damaged")
+        values["epochs"] = [EpochRecord.from_dict(r, path) for r in epochs]
+        return cls(**values)
+
+
+def _fields_of(cls, d, path) -> dict[str, Any]:
+    """``d``'s values of ``cls``'s fields; ``RunDirError`` when it is not a dict holding
+    exactly those (a file from another version of lmonnx, or damaged)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(d, dict) or set(d) != set(names):
+        got = sorted(d) if isinstance(d, dict) else type(d).__name__
+        raise RunDirError(f"{path} is not an lmonnx training history of this version (expected "
+                          f"the keys {', '.join(names)}; got {got}); re-train")
+    return {n: d[n] for n in names}
+
+
 # ---- the training record ---------------------------------------------------------------------
 
 def _corpus_name(recorded: str | None) -> str | None:
@@ -155,26 +236,27 @@ def _corpus_name(recorded: str | None) -> str | None:
     return recorded if recorded == STDIN_CORPUS else Path(recorded).name
 
 
-def training_record(config: dict, history: dict | None) -> dict:
+def training_record(config: dict, history: History | None,
+                    model_epoch: int | None = None) -> dict:
     """The short record export stores in the model's ``lmonnx.training`` metadata: corpus file
-    names (not paths), the main settings, epochs trained and the best epoch's numbers."""
+    names (not paths), the main settings, epochs trained and the saved model's epoch with its
+    numbers.  ``model_epoch`` (the epoch ``model.keras`` holds, :meth:`RunDir.model_epoch`)
+    wins over ``history``: a run stopped between saving the model and its history is
+    recorded as what is on disk."""
     record: dict[str, Any] = {"corpus": _corpus_name(config.get("corpus")),
                               "valid": _corpus_name(config.get("valid"))}
     train = config.get("train") or {}
-    for key in TRAINING_RECORD_SETTINGS:
-        if key in train:
-            record[key] = train[key]
-    if history:
-        epochs = history.get("epochs") or []
-        record["epochs_trained"] = len(epochs)
-        if history.get("stopped_early"):
-            record["stopped_early"] = True
-        best = history.get("best_epoch")
-        if isinstance(best, int) and 1 <= best <= len(epochs):
-            b = epochs[best - 1]
-            record.update(best_epoch=best, train_loss=b.get("train_loss"),
-                          valid_perplexity=b.get("valid_perplexity"),
-                          valid_tokens=b.get("valid_tokens"))
+    record.update({k: train[k] for k in TRAINING_RECORD_SETTINGS if k in train})
+    epochs = history.epochs if history else []
+    best = model_epoch if model_epoch is not None else (history.best_epoch if history else None)
+    record["epochs_trained"] = max(len(epochs), best or 0)
+    if history and history.stopped_early:
+        record["stopped_early"] = True
+    if best:
+        b = epochs[best - 1] if best <= len(epochs) else None
+        record.update(best_epoch=best, train_loss=b and b.train_loss,
+                      valid_perplexity=b and b.valid_perplexity,
+                      valid_tokens=b and b.valid_tokens)
     return record
 
 
@@ -235,30 +317,11 @@ class RunDir:
                               "not touching the directory: move the file or choose another --out")
         return list(files)
 
-    def _legacy_owned(self) -> list[str] | None:
-        """The files of a run written before manifests: None unless ``config.json`` says so."""
-        config = self.file(CONFIG_FILE)
-        if not _is_regular(config):
-            return None
-        try:
-            doc = read_json(config)
-        except RunDirError:
-            return None
-        if not isinstance(doc, dict) or doc.get("format") != RUN_FORMAT:
-            return None
-        names = [n for n in FIXED_FILES if _is_regular(self.file(n))]
-        checkpoints = sorted((n for n in os.listdir(self.path) if checkpoint_epoch(n) is not None
-                              and _is_regular(self.file(n))), key=checkpoint_epoch)
-        return names + checkpoints
-
-    def owned(self) -> tuple[list[str], bool]:
-        """(the names this directory's run owns, whether they come from a manifest)."""
+    def owned(self) -> list[str]:
+        """The names this directory's run owns (its manifest's list; none without one)."""
         if not self.path.is_dir():
-            return [], False
-        listed = self.read_manifest()
-        if listed is not None:
-            return listed, True
-        return self._legacy_owned() or [], False
+            return []
+        return self.read_manifest() or []
 
     def _unowned(self, name: str) -> RunDirError:
         return RunDirError(
@@ -285,7 +348,7 @@ class RunDir:
             raise RunDirError(f"--out {self.path} exists and is not a directory")
         if not self.path.is_dir():
             return []
-        owned, _ = self.owned()
+        owned = self.owned()
         self._check_names(owned)
         present = [n for n in owned if _is_regular(self.file(n))]
         if present and not force:
@@ -309,18 +372,12 @@ class RunDir:
         """Check that there is a run to resume here (changes nothing)."""
         if _lexists(self.path) and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} exists and is not a directory")
-        owned, _ = self.owned() if self.path.is_dir() else ([], False)
+        owned = self.owned()
         missing = [n for n in (CONFIG_FILE, HISTORY_FILE) if n not in owned]
         if missing:
             raise RunDirError(f"nothing to resume in {self.path}: no {' and '.join(missing)} "
                               "of a run there; drop --resume to start a new run")
         self._check_names(owned)
-
-    def adopt(self) -> None:
-        """Give a run written before manifests its manifest (a no-op when it has one)."""
-        owned, from_manifest = self.owned()
-        if not from_manifest:
-            self._write_manifest(owned)
 
     def _write_manifest(self, files: list[str]) -> None:
         self._manifest = list(dict.fromkeys(files))
@@ -355,8 +412,7 @@ class RunDir:
         names = [MANIFEST_FILE, *FIXED_FILES]
         try:
             names += [n for n in os.listdir(self.path) if checkpoint_epoch(n) is not None]
-            owned, _ = self.owned()
-            names += owned
+            names += self.owned()
         except (OSError, RunDirError):
             pass
         return [self.file(n) for n in dict.fromkeys(names)]
@@ -379,24 +435,31 @@ class RunDir:
     def write_config(self, config: dict) -> None:
         write_json(self.claim(CONFIG_FILE), config)
 
-    def read_history(self) -> dict | None:
+    def read_history(self) -> History | None:
         """``history.json``, or None when the run has none yet."""
         path = self.file(HISTORY_FILE)
         if not path.is_file():
             return None
-        doc = read_json(path)
-        if not isinstance(doc, dict) or not isinstance(doc.get("epochs"), list):
-            raise RunDirError(f"{path} is not an lmonnx training history; the run directory "
-                              "is damaged")
-        return doc
+        return History.from_dict(read_json(path), path)
 
-    def write_history(self, doc: dict) -> None:
-        write_json(self.claim(HISTORY_FILE), doc)
+    def write_history(self, history: History) -> None:
+        write_json(self.claim(HISTORY_FILE), history.to_dict())
+
+    def model_epoch(self) -> int | None:
+        """The epoch whose weights ``model.keras`` holds (stored in its Keras config by the
+        trainer), or None when there is no such file or it does not say."""
+        try:
+            with zipfile.ZipFile(self.file(MODEL_FILE)) as archive:
+                doc = json.loads(archive.read("config.json"))
+            epoch = doc["config"]["epoch"]
+        except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
+            return None
+        return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
     def training_record(self, config: dict | None = None) -> dict:
         """:func:`training_record` of this run (``config`` read when not given)."""
         return training_record(config if config is not None else self.read_config(),
-                               self.read_history())
+                               self.read_history(), self.model_epoch())
 
     def require_model(self) -> None:
         """``RunDirError`` unless this is a run with a saved model and vocabulary."""

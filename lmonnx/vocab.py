@@ -32,6 +32,7 @@ import numpy as np
 
 from lmonnx.errors import InvalidArgumentError
 from lmonnx.atomic import write_atomic
+from lmonnx.validation import check_int
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -124,11 +125,8 @@ class Vocabulary:
         ``vocab_size`` includes the four specials. Ties keep the order of first occurrence.
         Literal special tokens in the text (PTB's ``<unk>``) are never added as words.
         """
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
-            raise InvalidArgumentError(f"vocab_size must be an integer, got {vocab_size!r}")
-        if vocab_size < len(SPECIAL_TOKENS) + 1:
-            raise InvalidArgumentError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 1} "
-                             f"(4 special tokens and one word), got {vocab_size}")
+        check_int("vocab_size", vocab_size, low=len(SPECIAL_TOKENS) + 1,
+                  why="4 special tokens and one word")
         counts: dict[str, int] = {}  # insertion order == order of first occurrence
         get = counts.get
         split = options.split
@@ -225,4 +223,8 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path) -> "Vocabulary":
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """The vocabulary saved at ``path``; errors name the file."""
+        try:
+            return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{path}: {exc}") from None

@@ -1,4 +1,4 @@
-"""Pairs, windows, padding, length bucketing and training's pooled batches."""
+"""Pairs, windows, padding, length bucketing and training's random batches."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmonnx.batching import (Batch, bucketed_batches, make_pair, pack_rows, packed_batches,
-                             pad_batch, pooled_batches, split_windows)
+                             pad_batch, padded_batches, split_windows)
 from lmonnx.vocab import BOS_ID, EOS_ID
 
 
@@ -139,11 +139,13 @@ def test_streaming_reads_at_most_lookahead_before_first_batch():
     assert n == 100_000 and consumed == 100_000
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_tokens=0, max_batch_size=4), dict(max_tokens=10, max_batch_size=0),
-                                    dict(max_tokens=10, max_batch_size=4, lookahead=0),
-                                    dict(max_tokens=1.5, max_batch_size=4)])
-def test_bucketing_rejects_bad_budgets(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(max_tokens=0, max_batch_size=4), ValueError, "max_tokens must be an integer >= 1; got 0"),
+    (dict(max_tokens=10, max_batch_size=0), ValueError, "max_batch_size must be an integer >= 1"),
+    (dict(max_tokens=10, max_batch_size=4, lookahead=0), ValueError, "lookahead must be an integer"),
+    (dict(max_tokens=1.5, max_batch_size=4), TypeError, "max_tokens must be an integer >= 1; got 1.5")])
+def test_bucketing_rejects_bad_budgets(kwargs, error, message):
+    with pytest.raises(error, match=message):
         bucketed_batches([_item(0, 2)], **kwargs)  # raised at the call, before iteration
 
 
@@ -151,95 +153,31 @@ def test_bucketing_empty_input():
     assert list(bucketed_batches([], max_tokens=10, max_batch_size=2)) == []
 
 
-# ---- pooled batches (training) ------------------------------------------------------------------
-
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(0, 40), max_size=200), st.integers(1, 64), st.integers(1, 16),
-       st.integers(1, 6), st.integers(0, 2**32 - 1))
-def test_pooled_invariants(lengths, max_tokens, max_batch_size, pool_batches, seed):
-    items = [_item(i, n) for i, n in enumerate(lengths)]
-    batches = pooled_batches(items, max_tokens=max_tokens, max_batch_size=max_batch_size,
-                             pool_batches=pool_batches, rng=np.random.default_rng(seed))
-    seen = _collect(batches)
-    assert sorted(k for k, _, _ in seen) == list(range(len(items)))  # every item once, whole
-    for key, x, y in seen:
-        assert x == items[key][1].tolist() and y == items[key][2].tolist()
-    for b in batches:
-        assert 1 <= len(b.keys) <= max_batch_size
-        np.testing.assert_array_equal(b.mask, np.sign(b.inputs))
-        assert b.inputs.shape[1] == b.lengths.max()
-        if b.inputs.size > max_tokens:
-            assert len(b.keys) == 1 and b.lengths[0] > max_tokens
-
-
-def _epoch(items, seed, pool_batches, max_batch_size=16):
-    return pooled_batches(items, max_tokens=10_000, max_batch_size=max_batch_size,
-                          pool_batches=pool_batches, rng=np.random.default_rng(seed))
-
+# ---- padded random batches (training, --no-pack) -------------------------------------------------
 
 def _corpus(n=2000, seed=1):
     rng = np.random.default_rng(seed)
     return [_item(i, int(k), rng) for i, k in enumerate(rng.geometric(0.08, n))]
 
 
-def test_pool_of_one_batch_is_random_order():
-    """pool_batches=1: consecutive runs of one shuffle, unsorted (the plain loop's batches)."""
+def test_padded_batches_are_the_plain_loops_batches_in_random_order():
+    """Consecutive runs of one shuffle, each padded with its rows by length, the batches in a
+    second random order (as the trainer's --no-pack batches always were)."""
     items = _corpus(500)
-    batches = _epoch(items, 3, 1)
+    batches = padded_batches(items, batch_size=16, rng=np.random.default_rng(3))
     rng = np.random.default_rng(3)
     order = rng.permutation(len(items)).tolist()
-    runs = [sorted(order[i:i + 16]) for i in range(0, len(order), 16)]
-    assert sorted(sorted(b.keys) for b in batches) == sorted(runs)
-
-
-def test_pools_sort_within_a_pool_only():
-    """Each pool of 4 batches' worth of shuffled items is sorted by length and cut into 4
-    batches: batches of one pool do not overlap in length, and the pools are random samples."""
-    items = _corpus(4096)
-    pool = 4 * 16
-    rng = np.random.default_rng(5)
-    order = rng.permutation(len(items))
-    pool_of = {int(k): i // pool for i, k in enumerate(order)}
-    batches = _epoch(items, 5, 4)
-    assert len(batches) == len(items) // 16
-    by_pool: dict = {}
-    for b in batches:
-        pools = {pool_of[k] for k in b.keys}
-        assert pools == {b.pool} and len(b.keys) == 16  # one pool each, and it says which
-        by_pool.setdefault(pools.pop(), []).append(b)
-    for group in by_pool.values():
-        group.sort(key=lambda b: b.lengths.min())
-        for lo, hi in zip(group, group[1:]):
-            assert lo.lengths.max() <= hi.lengths.min()
-    # the epoch's batch order is shuffled: batches of one pool are not yielded together
-    first_pools = [pool_of[b.keys[0]] for b in batches[:8]]
-    assert len(set(first_pools)) > 2
-
-
-def test_pooled_padding_between_random_and_full_sort():
-    items = _corpus(4096)
-
-    def padding(batches):
-        return 1 - sum(b.tokens for b in batches) / sum(b.inputs.size for b in batches)
-
-    random_order = padding(_epoch(items, 0, 1))
-    pools = padding(_epoch(items, 0, 4))
-    full = padding(_epoch(items, 0, 4096))
-    assert full < pools < 0.7 * random_order
-
-
-def test_pooled_batches_are_a_function_of_the_seed():
-    items = _corpus(600)
-
-    def run(seed):
-        return [(b.keys, b.inputs.tolist()) for b in _epoch(items, seed, 4)]
-
-    assert run([7, 1]) == run([7, 1])  # (seed, epoch), as the trainer seeds it
-    assert run([7, 1]) != run([7, 2])
-    assert _epoch([], 0, 4) == []
-    with pytest.raises(ValueError, match="pool_batches"):
-        pooled_batches(items, max_tokens=10, max_batch_size=4, pool_batches=0,
-                       rng=np.random.default_rng(0))
+    runs = [order[i:i + 16] for i in range(0, len(order), 16)]
+    runs = [runs[i] for i in rng.permutation(len(runs))]
+    for batch, run in zip(batches, runs, strict=True):
+        assert batch.keys == sorted(run, key=lambda k: len(items[k][1]))  # stable by length
+        np.testing.assert_array_equal(batch.mask, np.sign(batch.inputs))
+        assert batch.inputs.shape == (len(run), max(len(items[k][1]) for k in run))
+    again = padded_batches(items, batch_size=16, rng=np.random.default_rng(3))
+    assert [b.keys for b in again] == [b.keys for b in batches]
+    assert padded_batches([], batch_size=4, rng=np.random.default_rng(0)) == []
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1; got 0"):
+        padded_batches(items, batch_size=0, rng=np.random.default_rng(0))
 
 
 # ---- packed batches (training) ------------------------------------------------------------------
@@ -299,7 +237,6 @@ def test_packed_batches_are_the_plain_loops_batches_in_its_order():
     items = _corpus(500)
     batches = packed_batches(items, batch_size=16, rng=np.random.default_rng(3))
     order = np.random.default_rng(3).permutation(len(items))
-    assert [b.pool for b in batches] == list(range(len(batches)))
     for b, start in zip(batches, range(0, len(items), 16)):
         chosen = [items[i] for i in order[start:start + 16]]
         assert sorted(_unpack(b)) == sorted((x.tolist(), y.tolist()) for _, x, y in chosen)
@@ -308,5 +245,5 @@ def test_packed_batches_are_the_plain_loops_batches_in_its_order():
     assert sum(b.inputs.size for b in batches) < 0.6 * padded  # geometric lengths: far less padding
     again = packed_batches(items, batch_size=16, rng=np.random.default_rng(3))
     assert all((a.inputs == b.inputs).all() for a, b in zip(batches, again))
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1; got 0"):
         packed_batches(items, batch_size=0, rng=np.random.default_rng(3))

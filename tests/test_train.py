@@ -5,6 +5,7 @@ and early stopping, stdin, divergence, one-line user errors, and the synthetic-c
 import dataclasses
 import io
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -23,7 +24,10 @@ from lmonnx.cli import main  # noqa: E402
 from lmonnx.corpus import read_sentences  # noqa: E402
 from lmonnx.synth import write_corpus  # noqa: E402
 from lmonnx.train import LanguageModel  # noqa: E402
+from lmonnx.errors import RunDirError, TrainingError  # noqa: E402
 from lmonnx.train import trainer  # noqa: E402
+from lmonnx.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from lmonnx.train.steps import evaluate_nll, make_train_step  # noqa: E402
 from lmonnx.train.trainer import TrainConfig, train  # noqa: E402
 from lmonnx.vocab import TokenizerOptions, Vocabulary  # noqa: E402
 from lmonnx.xent import masked_cross_entropy  # noqa: E402
@@ -32,9 +36,35 @@ V = 37
 
 
 def one_error_line(capsys):
+    """The one error line on stderr (after any progress lines of the lmonnx logger)."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lmonnx: error: "), err
-    return err[0]
+    errors = [line for line in err if line.startswith("lmonnx")]
+    assert len(errors) == 1 and err[-1].startswith("lmonnx: error: "), err
+    return err[-1]
+
+
+@pytest.fixture
+def said():
+    """``said()``: the lmonnx logger's messages since the last call, one string."""
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("lmonnx")
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def text():
+        out = "\n".join(messages)
+        messages.clear()
+        return out
+
+    yield text
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def random_batch(seed=0, lengths=(7, 3, 1, 5)):
@@ -182,31 +212,71 @@ def test_undecodable_validation_corpus(text, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--vocab-size", "4"], "--vocab-size must be an integer >= 5"),
-    (["--units", "0"], "--units"),
-    (["--dropout", "1.0"], "drop rate"),
-    (["--epochs", "0"], "--epochs"),
-    (["--learning-rate", "-1"], "--learning-rate"),
-    (["--seed", "99999999999"], "--seed must be an integer from 0 to 4294967295"),
-    (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
-    (["--seed", str(2**32)], "--seed must be an integer from 0 to 4294967295"),
-    (["--lr-decay", "0.5"], "--lr-decay must be a number >= 1"),
-    (["--patience", "-1"], "--patience must be an integer >= 0"),
-    (["--sort-pool", "0"], "--sort-pool must be an integer >= 1"),
+    (["--vocab-size", "4"], "--vocab-size: must be an integer >= 5"),
+    (["--units", "0"], "--units: must be an integer >= 1; got 0"),
+    (["--dropout", "1.0"], "--dropout: must be a finite number >= 0.0 and < 1.0 (a drop rate)"),
+    (["--epochs", "0"], "--epochs: must be an integer >= 1; got 0"),
+    (["--learning-rate", "-1"], "--learning-rate: must be a finite number > 0.0; got -1.0"),
+    (["--seed", "99999999999"], "--seed: must be an integer from 0 to 4294967295"),
+    (["--seed", "-1"], "--seed: must be an integer from 0 to 4294967295"),
+    (["--seed", str(2**32)], "--seed: must be an integer from 0 to 4294967295"),
+    (["--lr-decay", "0.5"], "--lr-decay: must be a finite number >= 1.0"),
+    (["--patience", "-1"], "--patience: must be an integer >= 0"),
+    (["--units", "2.5"], "--units: expected an integer, got '2.5'"),
 ], ids=["vocab-size", "units", "dropout", "epochs", "learning-rate", "seed-huge", "seed-negative",
-        "seed-2**32", "lr-decay", "patience", "sort-pool"])
+        "seed-2**32", "lr-decay", "patience", "units-float"])
 def test_bad_settings(text, tmp_path, capsys, flags, match):
-    """Every flag is checked before anything is written (a seed that NumPy refuses used to fail
-    after vocab.json, leaving a directory that neither a rerun nor --resume could use)."""
-    assert main(["train", str(text), "--out", str(tmp_path / "run"), *flags]) == 1
-    assert match in one_error_line(capsys)
-    assert not (tmp_path / "run").exists()
-    # An existing --out is left exactly as it was, too.
+    """Every flag is checked before anything is written: a usage error (status 2) naming it."""
     existing = tmp_path / "existing"
     existing.mkdir()
-    assert main(["train", str(text), "--out", str(existing), *flags]) == 1
-    capsys.readouterr()
-    assert list(existing.iterdir()) == []
+    for out in (tmp_path / "run", existing):
+        with pytest.raises(SystemExit) as info:
+            main(["train", str(text), "--out", str(out), *flags])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lmonnx train: error: argument ") and match in err, err
+    assert not (tmp_path / "run").exists() and list(existing.iterdir()) == []
+
+
+@pytest.mark.parametrize("settings, error, message", [
+    (dict(vocab_size=4), ValueError,
+     "--vocab-size must be an integer >= 5 (4 special tokens and at least one word); got 4"),
+    (dict(seed=-1), ValueError, "--seed must be an integer from 0 to 4294967295; got -1"),
+    (dict(dropout=1.0), ValueError, "--dropout must be a finite number >= 0.0 and < 1.0"),
+    (dict(epochs=2.0), TypeError, "--epochs must be an integer >= 1; got 2.0"),
+    (dict(pack="yes"), TypeError, "pack must be True or False; got 'yes'"),
+    (dict(tokenizer="bpe"), ValueError, "--tokenizer must be one of keras, whitespace"),
+    (dict(units=3), ValueError, "unknown training setting(s): units"),
+])
+def test_bad_settings_through_the_api(text, tmp_path, settings, error, message):
+    with pytest.raises(error) as info:
+        train(settings, text, out_dir=tmp_path / "run")
+    assert str(info.value).startswith(message), str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_shows_the_defaults_of_train_config_without_tensorflow():
+    code = textwrap.dedent("""
+        import contextlib, io, sys
+        from lmonnx.cli import main
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            try:
+                main(["train", "--help"])
+            except SystemExit:
+                pass
+        assert "tensorflow" not in sys.modules and "keras" not in sys.modules
+        print(out.getvalue())
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())
+    for flag, default in (("--units UNITS", 200), ("--epochs EPOCHS", 5),
+                          ("--learning-rate LEARNING_RATE", 0.01), ("--lr-decay LR_DECAY", 4.0)):
+        field = {f.metadata["flag"]: f for f in dataclasses.fields(TrainConfig)}[flag.split()[0]]
+        assert field.default == default
+        assert flag in text and f"(default: {default})" in text
 
 
 def test_resume_without_a_run(text, tmp_path, capsys):
@@ -277,11 +347,11 @@ def test_same_seed_same_vocabulary_and_first_epoch_loss(two_epochs, synth, tmp_p
                   synth / "valid.txt", tmp_path / "again")
     assert (tmp_path / "again" / "vocab.json").read_text() == (
         result.run_dir / "vocab.json").read_text()
-    assert again.history[0]["train_loss"] == result.history[0]["train_loss"]
-    assert again.history[0]["valid_perplexity"] == result.history[0]["valid_perplexity"]
+    assert again.history[0].train_loss == result.history[0].train_loss
+    assert again.history[0].valid_perplexity == result.history[0].valid_perplexity
 
 
-def test_resume_continues_exactly(two_epochs, synth, tmp_path, monkeypatch, capsys):
+def test_resume_continues_exactly(two_epochs, synth, tmp_path, monkeypatch, capsys, said):
     config, result = two_epochs
     out = tmp_path / "part"
     real = trainer._epoch_batches
@@ -294,30 +364,30 @@ def test_resume_continues_exactly(two_epochs, synth, tmp_path, monkeypatch, caps
     monkeypatch.setattr(trainer, "_epoch_batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(config, synth / "train.txt", synth / "valid.txt", out)
-    assert "--resume" in capsys.readouterr().err  # the hint on how to continue
+    assert "--resume" in said()  # the hint on how to continue
     assert json.loads((out / "history.json").read_text())["status"] == "running"
     monkeypatch.setattr(trainer, "_epoch_batches", real)
     # Without --resume or --force an existing run is refused.
     assert main(["train", str(synth / "train.txt"), "--out", str(out)]) == 1
     assert "--resume" in one_error_line(capsys)
     resumed = train(config, synth / "train.txt", synth / "valid.txt", out, resume=True)
-    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in result.history]
-    assert [h["valid_perplexity"] for h in resumed.history] == [
-        h["valid_perplexity"] for h in result.history]
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in result.history]
+    assert [h.valid_perplexity for h in resumed.history] == [
+        h.valid_perplexity for h in result.history]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2.npz"]
     # A finished run resumes to nothing; --force starts over.
     again = train(config, synth / "train.txt", synth / "valid.txt", out, resume=True)
     assert len(again.history) == 2
-    assert "already complete" in capsys.readouterr().out
+    assert "already complete" in said()
 
 
-def test_cli_train_without_validation(synth, tmp_path, capsys):
+def test_cli_train_without_validation(synth, tmp_path, capsys, said):
     out = tmp_path / "run"
     args = ["train", str(synth / "train.txt"), "--out", str(out), "--tokenizer", "whitespace",
             "--vocab-size", "20", "--max-length", "6", "--units", "8", "--layers", "1",
             "--epochs", "1", "--batch-size", "64"]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    printed = said()
     assert "epoch 1/1" in printed and "no validation set" in printed
     history = json.loads((out / "history.json").read_text())
     assert history["epochs"][0]["valid_perplexity"] is None and history["best_epoch"] == 1
@@ -433,23 +503,18 @@ def test_a_users_file_with_a_run_name_is_never_touched(text, tmp_path, capsys, f
     assert [p.name for p in d.iterdir()] == [name] and (d / name).read_text() == content
 
 
-def test_run_from_before_manifests_is_resumed_and_replaced(synth, tmp_path, capsys):
-    """A run without lmonnx-run.json is recognised by its config.json format: it owns the
-    fixed names and checkpoint-<int>.npz, gets a manifest on --resume, and --force replaces
-    exactly those files."""
+def test_a_run_without_its_manifest_is_not_ours(synth, tmp_path, capsys):
+    """Runs from before manifests are no longer adopted: without lmonnx-run.json nothing in
+    the directory is the run's, so --resume and --force both refuse and name a file."""
     d = tmp_path / "old"
     assert cli_train(synth / "train.txt", d, "--epochs", "1") == 0
     (d / "lmonnx-run.json").unlink()
-    (d / "checkpoint-backups").mkdir()
-    (d / "checkpoint-backups" / "keep.npz").write_text("x")
-    assert cli_train(synth / "train.txt", d, "--resume", "--epochs", "2") == 0
-    assert sorted(manifest_files(d)) == sorted(["config.json", "vocab.json", "model.keras",
-                                                "history.json", "training_curve.png",
-                                                "checkpoint-2.npz"])
-    (d / "lmonnx-run.json").unlink()
-    assert cli_train(synth / "train.txt", d, "--epochs", "1", "--force") == 0
-    assert (d / "checkpoint-backups" / "keep.npz").read_text() == "x"
-    assert not (d / "checkpoint-2.npz").exists() and (d / "checkpoint-1.npz").is_file()
+    before = sorted(p.name for p in d.iterdir())
+    assert cli_train(synth / "train.txt", d, "--resume", "--epochs", "2") == 1
+    assert "nothing to resume" in one_error_line(capsys)
+    assert cli_train(synth / "train.txt", d, "--epochs", "1", "--force") == 1
+    assert "exists but no lmonnx run" in one_error_line(capsys)
+    assert sorted(p.name for p in d.iterdir()) == before
 
 
 # ---- resume: extending a finished run ----------------------------------------------------------
@@ -459,7 +524,7 @@ FIXTURE_FLAGS = ["--tokenizer", "whitespace", "--vocab-size", "40", "--max-lengt
                  "--learning-rate", "0.01", "--dropout", "0.2", "--seed", "7"]
 
 
-def test_resume_with_more_epochs_extends_a_finished_run(two_epochs, synth, tmp_path, capsys):
+def test_resume_with_more_epochs_extends_a_finished_run(two_epochs, synth, tmp_path, capsys, said):
     """A finished 1-epoch run resumed with --epochs 2 equals the uninterrupted 2-epoch run (it
     used to say "already complete" and stop)."""
     config, result = two_epochs
@@ -469,18 +534,21 @@ def test_resume_with_more_epochs_extends_a_finished_run(two_epochs, synth, tmp_p
     assert main([*base, "--epochs", "1"]) == 0
     assert json.loads((out / "history.json").read_text())["status"] == "complete"
     assert main([*base, "--resume", "--epochs", "2"]) == 0
-    assert "extending" in capsys.readouterr().out
+    assert "with --epochs 2 (was 1)" in said()
     history = json.loads((out / "history.json").read_text())
     assert history["status"] == "complete" and history["best_epoch"] == result.best_epoch
-    assert [h["train_loss"] for h in history["epochs"]] == [h["train_loss"] for h in result.history]
-    assert [h["valid_nll"] for h in history["epochs"]] == [h["valid_nll"] for h in result.history]
+    assert [h["train_loss"] for h in history["epochs"]] == [h.train_loss for h in result.history]
+    assert [h["valid_nll"] for h in history["epochs"]] == [h.valid_nll for h in result.history]
     assert json.loads((out / "config.json").read_text())["train"] == config.to_dict()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2.npz"]
-    # Without --epochs, --resume means the stored number; fewer epochs cannot be undone.
+    # Without --epochs, --resume means the stored number; fewer epochs change nothing.
     assert main([*base, "--resume"]) == 0
-    assert "already complete (2 epochs)" in capsys.readouterr().out
-    assert main([*base, "--resume", "--epochs", "1"]) == 1
-    assert "cannot be shortened" in one_error_line(capsys)
+    assert "already complete (2 epochs)" in said()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*base, "--resume", "--epochs", "1"]) == 0
+    assert said() == (f"{out}: already trained 2 epochs, past --epochs 1; nothing changed (a "
+                      "run cannot be shortened)")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 # ---- stdin ---------------------------------------------------------------------------------------
@@ -533,6 +601,19 @@ def test_diverging_run_stops_with_one_line_and_strict_json(synth, tmp_path, caps
     for name in ("history.json", "config.json", "lmonnx-run.json"):
         strict_json(out / name)
     assert strict_json(out / "history.json")["epochs"] == []
+    with pytest.raises(TrainingError):
+        train({**TINY, "learning_rate": 1e30, "clipnorm": 0, "epochs": 1}, synth / "train.txt",
+              out_dir=tmp_path / "api")
+    # The advice works: resumed with the default rate given explicitly, the run trains (the
+    # flag used to be ignored because it equals the default, and the run diverged again).
+    assert main(["train", str(synth / "train.txt"), "--valid", str(synth / "valid.txt"),
+                 "--out", str(out), "--resume", "--learning-rate", "0.01", "--clipnorm", "5",
+                 "--epochs", "1"]) == 0
+    cfg = strict_json(out / "config.json")["train"]
+    assert (cfg["learning_rate"], cfg["clipnorm"], cfg["epochs"]) == (0.01, 5.0, 1)
+    history = strict_json(out / "history.json")
+    assert [r["learning_rate"] for r in history["epochs"]] == [0.01]
+    assert history["status"] == "complete"
 
 
 def test_run_files_are_strict_json(tmp_path):
@@ -574,11 +655,11 @@ def test_training_needs_no_onnxruntime_and_rundir_no_tensorflow():
 def scripted_plateaus(monkeypatch, losses: dict) -> None:
     """Make epoch e's selection loss (validation NLL per token) ``losses[e]``: the schedule's
     decisions are then known in advance, while the training itself is real."""
-    monkeypatch.setattr(trainer, "_selection_loss", lambda record: losses[record["epoch"]])
+    monkeypatch.setattr(trainer, "_selection_loss", lambda record: losses[record.epoch])
 
 
 def test_plateau_decays_the_learning_rate_and_patience_stops_the_run(synth, tmp_path,
-                                                                     monkeypatch, capsys):
+                                                                     monkeypatch, capsys, said):
     # epochs 1, 2 improve; 3, 4, 5 do not: the rate is divided by 4 after each of them, and
     # with --patience 3 the run stops after epoch 5 of 6.
     scripted_plateaus(monkeypatch, {1: 3.0, 2: 2.0, 3: 2.5, 4: 2.1, 5: 2.2, 6: 1.0})
@@ -586,7 +667,7 @@ def test_plateau_decays_the_learning_rate_and_patience_stops_the_run(synth, tmp_
     assert main(["train", str(synth / "train.txt"), "--valid", str(synth / "valid.txt"),
                  "--out", str(out), *FIXTURE_FLAGS, "--epochs", "6", "--lr-decay", "4",
                  "--patience", "3"]) == 0
-    printed = capsys.readouterr().out
+    printed = said()
     assert "learning rate now 0.0025" in printed and "stopping early" in printed
     history = strict_json(out / "history.json")
     records = history["epochs"]
@@ -596,16 +677,14 @@ def test_plateau_decays_the_learning_rate_and_patience_stops_the_run(synth, tmp_
     assert history["stopped_early"] is True and history["status"] == "complete"
     assert history["best_epoch"] == 2 and history["checkpoint"] == "checkpoint-5.npz"
     cfg = json.loads((out / "config.json").read_text())["train"]
-    assert (cfg["lr_decay"], cfg["patience"], cfg["sort_pool"]) == (4.0, 3, 1)
+    assert (cfg["lr_decay"], cfg["patience"]) == (4.0, 3)
     # The optimizer really trains on with the decayed rate: the checkpoint holds it.
     with np.load(out / "checkpoint-5.npz") as ckpt:
-        rates = [float(ckpt[k]) for k in ckpt.files
-                 if k.startswith("optimizer_") and ckpt[k].shape == ()]
-    assert np.float32(0.01 / 4**3) in [np.float32(r) for r in rates]
+        assert ckpt["optimizer/learning_rate"] == np.float32(0.01 / 4**3)
     # A stopped run is finished: --resume (even with more epochs) trains nothing.
     assert main(["train", str(synth / "train.txt"), "--valid", str(synth / "valid.txt"),
                  "--out", str(out), *FIXTURE_FLAGS, "--resume", "--epochs", "8"]) == 0
-    assert "stopped early after epoch 5" in capsys.readouterr().out
+    assert "stopped early after epoch 5" in said()
     assert len(strict_json(out / "history.json")["epochs"]) == 5
     # Export's training record says so.
     record = rundir.RunDir(out).training_record()
@@ -616,73 +695,71 @@ def test_constant_rate_and_no_patience(synth, tmp_path, monkeypatch):
     scripted_plateaus(monkeypatch, {1: 3.0, 2: 3.5, 3: 3.6})
     result = train(TrainConfig(**TINY, epochs=3, lr_decay=1, seed=7), synth / "train.txt",
                    synth / "valid.txt", tmp_path / "run")
-    assert [r["learning_rate"] for r in result.history] == [0.01] * 3
-    assert [r["epochs_without_improvement"] for r in result.history] == [0, 1, 2]
+    assert [r.learning_rate for r in result.history] == [0.01] * 3
+    assert [r.epochs_without_improvement for r in result.history] == [0, 1, 2]
     history = strict_json(tmp_path / "run" / "history.json")
     assert history["stopped_early"] is False and history["best_epoch"] == 1
 
 
 def test_patience_running_out_in_the_last_epoch_ends_the_run(synth, tmp_path, monkeypatch,
-                                                            capsys):
+                                                            capsys, said):
     """A 6-epoch run would stop after epoch 2, so extending a 2-epoch run must not go on."""
     scripted_plateaus(monkeypatch, {1: 3.0, 2: 3.5, 3: 2.0})
     config = TrainConfig(**TINY, epochs=2, patience=1, seed=7)
     result = train(config, synth / "train.txt", synth / "valid.txt", tmp_path / "run")
-    assert len(result.history) == 2 and "stopping early" in capsys.readouterr().out
+    assert len(result.history) == 2 and "stopping early" in said()
     assert strict_json(tmp_path / "run" / "history.json")["stopped_early"] is True
     again = train(dataclasses.replace(config, epochs=6), synth / "train.txt",
                   synth / "valid.txt", tmp_path / "run", resume=True)
-    assert len(again.history) == 2 and "stopped early" in capsys.readouterr().out
+    assert len(again.history) == 2 and "stopped early" in said()
 
 
 def test_extended_run_with_a_decay_equals_an_uninterrupted_one(synth, tmp_path, monkeypatch,
-                                                                capsys):
+                                                                capsys, said):
     """Epoch 2 does not improve, so epoch 3 trains at a quarter of the rate: a 2-epoch run
     extended to 3 must restore that rate and reach the same numbers as 3 epochs at once."""
     scripted_plateaus(monkeypatch, {1: 3.0, 2: 3.5, 3: 2.0})
     config = TrainConfig(**TINY, epochs=3, dropout=0.2, seed=7)
     full = train(config, synth / "train.txt", synth / "valid.txt", tmp_path / "full")
-    assert [r["learning_rate"] for r in full.history] == [0.01, 0.01, 0.0025]
+    assert [r.learning_rate for r in full.history] == [0.01, 0.01, 0.0025]
     part = tmp_path / "part"
     train(dataclasses.replace(config, epochs=2), synth / "train.txt", synth / "valid.txt", part)
     extended = train(dataclasses.replace(config, epochs=3), synth / "train.txt",
                      synth / "valid.txt", part, resume=True)
-    assert "extending" in capsys.readouterr().out
+    assert "with --epochs 3 (was 2)" in said()
     for key in ("train_loss", "valid_nll", "learning_rate", "epochs_without_improvement"):
-        assert [r[key] for r in extended.history] == [r[key] for r in full.history], key
+        assert [getattr(r, key) for r in extended.history] == [
+            getattr(r, key) for r in full.history], key
     assert strict_json(part / "history.json")["learning_rate"] == strict_json(
         tmp_path / "full" / "history.json")["learning_rate"]
 
 
-def test_epoch_batches_are_pooled_and_a_function_of_seed_and_epoch(synth):
+@pytest.mark.parametrize("pack", [True, False])
+def test_epoch_batches_are_a_function_of_seed_and_epoch(synth, pack):
     vocab = Vocabulary.fit((line.text for line in read_sentences(synth / "train.txt")), 40,
                            TokenizerOptions.from_preset("whitespace"))
     items = trainer._training_items(vocab, read_sentences(synth / "train.txt"), 8)
-    config = TrainConfig(**TINY, epochs=2, seed=3, sort_pool=4, pack=False)
+    config = TrainConfig(**TINY, epochs=2, seed=3, pack=pack)
 
-    def keys(epoch, cfg=config):
-        return [b.keys for b in trainer._epoch_batches(items, cfg, epoch)]
+    def inputs(epoch):
+        return [b.inputs.tolist() for b, _ in trainer._epoch_batches(items, config, epoch)]
 
-    assert keys(1) == keys(1) and keys(1) != keys(2)
-    padded = {pool: sum(b.inputs.size for b in trainer._epoch_batches(
-        items, dataclasses.replace(config, sort_pool=pool), 1)) for pool in (1, 4)}
-    assert padded[4] < padded[1]  # pools of 4 batches pad less than random order
-    batches = trainer._epoch_batches(items, config, 1)
-    scales = trainer._loss_scales(batches)
-    for batch, scale in zip(batches, scales):  # the pool's mean tokens per batch
-        pool = [b for b in batches if b.pool == batch.pool]
-        assert scale == pytest.approx(sum(b.tokens for b in pool) / len(pool))
-    assert len(set(scales)) > 1
-    # pools of one batch: each batch's own token count, the plain per-token mean
-    single = trainer._epoch_batches(items, dataclasses.replace(config, sort_pool=1), 1)
-    assert trainer._loss_scales(single) == [b.tokens for b in single]
+    assert inputs(1) == inputs(1) and inputs(1) != inputs(2)
+    pairs = trainer._epoch_batches(items, config, 1)
+    assert [type(b).__name__ for b, _ in pairs] == ["PackedBatch" if pack else "Batch"] * math.ceil(
+        len(items) / 16)
+    # each batch's summed loss is divided by its own tokens: the plain per-token mean
+    assert [scale for _, scale in pairs] == [np.float32(b.tokens) for b, _ in pairs]
+    assert sum(b.tokens for b, _ in pairs) == sum(len(x) for _, x, _ in items)
 
 
-def test_resume_of_a_run_from_before_the_schedule_keeps_a_constant_rate():
-    stored = {k: v for k, v in TrainConfig(**TINY, epochs=2).to_dict().items()
-              if k not in ("lr_decay", "patience", "sort_pool")}
-    config = TrainConfig.from_dict(stored)
-    assert config.lr_decay == 1.0 and config.patience == 0
+def test_a_config_lacking_a_setting_is_refused(tmp_path):
+    stored = {k: v for k, v in TrainConfig(**TINY, epochs=2).to_dict().items() if k != "pack"}
+    with pytest.raises(RunDirError) as info:
+        TrainConfig.from_dict(stored, tmp_path / "config.json")
+    assert str(info.value) == (f"{tmp_path / 'config.json'} lacks pack: it was written by "
+                               "another version of lmonnx; re-train, or resume it with that "
+                               "version")
 
 
 # ---- packed training ------------------------------------------------------------------------
@@ -735,7 +812,7 @@ def test_packed_steps_follow_the_padded_steps_trajectory():
         keras.utils.set_random_seed(9)
         model = LanguageModel(V, 10, 8, 2, embedding_dim=5)
         model.build()
-        step, _ = trainer._make_steps(model, keras.optimizers.Adam(1e-2, global_clipnorm=5.0))
+        step = make_train_step(model, keras.optimizers.Adam(1e-2, global_clipnorm=5.0))
         for pairs in batches:
             batch = pack_rows(pairs) if pack else pad_batch(pairs)
             step(batch, np.float32(batch.tokens))
@@ -758,50 +835,190 @@ def test_packed_training_with_dropout_draws_fresh_masks_per_call(tmp_path):
     assert all(getattr(cell, "_dropout_mask", None) is None for cell in model.cells)
     c = model.run_lstm_packed(packed.inputs, packed.carry)[0].numpy()
     np.testing.assert_array_equal(c, model.run_lstm_packed(packed.inputs, packed.carry)[0].numpy())
-    step, _ = trainer._make_steps(model, keras.optimizers.Adam(1e-2))
+    step = make_train_step(model, keras.optimizers.Adam(1e-2))
     for n in (3, 7):  # two traces of different shapes under tf.function
         batch = pack_rows([make_pair(np.arange(4, 4 + k)) for k in range(1, n)])
         loss, tokens = step(batch, np.float32(batch.tokens))
         assert math.isfinite(float(loss)) and int(tokens) == batch.tokens
 
 
-def test_pack_is_the_default_recorded_and_old_runs_keep_padding(text, tmp_path):
+def test_pack_is_the_default_and_no_pack_is_recorded(text, tmp_path):
     out = tmp_path / "run"
     assert main(["train", str(text), "--out", str(out), *FIXTURE_FLAGS, "--epochs", "1"]) == 0
     assert json.loads((out / "config.json").read_text())["train"]["pack"] is True
     out2 = tmp_path / "padded"
     assert main(["train", str(text), "--out", str(out2), *FIXTURE_FLAGS, "--epochs", "1",
-                 "--no-pack", "--sort-pool", "2"]) == 0
-    cfg = json.loads((out2 / "config.json").read_text())["train"]
-    assert (cfg["pack"], cfg["sort_pool"]) == (False, 2)
-    out3 = tmp_path / "pools"  # sorted pools are padded batches: --sort-pool N implies --no-pack
-    assert main(["train", str(text), "--out", str(out3), *FIXTURE_FLAGS, "--epochs", "1",
-                 "--sort-pool", "2"]) == 0
-    cfg = json.loads((out3 / "config.json").read_text())["train"]
-    assert (cfg["pack"], cfg["sort_pool"]) == (False, 2)
-    with pytest.raises(ValueError, match="--sort-pool 4 sorts padded batches: add --no-pack"):
-        TrainConfig(**TINY, sort_pool=4).validate()  # the API's pack=True contradicts it
-    stored = {k: v for k, v in TrainConfig(**TINY, epochs=2).to_dict().items() if k != "pack"}
-    assert TrainConfig.from_dict(stored).pack is False  # resuming stays exact
-    with pytest.raises(ValueError, match="pack must be True or False"):
-        TrainConfig(**TINY, pack="yes").validate()
+                 "--no-pack"]) == 0
+    assert json.loads((out2 / "config.json").read_text())["train"]["pack"] is False
 
 
-def test_resume_names_only_settings_given_and_records_what_an_old_run_keeps(text, tmp_path,
-                                                                           capsys):
+def test_resume_applies_what_may_change_and_refuses_the_rest(text, tmp_path, capsys, said):
     out = tmp_path / "run"
     assert main(["train", str(text), "--out", str(out), *FIXTURE_FLAGS, "--epochs", "1"]) == 0
     config_path = out / "config.json"
-    doc = json.loads(config_path.read_text())
-    del doc["train"]["pack"]  # as a run from before packing wrote it
-    config_path.write_text(json.dumps(doc))
-    capsys.readouterr()
-    assert main(["train", str(text), "--out", str(out), "--resume", "--epochs", "2"]) == 0
-    printed = capsys.readouterr().out
-    assert "ignoring" not in printed  # no flag given: nothing is being ignored
-    assert "is from before pack: it keeps pack=False (padded batches)" in printed
-    assert json.loads(config_path.read_text())["train"]["pack"] is False
+    before = config_path.read_bytes()
+    said()
+    # A setting that decides the model, its data or its batches: refused, nothing written.
+    for flags, line in ((["--units", "7"], "--units 7: the run in {out} was trained with "
+                         "--units 12, which a resumed run cannot change (only --epochs, "
+                         "--learning-rate, --lr-decay, --patience, --clipnorm can); drop the "
+                         "flag or start a new run"),
+                        (["--no-pack"], "pack=False: the run in {out} was trained with "
+                         "pack=True, which a resumed run cannot change")):
+        assert main(["train", str(text), "--out", str(out), "--resume", "--epochs", "2",
+                     *flags]) == 1
+        assert one_error_line(capsys).startswith("lmonnx: error: " + line.format(out=out))
+        assert config_path.read_bytes() == before
+    # Given with the run's own value: nothing to say.  Given with another: applied, recorded.
+    assert main(["train", str(text), "--out", str(out), "--resume", "--epochs", "2",
+                 "--units", "12", "--patience", "3", "--lr-decay", "2"]) == 0
+    assert f"resuming {out} with --epochs 2 (was 1), --lr-decay 2.0 (was 4.0), --patience 3 " \
+           "(was 0)" in said()
+    cfg = json.loads(config_path.read_text())["train"]
+    assert (cfg["epochs"], cfg["patience"], cfg["lr_decay"], cfg["num_lstm_units"]) == (
+        2, 3, 2.0, 12)
+
+
+def test_a_failed_resume_writes_nothing(text, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(text), "--out", str(out), *FIXTURE_FLAGS, "--epochs", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "checkpoint-1.npz").rename(tmp_path / "moved.npz")
     assert main(["train", str(text), "--out", str(out), "--resume", "--epochs", "3",
-                 "--units", "7"]) == 0
-    printed = capsys.readouterr().out
-    assert "ignoring num_lstm_units=7)" in printed and "is from before" not in printed
+                 "--learning-rate", "0.001"]) == 1
+    assert "checkpoint-1.npz, the checkpoint of epoch 1, is missing" in one_error_line(capsys)
+    (tmp_path / "moved.npz").rename(out / "checkpoint-1.npz")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "vocab.json").unlink()  # used to fail naming neither the file nor the run
+    assert main(["train", str(text), "--out", str(out), "--resume", "--epochs", "3"]) == 1
+    assert one_error_line(capsys) == (f"lmonnx: error: {out / 'vocab.json'} is missing: the run "
+                                      "cannot go on without its vocabulary; restore it or start "
+                                      "over with --force")
+
+
+# ---- checkpoints, the best model, validation memory ---------------------------------------------
+
+def test_checkpoints_are_restored_by_variable_not_by_position(tmp_path, monkeypatch):
+    """Two layers of equal width have recurrent kernels of equal shape: a Keras that lists the
+    variables in another order must still get each one's own values (position matching
+    swapped them silently, past the shape check)."""
+    keras.utils.set_random_seed(11)
+    saved = LanguageModel(V, 10, 8, 2, embedding_dim=5)
+    saved.build()
+    optimizer = keras.optimizers.Adam(1e-2)
+    optimizer.build(saved.trainable_variables)
+    save_checkpoint(tmp_path / "c.npz", saved, optimizer, 3)
+    expected = {v.path.split("/", 1)[1]: v.numpy() for v in saved.variables
+                if v.path.startswith(saved.name + "/")}
+
+    fresh = LanguageModel(V, 10, 8, 2, embedding_dim=5)
+    fresh.build()
+    listed = list(fresh.variables)
+    kernels = [i for i, v in enumerate(listed) if v.path.endswith("recurrent_kernel")]
+    assert len(kernels) == 2 and listed[kernels[0]].shape == listed[kernels[1]].shape
+    listed[kernels[0]], listed[kernels[1]] = listed[kernels[1]], listed[kernels[0]]
+    monkeypatch.setattr(LanguageModel, "variables", property(lambda self: listed
+                                                             if self is fresh else
+                                                             keras.Model.variables.fget(self)))
+    assert load_checkpoint(tmp_path / "c.npz", fresh, keras.optimizers.Adam(1e-2)) == 3
+    for v in listed:
+        if v.path.startswith(fresh.name + "/"):
+            np.testing.assert_array_equal(v.numpy(), expected[v.path.split("/", 1)[1]],
+                                          err_msg=v.path)
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_file(tmp_path):
+    model = LanguageModel(V, 10, 8, 1, embedding_dim=5)
+    model.build()
+    optimizer = keras.optimizers.Adam(1e-2)
+    optimizer.build(model.trainable_variables)
+    save_checkpoint(tmp_path / "c.npz", model, optimizer, 1)
+    with np.load(tmp_path / "c.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    del arrays["model/embedding/embeddings"]
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(RunDirError) as info:
+        load_checkpoint(tmp_path / "d.npz", model, optimizer)
+    assert str(info.value).startswith(f"{tmp_path / 'd.npz'} lacks model/embedding/embeddings")
+    bigger = LanguageModel(V, 10, 9, 1, embedding_dim=5)
+    bigger.build()
+    with pytest.raises(RunDirError, match="has shape"):
+        load_checkpoint(tmp_path / "c.npz", bigger, keras.optimizers.Adam(1e-2))
+
+
+@pytest.mark.parametrize("best_is_last", [False, True])
+def test_resume_without_model_keras_never_loses_the_best_weights(synth, tmp_path, monkeypatch,
+                                                                 capsys, best_is_last):
+    """model.keras deleted, then --resume: it used to "complete", say "saved to model.keras"
+    (absent) and release the checkpoint that held the best weights."""
+    scripted_plateaus(monkeypatch, {1: 3.0, 2: 2.0 if best_is_last else 3.5, 3: 4.0, 4: 4.0})
+    out = tmp_path / "run"
+    train(TrainConfig(**TINY, epochs=2, seed=7), synth / "train.txt", synth / "valid.txt", out)
+    (out / "model.keras").unlink()
+    code = main(["train", str(synth / "train.txt"), "--valid", str(synth / "valid.txt"),
+                 "--out", str(out), "--resume", "--epochs", "4"])
+    if best_is_last:  # checkpoint-2 holds the best epoch: model.keras is saved again from it
+        assert code == 0
+        assert rundir.RunDir(out).model_epoch() == 2 and (out / "model.keras").is_file()
+        assert rundir.RunDir(out).training_record()["best_epoch"] == 2
+    else:  # the best (epoch 1) is nowhere any more: refuse, change nothing
+        assert code == 1
+        assert one_error_line(capsys) == (
+            f"lmonnx: error: {out / 'model.keras'} is missing: it held epoch 1, the best, which "
+            "no checkpoint holds any more; restore the file or start over with --force")
+        assert strict_json(out / "history.json")["status"] == "complete"
+        assert (out / "checkpoint-2.npz").is_file()
+
+
+def test_killed_between_model_and_history_records_what_is_on_disk(synth, tmp_path,
+                                                                  monkeypatch):
+    """Killed after model.keras of epoch 1 was written but before history.json: export's
+    training record used to say epochs_trained 0 for a model trained one epoch."""
+    real = rundir.RunDir.write_history
+
+    def killed(self, history):
+        epochs = history["epochs"] if isinstance(history, dict) else history.epochs
+        if epochs:
+            raise KeyboardInterrupt
+        real(self, history)
+
+    monkeypatch.setattr(rundir.RunDir, "write_history", killed)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**TINY, epochs=2, seed=7), synth / "train.txt", synth / "valid.txt",
+              out)
+    monkeypatch.setattr(rundir.RunDir, "write_history", real)
+    assert (out / "model.keras").is_file()
+    assert strict_json(out / "history.json")["epochs"] == []
+    record = rundir.RunDir(out).training_record()
+    assert (record["epochs_trained"], record["best_epoch"]) == (1, 1)
+    assert record["valid_perplexity"] is None  # its numbers were not written: none invented
+
+
+def test_validation_of_a_long_line_is_windowed(monkeypatch):
+    """A 600-word validation sentence, budget 64 positions: the model sees no batch wider
+    than the budget, and the NLL equals one pass over the whole line (a 300k-word --valid
+    line used to be run whole: 2.5-4.6 GB)."""
+    keras.utils.set_random_seed(4)
+    model = LanguageModel(V, 10, 8, 2, embedding_dim=5)
+    model.build()
+    rng = np.random.default_rng(0)
+    long_x, long_y = make_pair(rng.integers(4, V, 600))
+    short = [make_pair(rng.integers(4, V, n)) for n in (3, 9, 5)]
+    pairs = [(0, long_x, long_y)] + [(i, x, y) for i, (x, y) in enumerate(short, 1)]
+    outputs, mask = model.run_lstm(long_x[None])
+    whole = float(model.calculate_loss(outputs, mask, long_y[None]))
+    whole += sum(float(model.calculate_loss(*model.run_lstm(x[None]), y[None])) for x, y in short)
+    seen = []
+    embed = model.get_input_embeddings
+    monkeypatch.setattr(model, "get_input_embeddings",
+                        lambda ids: seen.append(tuple(ids.shape)) or embed(ids))
+    tf.config.run_functions_eagerly(True)  # concrete shapes for the spy
+    try:
+        nll, tokens = evaluate_nll(model, pairs, max_tokens=64)
+    finally:
+        tf.config.run_functions_eagerly(False)
+    assert tokens == 601 + 4 + 10 + 6
+    assert nll == pytest.approx(whole, rel=1e-5)
+    assert seen and max(b * t for b, t in seen) <= 64
+    assert sorted(t for b, t in seen if b == 1)[-1] == 64 and len(seen) >= 10

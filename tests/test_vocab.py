@@ -64,9 +64,10 @@ def test_fit_cap_includes_specials():
 
 
 def test_fit_rejects_small_vocab_size():
-    with pytest.raises(ValueError, match="at least 5"):
+    with pytest.raises(ValueError, match=r"vocab_size must be an integer >= 5 \(4 special "
+                                         r"tokens and one word\); got 4"):
         Vocabulary.fit(["a"], 4, WS)
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="vocab_size must be an integer"):
         Vocabulary.fit(["a"], 5.0, WS)
 
 
@@ -118,6 +119,16 @@ def test_json_round_trip(tmp_path):
     assert Vocabulary.load(tmp_path / "vocab.json") == v
     assert list(tmp_path.iterdir()) == [tmp_path / "vocab.json"]  # no temp file left behind
     assert Vocabulary.fit(["x"], 100, WS) != Vocabulary.fit(["x"], 100, KERAS)
+
+
+def test_load_names_the_file(tmp_path):
+    """A damaged vocab.json (here a duplicate token) used to fail without naming the file."""
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps({"format": 1, "options": WS.to_dict(),
+                                "tokens": [*SPECIAL_TOKENS, "a", "a"]}), encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        Vocabulary.load(path)
+    assert str(info.value) == f"{path}: duplicate token 'a' in vocabulary"
 
 
 @pytest.mark.parametrize("bad", ["not json", "[1, 2]", '{"tokens": ["a"]}',

@@ -1,44 +1,21 @@
 """Training: the course's LanguageModel in Keras 3 (the only package, with export, that imports
-TensorFlow).
+TensorFlow) and the training loop.
 
-Importing this package registers ``LanguageModel`` with Keras, so that
-``keras.saving.load_model(run_dir / "model.keras")`` works afterwards.
+Importing this package imports no TensorFlow (``lmonnx train --help`` reads
+:class:`~lmonnx.train.config.TrainConfig` from here).  ``LanguageModel`` is loaded on first
+use; importing :mod:`lmonnx.train.model` (or ``from lmonnx.train import LanguageModel``)
+starts TensorFlow quietly and registers the class with Keras, which
+``keras.saving.load_model(run_dir / "model.keras")`` needs.
 """
 
-import contextlib
-import os
-import sys
+from lmonnx.train.config import TrainConfig
+
+__all__ = ["LanguageModel", "TrainConfig", "default_embedding_dim"]
 
 
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """Send file descriptor 2 to /dev/null for a moment: TensorFlow's C++ start-up lines
-    (oneDNN, CUDA stubs, CPU features) are written there before any log level applies.
-    Python exceptions are unaffected; they are printed after the descriptor is restored."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): change nothing
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+def __getattr__(name: str):
+    if name in ("LanguageModel", "default_embedding_dim"):
+        from lmonnx.train import model
 
-
-if "tensorflow" not in sys.modules and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-    # Quiet by default (TensorFlow errors still surface as Python exceptions); set
-    # TF_CPP_MIN_LOG_LEVEL yourself, e.g. to 0, to see its native log lines.
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    with _native_stderr_silenced():
-        import tensorflow as _tf
-
-        _tf.config.list_physical_devices()  # CUDA probing logs happen here, not at import
-
-from lmonnx.train.model import LanguageModel, default_embedding_dim  # noqa: E402
-
-__all__ = ["LanguageModel", "default_embedding_dim"]
+        return getattr(model, name)
+    raise AttributeError(f"module 'lmonnx.train' has no attribute {name!r}")

@@ -35,9 +35,12 @@ depend on the padding, and tf2onnx turns only unmasked LSTM layers into ONNX ``L
 
 from __future__ import annotations
 
-import keras
-import tensorflow as tf
-from lmonnx.errors import InvalidArgumentError
+import lmonnx.train._tensorflow  # noqa: F401  (TensorFlow's start-up, quiet, before Keras)
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from lmonnx.validation import check_int, check_real  # noqa: E402
 
 __all__ = ["LanguageModel", "default_embedding_dim"]
 
@@ -59,11 +62,13 @@ class LanguageModel(keras.Model):
     num_lstm_units, num_lstm_layers : size and depth of the LSTM stack.
     embedding_dim : None for the course's ``int(vocab_size ** 0.25)``.
     dropout : drop rate in [0, 1) on each LSTM cell's inputs, only while training.
+    epoch : the training epoch the weights are from (the trainer sets it before saving;
+        ``lmonnx.rundir.RunDir.model_epoch`` reads it from ``model.keras``).
     """
 
     def __init__(self, vocab_size: int, max_length: int, num_lstm_units: int,
                  num_lstm_layers: int, *, embedding_dim: int | None = None,
-                 dropout: float = 0.0, **kwargs):
+                 dropout: float = 0.0, epoch: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if embedding_dim is None:
             embedding_dim = default_embedding_dim(vocab_size)
@@ -71,16 +76,15 @@ class LanguageModel(keras.Model):
                                  ("num_lstm_units", num_lstm_units, 1),
                                  ("num_lstm_layers", num_lstm_layers, 1),
                                  ("embedding_dim", embedding_dim, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InvalidArgumentError(f"{name} must be an integer >= {low}; got {value!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise InvalidArgumentError(f"dropout is a drop rate in [0, 1); got {dropout!r}")
+            check_int(name, value, low=low)
+        check_real("dropout", dropout, low=0.0, high=1.0, high_open=True, why="a drop rate")
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.num_lstm_units = num_lstm_units
         self.num_lstm_layers = num_lstm_layers
         self.embedding_dim = embedding_dim
         self.dropout = float(dropout)
+        self.epoch = epoch
 
         self.embedding = keras.layers.Embedding(
             vocab_size, embedding_dim, embeddings_initializer="uniform", mask_zero=True,
@@ -141,6 +145,24 @@ class LanguageModel(keras.Model):
             cell.forget_dropout_masks()
         return lstm_outputs, tf.math.sign(input_sequences)
 
+    def run_lstm_carrying(self, input_sequences, states=None):
+        """``run_lstm`` (no dropout) from the LSTM ``states`` a previous call returned (None:
+        zeros), for unpadded rows: (outputs [batch, time, units], mask, states after the last
+        position).  Consecutive windows of a sentence, each started from the state the one
+        before ended in, give the outputs of one pass over the whole sentence."""
+        input_sequences = tf.convert_to_tensor(input_sequences, dtype=tf.int32)
+        rnn = keras.layers.RNN(self.rnn.cell, return_sequences=True, return_state=True)
+        lstm_outputs, *states = rnn(self.get_input_embeddings(input_sequences),
+                                    initial_state=states, training=False)
+        return lstm_outputs, tf.math.sign(input_sequences), states
+
+    def zero_states(self, batch_size: int) -> list:
+        """The LSTM states of a sentence's start, in the structure ``run_lstm_carrying`` takes."""
+        zeros = tf.zeros((batch_size, self.num_lstm_units))
+        if self.num_lstm_layers == 1:
+            return [zeros, zeros]
+        return [[zeros, zeros] for _ in range(self.num_lstm_layers)]
+
     def get_logits(self, lstm_outputs):
         """float32 [batch, time, vocab_size]."""
         return self.dense(lstm_outputs)
@@ -198,7 +220,7 @@ class LanguageModel(keras.Model):
         config = super().get_config()
         config.update(vocab_size=self.vocab_size, max_length=self.max_length,
                       num_lstm_units=self.num_lstm_units, num_lstm_layers=self.num_lstm_layers,
-                      embedding_dim=self.embedding_dim, dropout=self.dropout)
+                      embedding_dim=self.embedding_dim, dropout=self.dropout, epoch=self.epoch)
         return config
 
     @classmethod

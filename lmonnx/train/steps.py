@@ -1,0 +1,116 @@
+"""The TensorFlow steps of training and validation: one optimizer step on a batch (padded or
+packed), and the validation NLL of whole sentences, windowed so that memory stays bounded."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from lmonnx.batching import PackedBatch, bucketed_batches
+from lmonnx.metrics import default_max_tokens
+
+__all__ = ["make_train_step", "evaluate_nll"]
+
+
+def make_train_step(model, optimizer):
+    """``step(batch, loss_scale) -> (summed NLL, tokens)``: one optimizer step on a ``Batch``
+    or a ``PackedBatch`` (the same windows' summed loss and gradient either way)."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((None, None), tf.int32)
+    scale = tf.TensorSpec((), tf.float32)
+
+    def descend(run_lstm, lstm_inputs, targets, loss_scale):
+        """One optimizer step on ``run_lstm(*lstm_inputs)``'s summed loss; (its NLL, tokens)."""
+        with tf.GradientTape() as tape:
+            lstm_outputs, binary_sequences = run_lstm(*lstm_inputs, training=True)
+            loss_sum = model.calculate_loss(lstm_outputs, binary_sequences, targets)
+            tokens = tf.math.reduce_sum(tf.cast(binary_sequences, tf.float32))
+            # The course minimised the sum; dividing it by the batch's tokens gives every
+            # token the same weight with the step size (and clipping threshold) of a mean.
+            loss = loss_sum / loss_scale
+        variables = model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss_sum, tokens
+
+    @tf.function(input_signature=(spec, spec, scale))
+    def train_step(inputs, targets, loss_scale):
+        return descend(model.run_lstm, (inputs,), targets, loss_scale)
+
+    @tf.function(input_signature=(spec, spec, tf.TensorSpec((None, None), tf.float32), scale))
+    def packed_train_step(inputs, targets, carry, loss_scale):
+        # Packed rows: the same summed loss of the same windows, so the same gradient as
+        # their padded batch, in fewer rows (lmonnx.batching.pack_rows).
+        return descend(model.run_lstm_packed, (inputs, carry), targets, loss_scale)
+
+    def step(batch, loss_scale):
+        if isinstance(batch, PackedBatch):
+            return packed_train_step(batch.inputs, batch.targets, batch.carry, loss_scale)
+        return train_step(batch.inputs, batch.targets, loss_scale)
+
+    return step
+
+
+class _Validator:
+    """The evaluation steps of one model, traced once and kept for every epoch."""
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        spec = tf.TensorSpec((None, None), tf.int32)
+        self.model = model
+
+        @tf.function(input_signature=(spec, spec))
+        def batch_step(inputs, targets):
+            lstm_outputs, binary_sequences = model.run_lstm(inputs, training=False)
+            loss_sum = model.calculate_loss(lstm_outputs, binary_sequences, targets)
+            return loss_sum, tf.math.reduce_sum(tf.cast(binary_sequences, tf.float32))
+
+        @tf.function(reduce_retracing=True)
+        def window_step(inputs, targets, states):
+            lstm_outputs, binary_sequences, states = model.run_lstm_carrying(inputs, states)
+            loss_sum = model.calculate_loss(lstm_outputs, binary_sequences, targets)
+            return loss_sum, states
+
+        self.batch_step, self.window_step = batch_step, window_step
+
+    def nll(self, pairs: Iterable, max_tokens: int, max_batch_size: int) -> tuple[float, int]:
+        """(total NLL in nats, tokens): sentences within ``max_tokens`` in length buckets, a
+        longer one alone in consecutive windows of ``max_tokens`` positions carrying the
+        LSTM state (one pass's NLL to float rounding, memory bounded by the budget)."""
+        short, nll, tokens = [], 0.0, 0
+        for key, x, y in pairs:
+            if len(x) <= max_tokens:
+                short.append((key, x, y))
+                continue
+            states = self.model.zero_states(1)
+            for start in range(0, len(x), max_tokens):
+                window = slice(start, start + max_tokens)
+                loss_sum, states = self.window_step(x[None, window], y[None, window], states)
+                nll += float(loss_sum)
+            tokens += len(x)
+        for batch in bucketed_batches(short, max_tokens=max_tokens,
+                                      max_batch_size=max_batch_size):
+            loss_sum, n = self.batch_step(batch.inputs, batch.targets)
+            nll += float(loss_sum)
+            tokens += int(n)
+        return nll, tokens
+
+
+def evaluate_nll(model, pairs: Iterable, *, max_tokens: int | None = None,
+                 max_batch_size: int = 128, validator: _Validator | None = None
+                 ) -> tuple[float, int]:
+    """Total NLL (nats, float64) and scored tokens of ``(key, inputs, targets)`` pairs of
+    whole sentences; perplexity is ``exp(nll / tokens)``.
+
+    ``max_tokens`` (default: evaluation's logits budget for the model's vocabulary) bounds
+    the positions one batch holds: a longer sentence is scored in windows that carry the LSTM
+    state.  ``validator`` reuses the traced steps of an earlier call on the same model.
+    """
+    if max_tokens is None:
+        max_tokens = default_max_tokens(model.vocab_size)  # the same budget as evaluation
+    validator = validator if validator is not None else _Validator(model)
+    pairs = ((k, np.asarray(x, np.int32), np.asarray(y, np.int32)) for k, x, y in pairs)
+    return validator.nll(pairs, max_tokens, max_batch_size)
