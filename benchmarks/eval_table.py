@@ -81,7 +81,7 @@ def tensorflow_method(run_dir, threads):
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     import keras
 
-    import lmonnx.train  # noqa: F401  registers LanguageModel for load_model
+    import lmonnx.train.model  # noqa: F401  registers LanguageModel for load_model
 
     model = keras.saving.load_model(Path(run_dir) / "model.keras")
 

@@ -9,7 +9,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 pytest.importorskip("tf2onnx")
 
-import lmonnx.train  # noqa: E402,F401  (registers LanguageModel with Keras)
+import lmonnx.train.model  # noqa: E402,F401  (registers LanguageModel with Keras)
 from lmonnx import Scorer  # noqa: E402
 from lmonnx.batching import make_pair, pad_batch  # noqa: E402
 from lmonnx.cli import main  # noqa: E402

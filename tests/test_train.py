@@ -17,7 +17,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-import lmonnx.train  # noqa: E402  (registers LanguageModel with Keras)
+import lmonnx.train.model  # noqa: E402,F401  (registers LanguageModel with Keras)
 from lmonnx import rundir  # noqa: E402
 from lmonnx.batching import make_pair, pack_rows, pad_batch  # noqa: E402
 from lmonnx.cli import main  # noqa: E402
