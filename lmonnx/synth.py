@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import bisect
 import json
-import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from lmonnx.atomic import write_atomic
 from lmonnx.errors import InvalidArgumentError
 from lmonnx.validation import check_int
-
-log = logging.getLogger(__name__)
 
 SYNTH_FORMAT = "lmonnx-synth/1"
 SPLITS = ("train", "valid", "test")
@@ -263,16 +261,19 @@ def make_chain(seed: int = 0, words: int = DEFAULT_WORDS) -> MarkovChain:
     return MarkovChain.random(words, np.random.default_rng(chain_seq))
 
 
-def sample_splits(seed: int = 0, words: int = DEFAULT_WORDS, **sizes: int):
-    """(chain, {split: list of sentences as word-name lists}) for ``sizes`` like ``train=100``."""
+def sample_splits(seed: int = 0, words: int = DEFAULT_WORDS, *,
+                  progress: Callable[[str], None] | None = None, **sizes: int):
+    """(chain, {split: list of sentences as word-name lists}) for ``sizes`` like ``train=100``;
+    ``progress`` is called with a line before each stage."""
+    say = progress or (lambda message: None)
     seed = check_int("seed", seed, low=0)
     chain_seq, *split_seqs = np.random.SeedSequence(seed).spawn(1 + len(SPLITS))
-    log.info("synth: drawing a Markov chain over %d words", words)
+    say(f"drawing a Markov chain over {words} words")
     chain = MarkovChain.random(words, np.random.default_rng(chain_seq))
     out = {}
     for name, seq in zip(SPLITS, split_seqs):
         n = check_int(f"{name}_sentences", sizes.get(name, 0), low=0)
-        log.info("synth: sampling %d %s sentences", n, name)
+        say(f"sampling {n} {name} sentences")
         rng = np.random.default_rng(seq)
         out[name] = [chain.sample_sentence(rng) for _ in range(n)]
     return chain, out
@@ -305,13 +306,14 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 def write_corpus(out_dir, *, seed: int = 0, words: int = DEFAULT_WORDS,
                  train_sentences: int = DEFAULT_TRAIN_SENTENCES,
                  valid_sentences: int = DEFAULT_VALID_SENTENCES,
-                 test_sentences: int = DEFAULT_TEST_SENTENCES, force: bool = False) -> dict:
+                 test_sentences: int = DEFAULT_TEST_SENTENCES, force: bool = False,
+                 progress: Callable[[str], None] | None = None) -> dict:
     """Sample the corpus into ``out_dir``/{train,valid,test}.txt and write ``truth.json``.
 
     Returns the summary stored in ``truth.json``: seed, words, sentences and tokens per split,
     the exact NLL (nats) and true perplexity of each split's text, and the chain's entropy rate
-    (nats per token).  Existing files are an error unless ``force``.  Progress goes to the
-    ``lmonnx.synth`` logger (INFO).
+    (nats per token).  Existing files are an error unless ``force``.  ``progress`` is called
+    with a line before each stage (drawing the chain, sampling each split, the entropy rate).
     """
     seed, words = check_int("seed", seed, low=0), check_int("words", words, low=2)
     sizes = {name: check_int(f"{name}_sentences", n) for name, n in
@@ -320,8 +322,9 @@ def write_corpus(out_dir, *, seed: int = 0, words: int = DEFAULT_WORDS,
     _check_out_dir(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    chain, texts = sample_splits(seed, words, **sizes)
-    log.info("synth: the chain's entropy rate")
+    chain, texts = sample_splits(seed, words, progress=progress, **sizes)
+    if progress is not None:
+        progress("computing the entropy rate")
     summary = {"format": SYNTH_FORMAT, "seed": seed, "words": words,
                "sentences": {}, "tokens": {}, "nll": {}, "true_perplexity": {},
                "entropy_rate_nats": chain.entropy_rate(),
