@@ -10,6 +10,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from output_checks import bytes_through_fifo, run_to_dev_stdout
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -394,42 +395,17 @@ def test_export_through_a_symlink_replaces_the_target(run, exported, tmp_path):
 
 
 def test_export_into_a_fifo_reaches_its_reader(run, exported, tmp_path):
-    import os
-    import threading
-
     fifo = tmp_path / "model.fifo"
-    os.mkfifo(fifo)
-    received = []
-    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
-    reader.start()
-    try:
-        export.export_run(run / "run", fifo)
-    finally:
-        if reader.is_alive():  # a failed export never opened the FIFO: let the reader go
-            with open(fifo, "wb"):
-                pass
-        reader.join()
-    assert fifo.is_fifo()
-    assert len(received) == 1
-    assert_an_export_of_the_run(received[0], run)
+    assert_an_export_of_the_run(bytes_through_fifo(fifo, lambda: export.export_run(
+        run / "run", fifo)), run)
 
 
 def test_export_to_dev_stdout_writes_through_it(run, exported, tmp_path):
     """In a subprocess whose stdout is a file, the file gets the model and the summary goes
     to stderr; /dev/stdout stays a link."""
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "stdout.bin"
-    with open(out, "wb") as stdout:
-        done = subprocess.run([sys.executable, "-m", "lmonnx", "export", str(run / "run"),
-                               "-o", "/dev/stdout"], stdout=stdout, stderr=subprocess.PIPE,
-                              env=os.environ.copy(), timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert b"wrote /dev/stdout" in done.stderr
-    assert os.path.islink("/dev/stdout")
-    assert_an_export_of_the_run(out.read_bytes(), run)
+    data, stderr = run_to_dev_stdout(["export", run / "run", "-o", "/dev/stdout"], tmp_path)
+    assert b"wrote /dev/stdout" in stderr
+    assert_an_export_of_the_run(data, run)
 
 
 def test_unwritable_directory_fails_before_the_work(run, capsys, monkeypatch):

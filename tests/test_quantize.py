@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 from lmonnx._testing import build_random_lm, make_vocab
+from output_checks import bytes_through_fifo, run_to_dev_stdout
 
 pytest.importorskip("onnx")
 
@@ -152,41 +153,19 @@ def test_output_through_a_symlink_replaces_the_target(fp32, text, tmp_path):
 
 
 def test_output_into_a_fifo_reaches_its_reader(fp32, text, tmp_path):
-    import os
-    import threading
-
     fifo = tmp_path / "model.fifo"
-    os.mkfifo(fifo)
-    received = []
-    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
-    reader.start()
-    try:
-        assert main(["quantize", str(fp32), "-o", str(fifo), "--sample", str(text)]) == 0
-    finally:
-        if reader.is_alive():  # a failed run never opened the FIFO: let the reader go
-            with open(fifo, "wb"):
-                pass
-        reader.join()
-    assert fifo.is_fifo()
-    assert ModelSession(received[0], providers="cpu", name="fifo").quantization is not None
+    data = bytes_through_fifo(fifo, lambda: main(["quantize", str(fp32), "-o", str(fifo),
+                                                  "--sample", str(text)]))
+    assert ModelSession(data, providers="cpu", name="fifo").quantization is not None
 
 
 def test_output_to_dev_stdout_writes_through_it(fp32, text, tmp_path):
     """In a subprocess whose stdout is a file, `-o /dev/stdout` fills that file (the summary
     goes to stderr) and leaves /dev/stdout a link."""
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "stdout.bin"
-    with open(out, "wb") as stdout:
-        done = subprocess.run([sys.executable, "-m", "lmonnx", "quantize", str(fp32), "-o",
-                               "/dev/stdout", "--sample", str(text)], stdout=stdout,
-                              stderr=subprocess.PIPE, env=os.environ.copy(), timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert b"wrote /dev/stdout" in done.stderr
-    assert os.path.islink("/dev/stdout")
-    assert ModelSession(out, providers="cpu").quantization is not None
+    data, stderr = run_to_dev_stdout(["quantize", fp32, "-o", "/dev/stdout", "--sample", text],
+                                     tmp_path)
+    assert b"wrote /dev/stdout" in stderr
+    assert ModelSession(data, providers="cpu", name="stdout").quantization is not None
 
 
 def test_unwritable_directory_fails_before_the_work(fp32, text, tmp_path, capsys, monkeypatch):
