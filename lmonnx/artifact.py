@@ -104,7 +104,7 @@ def _check_format(props: Mapping[str, str], source: str) -> None:
             "export it with `lmonnx export`")
     version = props[KEY_FORMAT]
     if version == "1":
-        raise ArtifactError(f"{source} is an lmonnx format-1 (stateless) model, which this "
+        raise ArtifactError(f"{source} is a format-1 (stateless) lmonnx model, which this "
                             "lmonnx no longer reads: re-export this model")
     if version not in READABLE_FORMATS:
         raise ArtifactError(
