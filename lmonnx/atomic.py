@@ -135,11 +135,27 @@ def check_output(path, flag: str, *, force: bool) -> None:
         parent = path.parent
         if not parent.is_dir():
             raise FileNotFoundError(f"{flag} {path}: directory {parent} does not exist") from None
-        return
-    if stat.S_ISDIR(st.st_mode):
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(f"{flag} {path} is a directory; give a file name")
-    if stat.S_ISREG(st.st_mode) and not force:
+    if st is not None and stat.S_ISREG(st.st_mode) and not force:
         raise FileExistsError(f"{flag} {path} exists; pass --force to overwrite it")
+    if st is None or stat.S_ISREG(st.st_mode):
+        _check_can_create_beside(path, flag)
+
+
+def _check_can_create_beside(path: Path, flag: str) -> None:
+    """Create and remove a temp file where :func:`output_file` will, so that an unwritable
+    directory fails now, naming the user's path, not after the work (root ignores mode bits:
+    only trying tells)."""
+    parent = Path(os.path.realpath(path)).parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"{flag} {path}: cannot create a file in {parent} "
+                          f"({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 @contextmanager

@@ -210,13 +210,29 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stages():
+    """A progress callback for commands that work for seconds: each stage as a line on
+    stderr when stderr is a terminal, else None (logs and pipes get only the result)."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda message: print(f"lmonnx: {message} ...", file=sys.stderr, flush=True)
+
+
+def _summary_stream(output: Path):
+    """stdout for a command's summary, stderr when its output itself goes to stdout."""
+    from lmonnx.atomic import descriptor_of
+
+    return sys.stderr if descriptor_of(output) == 1 else sys.stdout
+
+
 def _cmd_synth(args) -> None:
     from lmonnx.synth import write_corpus
 
     kwargs = {k: v for k, v in dict(words=args.words, train_sentences=args.train_sentences,
                                     valid_sentences=args.valid_sentences,
                                     test_sentences=args.test_sentences).items() if v is not None}
-    summary = write_corpus(args.out, seed=args.seed, force=args.force, **kwargs)
+    summary = write_corpus(args.out, seed=args.seed, force=args.force, progress=_stages(),
+                           **kwargs)
     print(json.dumps(summary, indent=2))
 
 
@@ -257,8 +273,10 @@ def _cmd_train(args) -> None:
 def _cmd_export(args) -> None:
     from lmonnx.export import export_run
 
-    export_run(args.run_dir, args.output, opset=args.opset, force=args.force,
-               quantize=args.quantize, max_change=args.max_change)
+    report = export_run(args.run_dir, args.output, opset=args.opset, force=args.force,
+                        quantize=args.quantize, max_change=args.max_change,
+                        progress=_stages())
+    print(report.summary(), file=_summary_stream(args.output))
 
 
 def _cmd_quantize(args) -> None:
@@ -266,9 +284,11 @@ def _cmd_quantize(args) -> None:
 
     bound = {} if args.max_change is None else {"max_change": args.max_change}
     record = quantize_file(args.model, args.output, sample=args.sample, errors=args.errors,
-                           force=args.force, **bound)
-    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.2f} MB)")
-    print(describe(record))
+                           force=args.force, progress=_stages(), **bound)
+    size = (f" ({args.output.stat().st_size / 1e6:.2f} MB)" if args.output.is_file() else "")
+    stream = _summary_stream(args.output)
+    print(f"wrote {args.output}{size}", file=stream)
+    print(describe(record), file=stream)
 
 
 def _passive_openmp() -> None:

@@ -17,23 +17,63 @@ The int8 ops have no CUDA kernels: such a model runs on CPU (``runtime`` refuses
 
 from __future__ import annotations
 
-import json
 import logging
-import math
+import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
+from lmonnx.artifact import model_props, write_metadata
 from lmonnx.errors import InvalidArgumentError, MissingDependencyError, QuantizationError
-from lmonnx.artifact import KEY_QUANTIZATION
 from lmonnx.examples import Example
+from lmonnx.validation import check_real
 
 DEFAULT_MAX_CHANGE = 0.01
-"""Largest relative perplexity change (int8 vs fp32) accepted without ``force``."""
+"""Largest relative perplexity increase (int8 vs fp32) accepted without ``force``."""
 PER_CHANNEL = True
 REDUCE_RANGE = False
+SAMPLE_SENTENCES = 1000
+
+Progress = Callable[[str], None]
 
 
+class _FromPackage(logging.Filter):
+    """Drops records logged from the modules under ``directory``."""
+
+    def __init__(self, directory: str):
+        super().__init__()
+        self.directory = os.path.join(os.path.realpath(directory), "")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not os.path.realpath(record.pathname).startswith(self.directory)
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """Silence onnxruntime's quantizer, nothing else, while the block runs.
+
+    It has no logger of its own: ``quantize_dynamic`` logs with ``logging.warning(...)`` on the
+    root logger (a generic "consider pre-processing", about shape inference for CNNs).  So a
+    filter on the root logger drops the records whose source file lies in
+    ``onnxruntime/quantization`` (a logger's filter sees only records logged on it, never ones
+    that propagate up from the user's loggers), and while the root has no handler a
+    ``NullHandler`` keeps ``logging.warning`` from calling ``basicConfig`` on it.  Both are
+    removed afterwards."""
+    import onnxruntime.quantization
+
+    root = logging.getLogger()
+    quiet = _FromPackage(os.path.dirname(onnxruntime.quantization.__file__))
+    guard = logging.NullHandler() if not root.handlers else None
+    root.addFilter(quiet)
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        if guard is not None:
+            root.removeHandler(guard)
 
 
 def quantize_bytes(model: bytes, *, per_channel: bool = PER_CHANNEL,
@@ -43,23 +83,16 @@ def quantize_bytes(model: bytes, *, per_channel: bool = PER_CHANNEL,
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
-        raise MissingDependencyError("quantization needs the onnx package: install lmonnx[cpu,train] "
-                          "or pip install onnx") from None
+        raise MissingDependencyError("quantization needs the onnx package: install "
+                                     "lmonnx[cpu,train] or pip install onnx") from None
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(model)
-        # onnxruntime's quantizer logs a generic "consider pre-processing" warning on the root
-        # logger (it is about shape inference for CNNs); keep the user's stderr to our lines.
-        logging.disable(logging.WARNING)
-        try:
+        with _quiet_quantizer():
             quantize_dynamic(src, dst, per_channel=per_channel, reduce_range=reduce_range,
                              weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM", "MatMul"])
-        finally:
-            logging.disable(logging.NOTSET)
         proto = onnx.load(str(dst))
-    original = onnx.load_from_string(model)
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(original.metadata_props)
+    write_metadata(proto, model_props(onnx.load_from_string(model)))
     return proto.SerializeToString()
 
 
@@ -73,17 +106,21 @@ def _perplexity(model: bytes, examples: list[Example], name: str) -> tuple[float
 
 def quantize_checked(model: bytes, examples: Iterable[Example], source: str, *,
                      max_change: float = DEFAULT_MAX_CHANGE, force: bool = False,
-                     name: str = "<model>") -> tuple[bytes, dict]:
-    """int8 bytes of ``model`` with an ``lmonnx.quantization`` record, after measuring the
-    perplexity of both on ``examples`` (from ``source``).  :class:`QuantizationError` when
-    it changes by more than ``max_change`` (relative) and not ``force``."""
-    if not (isinstance(max_change, (int, float)) and math.isfinite(max_change)
-            and max_change >= 0):
-        raise InvalidArgumentError(f"--max-change must be a number >= 0 (a fraction), got {max_change!r}")
+                     name: str = "<model>", progress: Progress | None = None,
+                     ) -> tuple[bytes, dict]:
+    """int8 bytes of ``model`` (called ``name`` in messages) with an ``lmonnx.quantization``
+    record, after measuring the perplexity of both on ``examples`` (from ``source``).
+    :class:`QuantizationError` when int8 raises the perplexity by more than ``max_change``
+    (relative: 0.01 is 1%) and not ``force``; an unchanged or lower perplexity always passes.
+    ``progress`` is called with a line before each stage."""
+    say = progress or (lambda message: None)
+    max_change = check_real("--max-change", max_change, low=0, why="a fraction")
     examples = list(examples)
     if not examples:
         raise InvalidArgumentError(f"{source}: no sentences to measure the quantization on")
+    say(f"quantizing {name} to int8")
     int8 = quantize_bytes(model)
+    say(f"measuring both models on {len(examples)} sentences of {source}")
     fp32_ppl, tokens = _perplexity(model, examples, name)
     int8_ppl, _ = _perplexity(int8, examples, f"{name} (int8)")
     change = int8_ppl / fp32_ppl - 1.0
@@ -92,7 +129,7 @@ def quantize_checked(model: bytes, examples: Iterable[Example], source: str, *,
               "quantized_ops": ["LSTM", "MatMul"], "sample": source, "sample_tokens": tokens,
               "perplexity_fp32": fp32_ppl, "perplexity_int8": int8_ppl,
               "perplexity_change": change}
-    if abs(change) > max_change and not force:
+    if not change <= max_change and not force:  # NaN is refused too
         raise QuantizationError(
             f"int8 changes the perplexity by {100 * change:+.3f}% on {tokens} tokens of "
             f"{source} ({fp32_ppl:.3f} -> {int8_ppl:.3f}), more than the "
@@ -100,8 +137,7 @@ def quantize_checked(model: bytes, examples: Iterable[Example], source: str, *,
     import onnx
 
     proto = onnx.load_from_string(int8)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = KEY_QUANTIZATION, json.dumps(record, sort_keys=True)
+    write_metadata(proto, model_props(proto), quantization=record)
     return proto.SerializeToString(), record
 
 
@@ -111,15 +147,16 @@ def describe(record: dict) -> str:
             f"of {record['sample']}")
 
 
-def generated_examples(model: bytes, count: int = 200, seed: int = 0) -> tuple[list, str]:
-    """``count`` sentences sampled from the fp32 model itself (format 2): a sample of what
-    the model considers likely text, when the user gives none."""
+def generated_examples(model: bytes, count: int = 200, seed: int = 0, *,
+                       name: str = "<model>") -> tuple[list, str]:
+    """``count`` sentences sampled from the fp32 model itself (format 2, called ``name`` in
+    messages): a sample of what the model considers likely text, when the user gives none."""
     from lmonnx.corpus import to_line
     from lmonnx.examples import ExampleBuilder
     from lmonnx.incremental import END, Incremental
     from lmonnx.runtime import ModelSession
 
-    session = ModelSession(model, providers="cpu")
+    session = ModelSession(model, providers="cpu", name=name)
     session.require_state("sampling sentences to measure the quantization (or give --sample)")
     incremental = Incremental(session)
     builder = ExampleBuilder(session.vocab)
@@ -131,32 +168,46 @@ def generated_examples(model: bytes, count: int = 200, seed: int = 0) -> tuple[l
     return examples, f"{count} sentences sampled from the fp32 model"
 
 
-def quantize_file(source, output, *, sample=None, errors: str = "strict",
-                  max_change: float = DEFAULT_MAX_CHANGE, force: bool = False) -> dict:
-    """``lmonnx quantize``: the int8 form of the lmonnx model at ``source``, written atomically
-    to ``output``, never over ``source``.  Returns the ``lmonnx.quantization`` record."""
+def _sample_examples(session, model: bytes, source: Path, sample, errors: str,
+                     progress: Progress | None):
+    """(examples, where they came from): ``sample``'s first sentences, else sentences the
+    model samples itself."""
     from itertools import islice
 
-    from lmonnx.atomic import check_output, write_atomic
     from lmonnx.corpus import read_sentences
     from lmonnx.examples import ExampleBuilder
+
+    if sample is None:
+        if progress is not None:
+            progress(f"sampling sentences from {source}")
+        return generated_examples(model, name=str(source))
+    builder = ExampleBuilder(session.vocab)
+    examples = list(builder.build_all(islice(read_sentences(sample, errors), SAMPLE_SENTENCES)))
+    return examples, f"{Path(sample).name} (first {len(examples)} sentences)"
+
+
+def quantize_file(source, output, *, sample=None, errors: str = "strict",
+                  max_change: float = DEFAULT_MAX_CHANGE, force: bool = False,
+                  progress: Progress | None = None) -> dict:
+    """``lmonnx quantize``: the int8 form of the lmonnx model at ``source``, written to
+    ``output`` (atomically for a file; a FIFO or ``/dev/stdout`` too), never over ``source`` or
+    ``sample``, even with ``force`` (``OutputError``).  Returns the ``lmonnx.quantization``
+    record; ``progress`` is called with a line before each stage."""
+    from lmonnx.atomic import check_outputs, output_file
     from lmonnx.runtime import ModelSession
 
     source, output = Path(source), Path(output)
-    if output.exists() and source.exists() and output.resolve() == source.resolve():
-        raise InvalidArgumentError(f"-o {output} is the model being quantized; choose another file")
-    check_output(output, "-o", force=force)
+    inputs = [source, *([sample] if sample is not None else [])]
+    check_outputs({"-o": output}, inputs, force=force)
     session = ModelSession(source, providers="cpu")
     if session.quantization:
-        raise InvalidArgumentError(f"{source} is already quantized ({session.quantization.get('method')})")
+        raise InvalidArgumentError(f"{source} is already quantized "
+                                   f"({session.quantization.get('method')})")
     model = source.read_bytes()
-    if sample is not None:
-        builder = ExampleBuilder(session.vocab)
-        examples = list(builder.build_all(islice(read_sentences(sample, errors), 1000)))
-        where = f"{Path(sample).name} (first {len(examples)} sentences)"
-    else:
-        examples, where = generated_examples(model)
+    examples, where = _sample_examples(session, model, source, sample, errors, progress)
     data, record = quantize_checked(model, examples, where, max_change=max_change, force=force,
-                                    name=str(source))
-    write_atomic(output, data)
+                                    name=str(source), progress=progress)
+    check_outputs({"-o": output}, inputs, force=force)  # it may have appeared meanwhile
+    with output_file(output, "-o", binary=True) as f:
+        f.write(data)
     return record

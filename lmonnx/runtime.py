@@ -41,7 +41,7 @@ except ImportError:  # both onnxruntime and onnxruntime-gpu provide the module
 
 from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS,
                              ArtifactMetadata, parse_metadata)
-from lmonnx.loss_head import TARGETS, TOKEN_HIT, TOKEN_LOGPROB, add_loss_head
+from lmonnx.graph import TARGETS, TOKEN_HIT, TOKEN_LOGPROB, add_loss_head
 
 log = logging.getLogger("lmonnx")
 

@@ -16,7 +16,9 @@ A sentence ``w1 .. wn`` scores ``log start[w1] + sum log T[w_k, w_k+1] + log eos
 over n+1 tokens (the words and one ``</s>``), exactly as ``lmonnx evaluate`` counts them. So
 the true perplexity of a text, ``exp(sum NLL / tokens)``, is known, and a language model trained
 on the corpus approaches it from above. The entropy rate (expected NLL per token of the process)
-follows in closed form from the expected visits ``start (I - Q)^-1`` of the absorbing chain.
+follows from the expected visits ``start (I - Q)^-1`` of the absorbing chain, summed over the
+successor lists: nothing is ever a dense ``words x words`` matrix, so ``--words 40000`` takes
+seconds and tens of MB.
 
 Randomness: one ``SeedSequence(seed)`` spawns independent streams for the chain and for each
 split, so the test text does not change when only the train size does.
@@ -28,11 +30,13 @@ import bisect
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from lmonnx.errors import InvalidArgumentError
 from lmonnx.atomic import write_atomic
+from lmonnx.errors import InvalidArgumentError
+from lmonnx.validation import check_int
 
 SYNTH_FORMAT = "lmonnx-synth/1"
 SPLITS = ("train", "valid", "test")
@@ -41,6 +45,8 @@ DEFAULT_WORDS = 300
 DEFAULT_TRAIN_SENTENCES = 15_000
 DEFAULT_VALID_SENTENCES = 2_000
 DEFAULT_TEST_SENTENCES = 2_000
+VISITS_TOLERANCE = 1e-17
+"""expected_visits stops when the mass still in the chain is this fraction of the visits."""
 
 
 class MarkovChain:
@@ -69,6 +75,7 @@ class MarkovChain:
             if not math.isclose(p.sum() + self.eos[i], 1.0, rel_tol=1e-9):
                 raise InvalidArgumentError(f"word {i}: successor and eos probabilities must sum to 1")
         self._index = {name: i for i, name in enumerate(self.names)}
+        self._visits: np.ndarray | None = None  # expected_visits(), computed once
         # Log-probabilities keyed by (word, next word) for exact scoring, cumulative tables for
         # sampling: the outcome after a word is one of its successors or -1 (end of sentence).
         self._log_start = {i: math.log(p) for i, p in enumerate(self.start.tolist()) if p > 0}
@@ -91,27 +98,24 @@ class MarkovChain:
     def random(cls, words: int = DEFAULT_WORDS, rng: np.random.Generator | None = None, *,
                zipf: float = 0.6, successors: tuple[int, int] = (12, 32), successor_zipf: float = 0.9,
                eos: tuple[float, float] = (0.04, 0.16), starters: int = 40) -> "MarkovChain":
-        """Draw a chain over ``words`` types.
+        """Draw a chain over ``words`` types in O(words x successors) time and memory.
 
         ``zipf``: exponent of the rank weights used to pick successors and starters (the corpus'
         unigram shape); ``successors``: inclusive range of successor-set sizes;
         ``successor_zipf``: exponent of the probabilities within a set; ``eos``: range of the
         per-word end probabilities; ``starters``: how many words may start a sentence.
         """
-        if isinstance(words, bool) or not isinstance(words, (int, np.integer)) or words < 2:
-            raise InvalidArgumentError(f"words must be an integer >= 2, got {words!r}")
+        v = check_int("words", words, low=2)
         rng = np.random.default_rng(0) if rng is None else rng
-        v = int(words)
         rank_w = 1.0 / np.arange(1, v + 1) ** zipf
+        draw = _RankDraw(rank_w)
         lo, hi = successors
         succ_list, prob_list = [], []
         eos_p = rng.uniform(eos[0], eos[1], size=v)
         for i in range(v):
             k = int(min(rng.integers(lo, hi + 1), v))
             ring = (i + 1) % v
-            w = rank_w.copy()
-            w[ring] = 0.0
-            others = rng.choice(v, size=k - 1, replace=False, p=w / w.sum())
+            others = draw.without(rng, k - 1, excluded=ring)
             succ = rng.permutation(np.append(others, ring))  # the ring successor at a random rank
             p = 1.0 / np.arange(1, k + 1) ** successor_zipf
             succ_list.append(succ)
@@ -156,20 +160,23 @@ class MarkovChain:
             lp += self._log_trans[a].get(b, -math.inf)
         return lp + self._log_eos[ids[-1]]
 
-    # ---- closed-form properties
-
-    def transition_matrix(self) -> np.ndarray:
-        """Dense substochastic Q: float64 [V, V], ``Q[i, j] = T[i, j]`` (rows sum to 1 - eos)."""
-        v = len(self)
-        q = np.zeros((v, v))
-        for i, (s, p) in enumerate(zip(self.successors, self.probs)):
-            q[i, s] = p
-        return q
+    # ---- closed-form properties (sparse: O(words x successors) memory for any size)
 
     def expected_visits(self) -> np.ndarray:
-        """Expected occurrences of each word per sentence: ``start (I - Q)^-1``, float64 [V]."""
-        v = len(self)
-        return np.linalg.solve((np.eye(v) - self.transition_matrix()).T, self.start)
+        """Expected occurrences of each word per sentence, float64 [V]: ``start (I - Q)^-1``
+        for the substochastic transition matrix Q, summed as the series ``sum_k start Q^k``
+        over the successor lists until the mass still in the chain is below float64
+        resolution (it shrinks by at least ``1 - min(eos)`` per step)."""
+        if self._visits is None:
+            rows = np.repeat(np.arange(len(self)), [len(s) for s in self.successors])
+            cols = np.concatenate(self.successors)
+            weights = np.concatenate(self.probs)
+            visits, step = self.start.copy(), self.start
+            while step.sum() > VISITS_TOLERANCE * visits.sum():
+                step = np.bincount(cols, weights=step[rows] * weights, minlength=len(self))
+                visits += step
+            self._visits = visits
+        return self._visits
 
     def expected_tokens(self) -> float:
         """Expected scored tokens per sentence (words plus one ``</s>``)."""
@@ -185,23 +192,90 @@ class MarkovChain:
         return expected_nll / self.expected_tokens()
 
 
+class _RankDraw:
+    """``rng.choice(V, size, replace=False, p=w / w.sum())`` with ``w`` the rank weights and one
+    index excluded (weight 0): the same indices from the same random numbers as NumPy, without
+    NumPy's O(V) normalised copy and cumulative sum per call.
+
+    NumPy draws ``size - found`` uniforms per round, maps each through the cumulative
+    distribution of the weights not yet taken (``searchsorted(side="right")``) and keeps the
+    first occurrence of each new index.  Here that distribution is the cumulative sum of all
+    weights, computed once, minus the few excluded ones.  Its rounding differs from NumPy's by
+    far less than ``tolerance``; a uniform that close to a boundary is mapped through NumPy's
+    own arithmetic instead, so the result is the same bit for bit.
+    """
+
+    def __init__(self, weights: np.ndarray):
+        self.weights = weights
+        self.cumulative = np.cumsum(weights)
+        self.tolerance = 16.0 * (len(weights) + 1) * np.finfo(np.float64).eps
+
+    def without(self, rng: np.random.Generator, size: int, *, excluded: int) -> np.ndarray:
+        """``size`` distinct indices (int64 [size]), never ``excluded``."""
+        found: list[int] = []
+        while len(found) < size:
+            uniforms = rng.random(size - len(found))
+            for index in self._invert(uniforms, excluded, found):
+                if index not in found:  # NumPy keeps the first of a round's repeats
+                    found.append(index)
+        return np.array(found, dtype=np.int64)
+
+    def _invert(self, uniforms: np.ndarray, excluded: int, found: list[int]) -> list[int]:
+        zeroed = np.array(sorted([excluded, *found]), dtype=np.int64)
+        zeroed_cum = np.concatenate(([0.0], np.cumsum(self.weights[zeroed])))
+        total = self.cumulative[-1] - zeroed_cum[-1]
+        last = len(self.weights) - 1
+
+        def kept_mass(j):  # weight of the indices <= j that are not zeroed
+            return self.cumulative[j] - zeroed_cum[np.searchsorted(zeroed, j, side="right")]
+
+        targets = uniforms * total
+        j = np.minimum(np.searchsorted(self.cumulative, targets, side="right"), last)
+        for _ in range(len(zeroed) + 1):  # the first j whose kept mass exceeds the target
+            short = kept_mass(j) <= targets
+            if not short.any():
+                break
+            lifted = targets + zeroed_cum[np.searchsorted(zeroed, j, side="right")]
+            j = np.where(short, np.minimum(np.searchsorted(self.cumulative, lifted,
+                                                           side="right"), last), j)
+        below = np.where(j > 0, kept_mass(np.maximum(j - 1, 0)), 0.0)
+        margin = np.minimum(kept_mass(j) - targets, targets - below) / total
+        if (margin <= self.tolerance).any():
+            return self._numpy_invert(uniforms, excluded, found)
+        return j.tolist()
+
+    def _numpy_invert(self, uniforms: np.ndarray, excluded: int, found: list[int]) -> list[int]:
+        """NumPy's own arithmetic (``Generator.choice``): normalise, zero, cumsum, renormalise."""
+        w = self.weights.copy()
+        w[excluded] = 0.0
+        p = w / w.sum()
+        p[found] = 0.0
+        cdf = np.cumsum(p)
+        cdf /= cdf[-1]
+        return cdf.searchsorted(uniforms, side="right").tolist()
+
+
 def make_chain(seed: int = 0, words: int = DEFAULT_WORDS) -> MarkovChain:
     """The chain that :func:`write_corpus` uses for ``seed`` and ``words``."""
     chain_seq, *_ = np.random.SeedSequence(seed).spawn(1 + len(SPLITS))
     return MarkovChain.random(words, np.random.default_rng(chain_seq))
 
 
-def sample_splits(seed: int = 0, words: int = DEFAULT_WORDS, **sizes: int):
-    """(chain, {split: list of sentences as word-name lists}) for ``sizes`` like ``train=100``."""
+def sample_splits(seed: int = 0, words: int = DEFAULT_WORDS, *,
+                  progress: Callable[[str], None] | None = None, **sizes: int):
+    """(chain, {split: list of sentences as word-name lists}) for ``sizes`` like ``train=100``;
+    ``progress`` is called with a line before each stage."""
+    say = progress or (lambda message: None)
+    seed = check_int("seed", seed, low=0)
     chain_seq, *split_seqs = np.random.SeedSequence(seed).spawn(1 + len(SPLITS))
+    say(f"drawing a Markov chain over {words} words")
     chain = MarkovChain.random(words, np.random.default_rng(chain_seq))
     out = {}
     for name, seq in zip(SPLITS, split_seqs):
-        n = sizes.get(name, 0)
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise InvalidArgumentError(f"{name}_sentences must be a non-negative integer, got {n!r}")
+        n = check_int(f"{name}_sentences", sizes.get(name, 0), low=0)
+        say(f"sampling {n} {name} sentences")
         rng = np.random.default_rng(seq)
-        out[name] = [chain.sample_sentence(rng) for _ in range(int(n))]
+        out[name] = [chain.sample_sentence(rng) for _ in range(n)]
     return chain, out
 
 
@@ -213,22 +287,9 @@ def _is_synth_output(truth: Path) -> bool:
         return False
 
 
-def write_corpus(out_dir, *, seed: int = 0, words: int = DEFAULT_WORDS,
-                 train_sentences: int = DEFAULT_TRAIN_SENTENCES,
-                 valid_sentences: int = DEFAULT_VALID_SENTENCES,
-                 test_sentences: int = DEFAULT_TEST_SENTENCES, force: bool = False) -> dict:
-    """Sample the corpus into ``out_dir``/{train,valid,test}.txt and write ``truth.json``.
-
-    Returns the summary stored in ``truth.json``: seed, words, sentences and tokens per split,
-    the exact NLL (nats) and true perplexity of each split's text, and the chain's entropy rate
-    (nats per token). Existing files are an error unless ``force``.
-    """
-    if isinstance(words, bool) or not isinstance(words, (int, np.integer)) or words < 2:
-        raise InvalidArgumentError(f"words must be an integer >= 2, got {words!r}")
-    for name, n in (("train", train_sentences), ("valid", valid_sentences), ("test", test_sentences)):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise InvalidArgumentError(f"{name}_sentences must be a positive integer, got {n!r}")
-    out_dir = Path(out_dir)
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse, before any work, an ``out_dir`` that is a file, or one holding our files'
+    names without ``force``, or (even with ``force``) a user's own corpus: no synth truth.json."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     targets = [out_dir / f"{s}.txt" for s in SPLITS] + [out_dir / "truth.json"]
@@ -240,11 +301,31 @@ def write_corpus(out_dir, *, seed: int = 0, words: int = DEFAULT_WORDS,
         raise FileExistsError(f"{existing[0]} exists and {out_dir} holds no lmonnx synth "
                               "truth.json: not overwriting it even with --force; choose "
                               "another --out")
+
+
+def write_corpus(out_dir, *, seed: int = 0, words: int = DEFAULT_WORDS,
+                 train_sentences: int = DEFAULT_TRAIN_SENTENCES,
+                 valid_sentences: int = DEFAULT_VALID_SENTENCES,
+                 test_sentences: int = DEFAULT_TEST_SENTENCES, force: bool = False,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Sample the corpus into ``out_dir``/{train,valid,test}.txt and write ``truth.json``.
+
+    Returns the summary stored in ``truth.json``: seed, words, sentences and tokens per split,
+    the exact NLL (nats) and true perplexity of each split's text, and the chain's entropy rate
+    (nats per token).  Existing files are an error unless ``force``.  ``progress`` is called
+    with a line before each stage (drawing the chain, sampling each split, the entropy rate).
+    """
+    seed, words = check_int("seed", seed, low=0), check_int("words", words, low=2)
+    sizes = {name: check_int(f"{name}_sentences", n) for name, n in
+             zip(SPLITS, (train_sentences, valid_sentences, test_sentences))}
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    chain, texts = sample_splits(seed, int(words), train=train_sentences, valid=valid_sentences,
-                                 test=test_sentences)
-    summary = {"format": SYNTH_FORMAT, "seed": int(seed), "words": int(words),
+    chain, texts = sample_splits(seed, words, progress=progress, **sizes)
+    if progress is not None:
+        progress("computing the entropy rate")
+    summary = {"format": SYNTH_FORMAT, "seed": seed, "words": words,
                "sentences": {}, "tokens": {}, "nll": {}, "true_perplexity": {},
                "entropy_rate_nats": chain.entropy_rate(),
                "expected_tokens_per_sentence": chain.expected_tokens()}

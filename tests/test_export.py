@@ -10,6 +10,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from output_checks import bytes_through_fifo, run_to_dev_stdout
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -18,9 +19,11 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import lmonnx.export as export  # noqa: E402
+import lmonnx.graph as lmgraph  # noqa: E402
+import lmonnx.verify as verify  # noqa: E402
 import lmonnx.train  # noqa: E402,F401  (registers LanguageModel with Keras)
 from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS,  # noqa: E402
-                             metadata_props, parse_metadata)
+                             metadata_props, parse_metadata, write_metadata)
 from lmonnx.batching import bucketed_batches, make_pair  # noqa: E402
 from lmonnx.cli import main  # noqa: E402
 from lmonnx.corpus import read_sentences, to_line  # noqa: E402
@@ -53,7 +56,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(run):
-    report = export.export_run(run / "run", run / "model.onnx", verbose=False)
+    report = export.export_run(run / "run", run / "model.onnx")
     return report
 
 
@@ -124,7 +127,7 @@ def test_every_lstm_carries_state_and_lengths(run, exported):
     lstms = [n for n in graph.node if n.op_type == "LSTM"]
     assert len(lstms) == 2
     for node in lstms:
-        assert node.input[4] == export.LENGTHS and node.input[5] and node.input[6]
+        assert node.input[4] == lmgraph.LENGTHS and node.input[5] and node.input[6]
     assert exported.state.ok and exported.state.batches >= 2
     assert exported.metadata["lmonnx.format_version"] == "2"
 
@@ -167,10 +170,10 @@ def test_exported_model_steps_like_full_scores(run, exported):
 
 
 def test_failed_state_check_writes_nothing(run, tmp_path, monkeypatch):
-    bad = export.StateReport(batches=1, max_halves_loss_rel_diff=1.0, max_row_state_abs_diff=0.0)
+    bad = verify.StateReport(batches=1, max_halves_loss_rel_diff=1.0, max_row_state_abs_diff=0.0)
     monkeypatch.setattr(export, "check_state", lambda *a, **k: bad)
     with pytest.raises(export.ExportError, match="state check"):
-        export.export_run(run / "run", tmp_path / "m.onnx", verbose=False)
+        export.export_run(run / "run", tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -195,8 +198,8 @@ def test_metadata(run, exported):
 def test_parity_report_and_independent_check(run, exported):
     p = exported.parity
     assert p.ok and p.source == "valid.txt" and p.sentences == 50 and p.batches >= 2
-    assert p.max_logit_abs_diff <= export.LOGIT_ATOL
-    assert p.max_batch_loss_rel_diff <= export.LOSS_RTOL
+    assert p.max_logit_abs_diff <= verify.LOGIT_ATOL
+    assert p.max_batch_loss_rel_diff <= verify.LOSS_RTOL
     worst, keras_loss, onnx_loss = logits_parity(run / "run", run / "model.onnx",
                                                  run / "synth" / "test.txt")
     assert worst <= 1e-4
@@ -211,12 +214,10 @@ def test_convert_any_depth_to_fused_lstm(layers):
     vocab = make_vocab([f"w{i}" for i in range(26)])
     model = LanguageModel(len(vocab), 8, 8, layers, embedding_dim=4)
     proto = export.convert(model)
-    assert export._check_graph(proto, layers)["LSTM"] == layers
+    assert lmgraph.check_graph(proto, layers)["LSTM"] == layers
     shape = dict(vocab_size=30, max_length=8, num_lstm_units=8, num_lstm_layers=layers,
                  embedding_dim=4, dropout=0.0)
-    for key, value in metadata_props(vocab, shape, {}).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    write_metadata(proto, metadata_props(vocab, shape, {}))
     session = ModelSession(proto.SerializeToString(), providers="cpu", name="converted")
     rng = np.random.default_rng(layers)
     lines = [to_line(i, " ".join(f"w{j}" for j in rng.integers(0, 26, size=n)))
@@ -236,7 +237,7 @@ def test_cli_refuses_existing_output_then_force(run, exported, capsys):
     assert main(["export", str(run / "run"), "-o", str(target), "--force"]) == 0
     out = capsys.readouterr().out
     assert "2 fused LSTM with state, no Loop" in out and "parity:" in out and "ops:" in out
-    assert "state: two halves" in out
+    assert "state: a row alone in two halves" in out
     assert op_counts(target)["LSTM"] == 2
 
 
@@ -270,9 +271,9 @@ def test_max_change_without_quantize_is_refused(run, tmp_path, capsys):
 
 
 def test_failed_parity_writes_nothing(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "LOGIT_ATOL", -1.0)
+    monkeypatch.setattr(verify, "LOGIT_ATOL", -1.0)
     with pytest.raises(export.ExportError, match=r"parity check.*max \|logit diff\|"):
-        export.export_run(run / "run", tmp_path / "m.onnx", verbose=False)
+        export.export_run(run / "run", tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temp file
 
 
@@ -290,7 +291,7 @@ def test_parity_loss_is_what_evaluation_computes(run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lmonnx.evaluate, "score_batch", off_by_one_percent)
     with pytest.raises(export.ExportError, match="loss rel diff"):
-        export.export_run(run / "run", tmp_path / "m.onnx", verbose=False)
+        export.export_run(run / "run", tmp_path / "m.onnx")
     assert calls and set(calls) == {"ModelSession"}
     assert list(tmp_path.iterdir()) == []
 
@@ -373,3 +374,91 @@ def test_ptb_done_when(ptb_dir, tmp_path, capsys):
     assert worst <= 1e-4
     assert onnx_loss == pytest.approx(keras_loss, rel=1e-5)
     assert math.isfinite(onnx_loss)
+
+
+# ---- outputs: one policy (atomic.check_outputs + output_file) --------------------------------
+
+def assert_an_export_of_the_run(data: bytes, run):
+    """``data`` is this run's model (tf2onnx's node names differ from export to export)."""
+    written, reference = onnx.load_from_string(data), onnx.load(str(run / "model.onnx"))
+    assert written.metadata_props == reference.metadata_props
+    assert lmgraph.op_counts(written) == lmgraph.op_counts(reference)
+
+
+def test_export_through_a_symlink_replaces_the_target(run, exported, tmp_path):
+    target, link = tmp_path / "target.onnx", tmp_path / "link.onnx"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    export.export_run(run / "run", link, force=True)
+    assert link.is_symlink() and link.resolve() == target
+    assert_an_export_of_the_run(target.read_bytes(), run)
+
+
+def test_export_into_a_fifo_reaches_its_reader(run, exported, tmp_path):
+    fifo = tmp_path / "model.fifo"
+    assert_an_export_of_the_run(bytes_through_fifo(fifo, lambda: export.export_run(
+        run / "run", fifo)), run)
+
+
+def test_export_to_dev_stdout_writes_through_it(run, exported, tmp_path):
+    """In a subprocess whose stdout is a file, the file gets the model and the summary goes
+    to stderr; /dev/stdout stays a link."""
+    data, stderr = run_to_dev_stdout(["export", run / "run", "-o", "/dev/stdout"], tmp_path)
+    assert b"wrote /dev/stdout" in stderr
+    assert_an_export_of_the_run(data, run)
+
+
+def test_unwritable_directory_fails_before_the_work(run, capsys, monkeypatch):
+    monkeypatch.setattr(export, "_load_run", lambda run: pytest.fail("loaded the model"))
+    assert main(["export", str(run / "run"), "-o", "/proc/m.onnx"]) == 1
+    assert one_error_line(capsys) == ("lmonnx: error: -o /proc/m.onnx: cannot create a file "
+                                      "in /proc (No such file or directory)")
+
+
+# ---- the sample: windows, as training cuts them ----------------------------------------------
+
+def test_a_long_sample_line_is_checked_in_windows(run, exported, tmp_path, monkeypatch):
+    """A validation line was run through eager Keras whole (20k words: 77 s).  Now Keras
+    never sees more than max_length (10) positions per row, and the sample is bounded."""
+    from lmonnx.train import LanguageModel
+
+    rng = np.random.default_rng(0)
+    line = " ".join(f"w{i}" for i in rng.integers(0, 40, size=10_000))
+    sample = tmp_path / "long.txt"
+    sample.write_text(line + "\nw1 w2\n", encoding="utf-8")
+    widths = []
+    real = LanguageModel.run_lstm
+
+    def recording(self, inputs, *args, **kwargs):
+        widths.append(int(inputs.shape[1]))
+        return real(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModel, "run_lstm", recording)
+    report = export.export_run(run / "run", tmp_path / "m.onnx", sample=sample)
+    assert widths and max(widths) == 10
+    windows = math.ceil(verify.SAMPLE_TOKENS / 10)  # the window that reaches the bound completes
+    assert report.parity.windows == windows and report.parity.tokens == 10 * windows
+    assert report.parity.sentences == 1 and report.state.ok
+
+
+def test_sample_windows_cut_and_bound():
+    vocab = make_vocab(["a", "b"])
+    examples = list(ExampleBuilder(vocab).build_all(
+        [to_line(0, "a b a b a"), to_line(1, "b"), to_line(2, "a a a")]))
+    items = verify.sample_windows(examples, 4, max_tokens=9)
+    assert [(key, list(x)) for key, x, _ in items] == [
+        ((0, 0), [2, 4, 5, 4]), ((0, 1), [5, 4]), ((1, 0), [2, 5]), ((2, 0), [2, 4, 4, 4])]
+
+
+@pytest.mark.parametrize("value,reference,expected", [
+    (1.0, 1.0, 0.0), (0.0, 0.0, 0.0), (1.0, 0.0, math.inf), (1.5, -1.0, 2.5),
+    (math.nan, 1.0, math.inf), (1.0, math.nan, math.inf), (math.inf, 1.0, math.inf)])
+def test_relative_difference(value, reference, expected):
+    assert verify.relative_difference(value, reference) == expected
+
+
+def test_progress_names_each_stage(run, exported, tmp_path):
+    stages = []
+    export.export_run(run / "run", tmp_path / "m.onnx", progress=stages.append)
+    assert [s.split(" ")[0] for s in stages] == ["loading", "converting", "checking"]
+    assert stages[0] == f"loading {run / 'run' / 'model.keras'}"

@@ -20,11 +20,10 @@ RNG = np.random.default_rng(4)
 LINES = [" ".join(RNG.choice(WORDS + ["zebra"], size=RNG.integers(1, 40))) for _ in range(120)]
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["format2", "format1"])
-def model(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("head") / "model.onnx"
-    build_random_lm(path, make_vocab(WORDS), units=32, layers=2, seed=9, scale=2.0,
-                    stateful=request.param)
+    build_random_lm(path, make_vocab(WORDS), units=32, layers=2, seed=9, scale=2.0)
     return path
 
 

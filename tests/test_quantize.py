@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 from lmonnx._testing import build_random_lm, make_vocab
+from output_checks import bytes_through_fifo, run_to_dev_stdout
 
 pytest.importorskip("onnx")
 
@@ -86,7 +87,7 @@ def test_a_change_over_the_bound_is_refused_unless_forced(fp32, text, tmp_path, 
 def test_quantize_never_overwrites_its_input_or_requantizes(fp32, int8, tmp_path, capsys):
     before = fp32.read_bytes()
     assert main(["quantize", str(fp32), "-o", str(fp32), "--force"]) == 1
-    assert "is the model being quantized" in capsys.readouterr().err
+    assert f"-o {fp32} is an input of this command" in capsys.readouterr().err
     assert fp32.read_bytes() == before
     assert main(["quantize", str(int8), "-o", str(tmp_path / "x.onnx")]) == 1
     assert "already quantized" in capsys.readouterr().err
@@ -126,3 +127,107 @@ def test_export_quantize_flag_is_checked():
 
     with pytest.raises(SystemExit):
         _build_parser().parse_args(["export", "run", "--quantize", "int4"])
+
+
+# ---- outputs: one policy (atomic.check_outputs + output_file) ----------------------------------
+
+def test_sample_text_is_never_the_output(fp32, text, tmp_path, capsys):
+    """`quantize m.onnx -o c.txt --sample c.txt --force` replaced the corpus with the model."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(text.read_bytes())
+    assert main(["quantize", str(fp32), "-o", str(corpus), "--sample", str(corpus),
+                 "--force"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lmonnx: error: -o {corpus} is an input of this command ({corpus}); "
+                   "choose another file"]
+    assert corpus.read_bytes() == text.read_bytes()
+
+
+def test_output_through_a_symlink_replaces_the_target(fp32, text, tmp_path):
+    target, link = tmp_path / "target.onnx", tmp_path / "link.onnx"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    assert main(["quantize", str(fp32), "-o", str(link), "--sample", str(text), "--force"]) == 0
+    assert link.is_symlink() and link.resolve() == target
+    assert ModelSession(target, providers="cpu").quantization is not None
+
+
+def test_output_into_a_fifo_reaches_its_reader(fp32, text, tmp_path):
+    fifo = tmp_path / "model.fifo"
+    data = bytes_through_fifo(fifo, lambda: main(["quantize", str(fp32), "-o", str(fifo),
+                                                  "--sample", str(text)]))
+    assert ModelSession(data, providers="cpu", name="fifo").quantization is not None
+
+
+def test_output_to_dev_stdout_writes_through_it(fp32, text, tmp_path):
+    """In a subprocess whose stdout is a file, `-o /dev/stdout` fills that file (the summary
+    goes to stderr) and leaves /dev/stdout a link."""
+    data, stderr = run_to_dev_stdout(["quantize", fp32, "-o", "/dev/stdout", "--sample", text],
+                                     tmp_path)
+    assert b"wrote /dev/stdout" in stderr
+    assert ModelSession(data, providers="cpu", name="stdout").quantization is not None
+
+
+def test_unwritable_directory_fails_before_the_work(fp32, text, tmp_path, capsys, monkeypatch):
+    """Checked up front, naming the user's path, not a temp file after the quantization."""
+    import lmonnx.quantize
+
+    monkeypatch.setattr(lmonnx.quantize, "quantize_bytes", lambda *a, **k: pytest.fail("worked"))
+    assert main(["quantize", str(fp32), "-o", "/proc/int8.onnx", "--sample", str(text)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lmonnx: error: -o /proc/int8.onnx: cannot create a file in /proc "
+                   "(No such file or directory)"]
+
+
+# ---- the bound ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change", [0.0, -1e-7, -0.2])
+def test_no_change_or_an_improvement_passes_a_zero_bound(fp32, text, monkeypatch, change):
+    """`--max-change 0` refused a "-0.000%" change: the bound is on what int8 costs."""
+    import lmonnx.quantize as quantize
+
+    monkeypatch.setattr(quantize, "_perplexity",
+                        lambda model, examples, name: (100.0 * (1 + change if "int8" in name
+                                                                else 1.0), 7))
+    from lmonnx.examples import ExampleBuilder
+    from lmonnx.corpus import read_sentences
+
+    examples = list(ExampleBuilder(ModelSession(fp32, providers="cpu").vocab)
+                    .build_all(read_sentences(text)))[:5]
+    _, record = quantize.quantize_checked(fp32.read_bytes(), examples, "t", max_change=0.0)
+    assert record["perplexity_change"] == pytest.approx(change, abs=1e-12)
+    monkeypatch.setattr(quantize, "_perplexity",
+                        lambda model, examples, name: (100.0 * (1.001 if "int8" in name
+                                                                else 1.0), 7))
+    with pytest.raises(quantize.QuantizationError, match=r"\+0\.100% .* more than the 0%"):
+        quantize.quantize_checked(fp32.read_bytes(), examples, "t", max_change=0.0)
+
+
+# ---- the library's manners ---------------------------------------------------------------------
+
+def test_quantize_silences_only_onnxruntimes_quantizer(fp32, monkeypatch, caplog):
+    """`logging.disable(WARNING)` silenced every logger of the user's process; now only
+    records from onnxruntime.quantization are dropped, and the root logger is left as it was."""
+    import logging
+    import os
+
+    import onnxruntime.quantization
+    import lmonnx.quantize as quantize
+
+    real = onnxruntime.quantization.quantize_dynamic
+    ort_dir = os.path.dirname(onnxruntime.quantization.__file__)
+
+    def noisy(*args, **kwargs):
+        logging.getLogger("user.app").warning("the user's own warning")
+        return real(*args, **kwargs)  # logs "consider pre-processing" on the root logger
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", noisy)
+    root = logging.getLogger()
+    handlers, filters = list(root.handlers), list(root.filters)
+    with caplog.at_level(logging.INFO):
+        quantize.quantize_bytes(fp32.read_bytes())
+    assert [r.getMessage() for r in caplog.records if r.name == "user.app"] == [
+        "the user's own warning"]
+    assert not [r for r in caplog.records if r.pathname.startswith(ort_dir)]
+    assert logging.root.manager.disable == 0
+    assert root.handlers == handlers and root.filters == filters

@@ -13,6 +13,14 @@ from lmonnx.vocab import TokenizerOptions, Vocabulary
 SMALL = dict(train_sentences=300, valid_sentences=50, test_sentences=60)
 
 
+def _dense(chain):
+    """The substochastic transition matrix Q [V, V] (Q[i, j] = T[i, j]), for small chains."""
+    q = np.zeros((len(chain), len(chain)))
+    for i, (s, p) in enumerate(zip(chain.successors, chain.probs)):
+        q[i, s] = p
+    return q
+
+
 def _tiny_chain():
     # 3 words, every transition allowed, high eos so short sentences carry most of the mass
     start = [0.5, 0.3, 0.2]
@@ -38,14 +46,14 @@ def test_sentence_probabilities_sum_to_one():
     L = 7
     total = sum(math.exp(c.log_prob(s)) for n in range(1, L + 1)
                 for s in itertools.product(range(3), repeat=n))
-    q = c.transition_matrix()
+    q = _dense(c)
     p_longer = float(c.start @ np.linalg.matrix_power(q, L) @ np.ones(3))
     assert total == pytest.approx(1.0 - p_longer, abs=1e-12)
 
 
 def test_log_prob_matches_dense_computation():
     c = make_chain(3, words=50)
-    q = c.transition_matrix()
+    q = _dense(c)
     np.testing.assert_allclose(q.sum(axis=1) + c.eos, 1.0)
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -180,3 +188,57 @@ def test_cli_synth(tmp_path, capsys):
     assert printed["sentences"]["train"] == 30
     assert main(argv) != 0
     assert "--force" in capsys.readouterr().err
+
+
+def _numpy_chain_successors(seed, words, lo=12, hi=32, zipf=0.6):
+    """The successor draws as NumPy's ``choice`` makes them (the code before the sparse
+    draw): the reference the sparse draw must equal index for index."""
+    chain_seq = np.random.SeedSequence(seed).spawn(4)[0]
+    rng = np.random.default_rng(chain_seq)
+    rank_w = 1.0 / np.arange(1, words + 1) ** zipf
+    rng.uniform(0.04, 0.16, size=words)
+    out = []
+    for i in range(words):
+        k = int(min(rng.integers(lo, hi + 1), words))
+        w = rank_w.copy()
+        w[(i + 1) % words] = 0.0
+        others = rng.choice(words, size=k - 1, replace=False, p=w / w.sum())
+        out.append(rng.permutation(np.append(others, (i + 1) % words)))
+    return out
+
+
+@pytest.mark.parametrize("seed,words", [(0, 100), (1, 30), (3, 2), (0, 1500)])
+def test_sparse_draw_gives_numpys_chain(seed, words):
+    """Same seed, same corpus as before the sparse rewrite (the oracle's and the demo's
+    figures were measured on it)."""
+    chain = make_chain(seed, words)
+    expected = _numpy_chain_successors(seed, words)
+    assert all(np.array_equal(a, b) for a, b in zip(chain.successors, expected))
+
+
+def test_expected_visits_equal_the_dense_solve():
+    c = make_chain(4, words=60)
+    dense = np.linalg.solve((np.eye(60) - _dense(c)).T, c.start)
+    np.testing.assert_allclose(c.expected_visits(), dense, rtol=1e-12)
+
+
+def test_large_vocabulary_never_builds_a_dense_matrix(tmp_path):
+    """`synth --words 40000` died building a dense 40000 x 40000 matrix (12.8 GB); 3000 words
+    took 3 such 72 MB arrays.  Sparse: the whole corpus, chain and entropy rate included,
+    stays under half of one dense 3000 x 3000 float64 array."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        summary = write_corpus(tmp_path / "s", words=3000, train_sentences=3,
+                               valid_sentences=3, test_sentences=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3000 * 3000 * 8 / 2, peak
+    assert summary["words"] == 3000 and math.isfinite(summary["entropy_rate_nats"])
+
+
+def test_seed_must_be_non_negative(tmp_path):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0; got -1"):
+        write_corpus(tmp_path / "s", seed=-1, **SMALL)

@@ -1,0 +1,172 @@
+"""Edits and checks of the ONNX graph: what export does to tf2onnx's output, and the loss head.
+
+Export (``lmonnx export``, on tf2onnx's ModelProto, in this order):
+
+- ``wire_sequence_lengths``: every fused ``LSTM`` gets ``sequence_lens = sum(input_ids != 0)``,
+  so the state handed back for a row is its state after its last real token;
+- ``name_dynamic_axes``: tf2onnx's ``unk__N`` axes become ``batch`` and ``time``;
+- ``check_graph``: one fused LSTM per layer carrying its state and lengths, no ``Loop``/``Scan``,
+  ``onnx.checker``.
+
+The loss head (runtime, CUDA): per-position log-probability of the target and top-1 hit, in
+the graph.  On CUDA the logits [batch, time, vocab] must not cross PCIe (at V=10k they are 40 kB per
+token): the head appends to the model::
+
+    logits --LogSoftmax(axis=-1)--GatherElements(target_ids)--> token_logprob float32 [B, T]
+    logits --ArgMax(axis=-1, first index)--Equal(target_ids)--> token_hit     bool    [B, T]
+
+so onnxruntime runs it on the device and only [B, T] values come back (with the LSTM state of
+format 2).  The numbers are the kernel's (``xent.token_nll_and_hits``): the NLL is
+``-token_logprob`` and a hit is the first argmax, as ``logits.argmax(-1) == targets``.  On CPU
+the C kernel stays the path (it reads the logits once and runs at the memory floor); tests run
+the head with the CPU provider against the kernel.
+
+Every edit uses the ``onnx`` package, imported when called (the head needs the ``gpu`` extra).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from lmonnx.artifact import (FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, STATE_INPUTS,
+                             STATE_OUTPUTS)
+from lmonnx.errors import ExportError, MissingDependencyError
+
+TARGETS = "target_ids"
+TOKEN_LOGPROB = "token_logprob"
+TOKEN_HIT = "token_hit"
+LENGTHS = "lmonnx_sequence_lens"
+FORBIDDEN_OPS = ("Loop", "Scan")
+
+
+def add_loss_head(model: bytes) -> tuple[bytes, int | None]:
+    """The serialized model with the head appended: input ``target_ids`` int32 [batch, time]
+    added, output ``logits`` replaced by ``token_logprob`` and ``token_hit``.  Also returns
+    the declared logits width (None when symbolic), which the head hides from the session."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        raise MissingDependencyError("the CUDA loss head edits the graph with the onnx package: "
+                          "install lmonnx[gpu]") from None
+    proto = onnx.load_from_string(model)
+    graph = proto.graph
+    (logits,) = [o for o in graph.output if o.name == OUTPUT_NAME]
+    dims = logits.type.tensor_type.shape.dim
+    width = dims[2].dim_value if len(dims) == 3 and dims[2].HasField("dim_value") else None
+    prefix = "lmonnx_head_"
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}last"))
+    graph.node.extend([
+        helper.make_node("Cast", [TARGETS], [f"{prefix}t64"], to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", [f"{prefix}t64", f"{prefix}last"], [f"{prefix}t3"]),
+        helper.make_node("LogSoftmax", [OUTPUT_NAME], [f"{prefix}logp"], axis=-1),
+        helper.make_node("GatherElements", [f"{prefix}logp", f"{prefix}t3"], [f"{prefix}g"],
+                         axis=-1),
+        helper.make_node("Squeeze", [f"{prefix}g", f"{prefix}last"], [TOKEN_LOGPROB]),
+        helper.make_node("ArgMax", [OUTPUT_NAME], [f"{prefix}argmax"], axis=-1, keepdims=0,
+                         select_last_index=0),
+        helper.make_node("Equal", [f"{prefix}argmax", f"{prefix}t64"], [TOKEN_HIT]),
+    ])
+    bt = ["batch", "time"]
+    graph.input.append(helper.make_tensor_value_info(TARGETS, TensorProto.INT32, bt))
+    outputs = [o for o in graph.output if o.name != OUTPUT_NAME]
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info(TOKEN_LOGPROB, TensorProto.FLOAT, bt),
+                         helper.make_tensor_value_info(TOKEN_HIT, TensorProto.BOOL, bt),
+                         *outputs])
+    assert INPUT_NAME in {i.name for i in graph.input}
+    return proto.SerializeToString(), width
+
+
+# ---- export's edits of tf2onnx's graph ------------------------------------------------------
+
+def wire_sequence_lengths(proto) -> None:
+    """Give every LSTM ``sequence_lens = sum(input_ids != 0, axis=1)`` (int32 [batch]).
+
+    Without it the fused op runs through the padding and hands back the state after the last
+    padded position; with it, each row's ``Y_h``/``Y_c`` is its state after its last real
+    token, whatever else shares its batch.  Outputs at real positions are unchanged."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    zero, axis = f"{LENGTHS}_zero", f"{LENGTHS}_axis"
+    graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int32), zero),
+                              numpy_helper.from_array(np.array([1], np.int64), axis)])
+    nodes = [helper.make_node("Greater", [INPUT_NAME, zero], [f"{LENGTHS}_real"]),
+             helper.make_node("Cast", [f"{LENGTHS}_real"], [f"{LENGTHS}_int"],
+                              to=TensorProto.INT32),
+             helper.make_node("ReduceSum", [f"{LENGTHS}_int", axis], [LENGTHS], keepdims=0)]
+    for i, node in enumerate(nodes):
+        graph.node.insert(i, node)
+    for node in graph.node:
+        if node.op_type == "LSTM":
+            while len(node.input) < 5:
+                node.input.append("")
+            if node.input[4]:
+                raise ExportError(f"tf2onnx already gave {node.name} a sequence_lens input")
+            node.input[4] = LENGTHS
+
+
+def _dynamic_axis_names(graph) -> dict[str, str]:
+    """tf2onnx's ``unk__N`` -> ``batch`` / ``time``, read off the graph's inputs and outputs."""
+    inputs = {v.name: v for v in graph.input}
+    outputs = {v.name: v for v in graph.output}
+    if set(inputs) != {INPUT_NAME, *STATE_INPUTS} or set(outputs) != {OUTPUT_NAME, *STATE_OUTPUTS}:
+        raise ExportError(f"tf2onnx named the graph's inputs {sorted(inputs)} and outputs "
+                          f"{sorted(outputs)}, not the lmonnx format {FORMAT_VERSION} names")
+    axes = {INPUT_NAME: ("batch", "time"), OUTPUT_NAME: ("batch", "time")}
+    axes.update({name: (None, "batch") for name in (*STATE_INPUTS, *STATE_OUTPUTS)})
+    rename = {}
+    for name, value in {**inputs, **outputs}.items():
+        for dim, axis_name in zip(value.type.tensor_type.shape.dim, axes[name]):
+            if axis_name is None:
+                continue
+            if dim.HasField("dim_value"):
+                raise ExportError(f"{name} axis {axis_name} is fixed at {dim.dim_value}, "
+                                  "expected a dynamic axis")
+            rename[dim.dim_param] = axis_name
+    return rename
+
+
+def name_dynamic_axes(proto) -> None:
+    """tf2onnx calls the dynamic axes ``unk__N``; call them ``batch`` and ``time``."""
+    graph = proto.graph
+    rename = _dynamic_axis_names(graph)
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def op_counts(proto) -> dict[str, int]:
+    """How many nodes of each op type the graph holds."""
+    return dict(Counter(node.op_type for node in proto.graph.node))
+
+
+def check_graph(proto, num_layers: int) -> dict[str, int]:
+    """``ExportError`` unless the graph holds ``num_layers`` fused LSTMs that carry their state
+    and lengths, no Loop/Scan, and passes ``onnx.checker``; returns its op counts."""
+    import onnx
+
+    counts = op_counts(proto)
+    bad = {op: counts[op] for op in FORBIDDEN_OPS if counts.get(op)}
+    if bad or counts.get("LSTM", 0) != num_layers:
+        raise ExportError(
+            f"expected {num_layers} fused ONNX LSTM op(s) and no Loop/Scan, got "
+            f"LSTM x{counts.get('LSTM', 0)}" + "".join(f", {op} x{n}" for op, n in bad.items())
+            + "; tf2onnx did not recognise the Keras LSTM layers")
+    for node in proto.graph.node:
+        # inputs X W R B sequence_lens initial_h initial_c; outputs Y Y_h Y_c
+        if node.op_type == "LSTM" and (len(node.input) < 7 or not all(node.input[4:7])
+                                       or len(node.output) < 3 or not all(node.output[1:3])):
+            raise ExportError(f"{node.name}: the fused LSTM does not carry the state "
+                              f"(inputs {list(node.input)}, outputs {list(node.output)}); "
+                              "tf2onnx did not map the Keras initial/returned state onto it")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the converted model fails onnx.checker: "
+                          f"{str(exc).splitlines()[0]}") from None
+    return counts
