@@ -109,7 +109,7 @@ def _load_keras_model(path: Path):
 
 def _load_run(run: RunDir):
     """(config, vocab, keras model) of a run directory; ``ValueError`` if it is not one."""
-    import lmonnx.train  # noqa: F401  (registers LanguageModel with Keras)
+    import lmonnx.train.model  # noqa: F401  (registers LanguageModel with Keras)
 
     config = run.read_config()
     vocab = Vocabulary.load(run.file(VOCAB_FILE))
@@ -297,7 +297,7 @@ def export_run(run_dir, output, opset: int | None = None, force: bool = False, *
 
 
 def _check_opset(opset) -> None:
-    import lmonnx.train  # noqa: F401  (quiet TensorFlow start-up before tf2onnx imports it)
+    import lmonnx.train.model  # noqa: F401  (quiet TensorFlow start-up before tf2onnx imports it)
     import tf2onnx.constants
 
     highest = max(tf2onnx.constants.OPSET_TO_IR_VERSION)

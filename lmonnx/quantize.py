@@ -157,7 +157,6 @@ def generated_examples(model: bytes, count: int = 200, seed: int = 0, *,
     from lmonnx.runtime import ModelSession
 
     session = ModelSession(model, providers="cpu", name=name)
-    session.require_state("sampling sentences to measure the quantization (or give --sample)")
     incremental = Incremental(session)
     builder = ExampleBuilder(session.vocab)
     examples = []

@@ -125,7 +125,7 @@ class ModelSession:
         """``model``: a path to an ``.onnx`` file, or the serialized model as ``bytes`` (export
         checks the model it is about to write this way); ``name`` labels it in messages.
         ``loss_head``: compute per-position log-probabilities and hits in the graph
-        (``lmonnx.loss_head``); None = on CUDA only, where the logits must stay on the device."""
+        (``lmonnx.graph``); None = on CUDA only, where the logits must stay on the device."""
         self.provider_choice = check_choice("providers", providers, PROVIDER_CHOICES)
         self.num_threads = check_optional_int("num_threads", num_threads)
         self.source, self.path, self.name = _resolve_source(model, name)

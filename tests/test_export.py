@@ -21,7 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 import lmonnx.export as export  # noqa: E402
 import lmonnx.graph as lmgraph  # noqa: E402
 import lmonnx.verify as verify  # noqa: E402
-import lmonnx.train  # noqa: E402,F401  (registers LanguageModel with Keras)
+import lmonnx.train.model  # noqa: E402,F401  (registers LanguageModel with Keras)
 from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS,  # noqa: E402
                              metadata_props, parse_metadata, write_metadata)
 from lmonnx.batching import bucketed_batches, make_pair  # noqa: E402
@@ -162,9 +162,11 @@ def test_exported_model_steps_like_full_scores(run, exported):
     scorer = Scorer(run / "model.onnx", providers="cpu")
     for line in list(read_sentences(run / "synth" / "test.txt"))[:20]:
         state, stepped = scorer.begin(), []
-        for word in line.text.split() + ["</s>"]:
+        for word in line.text.split():
             logprob, state = scorer.step(state, word)
             stepped.append(logprob)
+        logprob, state = scorer.end(state)
+        stepped.append(logprob)
         assert stepped == pytest.approx([t.logprob for t in scorer.full_scores(line.text)],
                                         abs=1e-4)
 

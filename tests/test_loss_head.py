@@ -59,9 +59,10 @@ def test_a_head_session_refuses_logits_and_the_scorer_keeps_working(model, monke
         head.logits(np.array([[2, 5]], np.int32))
     scorer = Scorer(model, providers="cpu")
     expected = scorer.predict_next("w1 w2", k=3)
-    scorer._session, scorer._logits_session = head, None  # what a CUDA Scorer holds
+    scorer._session, scorer._incremental_scorer = head, None  # what a CUDA Scorer holds
     assert scorer.predict_next("w1 w2", k=3) == expected
-    assert scorer._logits_session is not head and not scorer._logits_session.loss_head
+    session = scorer._incremental.session
+    assert session is not head and not session.loss_head
 
 
 def test_score_batch_masks_padding_with_the_head(model):
