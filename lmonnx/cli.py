@@ -34,34 +34,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_arg(low: int | None = 1, high: int | None = None, why: str = ""):
-    """An argparse ``type``: an integer within bounds, else a usage error naming the flag."""
-    def integer(text: str) -> int:
+def _flag_type(convert, what: str, check, **bounds):
+    """An argparse ``type``: ``convert`` the text, then ``check`` it against ``bounds`` (a
+    :mod:`lmonnx.validation` check); a bad value is a usage error naming the flag."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         try:
-            return check_int("it", value, low=low, high=high, why=why)
+            return check("it", value, **bounds)
         except InvalidArgumentError as exc:
             raise argparse.ArgumentTypeError(str(exc).removeprefix("it ")) from None
-    return integer
+    parse.__name__ = what.split()[-1]  # argparse names the type in some messages
+    return parse
+
+
+def _int_arg(low: int | None = 1, high: int | None = None, why: str = ""):
+    """An integer flag within [low, high]."""
+    return _flag_type(int, "an integer", check_int, low=low, high=high, why=why)
 
 
 def _real_arg(low: float | None = None, high: float | None = None, *, low_open: bool = False,
               high_open: bool = False, why: str = ""):
-    """An argparse ``type``: a finite number within bounds, else a usage error."""
-    def number(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        try:
-            return check_real("it", value, low=low, high=high, low_open=low_open,
-                              high_open=high_open, why=why)
-        except InvalidArgumentError as exc:
-            raise argparse.ArgumentTypeError(str(exc).removeprefix("it ")) from None
-    return number
+    """A finite-number flag within the bounds (``*_open``: the bound itself excluded)."""
+    return _flag_type(float, "a number", check_real, low=low, high=high, low_open=low_open,
+                      high_open=high_open, why=why)
 
 
 def _add_encoding_errors(p: argparse.ArgumentParser) -> None:
@@ -89,25 +87,7 @@ def _model_parent() -> argparse.ArgumentParser:
     return p
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="lmonnx",
-        description="Stacked-LSTM word LMs: TensorFlow training, one ONNX file, fast exact scoring.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    # --debug is also accepted after the subcommand; SUPPRESS keeps it from resetting the flag
-    common = _Parser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks for errors")
-    model = _model_parent()
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_Parser)
-
-    def add(name: str, help: str, runs_model: bool = False) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common, model] if runs_model else [common])
-
-    # ---- synth
-    p = add("synth", help="write a synthetic corpus whose true perplexity is known")
+def _arguments_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("synth"), help="output directory")
     p.add_argument("--seed", type=_int_arg(0), default=0)
     p.add_argument("--words", type=_int_arg(2), default=None, help="vocabulary size of the chain")
@@ -116,8 +96,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-sentences", type=_int_arg(1), default=None)
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
 
-    # ---- train
-    p = add("train", help="train the course's LanguageModel on a text corpus")
+
+def _arguments_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("corpus", type=Path,
                    help="training text, one sentence per line (- reads stdin, once)")
     p.add_argument("--valid", type=Path, default=None, help="validation text (- reads stdin)")
@@ -132,8 +112,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "lists in lmonnx-run.json")
     _add_encoding_errors(p)
 
-    # ---- export
-    p = add("export", help="export a run to one self-describing .onnx (tf2onnx)")
+
+def _arguments_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"))
     p.add_argument("--opset", type=_int_arg(1), default=None, help="ONNX opset (default: 17)")
@@ -142,8 +122,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "corpora); with --quantize, also write a model over --max-change")
     _add_quantize_options(p, quantize_flag=True)
 
-    # ---- quantize
-    p = add("quantize", help="int8 form of an exported model, for CPU (dynamic quantization)")
+
+def _arguments_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="an lmonnx .onnx (fp32)")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--sample", type=Path, default=None,
@@ -154,8 +134,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_quantize_options(p, quantize_flag=False)
     _add_encoding_errors(p)
 
-    # ---- evaluate
-    p = add("evaluate", help="perplexity and friends of text corpora", runs_model=True)
+
+def _arguments_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("corpus", type=Path, nargs="+", help="text files; - reads stdin")
     p.add_argument("--threads", type=_int_arg(1), default=None,
                    help="onnxruntime intra-op threads")
@@ -181,23 +161,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-actor", type=_real_arg(0), default=None,
                    help="with --ray: GPUs per actor (default 0)")
 
-    # ---- score
-    p = add("score", help="log-probability of sentences (arguments or stdin lines)",
-            runs_model=True)
+
+def _arguments_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("sentences", nargs="*",
                    help="sentences; none (or -) reads stdin, one sentence per line (an empty "
                         "one scores </s> alone)")
     _add_encoding_errors(p)
 
-    # ---- predict
-    p = add("predict", help="top-k next words after a prefix", runs_model=True)
+
+def _arguments_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("prefix", help="words to start from; - reads them from stdin")
     p.add_argument("-k", type=_int_arg(1), default=5, help="words to list (default 5)")
     _add_encoding_errors(p)
 
-    # ---- generate
-    p = add("generate", help="sample text after a prefix by stepping the LSTM state",
-            runs_model=True)
+
+def _arguments_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prefix", nargs="?", default="",
                    help="words to start from (default: none); - reads them from stdin")
     p.add_argument("--words", type=_int_arg(1), default=20, help="most words to generate")
@@ -207,6 +185,38 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="sample among the k most likely")
     p.add_argument("--seed", type=_int_arg(0), default=None, help="same seed, same text")
     _add_encoding_errors(p)
+
+
+_SUBCOMMANDS = (  # name, help, whether it runs a model (--model/--providers/--json), arguments
+    ("synth", "write a synthetic corpus whose true perplexity is known", False, _arguments_synth),
+    ("train", "train the course's LanguageModel on a text corpus", False, _arguments_train),
+    ("export", "export a run to one self-describing .onnx (tf2onnx)", False, _arguments_export),
+    ("quantize", "int8 form of an exported model, for CPU (dynamic quantization)", False,
+     _arguments_quantize),
+    ("evaluate", "perplexity and friends of text corpora", True, _arguments_evaluate),
+    ("score", "log-probability of sentences (arguments or stdin lines)", True, _arguments_score),
+    ("predict", "top-k next words after a prefix", True, _arguments_predict),
+    ("generate", "sample text after a prefix by stepping the LSTM state", True,
+     _arguments_generate),
+)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lmonnx",
+        description="Stacked-LSTM word LMs: TensorFlow training, one ONNX file, fast exact scoring.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    # --debug is also accepted after the subcommand; SUPPRESS keeps it from resetting the flag
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for errors")
+    model = _model_parent()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    for name, help, runs_model, add_arguments in _SUBCOMMANDS:
+        add_arguments(sub.add_parser(name, help=help,
+                                     parents=[common, model] if runs_model else [common]))
     return parser
 
 

@@ -63,9 +63,10 @@ def test_int8_graph_metadata_and_record(fp32, int8, text):
     # are scaled per call, so a token's score moves slightly with what shares its call
     scorer = Scorer(int8, providers="cpu")
     state, stepped = scorer.begin(), []
-    for word in ["w1", "w2", "w3", "</s>"]:
+    for word in ["w1", "w2", "w3"]:
         logprob, state = scorer.step(state, word)
         stepped.append(logprob)
+    stepped.append(scorer.end(state)[0])
     full = [t.logprob for t in scorer.full_scores("w1 w2 w3")]
     assert stepped == pytest.approx(full, abs=2e-2)
     assert stepped == pytest.approx([t.logprob for t in Scorer(fp32, providers="cpu")
