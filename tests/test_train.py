@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -1022,3 +1023,21 @@ def test_validation_of_a_long_line_is_windowed(monkeypatch):
     assert nll == pytest.approx(whole, rel=1e-5)
     assert seen and max(b * t for b, t in seen) <= 64
     assert sorted(t for b, t in seen if b == 1)[-1] == 64 and len(seen) >= 10
+
+
+def test_train_in_a_fresh_process_keeps_tensorflows_start_up_lines_off_stderr(tmp_path):
+    """TensorFlow's C++ start-up lines (oneDNN, CUDA stubs, CPU features) were silenced only
+    when lmonnx.train.model imported TensorFlow first; stderr holds lmonnx's own lines only."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat\nthe dog sat\n" * 20, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "lmonnx", "train", str(corpus), "--tokenizer", "whitespace",
+         "--vocab-size", "20", "--units", "8", "--layers", "1", "--epochs", "1",
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    noise = [line for line in result.stderr.splitlines()
+             if "oneDNN" in line or "cuda" in line.lower() or "cpu_feature_guard" in line]
+    assert noise == []
+    assert "best epoch 1" in result.stderr

@@ -301,12 +301,13 @@ class TrainingRun:
 
 
 def _build_model(config: TrainConfig, vocab_size: int):
+    from lmonnx.train.model import LanguageModel  # first: TensorFlow's start-up, quiet
+
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(int(config.seed))
     tf.config.experimental.enable_op_determinism()
-    from lmonnx.train.model import LanguageModel
 
     try:
         model = LanguageModel(vocab_size, config.max_length, config.num_lstm_units,
