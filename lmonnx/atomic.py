@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator, Mapping, Sequence
 
-from lmonnx.errors import OutputError
+from lmonnx.errors import (OutputError, OutputWriteError, PathExistsError,
+                           PathIsDirectoryError, PathNotFoundError)
 
 
 def _new_file_mode() -> int:
@@ -134,12 +135,12 @@ def check_output(path, flag: str, *, force: bool) -> None:
     except FileNotFoundError:
         parent = path.parent
         if not parent.is_dir():
-            raise FileNotFoundError(f"{flag} {path}: directory {parent} does not exist") from None
+            raise PathNotFoundError(f"{flag} {path}: directory {parent} does not exist") from None
         st = None
     if st is not None and stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(f"{flag} {path} is a directory; give a file name")
+        raise PathIsDirectoryError(f"{flag} {path} is a directory; give a file name")
     if st is not None and stat.S_ISREG(st.st_mode) and not force:
-        raise FileExistsError(f"{flag} {path} exists; pass --force to overwrite it")
+        raise PathExistsError(f"{flag} {path} exists; pass --force to overwrite it")
     if st is None or stat.S_ISREG(st.st_mode):
         _check_can_create_beside(path, flag)
 
@@ -184,7 +185,7 @@ def output_file(path, flag: str = "output", *, binary: bool = False) -> Iterator
         st = None
     if st is not None and not stat.S_ISREG(st.st_mode):
         if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(f"{flag} {path} is a directory; give a file name")
+            raise PathIsDirectoryError(f"{flag} {path} is a directory; give a file name")
         with open(path, mode, encoding=encoding) as f:
             yield f
         return
@@ -195,5 +196,6 @@ def output_file(path, flag: str = "output", *, binary: bool = False) -> Iterator
     except OSError as exc:
         # Say which of the user's files failed, not the name of our temp file.
         if exc.filename and Path(exc.filename).name.startswith(f".{target.name}."):
-            raise OSError(exc.errno, f"{flag} {path}: cannot write it ({exc.strerror})") from None
+            raise OutputWriteError(exc.errno,
+                                   f"{flag} {path}: cannot write it ({exc.strerror})") from None
         raise

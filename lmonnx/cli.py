@@ -88,8 +88,10 @@ def _model_parent() -> argparse.ArgumentParser:
 
 
 def _arguments_synth(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("synth"), help="output directory")
-    p.add_argument("--seed", type=_int_arg(0), default=0)
+    p.add_argument("--out", type=Path, default=Path("synth"),
+                   help="output directory: train.txt, valid.txt, test.txt and truth.json, "
+                        "which is also printed (default: synth)")
+    p.add_argument("--seed", type=_int_arg(0), default=0, help="same seed, same corpus")
     p.add_argument("--words", type=_int_arg(2), default=None, help="vocabulary size of the chain")
     p.add_argument("--train-sentences", type=_int_arg(1), default=None)
     p.add_argument("--valid-sentences", type=_int_arg(1), default=None)
@@ -102,21 +104,25 @@ def _arguments_train(p: argparse.ArgumentParser) -> None:
                    help="training text, one sentence per line (- reads stdin, once)")
     p.add_argument("--valid", type=Path, default=None, help="validation text (- reads stdin)")
     _add_train_settings(p)
-    p.add_argument("--out", type=Path, default=Path("run"), help="run directory")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out with its settings; a larger --epochs "
-                        "extends a finished one, and --epochs, --learning-rate, --lr-decay, "
-                        "--patience and --clipnorm may change")
-    p.add_argument("--force", action="store_true",
-                   help="start over in an existing --out, deleting only the files its run "
-                        "lists in lmonnx-run.json")
+    p.add_argument("--out", type=Path, default=Path("run"), help="run directory (default: run)")
+    start = p.add_mutually_exclusive_group()  # continue, or start over: never both
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in --out with its settings; a larger --epochs "
+                            "extends a finished one, and --epochs, --learning-rate, "
+                            "--lr-decay, --patience and --clipnorm may change")
+    start.add_argument("--force", action="store_true",
+                       help="start over in an existing --out, deleting only the files its run "
+                            "lists in lmonnx-run.json")
     _add_encoding_errors(p)
 
 
 def _arguments_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path)
-    p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"))
-    p.add_argument("--opset", type=_int_arg(1), default=None, help="ONNX opset (default: 17)")
+    p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"),
+                   help="the .onnx to write (default: model.onnx; a FIFO or /dev/stdout works)")
+    # The lowest opset lmonnx.export supports (MIN_OPSET, tested equal); the highest depends
+    # on the installed tf2onnx and is checked once it is loaded.
+    p.add_argument("--opset", type=_int_arg(11), default=None, help="ONNX opset (default: 17)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing output file (never one of the run's files or "
                         "corpora); with --quantize, also write a model over --max-change")
@@ -214,9 +220,11 @@ def _build_parser() -> argparse.ArgumentParser:
     model = _model_parent()
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
+    parser.subcommands = {}  # name -> its parser, so that its own errors name it (main)
     for name, help, runs_model, add_arguments in _SUBCOMMANDS:
-        add_arguments(sub.add_parser(name, help=help,
-                                     parents=[common, model] if runs_model else [common]))
+        parser.subcommands[name] = sub.add_parser(
+            name, help=help, parents=[common, model] if runs_model else [common])
+        add_arguments(parser.subcommands[name])
     return parser
 
 
@@ -228,11 +236,13 @@ def _stages():
     return lambda message: print(f"lmonnx: {message} ...", file=sys.stderr, flush=True)
 
 
-def _summary_stream(output: Path):
-    """stdout for a command's summary, stderr when its output itself goes to stdout."""
+def _summary_stream(*outputs):
+    """stdout for a command's summary or report, stderr when one of its outputs itself goes to
+    stdout (``-o /dev/stdout``, ``--per-token -``): the two must not interleave."""
     from lmonnx.atomic import descriptor_of
 
-    return sys.stderr if descriptor_of(output) == 1 else sys.stdout
+    to_stdout = any(o is not None and descriptor_of(o) == 1 for o in outputs)
+    return sys.stderr if to_stdout else sys.stdout
 
 
 def _cmd_synth(args) -> None:
@@ -326,8 +336,8 @@ class _CorpusProgress:
     """The library's progress and report callbacks for ``evaluate``: a bar per corpus on a
     terminal, and each corpus's table as soon as it is done (unless ``--json``)."""
 
-    def __init__(self, corpora: list[Path], as_json: bool):
-        self.corpora, self.as_json = corpora, as_json
+    def __init__(self, corpora: list[Path], as_json: bool, stream):
+        self.corpora, self.as_json, self.stream = corpora, as_json, stream
         self.index, self.bar = None, None
 
     def update(self, index: int, nbytes: int) -> None:
@@ -340,7 +350,7 @@ class _CorpusProgress:
     def report(self, index: int, report) -> None:
         self.close()
         if not self.as_json:
-            print(report.format_table(), end="\n\n", flush=True)
+            print(report.format_table(), end="\n\n", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -348,13 +358,13 @@ class _CorpusProgress:
             self.bar = None
 
 
-def _print_reports(reports: list, as_json: bool) -> None:
+def _print_reports(reports: list, as_json: bool, stream) -> None:
     """``--json``: one report as an object, several as a list; strict JSON (NaN -> null)."""
     if as_json:
         from lmonnx.evaluate import json_text
 
         payload = [r.to_dict() for r in reports]
-        print(json_text(payload[0] if len(payload) == 1 else payload, indent=2))
+        print(json_text(payload[0] if len(payload) == 1 else payload, indent=2), file=stream)
 
 
 def _cmd_evaluate_ray(args) -> None:
@@ -375,13 +385,13 @@ def _cmd_evaluate_ray(args) -> None:
     runner = RayEvaluator(args.model, num_actors=args.actors, **sizes, providers=args.providers,
                           num_threads=args.threads, batch_size=args.batch_size,
                           max_tokens=args.max_tokens, address=args.ray)
-    reports = []
+    reports, stream = [], _summary_stream(args.per_sentence)
     with sentence_sink(args.per_sentence, "--per-sentence") as sink:
         for corpus in args.corpus:
             reports.append(runner.evaluate(str(corpus), errors=args.errors, sink=sink))
             if not args.json:
-                print(reports[-1].format_table(), end="\n\n")
-    _print_reports(reports, args.json)
+                print(reports[-1].format_table(), end="\n\n", file=stream, flush=True)
+    _print_reports(reports, args.json, stream)
 
 
 def _cmd_evaluate(args) -> None:
@@ -396,6 +406,9 @@ def _cmd_evaluate(args) -> None:
     from lmonnx.corpus import check_corpora
     from lmonnx.scorer import Scorer
 
+    if args.per_sentence is not None and args.per_sentence.suffix.lower() in (".parquet", ".pq"):
+        raise InvalidArgumentError(f"--per-sentence {args.per_sentence}: Parquet is written "
+                                   "with --ray only; locally give a JSON-lines name")
     # Every corpus and output is checked before the model loads: a bad path fails first.
     flags = ("--per-sentence", "--per-token")
     check_outputs(dict(zip(flags, (args.per_sentence, args.per_token))),
@@ -403,7 +416,8 @@ def _cmd_evaluate(args) -> None:
     check_corpora(args.corpus, args.errors)
     scorer = Scorer(args.model, providers=args.providers, num_threads=args.threads,
                     batch_size=args.batch_size, max_tokens=args.max_tokens)
-    progress = _CorpusProgress(args.corpus, args.json)
+    stream = _summary_stream(args.per_sentence, args.per_token)
+    progress = _CorpusProgress(args.corpus, args.json, stream)
     try:
         reports = scorer.evaluate_corpora(
             args.corpus, errors=args.errors, per_sentence=args.per_sentence,
@@ -411,7 +425,7 @@ def _cmd_evaluate(args) -> None:
             on_report=progress.report, flags=flags)
     finally:
         progress.close()
-    _print_reports(reports, args.json)
+    _print_reports(reports, args.json, stream)
 
 
 def _stdin_lines(errors: str) -> list[str]:
@@ -520,7 +534,9 @@ def _show_library_messages() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, which points at its own --help
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _show_library_messages()
     try:
         COMMANDS[args.command](args)

@@ -19,6 +19,10 @@ TensorFlow for commands that never run a model.
     ├── TrainingError (ValueError)           training diverged
     ├── ExportError (ValueError)             the converted model failed its checks
     ├── QuantizationError (ValueError)       int8 cost more than allowed
+    ├── PathNotFoundError (FileNotFoundError)   a model or an output's directory is missing
+    ├── PathIsDirectoryError (IsADirectoryError) a directory where a file belongs
+    ├── PathExistsError (FileExistsError)    an output exists and --force was not given
+    ├── OutputWriteError (OSError)           an output cannot be written (named, not a temp file)
     ├── ProviderError (RuntimeError)         CUDA asked for and unusable
     ├── InferenceError (RuntimeError)        onnxruntime failed on a batch
     └── MissingDependencyError (ImportError) an optional extra is not installed
@@ -69,6 +73,22 @@ class QuantizationError(LmonnxError, ValueError):
     """The int8 model costs more perplexity than allowed."""
 
 
+class PathNotFoundError(LmonnxError, FileNotFoundError):
+    """A path the command needs does not exist (a model, an output's directory)."""
+
+
+class PathIsDirectoryError(LmonnxError, IsADirectoryError):
+    """A directory where a file belongs."""
+
+
+class PathExistsError(LmonnxError, FileExistsError):
+    """An output exists and overwriting it was not asked for (``--force``)."""
+
+
+class OutputWriteError(LmonnxError, OSError):
+    """An output could not be written; the message names the user's path."""
+
+
 class ProviderError(LmonnxError, RuntimeError):
     """``providers="cuda"`` was asked for and CUDA cannot be used here."""
 
@@ -91,5 +111,6 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 __all__ = ["LmonnxError", "InvalidArgumentError", "ArgumentTypeError", "CorpusError",
            "ArtifactError", "RunDirError", "OutputError", "TrainingError", "ExportError",
-           "QuantizationError", "ProviderError", "InferenceError", "MissingDependencyError",
+           "QuantizationError", "PathNotFoundError", "PathIsDirectoryError", "PathExistsError",
+           "OutputWriteError", "ProviderError", "InferenceError", "MissingDependencyError",
            "first_line"]

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from lmonnx.errors import (ArgumentTypeError, ArtifactError, InferenceError,
-                           InvalidArgumentError, MissingDependencyError, ProviderError,
-                           first_line)
+                           InvalidArgumentError, MissingDependencyError, PathIsDirectoryError,
+                           PathNotFoundError, ProviderError, first_line)
 from lmonnx.validation import check_choice, check_optional_int
 
 try:
@@ -88,9 +88,9 @@ def _resolve_source(model, name: str | None) -> tuple[bytes | Path, Path | None,
         raise ArgumentTypeError(f"model must be a path or bytes, got {type(model).__name__}")
     path = Path(os.fspath(model))
     if path.is_dir():
-        raise IsADirectoryError(f"model path is a directory, not an .onnx file: {path}")
+        raise PathIsDirectoryError(f"model path is a directory, not an .onnx file: {path}")
     if not path.exists():
-        raise FileNotFoundError(f"model not found: {path} (create one with `lmonnx export`)")
+        raise PathNotFoundError(f"model not found: {path} (create one with `lmonnx export`)")
     return path, path, name or str(path)
 
 

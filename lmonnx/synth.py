@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 
 from lmonnx.atomic import write_atomic
-from lmonnx.errors import InvalidArgumentError
+from lmonnx.errors import InvalidArgumentError, PathExistsError
 from lmonnx.validation import check_int
 
 SYNTH_FORMAT = "lmonnx-synth/1"
@@ -291,14 +291,14 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
     """Refuse, before any work, an ``out_dir`` that is a file, or one holding our files'
     names without ``force``, or (even with ``force``) a user's own corpus: no synth truth.json."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
+        raise PathExistsError(f"{out_dir} exists and is not a directory")
     targets = [out_dir / f"{s}.txt" for s in SPLITS] + [out_dir / "truth.json"]
     existing = [p for p in targets if p.exists() or p.is_symlink()]
     if existing and not force:
-        raise FileExistsError(f"{existing[0]} already exists; pass --force to overwrite")
+        raise PathExistsError(f"{existing[0]} already exists; pass --force to overwrite")
     if existing and not _is_synth_output(out_dir / "truth.json"):
         # --force replaces a corpus this command wrote, never a user's own train.txt & co.
-        raise FileExistsError(f"{existing[0]} exists and {out_dir} holds no lmonnx synth "
+        raise PathExistsError(f"{existing[0]} exists and {out_dir} holds no lmonnx synth "
                               "truth.json: not overwriting it even with --force; choose "
                               "another --out")
 

@@ -267,3 +267,58 @@ def test_an_unreadable_corpus_names_its_path(model, capsys):
     assert main(["evaluate", "/proc/self/mem", "--model", str(model)]) == 1
     assert one_error_line(capsys) == (
         "lmonnx: error: /proc/self/mem: cannot read it: Input/output error")
+
+
+# ---- found by a new-user trial of this release -----------------------------------------------
+
+def test_per_token_to_stdout_keeps_the_report_off_stdout(model, corpus):
+    """The table was printed into the middle of the JSON-lines stream on stdout."""
+    result = subprocess.run(
+        [sys.executable, "-m", "lmonnx", "evaluate", str(corpus), "--model", str(model),
+         "--providers", "cpu", "--per-token", "/dev/stdout"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["word"] for r in rows[:4]] == ["the", "cat", "sat", "</s>"] and len(rows) == 14
+    assert "perplexity" in result.stderr and "corpus" in result.stderr
+
+
+def test_api_file_errors_are_lmonnx_errors_too(model, corpus, tmp_path):
+    from lmonnx import Scorer
+    from lmonnx.errors import LmonnxError
+
+    with pytest.raises(LmonnxError, match="model not found") as missing:
+        Scorer(tmp_path / "nope.onnx", providers="cpu")
+    assert isinstance(missing.value, FileNotFoundError)
+    with pytest.raises(LmonnxError, match="is a directory") as directory:
+        Scorer(tmp_path, providers="cpu")
+    assert isinstance(directory.value, IsADirectoryError)
+    existing = tmp_path / "sent.jsonl"
+    existing.write_text("mine\n")
+    with pytest.raises(LmonnxError, match="exists; pass --force") as exists:
+        Scorer(model, providers="cpu").evaluate(corpus, per_sentence=existing)
+    assert isinstance(exists.value, FileExistsError) and existing.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["export", "run", "--opset", "3"], r"lmonnx export: error: argument --opset: must be an integer >= 11"),
+    (["evaluate", "c.txt", "--bogus"], r"lmonnx evaluate: error: unrecognized arguments: --bogus \(see lmonnx evaluate --help\)"),
+    (["train", "c.txt", "--resume", "--force"], r"lmonnx train: error: argument --force: not allowed with argument --resume"),
+], ids=["opset-low", "unknown-flag", "resume-force"])
+def test_command_line_mistakes_are_usage_errors_of_their_subcommand(capsys, argv, match):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0]), err
+
+
+def test_the_opset_floor_of_the_cli_is_exports():
+    export = pytest.importorskip("lmonnx.export")
+    assert export.MIN_OPSET == 11  # the CLI's --opset floor (cli._arguments_export)
+
+
+def test_local_parquet_output_is_refused_not_written_as_json(model, corpus, tmp_path, capsys):
+    out = tmp_path / "scores.parquet"
+    assert main(["evaluate", str(corpus), "--model", str(model), "--per-sentence", str(out)]) == 1
+    assert "Parquet is written with --ray only" in one_error_line(capsys) and not out.exists()
