@@ -1,0 +1,21 @@
+"""quality_table.py's splits and closed-vocabulary convention on tiny text (the KenLM and
+lmonnx rows need lmplz, the kenlm module and trained models: see the table's docstring)."""
+
+import quality_table
+
+
+def test_closed_vocabulary_maps_unseen_words_and_unk_alike():
+    vocabulary = {"the", "cat", "<unk>"}
+    assert quality_table.closed(["the dog <unk> cat"], vocabulary, "UNK") == ["the UNK UNK cat"]
+
+
+def test_splits_follow_the_documented_cuts(tmp_path):
+    (tmp_path / "ptb.valid.txt").write_text("".join(f"v{i}\n" for i in range(3100)))
+    (tmp_path / "ptb.test.txt").write_text("t1\n\nt2\n")
+    (tmp_path / "kjv.train.txt").write_text("".join(f"k{i}\n" for i in range(1000)))
+    (tmp_path / "kjv.valid.txt").write_text("kv\n")
+    got = quality_table.splits(tmp_path)
+    assert len(got["ptb"]["train"]) == 3033 and got["ptb"]["valid"][0] == "v3033"
+    assert got["ptb"]["test"] == ["t1", "t2"]
+    assert len(got["kjv"]["train"]) == 970 and got["kjv"]["valid"][0] == "k970"
+    assert got["kjv"]["test"] == ["kv"]

@@ -1,0 +1,198 @@
+"""Model quality against the classic peer: KenLM n-grams and lmonnx models on the same text.
+
+    python benchmarks/quality_table.py --data DIR [--kenlm-bin DIR] [--orders 5,3]
+        [--model ptb=runs/ptb-small.onnx --model kjv=runs/kjv.onnx]
+        [--run ptb=runs/ptb-small --run kjv=runs/kjv]
+
+Corpora (DIR holds the Penn Treebank and King James Bible text the README names):
+  ptb  train = the first 3,033 lines of ptb.valid.txt, valid = its other lines, test =
+       ptb.test.txt (PTB's own training split is not in DIR)
+  kjv  train = kjv.train.txt less its last 3% of verses (held out for early stopping),
+       test = kjv.valid.txt
+
+One convention for every row: a closed vocabulary of the training words; a test word
+outside it is ``<unk>``, and ``<unk>`` is an ordinary word (PTB's text already holds it).
+A sentence of n words scores n+1 tokens (``</s>`` included, ``<s>`` never), as KenLM and
+lmonnx both report; perplexity = exp(total NLL in nats / tokens).  lmplz refuses a literal
+``<unk>`` in its training text, so KenLM sees it renamed to an ordinary word, in training and
+at test time alike.
+
+Rows: KenLM's lmplz (modified Kneser-Ney) of each order, built by
+``benchmarks/build_kenlm.sh`` and queried through the ``kenlm`` Python module (``pip install
+kenlm``, or the ``bench`` extra); lmonnx models given with ``--model`` (fp32, and int8
+quantized here from it), their training time read from ``--run``'s history.json.  Scoring
+speed is words (tokens) per second of one process on this machine, scoring the test text
+sentence by sentence (KenLM) or with ``Scorer.evaluate`` (lmonnx).  Rows that cannot run say
+why in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+UNK = "<unk>"
+KENLM_UNK = "unk_token"  # lmplz refuses a literal <unk>: the same word under another name
+PTB_TRAIN_LINES = 3033
+KJV_HELD_OUT = 0.03
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def splits(data: Path) -> dict[str, dict[str, list[str]]]:
+    """{corpus: {"train", "valid", "test": sentences}} as the module docstring says."""
+    out = {}
+    if (data / "ptb.valid.txt").is_file() and (data / "ptb.test.txt").is_file():
+        valid = read_lines(data / "ptb.valid.txt")
+        out["ptb"] = {"train": valid[:PTB_TRAIN_LINES], "valid": valid[PTB_TRAIN_LINES:],
+                      "test": read_lines(data / "ptb.test.txt")}
+    if (data / "kjv.train.txt").is_file() and (data / "kjv.valid.txt").is_file():
+        train = read_lines(data / "kjv.train.txt")
+        cut = len(train) - int(len(train) * KJV_HELD_OUT)
+        out["kjv"] = {"train": train[:cut], "valid": train[cut:],
+                      "test": read_lines(data / "kjv.valid.txt")}
+    return out
+
+
+def closed(sentences: list[str], vocabulary: set[str], unk: str) -> list[str]:
+    """Each sentence with the words outside ``vocabulary`` (and ``<unk>``) written ``unk``."""
+    return [" ".join(w if w in vocabulary and w != UNK else unk for w in s.split())
+            for s in sentences]
+
+
+def kenlm_row(bin_dir: Path, order: int, split: dict, workdir: Path) -> dict:
+    """Train an order-``order`` KenLM on ``split["train"]`` and score ``split["test"]``."""
+    import kenlm
+
+    vocabulary = {w for s in split["train"] for w in s.split()}
+    train = workdir / "train.txt"
+    train.write_text("\n".join(closed(split["train"], vocabulary, KENLM_UNK)) + "\n",
+                     encoding="utf-8")
+    arpa, binary = workdir / f"{order}.arpa", workdir / f"{order}.bin"
+    start = time.perf_counter()
+    with open(train, "rb") as text, open(arpa, "wb") as out:
+        subprocess.run([str(bin_dir / "lmplz"), "-o", str(order), "--discount_fallback",
+                        "-S", "20%", "-T", str(workdir)], stdin=text, stdout=out,
+                       stderr=subprocess.DEVNULL, check=True)
+    subprocess.run([str(bin_dir / "build_binary"), str(arpa), str(binary)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    train_seconds = time.perf_counter() - start
+    model = kenlm.Model(str(binary))
+    test = closed(split["test"], vocabulary, KENLM_UNK)
+    start = time.perf_counter()
+    log10 = sum(model.score(s, bos=True, eos=True) for s in test)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(s.split()) + 1 for s in test)
+    return {"method": f"KenLM {order}-gram (lmplz, modified Kneser-Ney)",
+            "perplexity": math.exp(-log10 * math.log(10) / tokens), "tokens": tokens,
+            "train_seconds": train_seconds, "words_per_second": tokens / seconds}
+
+
+def lmonnx_rows(model: Path, run: Path | None, split: dict, workdir: Path) -> list[dict]:
+    """The fp32 model and its int8 form, scored on ``split["test"]`` with the same closed
+    vocabulary (the model's own: words outside it are <unk>, as it was trained)."""
+    from lmonnx import Scorer
+    from lmonnx.quantize import quantize_file
+
+    test = workdir / "test.txt"
+    test.write_text("\n".join(split["test"]) + "\n", encoding="utf-8")
+    train_seconds = None
+    if run is not None and (run / "history.json").is_file():
+        epochs = json.loads((run / "history.json").read_text())["epochs"]
+        train_seconds = sum(e["train_seconds"] + (e.get("valid_seconds") or 0) for e in epochs)
+    int8 = workdir / "int8.onnx"
+    quantize_file(model, int8, sample=test, force=True)
+    rows = []
+    for name, path in (("lmonnx fp32", model), ("lmonnx int8", int8)):
+        report = Scorer(path, providers="cpu").evaluate(test)
+        rows.append({"method": f"{name} ({path.name})", "perplexity": report.perplexity,
+                     "tokens": report.tokens, "train_seconds": train_seconds,
+                     "words_per_second": report.tokens_per_second})
+    return rows
+
+
+def print_table(corpus: str, rows: list[dict]) -> None:
+    print(f"\n{corpus}: test perplexity, closed vocabulary (<unk> an ordinary word), "
+          "</s> counted")
+    print(f"{'method':58s} {'perplexity':>10s} {'tokens':>8s} {'train s':>9s} "
+          f"{'words/s':>12s}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['method']:58s} skipped: {r['skipped']}")
+            continue
+        trained = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}"
+        print(f"{r['method']:58s} {r['perplexity']:10.2f} {r['tokens']:8d} {trained:>9s} "
+              f"{r['words_per_second']:12,.0f}")
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, Path]:
+    pairs = {}
+    for value in values:
+        corpus, sep, path = value.partition("=")
+        if not sep or corpus not in ("ptb", "kjv"):
+            sys.exit(f"{flag} takes CORPUS=PATH with CORPUS ptb or kjv, got {value!r}")
+        pairs[corpus] = Path(path)
+    return pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True,
+                        help="directory with ptb.valid/test.txt and kjv.train/valid.txt")
+    parser.add_argument("--kenlm-bin", type=Path, default=None,
+                        help="lmplz and build_binary (default: benchmarks/build_kenlm.sh's)")
+    parser.add_argument("--orders", default="5,3")
+    parser.add_argument("--model", action="append", default=[], metavar="CORPUS=ONNX")
+    parser.add_argument("--run", action="append", default=[], metavar="CORPUS=RUN_DIR")
+    args = parser.parse_args()
+    models, runs = _pairs(args.model, "--model"), _pairs(args.run, "--run")
+    bin_dir = args.kenlm_bin or Path(__file__).resolve().parents[1] / ".kenlm" / "bin"
+    print(f"CPU: {cpu_model()}; 1 process; kenlm bin {bin_dir}")
+    for corpus, split in splits(args.data).items():
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for order in (int(o) for o in args.orders.split(",")):
+                method = f"KenLM {order}-gram"
+                if not (bin_dir / "lmplz").is_file():
+                    rows.append({"method": method, "skipped": "no lmplz: run "
+                                 "benchmarks/build_kenlm.sh"})
+                elif not _has_kenlm():
+                    rows.append({"method": method, "skipped": "pip install kenlm"})
+                else:
+                    rows.append(kenlm_row(bin_dir, order, split, Path(tmp)))
+            if corpus in models:
+                rows += lmonnx_rows(models[corpus], runs.get(corpus), split, Path(tmp))
+            else:
+                rows.append({"method": "lmonnx", "skipped": f"no --model {corpus}=PATH given"})
+        print_table(corpus, rows)
+
+
+def _has_kenlm() -> bool:
+    try:
+        import kenlm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()
