@@ -21,6 +21,7 @@ import numpy as np
 
 from libc.stdint cimport int64_t, uint8_t
 from lmonnx.errors import ArgumentTypeError, InvalidArgumentError
+from lmonnx.validation import check_int
 
 
 cdef extern from "lmonnx_xent.h" nogil:
@@ -138,11 +139,7 @@ def masked_token_nll(logits, labels, mask=None, bint want_hits=False, num_thread
 
     cdef int threads = 0
     if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
-            raise ArgumentTypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
-        if num_threads < 1:
-            raise InvalidArgumentError(f"num_threads must be >= 1, got {num_threads}")
-        threads = <int>min(num_threads, 1 << 16)
+        threads = <int>min(check_int("num_threads", num_threads), 1 << 16)
 
     nll = np.empty(n_rows, dtype=np.float64)
     hits = np.empty(n_rows, dtype=np.uint8) if want_hits else None

@@ -34,6 +34,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _path(text: str) -> Path:
+    """An argparse ``type`` for paths: an empty one is a usage error (``Path("")`` would be
+    the current directory, silently)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a name")
+    return Path(text)
+
+
 def _flag_type(convert, what: str, check, **bounds):
     """An argparse ``type``: ``convert`` the text, then ``check`` it against ``bounds`` (a
     :mod:`lmonnx.validation` check); a bad value is a usage error naming the flag."""
@@ -79,7 +87,7 @@ def _add_quantize_options(p: argparse.ArgumentParser, quantize_flag: bool) -> No
 def _model_parent() -> argparse.ArgumentParser:
     """The flags of every command that runs a model."""
     p = _Parser(add_help=False)
-    p.add_argument("--model", type=Path, default=Path("model.onnx"),
+    p.add_argument("--model", type=_path, default=Path("model.onnx"),
                    help="an lmonnx .onnx file (default: model.onnx)")
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto",
                    help="onnxruntime execution provider (auto: CUDA when usable, else CPU)")
@@ -88,7 +96,7 @@ def _model_parent() -> argparse.ArgumentParser:
 
 
 def _arguments_synth(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("synth"),
+    p.add_argument("--out", type=_path, default=Path("synth"),
                    help="output directory: train.txt, valid.txt, test.txt and truth.json, "
                         "which is also printed (default: synth)")
     p.add_argument("--seed", type=_int_arg(0), default=0, help="same seed, same corpus")
@@ -100,11 +108,11 @@ def _arguments_synth(p: argparse.ArgumentParser) -> None:
 
 
 def _arguments_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("corpus", type=Path,
+    p.add_argument("corpus", type=_path,
                    help="training text, one sentence per line (- reads stdin, once)")
-    p.add_argument("--valid", type=Path, default=None, help="validation text (- reads stdin)")
+    p.add_argument("--valid", type=_path, default=None, help="validation text (- reads stdin)")
     _add_train_settings(p)
-    p.add_argument("--out", type=Path, default=Path("run"), help="run directory (default: run)")
+    p.add_argument("--out", type=_path, default=Path("run"), help="run directory (default: run)")
     start = p.add_mutually_exclusive_group()  # continue, or start over: never both
     start.add_argument("--resume", action="store_true",
                        help="continue the run in --out with its settings; a larger --epochs "
@@ -117,8 +125,8 @@ def _arguments_train(p: argparse.ArgumentParser) -> None:
 
 
 def _arguments_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"),
+    p.add_argument("run_dir", type=_path)
+    p.add_argument("-o", "--output", type=_path, default=Path("model.onnx"),
                    help="the .onnx to write (default: model.onnx; a FIFO or /dev/stdout works)")
     # The lowest opset lmonnx.export supports (MIN_OPSET, tested equal); the highest depends
     # on the installed tf2onnx and is checked once it is loaded.
@@ -130,9 +138,9 @@ def _arguments_export(p: argparse.ArgumentParser) -> None:
 
 
 def _arguments_quantize(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="an lmonnx .onnx (fp32)")
-    p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--sample", type=Path, default=None,
+    p.add_argument("model", type=_path, help="an lmonnx .onnx (fp32)")
+    p.add_argument("-o", "--output", type=_path, required=True)
+    p.add_argument("--sample", type=_path, default=None,
                    help="text whose first 1000 sentences measure the perplexity change "
                         "(default: 200 sentences sampled from the model itself)")
     p.add_argument("--force", action="store_true",
@@ -142,16 +150,16 @@ def _arguments_quantize(p: argparse.ArgumentParser) -> None:
 
 
 def _arguments_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("corpus", type=Path, nargs="+", help="text files; - reads stdin")
+    p.add_argument("corpus", type=_path, nargs="+", help="text files; - reads stdin")
     p.add_argument("--threads", type=_int_arg(1), default=None,
                    help="onnxruntime intra-op threads")
     p.add_argument("--batch-size", type=_int_arg(1), default=64,
                    help="sentences per batch at most")
     p.add_argument("--max-tokens", type=_int_arg(1), default=None,
                    help="padded tokens per batch at most (default: a batch's logits <= 64 MiB)")
-    p.add_argument("--per-sentence", type=Path, default=None,
+    p.add_argument("--per-sentence", type=_path, default=None,
                    help="JSON lines per sentence (a file, FIFO or /dev/stdout)")
-    p.add_argument("--per-token", type=Path, default=None, help="JSON lines per token")
+    p.add_argument("--per-token", type=_path, default=None, help="JSON lines per token")
     p.add_argument("--force", action="store_true", help="overwrite existing --per-* files")
     _add_encoding_errors(p)
     p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS",

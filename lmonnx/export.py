@@ -41,6 +41,7 @@ from lmonnx.graph import check_graph, name_dynamic_axes, op_counts, wire_sequenc
 from lmonnx.rundir import MODEL_FILE, STDIN_CORPUS, VOCAB_FILE, RunDir, is_run_file_name
 from lmonnx.verify import (LOGIT_ATOL, LOSS_RTOL, ParityReport, StateReport, check_parity,
                            check_state)
+from lmonnx.validation import check_int
 from lmonnx.vocab import SPECIAL_TOKENS, Vocabulary
 
 DEFAULT_OPSET = 17
@@ -301,6 +302,4 @@ def _check_opset(opset) -> None:
     import tf2onnx.constants
 
     highest = max(tf2onnx.constants.OPSET_TO_IR_VERSION)
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= highest:
-        raise InvalidArgumentError(f"--opset must be an integer from {MIN_OPSET} to {highest} "
-                         f"(tf2onnx's newest); got {opset!r}")
+    check_int("--opset", opset, low=MIN_OPSET, high=highest, why="the highest is tf2onnx's newest")

@@ -304,7 +304,9 @@ def test_api_file_errors_are_lmonnx_errors_too(model, corpus, tmp_path):
     (["export", "run", "--opset", "3"], r"lmonnx export: error: argument --opset: must be an integer >= 11"),
     (["evaluate", "c.txt", "--bogus"], r"lmonnx evaluate: error: unrecognized arguments: --bogus \(see lmonnx evaluate --help\)"),
     (["train", "c.txt", "--resume", "--force"], r"lmonnx train: error: argument --force: not allowed with argument --resume"),
-], ids=["opset-low", "unknown-flag", "resume-force"])
+    (["synth", "--out", ""], r"lmonnx synth: error: argument --out: an empty path; give a name"),
+    (["export", "run", "-o", ""], r"lmonnx export: error: argument -o/--output: an empty path"),
+], ids=["opset-low", "unknown-flag", "resume-force", "synth-out-empty", "export-o-empty"])
 def test_command_line_mistakes_are_usage_errors_of_their_subcommand(capsys, argv, match):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
