@@ -59,6 +59,7 @@ bench: install
 	$(PY) benchmarks/ray_table.py
 	$(PY) benchmarks/train_table.py --corpus all --seeds 0,1,2 --ptb $(PTB)
 	KENLM_BIN=$$(bash benchmarks/build_kenlm.sh) && $(PY) benchmarks/quality_table.py --data $(PTB) --kenlm-bin $$KENLM_BIN
+	$(PY) benchmarks/torch_lm.py --data $(PTB) --corpus ptb --minutes 10
 	$(PY) -m pytest benchmarks --benchmark-only
 
 clean:

@@ -19,3 +19,19 @@ def test_splits_follow_the_documented_cuts(tmp_path):
     assert got["ptb"]["test"] == ["t1", "t2"]
     assert len(got["kjv"]["train"]) == 970 and got["kjv"]["valid"][0] == "k970"
     assert got["kjv"]["test"] == ["kv"]
+
+
+def test_torch_peer_scores_each_sentence_from_a_zero_state():
+    """torch_lm's scoring convention: <eos> w1..wn -> w1..wn <eos>, n+1 tokens a sentence,
+    and a sentence's NLL does not depend on the padding of its batch."""
+    import pytest
+
+    pytest.importorskip("torch")
+    import torch_lm
+
+    train = ["the cat sat", "the dog ran far"]
+    vocab = torch_lm.vocabulary(train)
+    model = torch_lm.WordLM(len(vocab), width=8)
+    total, tokens = torch_lm.sentence_nll(model, ["the cat", "a dog ran"], vocab)
+    alone = sum(torch_lm.sentence_nll(model, [s], vocab)[0] for s in ["the cat", "a dog ran"])
+    assert tokens == 3 + 4 and abs(total - alone) < 1e-4 * abs(alone)
