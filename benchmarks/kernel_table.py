@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import sys
@@ -27,21 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kernel_peers as peers  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from lmonnx import _xent  # noqa: E402
 
 GOAL_FLOOR_RATIO = 1.5      # issue 2: within 1.5x of the memory floor
 GOAL_VS_LOG_SOFTMAX = 2.0   # issue 2: >= 2x faster than ORT LogSoftmax+GatherElements
 GOAL_PADDING_SPEEDUP = 5.0  # issue 2: 90% padding >= 5x faster than 0%
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def version(package: str) -> str | None:

@@ -31,27 +31,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 UNK = "<unk>"
 KENLM_UNK = "unk_token"  # lmplz refuses a literal <unk>: the same word under another name
 PTB_TRAIN_LINES = 3033
 KJV_HELD_OUT = 0.03
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def read_lines(path: Path) -> list[str]:

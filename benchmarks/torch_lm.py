@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import quality_table
+from machine import cpu_model
 
 EOS, UNK = "<eos>", "<unk>"
 
@@ -117,7 +118,7 @@ def main() -> None:
     train = stream(split["train"], vocab, columns=20)
     model = WordLM(len(vocab))
     lr, best, best_state, seconds = 20.0, math.inf, None, 0.0
-    print(f"CPU: {quality_table.cpu_model()}; torch {torch.__version__}, "
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {args.corpus}: {train.numel()} training tokens, "
           f"vocabulary {len(vocab)}")
     for epoch in range(1, args.epochs + 1):
