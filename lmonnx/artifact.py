@@ -97,6 +97,12 @@ def write_metadata(proto, props: Mapping[str, str], *,
     set_model_props(proto, props)
 
 
+def format_1_refused(source: str) -> str:
+    """Why a format-1 (stateless) model is refused, said by its metadata or its graph."""
+    return (f"{source} is a format-1 (stateless) lmonnx model, which this lmonnx no longer "
+            "reads: re-export this model")
+
+
 def _check_format(props: Mapping[str, str], source: str) -> None:
     if KEY_FORMAT not in props or KEY_VOCAB not in props or KEY_CONFIG not in props:
         raise ArtifactError(
@@ -104,8 +110,7 @@ def _check_format(props: Mapping[str, str], source: str) -> None:
             "export it with `lmonnx export`")
     version = props[KEY_FORMAT]
     if version == "1":
-        raise ArtifactError(f"{source} is a format-1 (stateless) lmonnx model, which this "
-                            "lmonnx no longer reads: re-export this model")
+        raise ArtifactError(format_1_refused(source))
     if version not in READABLE_FORMATS:
         raise ArtifactError(
             f"{source} has lmonnx format version {version!r}; this lmonnx reads "

@@ -39,7 +39,7 @@ from lmonnx.atomic import check_outputs, output_file
 from lmonnx.batching import Batch, bucketed_batches
 from lmonnx.errors import CorpusError, InvalidArgumentError
 from lmonnx.examples import Example
-from lmonnx.metrics import LN2, default_max_tokens, perplexity_of
+from lmonnx.metrics import LN2, default_max_tokens, finite_or_none, perplexity_of
 from lmonnx.runtime import ModelSession
 from lmonnx.vocab import UNK_ID
 from lmonnx.validation import check_int
@@ -69,7 +69,7 @@ def json_line(record: Mapping) -> str:
 
 def _finite_or_none(value):
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return finite_or_none(value)
     if isinstance(value, dict):
         return {k: _finite_or_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -224,6 +224,14 @@ def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = Fals
     return results
 
 
+def sentence_record(corpus: str, result: SentenceResult) -> dict:
+    """One sentence's ``--per-sentence`` record (``result.key``: its line number), the keys in
+    this order; ``nll`` in nats.  Local JSON lines and ``lmonnx.ray``'s sinks all write it."""
+    return {"corpus": corpus, "line": result.key, "tokens": result.tokens,
+            "oovs": result.oovs, "nll": result.nll, "perplexity": result.perplexity,
+            "hits": result.hits}
+
+
 # ---- writers: the files `--per-sentence` and `--per-token` produce, for API users too --------
 
 class SentenceWriter:
@@ -235,10 +243,7 @@ class SentenceWriter:
         self.file = file
 
     def write(self, corpus: str, example: Example, result: SentenceResult) -> None:
-        self.file.write(json_line({
-            "corpus": corpus, "line": example.key, "tokens": result.tokens,
-            "oovs": result.oovs, "nll": result.nll, "perplexity": result.perplexity,
-            "hits": result.hits}) + "\n")
+        self.file.write(json_line(sentence_record(corpus, result)) + "\n")
 
 
 class TokenWriter:

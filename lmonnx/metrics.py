@@ -27,6 +27,15 @@ def perplexity_of(nll: float, tokens: int) -> float:
     return math.exp(mean) if mean < 709.0 else math.inf
 
 
+def finite_or_none(x) -> float | None:
+    """``x`` as a float, or None when it is not finite: what strict JSON (which has no NaN or
+    Infinity) stores for it."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
 def bits(nats: float) -> float:
     """``nats`` expressed in bits."""
     return nats / LN2

@@ -46,14 +46,13 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from lmonnx.atomic import atomic_path, check_outputs, output_file
 from lmonnx.corpus import Line, check_errors, sentences_of_lines, to_line
 from lmonnx.errors import CorpusError, InvalidArgumentError, LmonnxError, MissingDependencyError
 from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, LOOKAHEAD, EvaluationReport, Evaluator,
-                             lookahead_chunks,
-                             SentenceResult, Totals)
+                             SentenceResult, Totals, lookahead_chunks, sentence_record)
 from lmonnx.examples import ExampleBuilder
 from lmonnx.validation import check_int, check_optional_int, check_real
 
@@ -100,14 +99,6 @@ def _schemas() -> dict[str, "pa.Schema"]:
                                ("nll", pa.float64()), ("perplexity", pa.float64()),
                                ("hits", pa.int64())]),
     }
-
-
-def sentence_record(corpus: str, result: SentenceResult) -> dict:
-    """One sentence's output record: the keys (and order) of local ``--per-sentence`` JSON
-    lines; ``nll`` in nats.  Both sinks below write these."""
-    return {"corpus": corpus, "line": result.key, "tokens": result.tokens,
-            "oovs": result.oovs, "nll": result.nll, "perplexity": result.perplexity,
-            "hits": result.hits}
 
 
 # ---- sources: resolved and checked on the driver, before any cluster starts ------------------

@@ -50,7 +50,6 @@ import dataclasses
 import hashlib
 import json
 import zipfile
-import math
 import os
 import re
 import stat
@@ -60,6 +59,7 @@ from typing import Any, Iterable
 
 from lmonnx.errors import InvalidArgumentError, RunDirError
 from lmonnx.atomic import write_atomic
+from lmonnx.metrics import finite_or_none
 
 RUN_FORMAT = "lmonnx-run/1"
 MANIFEST_FILE = "lmonnx-run.json"
@@ -107,14 +107,6 @@ def is_run_file_name(name: str) -> bool:
 
 
 # ---- strict JSON -----------------------------------------------------------------------------
-
-def finite_or_none(x) -> float | None:
-    """``x`` as a float, or None when it is not finite (JSON has no Infinity or NaN)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
 
 def dumps_json(payload) -> str:
     """Indented strict JSON (``ValueError`` for a NaN or an infinity), newline-terminated."""

@@ -40,14 +40,12 @@ except ImportError:  # both onnxruntime and onnxruntime-gpu provide the module
         "(onnxruntime) or 'lmonnx[gpu]' (onnxruntime-gpu, also runs on CPU)") from None
 
 from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS,
-                             ArtifactMetadata, parse_metadata)
+                             ArtifactMetadata, format_1_refused, parse_metadata)
 from lmonnx.graph import TARGETS, TOKEN_HIT, TOKEN_LOGPROB, add_loss_head
 
 log = logging.getLogger("lmonnx")
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
-FORMAT_VERSION = "2"
-"""The only format read: the LSTM state is an input and an output."""
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -146,7 +144,7 @@ class ModelSession:
             self._reopen_int8_on_cpu(head_only_for_cuda=loss_head is None)
         if self.provider_note:
             log.debug("%s: %s; running on CPU", self.name, self.provider_note)
-        self._check_format()
+        self._check_state_shape()
         self._check_vocab_width()
 
     def _graph(self) -> bytes | str:
@@ -190,9 +188,7 @@ class ModelSession:
         scores = [TOKEN_LOGPROB, TOKEN_HIT] if self.loss_head else [OUTPUT_NAME]
         extra = [TARGETS] if self.loss_head else []
         if sorted(inputs) == sorted([INPUT_NAME, *extra]):
-            raise ArtifactError(
-                f"{self.name} is a format-1 (stateless) lmonnx model, which this lmonnx no "
-                "longer reads: re-export this model")
+            raise ArtifactError(format_1_refused(self.name))
         if (sorted(inputs) != sorted([INPUT_NAME, *extra, *STATE_INPUTS])
                 or not {*scores, *STATE_OUTPUTS} <= set(outputs)):
             raise ArtifactError(
@@ -212,12 +208,9 @@ class ModelSession:
                     f"{dtype} of rank {rank} (float32 logits and state, int32 ids): "
                     "re-export this model")
 
-    def _check_format(self) -> None:
-        version = self.metadata.format_version
-        if version != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{self.name} says lmonnx format {version} but its graph has the LSTM state "
-                "of format 2; the file was edited or is damaged: re-export this model")
+    def _check_state_shape(self) -> None:
+        """The state inputs' declared shape against the config (parse_metadata has already
+        checked the format version: 2 is the only one read)."""
         shape = {i.name: i.shape for i in self._session.get_inputs()}[STATE_INPUTS[0]]
         config = self.metadata.config
         self.num_layers = int(config.get("num_lstm_layers", shape[0]))

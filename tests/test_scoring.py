@@ -382,3 +382,19 @@ def test_importing_the_scoring_stack_leaves_the_environment_alone():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert (out.returncode, out.stdout) == (0, "None\n"), out.stderr
+
+
+def test_the_cli_sets_the_openmp_wait_policy_before_the_kernel_loads():
+    """libgomp reads OMP_WAIT_POLICY once, when the kernel (lmonnx._xent) loads.  The package
+    imported the kernel eagerly, so `import lmonnx.cli` had loaded it before the CLI's scoring
+    commands could set the variable: the setting never took effect."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import sys, lmonnx.cli; "
+            "print('lmonnx._xent' in sys.modules, 'onnxruntime' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert (out.returncode, out.stdout) == (0, "False False\n"), out.stderr
