@@ -370,31 +370,28 @@ def test_a_tiny_temperature_is_greedy_without_warnings(scorer):
     assert tiny == scorer.generate("the cat", words=8, temperature=0)
 
 
-def test_importing_the_scoring_stack_leaves_the_environment_alone():
-    """lmonnx.xent set OMP_WAIT_POLICY on import; only the CLI's own process may."""
+def _fresh_python(code: str) -> str:
+    """stdout of ``code`` in a new interpreter without OMP_WAIT_POLICY in its environment."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    code = ("import os, lmonnx.xent, lmonnx.scorer, lmonnx.evaluate; "
-            "print(os.environ.get('OMP_WAIT_POLICY'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
-    assert (out.returncode, out.stdout) == (0, "None\n"), out.stderr
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_importing_the_scoring_stack_leaves_the_environment_alone():
+    """lmonnx.xent set OMP_WAIT_POLICY on import; only the CLI's own process may."""
+    assert _fresh_python("import os, lmonnx.xent, lmonnx.scorer, lmonnx.evaluate; "
+                         "print(os.environ.get('OMP_WAIT_POLICY'))") == "None\n"
 
 
 def test_the_cli_sets_the_openmp_wait_policy_before_the_kernel_loads():
     """libgomp reads OMP_WAIT_POLICY once, when the kernel (lmonnx._xent) loads.  The package
     imported the kernel eagerly, so `import lmonnx.cli` had loaded it before the CLI's scoring
     commands could set the variable: the setting never took effect."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    code = ("import sys, lmonnx.cli; "
-            "print('lmonnx._xent' in sys.modules, 'onnxruntime' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert (out.returncode, out.stdout) == (0, "False False\n"), out.stderr
+    assert _fresh_python("import sys, lmonnx.cli; print('lmonnx._xent' in sys.modules, "
+                         "'onnxruntime' in sys.modules)") == "False False\n"
