@@ -301,3 +301,48 @@ def packed_batches(items: Sequence[tuple[object, np.ndarray, np.ndarray]], *, ba
     order = rng.permutation(len(items))
     return [pack_rows([items[i][1:] for i in order[start:start + batch_size]])
             for start in range(0, len(order), batch_size)]
+
+
+@dataclass
+class StreamWindow:
+    """One window of a training stream (:func:`stream_windows`).
+
+    inputs, targets: int32 [columns, T]; 0 only after the end of the text, in the last
+    column(s) of the last windows.  Row r continues where row r of the previous window ended,
+    so the LSTM state carries over from one window to the next.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        return int(np.count_nonzero(self.inputs))
+
+
+def stream_windows(items: Sequence[tuple[object, np.ndarray, np.ndarray]], *, columns: int,
+                   window: int, rng: np.random.Generator) -> list[StreamWindow]:
+    """One training epoch as a stream (truncated backpropagation through time, as Zaremba et
+    al. and pytorch's word_language_model train): the sentences in a random order, their
+    (input, target) pairs end to end, cut into ``columns`` equal rows read in parallel, then
+    into windows of ``window`` positions::
+
+        stream   <s> a b <s> c d e <s> f ...            targets  a b </s> c d e </s> f ...
+        columns  row 0: <s> a b <s> c d | e <s> f ...   (windows of T steps, left to right)
+                 row 1: ...
+
+    Every token is kept (the last row is padded with 0 at its end).  A function of ``items``
+    and the state of ``rng``.
+    """
+    columns, window = check_int("columns", columns), check_int("window", window)
+    order = rng.permutation(len(items))
+    inputs = np.concatenate([items[i][1] for i in order]).astype(np.int32, copy=False)
+    targets = np.concatenate([items[i][2] for i in order]).astype(np.int32, copy=False)
+    columns = min(columns, len(inputs))
+    length = -(-len(inputs) // columns)  # rows of equal length, the last one padded
+    padded = np.zeros((2, columns * length), np.int32)
+    padded[0, :len(inputs)], padded[1, :len(targets)] = inputs, targets
+    rows = padded.reshape(2, columns, length)
+    return [StreamWindow(np.ascontiguousarray(rows[0, :, t:t + window]),
+                         np.ascontiguousarray(rows[1, :, t:t + window]))
+            for t in range(0, length, window)]

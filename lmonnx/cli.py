@@ -203,7 +203,7 @@ def _arguments_generate(p: argparse.ArgumentParser) -> None:
 
 _SUBCOMMANDS = (  # name, help, whether it runs a model (--model/--providers/--json), arguments
     ("synth", "write a synthetic corpus whose true perplexity is known", False, _arguments_synth),
-    ("train", "train the course's LanguageModel on a text corpus", False, _arguments_train),
+    ("train", "train a stacked-LSTM word LM on a text corpus (--recipe tied or course)", False, _arguments_train),
     ("export", "export a run to one self-describing .onnx (tf2onnx)", False, _arguments_export),
     ("quantize", "int8 form of an exported model, for CPU (dynamic quantization)", False,
      _arguments_quantize),
@@ -282,8 +282,16 @@ def _add_train_settings(p: argparse.ArgumentParser) -> None:
         p.add_argument(meta["flag"], dest=f.name, type=kind and kind(**bounds), default=None,
                        choices=meta["bounds"].get("choices"),
                        metavar=None if kind is None else meta["flag"][2:].upper().replace("-", "_"),
-                       help=meta["help"] if f.default is None
-                       else f"{meta['help']} (default: {f.default})")
+                       help=_setting_help(f))
+
+
+def _setting_help(f) -> str:
+    """A train flag's help with its default: the recipes' own where the recipe decides."""
+    from lmonnx.train.config import RECIPES, recipe_defaults
+
+    if f.name in RECIPES["tied"]:
+        return f"{f.metadata['help']} (default: {recipe_defaults(f.name)})"
+    return f.metadata["help"] if f.default is None else f"{f.metadata['help']} (default: {f.default})"
 
 
 def _cmd_train(args) -> None:

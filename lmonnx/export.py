@@ -37,7 +37,8 @@ from lmonnx.atomic import check_outputs, output_file
 from lmonnx.corpus import read_sentences, to_line
 from lmonnx.errors import ExportError, InvalidArgumentError, OutputError
 from lmonnx.examples import ExampleBuilder
-from lmonnx.graph import check_graph, name_dynamic_axes, op_counts, wire_sequence_lengths
+from lmonnx.graph import (check_graph, name_dynamic_axes, op_counts, tie_output_matrix,
+                          wire_sequence_lengths)
 from lmonnx.rundir import MODEL_FILE, STDIN_CORPUS, VOCAB_FILE, RunDir, is_run_file_name
 from lmonnx.verify import (LOGIT_ATOL, LOSS_RTOL, ParityReport, StateReport, check_parity,
                            check_state)
@@ -111,6 +112,7 @@ def _load_keras_model(path: Path):
 def _load_run(run: RunDir):
     """(config, vocab, keras model) of a run directory; ``ValueError`` if it is not one."""
     import lmonnx.train.model  # noqa: F401  (registers LanguageModel with Keras)
+    import lmonnx.train.tied  # noqa: F401  (registers TiedLanguageModel)
 
     config = run.read_config()
     vocab = Vocabulary.load(run.file(VOCAB_FILE))
@@ -147,6 +149,7 @@ def convert(model, opset: int = DEFAULT_OPSET):
     proto, _ = tf2onnx.convert.from_function(lm, input_signature=spec, opset=opset)
     wire_sequence_lengths(proto)
     name_dynamic_axes(proto)
+    tie_output_matrix(proto)
     return proto
 
 

@@ -5,6 +5,10 @@ Export (``lmonnx export``, on tf2onnx's ModelProto, in this order):
 - ``wire_sequence_lengths``: every fused ``LSTM`` gets ``sequence_lens = sum(input_ids != 0)``,
   so the state handed back for a row is its state after its last real token;
 - ``name_dynamic_axes``: tf2onnx's ``unk__N`` axes become ``batch`` and ``time``;
+- ``tie_output_matrix``: a tied model's output ``MatMul`` reads the embedding's own
+  initializer through ``Gemm(transB=1)``, so the file holds the [vocab, units] matrix once
+  (tf2onnx folds the transpose into a second copy); ``untie_output_matrix`` undoes it for the
+  int8 quantizer, which quantizes ``MatMul`` weights;
 - ``check_graph``: one fused LSTM per layer carrying its state and lengths, no ``Loop``/``Scan``,
   ``onnx.checker``.
 
@@ -138,6 +142,73 @@ def name_dynamic_axes(proto) -> None:
         for dim in value.type.tensor_type.shape.dim:
             if dim.HasField("dim_param") and dim.dim_param in rename:
                 dim.dim_param = rename[dim.dim_param]
+
+
+def _initializers(graph) -> tuple[dict, object]:
+    """({name: initializer}, onnx's ``numpy_helper.to_array``)."""
+    from onnx import numpy_helper
+
+    return {init.name: init for init in graph.initializer}, numpy_helper.to_array
+
+
+def tie_output_matrix(proto) -> bool:
+    """Replace ``MatMul(h, E^T)`` -- ``E^T`` an initializer equal to the transpose of the
+    embedding ``Gather``'s matrix ``E`` -- by reshapes around ``Gemm(h2, E, transB=1)`` and drop
+    ``E^T``.  h float32 [batch, time, units] -> logits [batch, time, vocab], the same numbers
+    (one sgemm either way).  Whether the graph had such a MatMul (an untied model has none)."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits, to_array = _initializers(graph)
+    tables = [n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    for index, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        weight = to_array(inits[node.input[1]])
+        table = next((t for t in tables if weight.shape[::-1] == tuple(inits[t].dims)
+                      and np.array_equal(weight.T, to_array(inits[t]))), None)
+        if table is None:
+            continue
+        units, vocab = weight.shape
+        h, out, p = node.input[0], node.output[0], "lmonnx_tied"
+        graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), f"{p}_{k}")
+                                  for k, v in (("rows", [-1, units]), ("start", [0]),
+                                               ("end", [-1]), ("vocab", [vocab]))])
+        nodes = [helper.make_node("Reshape", [h, f"{p}_rows"], [f"{p}_h2"]),
+                 helper.make_node("Gemm", [f"{p}_h2", table], [f"{p}_logits2"], transB=1),
+                 helper.make_node("Shape", [h], [f"{p}_shape"]),
+                 helper.make_node("Slice", [f"{p}_shape", f"{p}_start", f"{p}_end"],
+                                  [f"{p}_lead"]),
+                 helper.make_node("Concat", [f"{p}_lead", f"{p}_vocab"], [f"{p}_out_shape"],
+                                  axis=0),
+                 helper.make_node("Reshape", [f"{p}_logits2", f"{p}_out_shape"], [out])]
+        transposed = node.input[1]
+        graph.node.remove(node)
+        for offset, new in enumerate(nodes):
+            graph.node.insert(index + offset, new)
+        if not any(transposed in n.input for n in graph.node):
+            graph.initializer.remove(inits[transposed])
+        return True
+    return False
+
+
+def untie_output_matrix(proto) -> None:
+    """The inverse of :func:`tie_output_matrix` for the int8 quantizer: the tied ``Gemm``
+    becomes ``MatMul`` with its own transposed copy of the matrix (which the quantizer then
+    stores as int8; the embedding ``Gather`` keeps the float32 one)."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits, to_array = _initializers(graph)
+    for index, node in enumerate(graph.node):
+        if node.op_type == "Gemm" and node.input[0] == "lmonnx_tied_h2":
+            name = "lmonnx_tied_output_matrix"
+            graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(to_array(inits[node.input[1]]).T), name))
+            graph.node.remove(node)
+            graph.node.insert(index, helper.make_node("MatMul", [node.input[0], name],
+                                                      list(node.output)))
+            return
 
 
 def op_counts(proto) -> dict[str, int]:

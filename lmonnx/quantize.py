@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 from lmonnx.artifact import model_props, write_metadata
 from lmonnx.errors import InvalidArgumentError, MissingDependencyError, QuantizationError
+from lmonnx.graph import untie_output_matrix
 from lmonnx.examples import Example
 from lmonnx.validation import check_real
 
@@ -87,7 +88,9 @@ def quantize_bytes(model: bytes, *, per_channel: bool = PER_CHANNEL,
                                      "lmonnx[cpu,train] or pip install onnx") from None
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(model)
+        fp32 = onnx.load_from_string(model)
+        untie_output_matrix(fp32)  # the quantizer takes MatMul weights, not a shared Gemm's
+        src.write_bytes(fp32.SerializeToString())
         with _quiet_quantizer():
             quantize_dynamic(src, dst, per_channel=per_channel, reduce_range=reduce_range,
                              weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM", "MatMul"])

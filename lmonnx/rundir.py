@@ -78,8 +78,9 @@ STDIN = "-"
 STDIN_CORPUS = "<stdin>"
 """How ``config.json`` records a corpus that was read from standard input."""
 
-TRAINING_RECORD_SETTINGS = ("epochs", "batch_size", "learning_rate", "clipnorm", "dropout", "seed",
-                            "pack", "lr_decay", "patience")
+TRAINING_RECORD_SETTINGS = ("recipe", "epochs", "batch_size", "optimizer", "learning_rate",
+                            "clipnorm", "dropout", "seed", "pack", "lr_decay", "patience",
+                            "holdout", "max_minutes")
 
 __all__ = ["RUN_FORMAT", "MANIFEST_FILE", "CONFIG_FILE", "VOCAB_FILE", "MODEL_FILE",
            "HISTORY_FILE", "CURVE_FILE", "FIXED_FILES", "STDIN_CORPUS", "RunDirError", "RunDir",

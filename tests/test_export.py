@@ -47,7 +47,7 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("export")
     write_corpus(d / "synth", seed=2, words=40, train_sentences=300, valid_sentences=50,
                  test_sentences=50)
-    config = TrainConfig(tokenizer="whitespace", vocab_size=50, max_length=10,
+    config = TrainConfig(recipe="course", tokenizer="whitespace", vocab_size=50, max_length=10,
                          num_lstm_units=16, num_lstm_layers=2, embedding_dim=8, epochs=1,
                          batch_size=32, dropout=0.1)
     train(config, d / "synth" / "train.txt", d / "synth" / "valid.txt", d / "run")

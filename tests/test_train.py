@@ -287,7 +287,7 @@ def test_resume_without_a_run(text, tmp_path, capsys):
 
 # ---- lmonnx train: runs ----------------------------------------------------------------------
 
-TINY = dict(tokenizer="whitespace", vocab_size=40, max_length=8, num_lstm_units=12,
+TINY = dict(recipe="course", tokenizer="whitespace", vocab_size=40, max_length=8, num_lstm_units=12,
             num_lstm_layers=2, embedding_dim=6, batch_size=16, learning_rate=0.01)
 
 
@@ -420,7 +420,7 @@ def test_synthetic_oracle(tmp_path):
     d = tmp_path / "synth"
     truth = write_corpus(d, seed=0, words=100, train_sentences=15000, valid_sentences=500,
                          test_sentences=1000)
-    config = TrainConfig(tokenizer="whitespace", vocab_size=104, max_length=35,
+    config = TrainConfig(recipe="course", tokenizer="whitespace", vocab_size=104, max_length=35,
                          num_lstm_units=64, num_lstm_layers=1, embedding_dim=16, epochs=10,
                          batch_size=64, learning_rate=0.02, seed=0)
     result = train(config, d / "train.txt", d / "valid.txt", tmp_path / "run")
@@ -520,7 +520,7 @@ def test_a_run_without_its_manifest_is_not_ours(synth, tmp_path, capsys):
 
 # ---- resume: extending a finished run ----------------------------------------------------------
 
-FIXTURE_FLAGS = ["--tokenizer", "whitespace", "--vocab-size", "40", "--max-length", "8",
+FIXTURE_FLAGS = ["--recipe", "course", "--tokenizer", "whitespace", "--vocab-size", "40", "--max-length", "8",
                  "--units", "12", "--layers", "2", "--embedding-dim", "6", "--batch-size", "16",
                  "--learning-rate", "0.01", "--dropout", "0.2", "--seed", "7"]
 

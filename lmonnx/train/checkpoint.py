@@ -2,7 +2,8 @@
 what each variable is, so that restoring never depends on the order Keras lists them in.
 
 Keys: ``model/<path below the model>`` (``model/lstm_stack/stacked_cells/lstm_1/kernel``),
-``model/<cell>/seed_generator_state`` (a cell's dropout seed), ``optimizer/<name>``
+``model/<layer>/seed_generator_state`` (a cell's or a dropout layer's seed, named by
+``model.seeded_layers``), ``optimizer/<name>``
 (``optimizer/iteration``, ``optimizer/lstm_stack_stacked_cells_lstm_1_kernel_momentum``) and
 ``epoch``.  Keras numbers the objects of a process (``language_model_3``, ``adam_2``,
 ``seed_generator_5``), so those prefixes are replaced by what they stand for.
@@ -27,8 +28,8 @@ def _below(path: str, owner: str) -> str:
 def variable_keys(model, optimizer) -> dict[str, object]:
     """{key: variable} of every model and optimizer variable (weights, dropout seed states,
     the step count, the learning rate and the Adam moments)."""
-    seeds = {id(cell.seed_generator.state): f"{cell.name}/seed_generator_state"
-             for cell in model.cells if getattr(cell, "seed_generator", None) is not None}
+    seeds = {id(layer.seed_generator.state): f"{name}/seed_generator_state"
+             for name, layer in model.seeded_layers()}
     keys: dict[str, object] = {}
     for v in model.variables:
         keys["model/" + seeds.get(id(v), _below(v.path, model.name))] = v

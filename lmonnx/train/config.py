@@ -15,10 +15,27 @@ from lmonnx.errors import InvalidArgumentError, RunDirError
 from lmonnx.validation import check_bool, check_choice, check_int, check_real
 from lmonnx.vocab import PRESETS
 
+RECIPES: dict[str, dict[str, Any]] = {
+    # Zaremba et al. (2014) and pytorch's word_language_model, tied and with locked dropout:
+    # chosen by measurement on KJV and PTB (README, "Training quality").
+    "tied": dict(dropout=0.2, epochs=40, batch_size=20, learning_rate=20.0, clipnorm=0.25,
+                 optimizer="sgd"),
+    # The course's LanguageModel as it was taught (its slips fixed): today's model.
+    "course": dict(dropout=0.0, epochs=5, batch_size=32, learning_rate=1e-2, clipnorm=5.0,
+                   optimizer="adam"),
+}
+"""Each recipe's value of every setting left None (``TrainConfig.resolved``)."""
+
+RECIPE_HELP = ("tied (the default): embedding = output layer (units wide), locked dropout on "
+               "embeddings, between layers and before the output, the text as one stream "
+               "carrying the LSTM state over windows of --max-length, SGD with plateau decay; "
+               "course: the course's LanguageModel (V**0.25-wide embedding, separate output "
+               "layer, Adam, random padded windows)")
+
 SEED_MAX = 2**32 - 1
 """The largest seed NumPy's legacy generator (which ``keras.utils.set_random_seed`` seeds) takes."""
 
-RESUMABLE = ("epochs", "learning_rate", "lr_decay", "patience", "clipnorm")
+RESUMABLE = ("epochs", "learning_rate", "lr_decay", "patience", "clipnorm", "max_minutes")
 """Settings a resumed run may change (applied from the next epoch on, recorded in config.json);
 every other one decides the model, its data or its batches and must equal the run's."""
 
@@ -31,31 +48,38 @@ def _setting(default, flag: str, help: str, kind: str, **bounds):
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run (the flags of ``lmonnx train``; each field's
-    metadata holds its flag, help and range).  ``embedding_dim`` None means
-    ``int(vocab_size ** 0.25)``; ``pack`` False pads each random batch to its longest window."""
+    metadata holds its flag, help and range).  A setting left None takes its recipe's value
+    (:data:`RECIPES`, :meth:`resolved`); ``embedding_dim`` None is ``num_lstm_units`` (tied)
+    or ``int(vocab_size ** 0.25)`` (course); ``pack`` (course only) False pads each random
+    batch to its longest window."""
 
+    recipe: str = _setting("tied", "--recipe", RECIPE_HELP, "choice", choices=tuple(RECIPES))
     tokenizer: str = _setting("keras", "--tokenizer", "tokenizer preset", "choice",
                               choices=PRESETS)
     vocab_size: int = _setting(10000, "--vocab-size", "vocabulary entries, the 4 special "
                                "tokens included", "int", low=5,
                                why="4 special tokens and at least one word")
-    max_length: int = _setting(35, "--max-length", "longest training window; longer "
-                               "sentences are cut into windows", "int", low=1)
+    max_length: int = _setting(35, "--max-length", "training window: the steps "
+                               "backpropagated through (tied), the longest window a sentence "
+                               "is cut into (course)", "int", low=1)
     num_lstm_units: int = _setting(200, "--units", "LSTM units per layer", "int", low=1)
     num_lstm_layers: int = _setting(2, "--layers", "stacked LSTM layers", "int", low=1)
-    dropout: float = _setting(0.0, "--dropout", "drop rate (not keep probability)", "real",
-                              low=0.0, high=1.0, high_open=True, why="a drop rate")
-    embedding_dim: int | None = _setting(None, "--embedding-dim", "embedding width "
-                                         "(default: int(vocab_size ** 0.25), as in the course)",
+    dropout: float | None = _setting(None, "--dropout", "drop rate (not keep probability)",
+                                     "real", low=0.0, high=1.0, high_open=True,
+                                     why="a drop rate")
+    embedding_dim: int | None = _setting(None, "--embedding-dim", "embedding width (tied: "
+                                         "--units; course: int(vocab_size ** 0.25))",
                                          "int", low=1)
-    epochs: int = _setting(5, "--epochs", "epochs in all; with --resume a larger number "
-                           "extends a finished run", "int", low=1)
-    batch_size: int = _setting(32, "--batch-size", "training windows per batch at most",
-                               "int", low=1)
-    learning_rate: float = _setting(1e-2, "--learning-rate", "Adam learning rate", "real",
-                                    low=0.0, low_open=True)
-    clipnorm: float = _setting(5.0, "--clipnorm", "clip the global gradient norm to this "
-                               "(0: no clipping)", "real", low=0.0)
+    epochs: int | None = _setting(None, "--epochs", "epochs at most; with --resume a larger "
+                                  "number extends a finished run", "int", low=1)
+    batch_size: int | None = _setting(None, "--batch-size", "rows per batch: the stream's "
+                                      "columns (tied), windows (course)", "int", low=1)
+    optimizer: str | None = _setting(None, "--optimizer", "sgd or adam", "choice",
+                                     choices=("sgd", "adam"))
+    learning_rate: float | None = _setting(None, "--learning-rate", "the optimizer's rate",
+                                           "real", low=0.0, low_open=True)
+    clipnorm: float | None = _setting(None, "--clipnorm", "clip the global gradient norm to "
+                                      "this (0: no clipping)", "real", low=0.0)
     seed: int = _setting(0, "--seed", "same seed, same data: same run", "int", low=0,
                          high=SEED_MAX)
     pack: bool = _setting(True, "--no-pack", "pad each random batch to its longest window "
@@ -65,6 +89,15 @@ class TrainConfig:
                                "epoch without improvement (1: constant rate)", "real", low=1.0)
     patience: int = _setting(0, "--patience", "stop after this many epochs in a row without "
                              "improvement (0: never)", "int", low=0)
+    holdout: float = _setting(0.0, "--holdout", "without --valid: this share of the training "
+                              "sentences, drawn at random (by --seed), is held out as the "
+                              "validation set (0: none)", "real", low=0.0, high=0.5,
+                              high_open=True, why="a share of the corpus")
+    max_minutes: float | None = _setting(None, "--max-minutes", "training budget in minutes: "
+                                         "no epoch starts that would end past it (timed by the "
+                                         "last epoch), and the last one that fits runs at the "
+                                         "rate divided by --lr-decay", "real", low=0.0,
+                                         low_open=True)
 
     def validate(self) -> None:
         """``InvalidArgumentError`` / ``ArgumentTypeError`` naming the flag of the first
@@ -72,7 +105,9 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             bounds = dict(meta["bounds"])
-            if meta["kind"] == "int" and not (value is None and f.default is None):
+            if value is None and f.default is None:
+                continue  # the recipe's value
+            if meta["kind"] == "int":
                 check_int(meta["flag"], value, **bounds)
             elif meta["kind"] == "real":
                 check_real(meta["flag"], value, **bounds)
@@ -80,6 +115,24 @@ class TrainConfig:
                 check_choice(meta["flag"], value, bounds["choices"])
             elif meta["kind"] == "bool":
                 check_bool(f.name, value)
+
+    def resolved(self) -> "TrainConfig":
+        """This config with every None setting replaced by its recipe's value; a tied model
+        whose embedding width is not ``num_lstm_units`` is an ``InvalidArgumentError``."""
+        self.validate()
+        values = {k: v for k, v in RECIPES[self.recipe].items() if getattr(self, k) is None}
+        if self.recipe == "tied":
+            if self.embedding_dim not in (None, self.num_lstm_units):
+                raise InvalidArgumentError(
+                    f"--embedding-dim {self.embedding_dim}: the tied recipe's embedding is its "
+                    f"output layer, --units ({self.num_lstm_units}) wide; drop the flag or use "
+                    "--recipe course")
+            if not self.pack:
+                raise InvalidArgumentError("--no-pack: the tied recipe trains on one stream, "
+                                           "with no padding to pack; it applies to --recipe "
+                                           "course only")
+            values["embedding_dim"] = self.num_lstm_units
+        return dataclasses.replace(self, **values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,6 +157,11 @@ class TrainConfig:
             raise RunDirError(f"{path} {what}: it was written by another version of lmonnx; "
                               "re-train, or resume it with that version")
         return cls(**d)
+
+
+def recipe_defaults(name: str) -> str:
+    """``tied 20, course 0.01``: the recipes' values of setting ``name`` (for --help)."""
+    return ", ".join(f"{recipe} {values[name]}" for recipe, values in RECIPES.items())
 
 
 def flag_of(name: str) -> str:

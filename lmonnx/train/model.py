@@ -42,7 +42,7 @@ import tensorflow as tf  # noqa: E402
 
 from lmonnx.validation import check_int, check_real  # noqa: E402
 
-__all__ = ["LanguageModel", "default_embedding_dim"]
+__all__ = ["LanguageModel", "default_embedding_dim", "masked_nll"]
 
 
 def default_embedding_dim(vocab_size: int) -> int:
@@ -179,14 +179,7 @@ class LanguageModel(keras.Model):
         (``tf.boolean_mask``, which keeps those positions whose mask is 1): the same sum without
         the padding's share of the output layer, most of a step's work for a large vocabulary.
         """
-        real = tf.math.not_equal(binary_sequences, 0)
-        logits = self.get_logits(tf.boolean_mask(lstm_outputs, real))  # [real positions, vocab]
-        batch_sequence_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.boolean_mask(tf.cast(output_sequences, tf.int32), real), logits=logits)
-        unpadded_loss = batch_sequence_loss * tf.boolean_mask(
-            tf.cast(binary_sequences, tf.float32), real)  # the course's mask: all ones here
-        overall_loss = tf.math.reduce_sum(unpadded_loss)
-        return overall_loss
+        return masked_nll(self.get_logits, lstm_outputs, binary_sequences, output_sequences)
 
     def get_word_predictions(self, word_preds, binary_sequences):
         """Each sequence's prediction at its last real (unpadded) position: int [batch]."""
@@ -232,6 +225,11 @@ class LanguageModel(keras.Model):
         """The LSTM cells, bottom first."""
         return _cells_of(self.rnn.cell)
 
+    def seeded_layers(self) -> list:
+        """(unique name, layer) of every layer drawing dropout masks (the checkpoint's keys)."""
+        return [(cell.name, cell) for cell in self.cells
+                if getattr(cell, "seed_generator", None) is not None]
+
     def inference_model(self) -> keras.Model:
         """The same network, weights copied, as Embedding (no mask) -> ``keras.layers.LSTM``
         x ``num_lstm_layers`` -> Dense: the form tf2onnx turns into fused ONNX ``LSTM`` ops.
@@ -271,6 +269,24 @@ class LanguageModel(keras.Model):
         dense.set_weights(self.dense.get_weights())
         return model
 
+
+
+def masked_nll(get_logits, lstm_outputs, binary_sequences, output_sequences):
+    """The course's loss: summed sparse softmax cross-entropy in nats (a float32 scalar) of
+    ``get_logits(lstm_outputs)`` against ``output_sequences`` (int [batch, time]), times the
+    padding mask ``binary_sequences`` (int [batch, time], 1 where a target counts).
+
+    A padded position adds 0 whatever its logits, so the logits are computed at the real
+    positions only (``tf.boolean_mask``): the same sum without the padding's share of the
+    output layer, most of a step's work for a large vocabulary.
+    """
+    real = tf.math.not_equal(binary_sequences, 0)
+    logits = get_logits(tf.boolean_mask(lstm_outputs, real))  # [real positions, vocab]
+    batch_sequence_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.boolean_mask(tf.cast(output_sequences, tf.int32), real), logits=logits)
+    unpadded_loss = batch_sequence_loss * tf.boolean_mask(
+        tf.cast(binary_sequences, tf.float32), real)  # the course's mask: all ones here
+    return tf.math.reduce_sum(unpadded_loss)
 
 def _cells_of(cell) -> list:
     """The LSTM cells behind the RNN's cell (a StackedRNNCells, or one bare cell), bottom first."""

@@ -10,7 +10,7 @@ import numpy as np
 from lmonnx.batching import PackedBatch, bucketed_batches
 from lmonnx.metrics import default_max_tokens
 
-__all__ = ["make_train_step", "evaluate_nll"]
+__all__ = ["make_train_step", "StreamStep", "evaluate_nll"]
 
 
 def make_train_step(model, optimizer):
@@ -51,6 +51,47 @@ def make_train_step(model, optimizer):
         return train_step(batch.inputs, batch.targets, loss_scale)
 
     return step
+
+
+class StreamStep:
+    """``step(window, loss_scale) -> (summed NLL, tokens)``: one optimizer step on a window of
+    the training stream (``lmonnx.batching.StreamWindow``), from the LSTM states the previous
+    window ended in (truncated backpropagation: no gradient flows back across windows).
+    ``start_epoch`` starts a new stream from zero states."""
+
+    def __init__(self, model, optimizer):
+        import tensorflow as tf
+
+        self.model, self.states = model, None
+        spec = tf.TensorSpec((None, None), tf.int32)
+        states_spec = tf.TensorSpec((model.num_lstm_layers, 2, None, model.num_lstm_units),
+                                    tf.float32)
+
+        @tf.function(input_signature=(spec, spec, states_spec, tf.TensorSpec((), tf.float32)))
+        def step(inputs, targets, states, loss_scale):
+            with tf.GradientTape() as tape:
+                outputs, new_states = model.run_stream(
+                    inputs, [[s[0], s[1]] for s in tf.unstack(states)], training=True)
+                binary = tf.math.sign(inputs)
+                loss_sum = model.calculate_loss(outputs, binary, targets)
+                loss = loss_sum / loss_scale  # a per-token mean, as the course's steps
+            variables = model.trainable_variables
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            tokens = tf.math.reduce_sum(tf.cast(binary, tf.float32))
+            return loss_sum, tokens, tf.stack([tf.stack(s) for s in new_states])
+
+        self._step = step
+
+    def start_epoch(self) -> None:
+        self.states = None
+
+    def __call__(self, window, loss_scale):
+        if self.states is None or self.states.shape[2] != window.inputs.shape[0]:
+            self.states = np.zeros((self.model.num_lstm_layers, 2, window.inputs.shape[0],
+                                    self.model.num_lstm_units), np.float32)
+        loss_sum, tokens, self.states = self._step(window.inputs, window.targets, self.states,
+                                                   loss_scale)
+        return loss_sum, tokens
 
 
 class _Validator:

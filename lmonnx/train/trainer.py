@@ -59,7 +59,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from lmonnx.batching import Batch, PackedBatch, packed_batches, padded_batches, split_windows
+from lmonnx.batching import (Batch, PackedBatch, StreamWindow, packed_batches, padded_batches,
+                             split_windows, stream_windows)
 from lmonnx.corpus import require_sentences
 from lmonnx.errors import InvalidArgumentError, RunDirError, TrainingError
 from lmonnx.examples import ExampleBuilder
@@ -127,13 +128,34 @@ def sentence_items(vocab: Vocabulary, lines: Iterable) -> list:
 
 
 def _epoch_batches(items: list, config: TrainConfig, epoch: int
-                   ) -> list[tuple[Batch | PackedBatch, np.float32]]:
-    """Epoch ``epoch`` (1-based): random batches of ``batch_size`` windows, packed
-    (``config.pack``) or padded, in random order, each with what its summed loss is divided
-    by (its tokens: the per-token mean); a function of (seed, epoch) only."""
+                   ) -> list[tuple[Batch | PackedBatch | StreamWindow, np.float32]]:
+    """Epoch ``epoch`` (1-based), each batch with what its summed loss is divided by (its
+    tokens: the per-token mean); a function of (seed, epoch) only.  Tied recipe: the shuffled
+    sentences as one stream in ``batch_size`` columns, windows of ``max_length``; course:
+    random batches of ``batch_size`` windows, packed (``config.pack``) or padded."""
     rng = np.random.default_rng([config.seed, epoch])
-    make = packed_batches if config.pack else padded_batches
-    return [(b, np.float32(b.tokens)) for b in make(items, batch_size=config.batch_size, rng=rng)]
+    if config.recipe == "tied":
+        batches = stream_windows(items, columns=config.batch_size, window=config.max_length,
+                                 rng=rng)
+    else:
+        make = packed_batches if config.pack else padded_batches
+        batches = make(items, batch_size=config.batch_size, rng=rng)
+    return [(b, np.float32(b.tokens)) for b in batches]
+
+
+def held_out_split(lines: list, config: TrainConfig) -> tuple[list, list | None]:
+    """(training lines, held-out lines or None): ``config.holdout`` of the sentences drawn
+    at random by ``config.seed`` (the same split on resume), the rest in corpus order."""
+    if not config.holdout:
+        return lines, None
+    rng = np.random.default_rng([config.seed, 0])  # epochs use (seed, epoch >= 1)
+    held = np.zeros(len(lines), bool)
+    held[rng.permutation(len(lines))[:max(1, round(config.holdout * len(lines)))]] = True
+    if held.all():
+        raise InvalidArgumentError(f"--holdout {config.holdout} leaves no training sentence "
+                                   f"of {len(lines)}; lower it or give --valid")
+    return ([line for line, h in zip(lines, held) if not h],
+            [line for line, h in zip(lines, held) if h])
 
 
 def _check_loss(epoch: int, what: str, nll: float, tokens: int, config: TrainConfig) -> None:
@@ -169,13 +191,14 @@ class TrainingRun:
 
     def __init__(self, run: RunDir, config: TrainConfig, vocab: Vocabulary, items: list,
                  valid_items: list | None, history: History):
-        from lmonnx.train.steps import _Validator, make_train_step
+        from lmonnx.train.steps import StreamStep, _Validator, make_train_step
 
         self.run, self.config, self.vocab = run, config, vocab
         self.items, self.valid_items, self.history = items, valid_items, history
         self.model = _build_model(config, len(vocab))
         self.optimizer = _make_optimizer(config)
-        self.step = make_train_step(self.model, self.optimizer)
+        make_step = StreamStep if config.recipe == "tied" else make_train_step
+        self.step = make_step(self.model, self.optimizer)
         self.validator = _Validator(self.model)
 
     def fit(self, on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
@@ -205,6 +228,7 @@ class TrainingRun:
 
         t0 = time.perf_counter()
         batches = _epoch_batches(self.items, self.config, epoch)
+        self.step.start_epoch()
         nll, tokens = 0.0, 0
         with tqdm(total=len(batches), desc=f"epoch {epoch}/{self.config.epochs}",
                   unit="batch", disable=None, leave=False) as bar:
@@ -245,15 +269,31 @@ class TrainingRun:
             history.best_epoch = record.epoch
         record.epochs_without_improvement = stale = record.epoch - history.best_epoch
         history.epochs.append(record)
-        if not improved and config.lr_decay != 1:  # the next epoch's rate
+        decayed = not improved and config.lr_decay != 1
+        out_of_time, last = self._budget()
+        if decayed or (last and config.lr_decay != 1):  # the next epoch's rate
             history.learning_rate /= float(config.lr_decay)
             self.optimizer.learning_rate.assign(history.learning_rate)
         # Patience running out in the last epoch counts too: extending the run must not go
         # on where a longer run would have stopped.
-        stop = bool(config.patience) and stale >= config.patience
+        stop = bool(config.patience) and stale >= config.patience or out_of_time
         self._save(record.epoch, improved, stop)
-        self._report(record, improved, stop)
+        self._report(record, improved, stop, out_of_time)
+        if last and not stop:
+            log.info(f"the next epoch is the last within --max-minutes {config.max_minutes:g};"
+                     f" it trains at learning rate {history.learning_rate:.3g}")
         return stop
+
+    def _budget(self) -> tuple[bool, bool]:
+        """(no further epoch fits in ``max_minutes``, exactly one more does), timing the next
+        epoch by the last one (training and validation); (False, False) without a budget."""
+        if self.config.max_minutes is None or not self.history.epochs:
+            return False, False
+        spent = sum(r.train_seconds + (r.valid_seconds or 0) for r in self.history.epochs)
+        last = self.history.epochs[-1]
+        left, epoch = self.config.max_minutes * 60 - spent, last.train_seconds + (
+            last.valid_seconds or 0)
+        return left < epoch, epoch <= left < 2 * epoch
 
     def _save(self, epoch: int, improved: bool, stop: bool) -> None:
         """Checkpoint, then the best model (stamped with its epoch), then history.json
@@ -284,7 +324,8 @@ class TrainingRun:
         with atomic_path(self.run.claim(MODEL_FILE), suffix=".keras") as tmp:  # Keras wants it
             self.model.save(tmp)
 
-    def _report(self, record: EpochRecord, improved: bool, stop: bool) -> None:
+    def _report(self, record: EpochRecord, improved: bool, stop: bool, out_of_time: bool
+                ) -> None:
         valid = (f"valid ppl {_ppl(record.valid_perplexity)}" if self.valid_items is not None
                  else "no validation set")
         after = ("  *best" if improved else
@@ -294,7 +335,10 @@ class TrainingRun:
                  f"{record.train_loss:.4f} (ppl {_ppl(record.train_perplexity)}), {valid}, "
                  f"{record.train_seconds:.1f} s ({record.tokens_per_second:.0f} tokens/s)"
                  + after)
-        if stop:
+        if out_of_time:
+            log.info(f"stopping: no further epoch fits in --max-minutes "
+                     f"{self.config.max_minutes:g}; best epoch {self.history.best_epoch}")
+        elif stop:
             log.info(f"stopping early: no improvement in {record.epochs_without_improvement} "
                      f"epochs (--patience {self.config.patience}); best epoch "
                      f"{self.history.best_epoch}")
@@ -310,9 +354,15 @@ def _build_model(config: TrainConfig, vocab_size: int):
     tf.config.experimental.enable_op_determinism()
 
     try:
-        model = LanguageModel(vocab_size, config.max_length, config.num_lstm_units,
-                              config.num_lstm_layers, embedding_dim=config.embedding_dim,
-                              dropout=config.dropout)
+        if config.recipe == "tied":
+            from lmonnx.train.tied import TiedLanguageModel
+
+            model = TiedLanguageModel(vocab_size, config.max_length, config.num_lstm_units,
+                                      config.num_lstm_layers, dropout=config.dropout)
+        else:
+            model = LanguageModel(vocab_size, config.max_length, config.num_lstm_units,
+                                  config.num_lstm_layers, embedding_dim=config.embedding_dim,
+                                  dropout=config.dropout)
         model.build()
     except (MemoryError, tf.errors.ResourceExhaustedError):
         raise InvalidArgumentError(f"the model does not fit in memory (--units "
@@ -325,7 +375,8 @@ def _make_optimizer(config: TrainConfig):
     import keras
 
     clip = {"global_clipnorm": float(config.clipnorm)} if config.clipnorm > 0 else {}
-    return keras.optimizers.Adam(learning_rate=float(config.learning_rate), **clip)
+    optimizer = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[config.optimizer]
+    return optimizer(learning_rate=float(config.learning_rate), **clip)
 
 
 # ---- starting and resuming -------------------------------------------------------------------
@@ -348,7 +399,7 @@ def train(config: TrainConfig | Mapping[str, Any] | None, corpus, valid=None, ou
     """
     given = _given(config)
     corpus, valid, run = Path(corpus), None if valid is None else Path(valid), RunDir(out_dir)
-    TrainConfig().with_overrides(given).validate()
+    TrainConfig().with_overrides(given).resolved()  # every setting checked
     if resume and force:
         raise InvalidArgumentError("--resume and --force contradict each other: pick one")
     if str(corpus) == STDIN and valid is not None and str(valid) == STDIN:
@@ -357,7 +408,10 @@ def train(config: TrainConfig | Mapping[str, Any] | None, corpus, valid=None, ou
     if valid is not None:
         require_sentences(valid, errors)
     if not resume:
-        training = _start(TrainConfig().with_overrides(given), corpus, valid, run, errors, force)
+        if valid is not None and given.get("holdout"):
+            raise InvalidArgumentError("--holdout and --valid: give one validation set")
+        training = _start(TrainConfig().with_overrides(given).resolved(), corpus, valid, run,
+                          errors, force)
     else:
         training = _resume(given, corpus, valid, run, errors)
         if isinstance(training, TrainResult):  # nothing to train
@@ -366,12 +420,13 @@ def train(config: TrainConfig | Mapping[str, Any] | None, corpus, valid=None, ou
 
 
 def _given(config) -> dict[str, Any]:
+    """The settings given: a None value is one left to the recipe, not given."""
     if config is None:
         return {}
     if isinstance(config, TrainConfig):
-        return config.to_dict()
+        config = config.to_dict()
     if isinstance(config, Mapping):
-        return dict(config)
+        return {k: v for k, v in config.items() if v is not None}
     raise InvalidArgumentError(f"config must be a TrainConfig or a mapping of settings; got "
                                f"{type(config).__name__}")
 
@@ -382,7 +437,8 @@ def _start(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir, e
     run.check_new(force)
     source = _read_source(corpus, errors)
     valid_source = _read_source(valid, errors) if valid is not None else None
-    vocab = Vocabulary.fit((line.text for line in source.lines), config.vocab_size,
+    vocab = Vocabulary.fit((line.text for line in held_out_split(source.lines, config)[0]),
+                           config.vocab_size,
                            TokenizerOptions.from_preset(config.tokenizer))
     if len(vocab) <= len(SPECIAL_TOKENS):
         name = "standard input" if str(corpus) == STDIN else corpus
@@ -395,7 +451,8 @@ def _start(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir, e
     vocab.save(run.claim(VOCAB_FILE))
     run.write_config(_run_config(config, training, source, valid_source, errors))
     run.write_history(training.history)
-    log.info(f"training on {len(training.items)} windows "
+    unit = "sentences as one stream" if config.recipe == "tied" else "windows"
+    log.info(f"training on {len(training.items)} {unit} "
              f"({sum(len(x) for _, x, _ in training.items)} tokens), vocabulary {len(vocab)}, "
              f"{training.model.count_params()} parameters")
     return training
@@ -403,9 +460,14 @@ def _start(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir, e
 
 def _setup(run: RunDir, config: TrainConfig, vocab: Vocabulary, source: _Source,
            valid_source: _Source | None, history: History) -> TrainingRun:
-    """The run object of a new or a resumed run: windows, validation sentences, model."""
-    items = _training_items(vocab, source.lines, config.max_length)
-    valid_items = sentence_items(vocab, valid_source.lines) if valid_source else None
+    """The run object of a new or a resumed run: training items (whole sentences for the
+    tied recipe's stream, windows for the course's), validation sentences, model."""
+    lines, held_out = held_out_split(source.lines, config)
+    items = (sentence_items(vocab, lines) if config.recipe == "tied"
+             else _training_items(vocab, lines, config.max_length))
+    valid_lines = held_out if held_out is not None else (
+        valid_source.lines if valid_source else None)
+    valid_items = sentence_items(vocab, valid_lines) if valid_lines is not None else None
     return TrainingRun(run, config, vocab, items, valid_items, history)
 
 

@@ -1,0 +1,216 @@
+"""The default recipe's model: a stacked LSTM whose output layer is its embedding matrix.
+
+    input_ids        int32 [batch, time]
+          |  Embedding(vocab_size, units)                       E: float32 [vocab, units]
+          |  locked dropout (one mask per row and window)
+          v
+    x                float32 [batch, time, units]
+          |  (keras.layers.LSTM(units) -> locked dropout) x num_lstm_layers
+          v
+    h                float32 [batch, time, units]
+          |  h @ E^T + output_bias                              the same E: tied
+          v
+    logits           float32 [batch, time, vocab_size]
+
+Why each piece (DESIGN: "Training quality"; README, "Recipes"):
+
+* Weight tying (Press & Wolf 2017; Inan et al. 2017): the output layer's [vocab, units]
+  matrix is the embedding.  It halves the parameters of a 10k-word 2x200 model and is the
+  largest single gain at this scale; it forces ``embedding_dim == num_lstm_units``.
+* Locked (variational) dropout (Gal & Ghahramani 2016): one mask per row, drawn per window and
+  reused at every time step, on the embeddings, between the layers and before the output
+  (``keras.layers.Dropout`` with ``noise_shape (batch, 1, width)``).
+* Fused ``keras.layers.LSTM`` layers, not the course's ``RNN(StackedRNNCells)``: the same cell
+  maths (gates i f c o, the Keras layout), and the layers take and return their states, which
+  is what training on a carried stream needs (``run_stream``) and what export converts
+  (``inference_model`` reuses these very layers).
+
+Training (``lmonnx.train.steps.make_stream_step``) runs the text as one stream, carrying the
+state from window to window; evaluation and the exported graph start every sentence from the
+zero state, as ``LanguageModel`` does.  The loss is the course's: masked sparse softmax
+cross-entropy, summed, in nats (:func:`lmonnx.train.model.masked_nll`).
+"""
+
+from __future__ import annotations
+
+import lmonnx.train._tensorflow  # noqa: F401  (TensorFlow's start-up, quiet, before Keras)
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from lmonnx.train.model import masked_nll  # noqa: E402
+from lmonnx.validation import check_int, check_real  # noqa: E402
+
+__all__ = ["TiedLanguageModel"]
+
+EMBEDDING_INIT = 0.1
+"""Embeddings start uniform in [-0.1, 0.1] (Zaremba et al.; pytorch's word_language_model):
+the tied output's logits then start near zero, a near-uniform first prediction."""
+
+
+class TiedOutput(keras.layers.Layer):
+    """``h @ E^T + bias``: logits float32 [..., vocab] from h float32 [..., units], with ``E``
+    the embedding layer's matrix (not a copy) and a bias of its own."""
+
+    def __init__(self, embedding: keras.layers.Embedding, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+        self.supports_masking = True  # the padding mask passes on to the logits
+
+    def build(self, input_shape=None):
+        self.bias = self.add_weight(shape=(self.embedding.input_dim,), initializer="zeros",
+                                    name="bias")
+        self.built = True
+
+    def call(self, h):
+        return tf.matmul(h, self.embedding.embeddings, transpose_b=True) + self.bias
+
+
+@keras.saving.register_keras_serializable(package="lmonnx")
+class TiedLanguageModel(keras.Model):
+    """Stacked-LSTM word LM with tied input and output embeddings, int32 ids [batch, time]
+    -> float32 logits [batch, time, vocab_size].  The same methods as
+    :class:`lmonnx.train.model.LanguageModel` that training, validation and export call.
+
+    Parameters
+    ----------
+    vocab_size : token ids, the four specials included (>= 5).
+    max_length : training window (backpropagation through time) in positions.
+    num_lstm_units, num_lstm_layers : width and depth; the embedding is ``num_lstm_units`` wide.
+    dropout : locked-dropout rate in [0, 1) on embeddings, between layers and before the
+        output, only while training.
+    epoch : the epoch the weights are from (set by the trainer before saving).
+    """
+
+    tied = True
+
+    def __init__(self, vocab_size: int, max_length: int, num_lstm_units: int,
+                 num_lstm_layers: int, *, dropout: float = 0.0, epoch: int | None = None,
+                 embedding_dim: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        for name, value, low in (("vocab_size", vocab_size, 5), ("max_length", max_length, 1),
+                                 ("num_lstm_units", num_lstm_units, 1),
+                                 ("num_lstm_layers", num_lstm_layers, 1)):
+            check_int(name, value, low=low)
+        check_real("dropout", dropout, low=0.0, high=1.0, high_open=True, why="a drop rate")
+        if embedding_dim not in (None, num_lstm_units):
+            raise ValueError(f"a tied model's embedding is num_lstm_units ({num_lstm_units}) "
+                             f"wide, not {embedding_dim}")
+        self.vocab_size, self.max_length = vocab_size, max_length
+        self.num_lstm_units, self.num_lstm_layers = num_lstm_units, num_lstm_layers
+        self.embedding_dim = num_lstm_units
+        self.dropout, self.epoch = float(dropout), epoch
+        self.embedding = keras.layers.Embedding(
+            vocab_size, num_lstm_units, name="embedding",
+            embeddings_initializer=keras.initializers.RandomUniform(-EMBEDDING_INIT,
+                                                                    EMBEDDING_INIT))
+        self.lstms = [keras.layers.LSTM(num_lstm_units, return_sequences=True,
+                                        return_state=True, name=f"lstm_{i}")
+                      for i in range(num_lstm_layers)]
+        # Dropout i sits before LSTM i (i = 0: on the embeddings); the last before the output.
+        self.drops = [keras.layers.Dropout(dropout, noise_shape=(None, 1, num_lstm_units),
+                                           name=f"locked_dropout_{i}")
+                      for i in range(num_lstm_layers + 1)]
+        self.output_layer = TiedOutput(self.embedding, name="tied_output")
+
+    # ---- the methods training, validation and export call --------------------------------
+
+    def run_stream(self, input_ids, states, training: bool = False, mask=None):
+        """(outputs float32 [batch, time, units] after the output dropout, new states): the
+        stack from ``states`` (a list of ``[h, c]`` per layer, each [batch, units])."""
+        x = self.drops[0](self.embedding(input_ids), training=training)
+        new_states = []
+        for lstm, drop, (h, c) in zip(self.lstms, self.drops[1:], states):
+            x, h, c = lstm(x, initial_state=[h, c], mask=mask, training=training)
+            x = drop(x, training=training)
+            new_states.append([h, c])
+        return x, new_states
+
+    def run_lstm(self, input_sequences, training: bool = False):
+        """Outputs [batch, time, units] of right-padded sentences from the zero state, and
+        the int32 padding mask ``sign(inputs)``."""
+        input_sequences = tf.convert_to_tensor(input_sequences, dtype=tf.int32)
+        binary = tf.math.sign(input_sequences)
+        outputs, _ = self.run_stream(input_sequences,
+                                     self.zero_states(tf.shape(input_sequences)[0]),
+                                     training=training, mask=tf.not_equal(binary, 0))
+        return outputs, binary
+
+    def run_lstm_carrying(self, input_sequences, states=None):
+        """``run_lstm`` (no dropout) from ``states`` (None: zeros) for unpadded rows:
+        (outputs, mask, states after the last position)."""
+        input_sequences = tf.convert_to_tensor(input_sequences, dtype=tf.int32)
+        if states is None:
+            states = self.zero_states(tf.shape(input_sequences)[0])
+        outputs, states = self.run_stream(input_sequences, states, training=False)
+        return outputs, tf.math.sign(input_sequences), states
+
+    def zero_states(self, batch_size) -> list:
+        """A sentence start's states: ``[[h, c]] * num_lstm_layers``, zeros [batch, units]."""
+        zeros = tf.zeros(tf.stack([batch_size, self.num_lstm_units]))
+        return [[zeros, zeros] for _ in range(self.num_lstm_layers)]
+
+    def get_logits(self, lstm_outputs):
+        """float32 [..., vocab_size] = outputs @ E^T + output_bias."""
+        return self.output_layer(lstm_outputs)
+
+    def calculate_loss(self, lstm_outputs, binary_sequences, output_sequences):
+        """Summed masked NLL in nats (the course's loss; :func:`masked_nll`)."""
+        return masked_nll(self.get_logits, lstm_outputs, binary_sequences, output_sequences)
+
+    # ---- Keras plumbing ------------------------------------------------------------------
+
+    def call(self, input_sequences, training=False):
+        lstm_outputs, _ = self.run_lstm(input_sequences, training=training)
+        return self.get_logits(lstm_outputs)
+
+    def build(self, input_shape=(None, None)):
+        units = self.num_lstm_units
+        self.embedding.build(input_shape)
+        for lstm in self.lstms:
+            lstm.build((None, None, units))
+        self.output_layer.build((None, None, units))
+        self.built = True
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(vocab_size=self.vocab_size, max_length=self.max_length,
+                      num_lstm_units=self.num_lstm_units, num_lstm_layers=self.num_lstm_layers,
+                      dropout=self.dropout, epoch=self.epoch)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    @property
+    def cells(self) -> list:
+        """The LSTM cells, bottom first."""
+        return [lstm.cell for lstm in self.lstms]
+
+    def seeded_layers(self) -> list:
+        """(unique name, layer) of every layer drawing dropout masks (the checkpoint's keys;
+        both LSTM layers' cells are called ``lstm_cell``)."""
+        return [*((lstm.name, lstm.cell) for lstm in self.lstms),
+                *((drop.name, drop) for drop in self.drops)]
+
+    def inference_model(self) -> keras.Model:
+        """The export form, in the same contract as ``LanguageModel.inference_model``: inputs
+        ``[input_ids, state_h, state_c [batch, layers, units]]``, outputs ``[logits, state_h,
+        state_c]``; these very layers (no copies), no dropout, no mask."""
+        if not self.built:
+            self.build()
+        layers, units = self.num_lstm_layers, self.num_lstm_units
+        ids = keras.Input((None,), dtype="int32", name="input_ids")
+        state_h = keras.Input((layers, units), name="state_h")
+        state_c = keras.Input((layers, units), name="state_c")
+        x = self.embedding(ids)
+        hs, cs = [], []
+        for i, lstm in enumerate(self.lstms):
+            x, h, c = lstm(x, initial_state=[state_h[:, i], state_c[:, i]])
+            hs.append(h)
+            cs.append(c)
+        logits = self.output_layer(x)
+        return keras.Model([ids, state_h, state_c],
+                           [logits, keras.ops.stack(hs, axis=1), keras.ops.stack(cs, axis=1)],
+                           name="lmonnx_inference")
