@@ -7,8 +7,9 @@
 Corpora (DIR holds the Penn Treebank and King James Bible text the README names):
   ptb  train = the first 3,033 lines of ptb.valid.txt, valid = its other lines, test =
        ptb.test.txt (PTB's own training split is not in DIR)
-  kjv  train = kjv.train.txt less its last 3% of verses (held out for early stopping),
-       test = kjv.valid.txt
+  kjv  train = kjv.train.txt less 3% of its verses drawn at random (held out for early
+       stopping): the split ``lmonnx train --holdout 0.03`` makes with its default seed, so
+       every model trains on the same verses; test = kjv.valid.txt
 
 One convention for every row: a closed vocabulary of the training words; a test word
 outside it is ``<unk>``, and ``<unk>`` is an ordinary word (PTB's text already holds it).
@@ -57,9 +58,12 @@ def splits(data: Path) -> dict[str, dict[str, list[str]]]:
         out["ptb"] = {"train": valid[:PTB_TRAIN_LINES], "valid": valid[PTB_TRAIN_LINES:],
                       "test": read_lines(data / "ptb.test.txt")}
     if (data / "kjv.train.txt").is_file() and (data / "kjv.valid.txt").is_file():
-        train = read_lines(data / "kjv.train.txt")
-        cut = len(train) - int(len(train) * KJV_HELD_OUT)
-        out["kjv"] = {"train": train[:cut], "valid": train[cut:],
+        from lmonnx.train.config import TrainConfig
+        from lmonnx.train.trainer import held_out_split
+
+        train, held_out = held_out_split(read_lines(data / "kjv.train.txt"),
+                                         TrainConfig(holdout=KJV_HELD_OUT))
+        out["kjv"] = {"train": train, "valid": held_out,
                       "test": read_lines(data / "kjv.valid.txt")}
     return out
 

@@ -30,7 +30,7 @@ RECIPE_HELP = ("tied (the default): embedding = output layer (units wide), locke
                "embeddings, between layers and before the output, the text as one stream "
                "carrying the LSTM state over windows of --max-length, SGD with plateau decay; "
                "course: the course's LanguageModel (V**0.25-wide embedding, separate output "
-               "layer, Adam, random padded windows)")
+               "layer, Adam, random windows packed end to end)")
 
 SEED_MAX = 2**32 - 1
 """The largest seed NumPy's legacy generator (which ``keras.utils.set_random_seed`` seeds) takes."""
@@ -82,9 +82,9 @@ class TrainConfig:
                                       "this (0: no clipping)", "real", low=0.0)
     seed: int = _setting(0, "--seed", "same seed, same data: same run", "int", low=0,
                          high=SEED_MAX)
-    pack: bool = _setting(True, "--no-pack", "pad each random batch to its longest window "
-                          "instead of packing its windows end to end in fewer rows (the same "
-                          "windows per batch; packing is faster)", "bool")
+    pack: bool = _setting(True, "--no-pack", "course recipe: pad each random batch to its "
+                          "longest window instead of packing its windows end to end in fewer "
+                          "rows (the same windows per batch; packing is faster)", "bool")
     lr_decay: float = _setting(4.0, "--lr-decay", "divide the learning rate by this after an "
                                "epoch without improvement (1: constant rate)", "real", low=1.0)
     patience: int = _setting(0, "--patience", "stop after this many epochs in a row without "
