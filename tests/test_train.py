@@ -395,6 +395,21 @@ def test_cli_train_without_validation(synth, tmp_path, capsys, said):
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 20
 
 
+# Measured with lmonnx e56a335, the last commit before recipes existed (its TINY had no
+# recipe), on this module's synth fixture: epochs 1 and 2, (training loss, validation NLL).
+BEFORE_RECIPES = [(3.4339651927743975, 2471.406005859375),
+                  (3.3631970068387607, 2459.491455078125)]
+
+
+def test_course_recipe_reproduces_the_model_before_recipes(synth, tmp_path):
+    """``--recipe course`` is one flag away from the seed's model: the same run as before
+    (bit for bit on the machine that measured it; round-off of another CPU allowed)."""
+    result = train(TrainConfig(**TINY, epochs=2, dropout=0.2, seed=7), synth / "train.txt",
+                   synth / "valid.txt", tmp_path / "run")
+    got = [(r.train_loss, r.valid_nll) for r in result.history]
+    assert np.allclose(got, BEFORE_RECIPES, rtol=1e-4, atol=0), got
+
+
 # ---- the oracle -------------------------------------------------------------------------------
 
 # A first-order Markov chain over 100 words (12-32 successors each) whose test perplexity is

@@ -50,6 +50,7 @@ def make_train_step(model, optimizer):
             return packed_train_step(batch.inputs, batch.targets, batch.carry, loss_scale)
         return train_step(batch.inputs, batch.targets, loss_scale)
 
+    step.start_epoch = lambda: None  # random batches: nothing carries over (cf. StreamStep)
     return step
 
 
