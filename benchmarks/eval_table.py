@@ -82,6 +82,7 @@ def tensorflow_method(run_dir, threads):
     import keras
 
     import lmonnx.train.model  # noqa: F401  registers LanguageModel for load_model
+    import lmonnx.train.tied  # noqa: F401  registers TiedLanguageModel
 
     model = keras.saving.load_model(Path(run_dir) / "model.keras")
 
@@ -116,7 +117,7 @@ def pytorch_method(model, threads):
             getattr(lstm, f"weight_hh_l{i}").copy_(torch.from_numpy(recurrent.T.copy()))
             getattr(lstm, f"bias_ih_l{i}").copy_(torch.from_numpy(bias))
             getattr(lstm, f"bias_hh_l{i}").zero_()
-        w, b = model.dense.get_weights()
+        w, b = model.output_weights()  # tied or not: [units, vocab], [vocab]
         dense.weight.copy_(torch.from_numpy(w.T.copy()))
         dense.bias.copy_(torch.from_numpy(b))
 

@@ -10,6 +10,7 @@ keras = pytest.importorskip("keras")
 pytest.importorskip("tf2onnx")
 
 import lmonnx.train.model  # noqa: E402,F401  (registers LanguageModel with Keras)
+import lmonnx.train.tied  # noqa: E402,F401  (registers TiedLanguageModel, the default)
 from lmonnx import Scorer  # noqa: E402
 from lmonnx.batching import make_pair, pad_batch  # noqa: E402
 from lmonnx.cli import main  # noqa: E402

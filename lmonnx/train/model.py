@@ -225,6 +225,11 @@ class LanguageModel(keras.Model):
         """The LSTM cells, bottom first."""
         return _cells_of(self.rnn.cell)
 
+    def output_weights(self) -> tuple:
+        """(kernel float32 [units, vocab], bias [vocab]) of the output layer, as arrays."""
+        kernel, bias = self.dense.get_weights()
+        return kernel, bias
+
     def seeded_layers(self) -> list:
         """(unique name, layer) of every layer drawing dropout masks (the checkpoint's keys)."""
         return [(cell.name, cell) for cell in self.cells

@@ -188,6 +188,10 @@ class TiedLanguageModel(keras.Model):
         """The LSTM cells, bottom first."""
         return [lstm.cell for lstm in self.lstms]
 
+    def output_weights(self) -> tuple:
+        """(kernel float32 [units, vocab] = E^T, bias [vocab]) of the output layer, as arrays."""
+        return self.embedding.embeddings.numpy().T, self.output_layer.bias.numpy()
+
     def seeded_layers(self) -> list:
         """(unique name, layer) of every layer drawing dropout masks (the checkpoint's keys;
         both LSTM layers' cells are called ``lstm_cell``)."""
