@@ -2,7 +2,7 @@
 
     python benchmarks/quality_table.py --data DIR [--kenlm-bin DIR] [--orders 5,3]
         [--model ptb=runs/ptb-small.onnx --model kjv=runs/kjv.onnx]
-        [--run ptb=runs/ptb-small --run kjv=runs/kjv]
+        [--run ptb=runs/ptb-small --run kjv=runs/kjv] [--torch-minutes 30]
 
 Corpora (DIR holds the Penn Treebank and King James Bible text the README names):
   ptb  train = the first 3,033 lines of ptb.valid.txt, valid = its other lines, test =
@@ -21,7 +21,9 @@ at test time alike.
 Rows: KenLM's lmplz (modified Kneser-Ney) of each order, built by
 ``benchmarks/build_kenlm.sh`` and queried through the ``kenlm`` Python module (``pip install
 kenlm``, or the ``bench`` extra); lmonnx models given with ``--model`` (fp32, and int8
-quantized here from it), their training time read from ``--run``'s history.json.  Scoring
+quantized here from it), their training time read from ``--run``'s history.json; with
+``--torch-minutes M``, the same-size model in PyTorch trained here by pytorch/examples'
+word_language_model recipe (``torch_lm.py``, up to 40 epochs or M minutes).  Scoring
 speed is words (tokens) per second of one process on this machine, scoring the test text
 sentence by sentence (KenLM) or with ``Scorer.evaluate`` (lmonnx).  Rows that cannot run say
 why in one line.
@@ -158,6 +160,8 @@ def main() -> None:
     parser.add_argument("--orders", default="5,3")
     parser.add_argument("--model", action="append", default=[], metavar="CORPUS=ONNX")
     parser.add_argument("--run", action="append", default=[], metavar="CORPUS=RUN_DIR")
+    parser.add_argument("--torch-minutes", type=float, default=None,
+                        help="add the PyTorch peer, trained here for at most this long")
     args = parser.parse_args()
     models, runs = _pairs(args.model, "--model"), _pairs(args.run, "--run")
     bin_dir = args.kenlm_bin or Path(__file__).resolve().parents[1] / ".kenlm" / "bin"
@@ -178,7 +182,18 @@ def main() -> None:
                 rows += lmonnx_rows(models[corpus], runs.get(corpus), split, Path(tmp))
             else:
                 rows.append({"method": "lmonnx", "skipped": f"no --model {corpus}=PATH given"})
+            if args.torch_minutes is not None:
+                rows.append(_torch_row(split, args.torch_minutes))
         print_table(corpus, rows)
+
+
+def _torch_row(split: dict, minutes: float) -> dict:
+    method = "PyTorch word_language_model (tied 2x200)"
+    try:
+        import torch_lm
+    except ImportError:
+        return {"method": method, "skipped": "no torch: pip install -e '.[bench]'"}
+    return torch_lm.torch_row(split, minutes=minutes, log=lambda line: None)
 
 
 def _has_kenlm() -> bool:

@@ -104,6 +104,39 @@ def sentence_nll(model, sentences: list[str], vocab: dict[str, int], batch: int 
     return total, tokens
 
 
+def torch_row(split: dict, *, epochs: int = 40, minutes: float = 30.0, seed: int = 1111,
+              log=print) -> dict:
+    """Train on ``split["train"]`` (the best epoch by ``split["valid"]``), score
+    ``split["test"]``: a quality_table row (perplexity, tokens, training seconds, words/s)."""
+    torch.manual_seed(seed)
+    vocab = vocabulary(split["train"])
+    train = stream(split["train"], vocab, columns=20)
+    model = WordLM(len(vocab))
+    lr, best, best_state, seconds = 20.0, math.inf, None, 0.0
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads: "
+        f"{train.numel()} training tokens, vocabulary {len(vocab)}")
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        train_epoch(model, train, lr)
+        seconds += time.perf_counter() - start
+        nll, n = sentence_nll(model, split["valid"], vocab)
+        log(f"epoch {epoch}: valid ppl {math.exp(nll / n):.2f}, lr {lr:g}, "
+            f"{seconds / 60:.1f} min")
+        if nll < best:
+            best, best_state = nll, {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            lr /= 4.0
+        if seconds > minutes * 60:
+            break
+    model.load_state_dict(best_state)
+    start = time.perf_counter()
+    nll, n = sentence_nll(model, split["test"], vocab)
+    rate = n / (time.perf_counter() - start)
+    return {"method": f"PyTorch word_language_model (tied 2x200, {epoch} epochs)",
+            "perplexity": math.exp(nll / n), "tokens": n, "train_seconds": seconds,
+            "words_per_second": rate}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -112,35 +145,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="training time budget")
     parser.add_argument("--seed", type=int, default=1111)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    split = quality_table.splits(args.data)[args.corpus]
-    vocab = vocabulary(split["train"])
-    train = stream(split["train"], vocab, columns=20)
-    model = WordLM(len(vocab))
-    lr, best, best_state, seconds = 20.0, math.inf, None, 0.0
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.corpus}: {train.numel()} training tokens, "
-          f"vocabulary {len(vocab)}")
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        train_epoch(model, train, lr)
-        seconds += time.perf_counter() - start
-        nll, n = sentence_nll(model, split["valid"], vocab)
-        print(f"epoch {epoch}: valid ppl {math.exp(nll / n):.2f}, lr {lr:g}, "
-              f"{seconds / 60:.1f} min", flush=True)
-        if nll < best:
-            best, best_state = nll, {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            lr /= 4.0
-        if seconds > args.minutes * 60:
-            break
-    model.load_state_dict(best_state)
-    start = time.perf_counter()
-    nll, n = sentence_nll(model, split["test"], vocab)
-    rate = n / (time.perf_counter() - start)
-    print(f"PyTorch word_language_model (tied 2x200, its recipe): test perplexity "
-          f"{math.exp(nll / n):.2f} on {n} tokens, {epoch} epochs, {seconds:.0f} s of "
-          f"training, {rate:,.0f} words/s scoring")
+    print(f"CPU: {cpu_model()}; {args.corpus}")
+    row = torch_row(quality_table.splits(args.data)[args.corpus], epochs=args.epochs,
+                    minutes=args.minutes, seed=args.seed,
+                    log=lambda line: print(line, flush=True))
+    quality_table.print_table(args.corpus, [row])
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Zaremba et al. (2014) and pytorch's word_language_model, tied and with locked dropout:
     # chosen by measurement on KJV and PTB (README, "Training quality").
     "tied": dict(dropout=0.2, epochs=40, batch_size=20, learning_rate=20.0, clipnorm=0.25,
-                 optimizer="sgd"),
+                 optimizer="sgd", patience=5),
     # The course's LanguageModel as it was taught (its slips fixed): today's model.
     "course": dict(dropout=0.0, epochs=5, batch_size=32, learning_rate=1e-2, clipnorm=5.0,
-                   optimizer="adam"),
+                   optimizer="adam", patience=0),
 }
 """Each recipe's value of every setting left None (``TrainConfig.resolved``)."""
 
@@ -87,8 +87,8 @@ class TrainConfig:
                           "rows (the same windows per batch; packing is faster)", "bool")
     lr_decay: float = _setting(4.0, "--lr-decay", "divide the learning rate by this after an "
                                "epoch without improvement (1: constant rate)", "real", low=1.0)
-    patience: int = _setting(0, "--patience", "stop after this many epochs in a row without "
-                             "improvement (0: never)", "int", low=0)
+    patience: int | None = _setting(None, "--patience", "stop after this many epochs in a row "
+                                    "without improvement (0: never)", "int", low=0)
     holdout: float = _setting(0.0, "--holdout", "without --valid: this share of the training "
                               "sentences, drawn at random (by --seed), is held out as the "
                               "validation set (0: none)", "real", low=0.0, high=0.5,

@@ -1,18 +1,28 @@
-"""``lmonnx train``: fit a vocabulary, train the LanguageModel, keep the best epoch in RUN_DIR.
+"""``lmonnx train``: fit a vocabulary, train a recipe's model, keep the best epoch in RUN_DIR.
 
-    corpus --read once (lmonnx.corpus)--> lines --Vocabulary.fit--> vocab.json
-           --ExampleBuilder (lmonnx.examples), split_windows(max_length)--> training windows
-    each epoch (TrainingRun): rng seeded by (seed, epoch) --packed_batches: one shuffle cut
-           into batches of batch_size windows (the plain loop's batches, in its order), each
-           packed end to end in fewer rows with the state restarting at every window
-           [--no-pack: padded_batches, the same windows padded to the longest]
-           --Adam on (summed masked NLL / the batch's tokens), global-norm clipping--> weights
-           --validate: whole sentences (a long one in windows that carry the LSTM state),
-           token-weighted exp(sum NLL / tokens)
+    corpus --read once (lmonnx.corpus)--> lines --[--holdout: a random share held out as the
+           validation set]--> Vocabulary.fit --> vocab.json --ExampleBuilder (lmonnx.examples)
+    each epoch (TrainingRun): rng seeded by (seed, epoch)
+      tied recipe (TiedLanguageModel, the default): the sentences shuffled into one stream,
+           cut into batch_size columns and windows of max_length (stream_windows); each
+           window one SGD step from the state the previous one ended in (StreamStep)
+      course recipe (LanguageModel): packed_batches: one shuffle of the sentences' windows
+           cut into batches of batch_size windows (the plain loop's batches, in its order),
+           each packed end to end in fewer rows with the state restarting at every window
+           [--no-pack: padded_batches, the same windows padded to the longest]; Adam
+           --> (summed masked NLL / the batch's tokens), global-norm clipping --> weights
+           --validate: whole sentences from the zero state (a long one in windows that carry
+           the LSTM state), token-weighted exp(sum NLL / tokens)
            --end_epoch: best so far -> model.keras; no improvement: learning rate / lr_decay;
-           patience epochs without one: stop; checkpoint, history.json, curve
+           patience epochs without one, or no time left in max_minutes: stop; checkpoint,
+           history.json, curve
 
-Convergence and speed (README, "Batches").  Sorting batches by length saves the LSTM's padded
+Why the tied recipe is the default: on the same text it beats a KenLM 5-gram, which the
+course's model does not (README, "Model quality"): tying, locked dropout and SGD on a carried
+stream are what Zaremba et al. (2014), Press & Wolf (2017) and pytorch's word_language_model
+do at this scale.  Its stream has no padding, so packing is the course recipe's alone.
+
+Convergence and speed of the course recipe (README, "Batches").  Sorting batches by length saves the LSTM's padded
 steps but gives every step a biased sample, and on real text that costs convergence
 (``benchmarks/train_table.py --sort-pool`` measures it).  So the batches are those of the plain
 loop, and the speed comes from not computing padding: each batch's windows are laid end to
@@ -25,7 +35,9 @@ Schedule and stopping.  After each epoch the selection loss (validation NLL per 
 training loss without a validation set) either improves on the best so far -- the epoch is
 saved as ``model.keras`` -- or not, and then the learning rate is divided by ``lr_decay`` for
 the next epoch (pytorch's word_language_model anneals by 4 the same way; 1 keeps it constant).
-With ``patience`` N > 0 training stops after N epochs in a row without improvement.
+With ``patience`` N > 0 training stops after N epochs in a row without improvement.  With
+``max_minutes`` no epoch starts that would end past the budget (timed by the last one), and
+the last one that fits trains at the rate divided by ``lr_decay`` (a final anneal).
 
 Every setting, the corpora and the output directory are checked, the corpora read and the
 model built before the first file is written, so a bad flag leaves nothing behind; a resume
@@ -37,8 +49,8 @@ the model, optimizer and dropout-seed state, so a resumed run -- an interrupted 
 finished one extended with more ``epochs`` -- reaches the weights an uninterrupted run would.
 
 Resuming.  Settings given on resume that equal the run's change nothing; ``epochs``,
-``learning_rate`` (the next epoch's), ``lr_decay``, ``patience`` and ``clipnorm`` may change
-and are recorded in ``config.json``; any other setting given with another value is refused.
+``learning_rate`` (the next epoch's), ``lr_decay``, ``patience``, ``clipnorm`` and
+``max_minutes`` may change and are recorded in ``config.json``; any other setting given with another value is refused.
 
 A loss that is not finite, or whose mean is too large for a perplexity (>= 709 nats per
 token), raises ``TrainingError``: the run diverged, and nothing non-finite is written.  A
