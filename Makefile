@@ -24,14 +24,13 @@ test: install
 
 # The whole pipeline on the built-in synthetic corpus (a Markov chain whose true perplexity is
 # known): synth -> train -> export -> evaluate -> predict, a few minutes on 2 cores.  The
-# training flags are the synthetic-oracle test's (tests/test_train.py), with 2 stacked layers.
+# default (tied) recipe with the synthetic-oracle test's flags (tests/test_train.py), 2 layers.
 DEMO := demo
 LMONNX := $(VENV)/bin/lmonnx
 demo: install
 	$(LMONNX) synth --out $(DEMO)/data --words 100 --force > /dev/null
 	$(LMONNX) train $(DEMO)/data/train.txt --valid $(DEMO)/data/valid.txt --tokenizer whitespace \
-	  --vocab-size 104 --units 64 --layers 2 --embedding-dim 16 --epochs 16 --batch-size 64 \
-	  --learning-rate 0.02 --out $(DEMO)/run --force
+	  --vocab-size 104 --units 64 --layers 2 --epochs 10 --out $(DEMO)/run --force
 	$(LMONNX) export $(DEMO)/run -o $(DEMO)/model.onnx --force
 	$(LMONNX) evaluate $(DEMO)/data/test.txt --model $(DEMO)/model.onnx --providers cpu
 	$(LMONNX) predict "$$(head -n 1 $(DEMO)/data/test.txt | cut -d ' ' -f 1-3)" -k 5 \

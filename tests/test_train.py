@@ -19,6 +19,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import lmonnx.train.model  # noqa: E402,F401  (registers LanguageModel with Keras)
+import lmonnx.train.tied  # noqa: E402,F401  (registers TiedLanguageModel)
 from lmonnx import rundir  # noqa: E402
 from lmonnx.batching import make_pair, pack_rows, pad_batch  # noqa: E402
 from lmonnx.cli import main  # noqa: E402
@@ -321,7 +322,7 @@ def test_run_directory(two_epochs, synth):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["vocab_size"] == len(Vocabulary.load(run / "vocab.json")) == 34  # 30 words + 4
     assert cfg["embedding_dim"] == 6 and cfg["num_lstm_layers"] == 2
-    assert cfg["train"] == config.to_dict() and cfg["valid"].endswith("valid.txt")
+    assert cfg["train"] == config.resolved().to_dict() and cfg["valid"].endswith("valid.txt")
     history = json.loads((run / "history.json").read_text())
     assert history["status"] == "complete" and len(history["epochs"]) == 2
     for record in history["epochs"]:
@@ -427,16 +428,26 @@ def test_course_recipe_reproduces_the_model_before_recipes(synth, tmp_path):
 # (well under 1%); below 0.99 evaluation leaks.
 ORACLE_RATIO_MAX = 1.09
 ORACLE_RATIO_MIN = 0.99
+# The tied recipe (the default) with its own defaults, the same width, depth and epochs:
+# measured 1.1394 / 1.1312 / 1.1417 for seeds 0/1/2 (80-83 s each, 2 cores).  Tuned for real
+# text (dropout 0.2 on a first-order chain costs a little); the bound 1.17 leaves 2.5% above
+# the worst seed and fails a recipe that stops learning (a unigram model: 4.58).
+TIED_ORACLE_RATIO_MAX = 1.17
+ORACLE_SETTINGS = {
+    "course": (dict(embedding_dim=16, batch_size=64, learning_rate=0.02), ORACLE_RATIO_MAX),
+    "tied": ({}, TIED_ORACLE_RATIO_MAX),
+}
 
 
 @pytest.mark.slow
-def test_synthetic_oracle(tmp_path):
+@pytest.mark.parametrize("recipe", ["course", "tied"])
+def test_synthetic_oracle(tmp_path, recipe):
     d = tmp_path / "synth"
     truth = write_corpus(d, seed=0, words=100, train_sentences=15000, valid_sentences=500,
                          test_sentences=1000)
-    config = TrainConfig(recipe="course", tokenizer="whitespace", vocab_size=104, max_length=35,
-                         num_lstm_units=64, num_lstm_layers=1, embedding_dim=16, epochs=10,
-                         batch_size=64, learning_rate=0.02, seed=0)
+    settings, ratio_max = ORACLE_SETTINGS[recipe]
+    config = TrainConfig(recipe=recipe, tokenizer="whitespace", vocab_size=104, max_length=35,
+                         num_lstm_units=64, num_lstm_layers=1, epochs=10, seed=0, **settings)
     result = train(config, d / "train.txt", d / "valid.txt", tmp_path / "run")
     model = keras.saving.load_model(tmp_path / "run" / "model.keras")
     vocab = Vocabulary.load(tmp_path / "run" / "vocab.json")
@@ -444,9 +455,9 @@ def test_synthetic_oracle(tmp_path):
     nll, tokens = trainer.evaluate_nll(model, pairs)
     assert tokens == truth["tokens"]["test"]
     ratio = math.exp(nll / tokens) / truth["true_perplexity"]["test"]
-    print(f"synthetic oracle: model/true test perplexity = {ratio:.4f} "
+    print(f"synthetic oracle ({recipe}): model/true test perplexity = {ratio:.4f} "
           f"(best epoch {result.best_epoch})")
-    assert ORACLE_RATIO_MIN < ratio < ORACLE_RATIO_MAX, ratio
+    assert ORACLE_RATIO_MIN < ratio < ratio_max, ratio
 
 
 def test_corpus_without_words_fails_before_creating_the_run(tmp_path, capsys):
@@ -554,7 +565,7 @@ def test_resume_with_more_epochs_extends_a_finished_run(two_epochs, synth, tmp_p
     assert history["status"] == "complete" and history["best_epoch"] == result.best_epoch
     assert [h["train_loss"] for h in history["epochs"]] == [h.train_loss for h in result.history]
     assert [h["valid_nll"] for h in history["epochs"]] == [h.valid_nll for h in result.history]
-    assert json.loads((out / "config.json").read_text())["train"] == config.to_dict()
+    assert json.loads((out / "config.json").read_text())["train"] == config.resolved().to_dict()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2.npz"]
     # Without --epochs, --resume means the stored number; fewer epochs change nothing.
     assert main([*base, "--resume"]) == 0
@@ -639,7 +650,7 @@ def test_run_files_are_strict_json(tmp_path):
     (tmp_path / "h.json").write_text('{"epochs": [], "x": NaN}')
     with pytest.raises(rundir.RunDirError, match="not valid JSON"):
         rundir.read_json(tmp_path / "h.json")
-    config = TrainConfig(**TINY, epochs=1)
+    config = TrainConfig(**TINY, epochs=1).resolved()
     with pytest.raises(ValueError, match="overflows"):
         trainer._check_loss(1, "validation", 710.0 * 10, 10, config)
     with pytest.raises(ValueError, match="loss is nan"):

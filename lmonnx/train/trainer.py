@@ -411,7 +411,13 @@ def train(config: TrainConfig | Mapping[str, Any] | None, corpus, valid=None, ou
     """
     given = _given(config)
     corpus, valid, run = Path(corpus), None if valid is None else Path(valid), RunDir(out_dir)
-    TrainConfig().with_overrides(given).resolved()  # every setting checked
+    # Every setting checked now; a new run's also against its recipe (a resumed run's recipe
+    # is the stored one, checked when it is read).
+    base = TrainConfig().with_overrides(given)
+    if resume:
+        base.validate()
+    else:
+        base.resolved()
     if resume and force:
         raise InvalidArgumentError("--resume and --force contradict each other: pick one")
     if str(corpus) == STDIN and valid is not None and str(valid) == STDIN:
