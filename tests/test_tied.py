@@ -283,3 +283,41 @@ def test_export_holds_the_tied_matrix_once_and_matches_keras(tied_run):
     quantize_file(d / "model.onnx", d / "int8.onnx", sample=synth_text(d), force=True)
     int8 = onnx.load(str(d / "int8.onnx"))
     assert "MatMulInteger" in {n.op_type for n in int8.graph.node}
+
+
+def test_stream_step_takes_the_plain_loops_steps():
+    """``StreamStep`` (logits at real positions, summed loss / tokens) and the plain way
+    (logits everywhere, masked mean) take the same SGD steps, dropout included: the weights
+    agree to float32 round-off after a dozen windows at the recipe's rate of 20.  (Over
+    epochs at that rate round-off grows, which is why benchmarks/train_table.py compares
+    means over seeds.)"""
+    items = [(k, x % (V - 4) + 4, y % (V - 4) + 4)
+             for k, x, y in sentences([3, 5, 2, 7, 4, 1, 6, 9, 8, 3, 5, 2, 6, 7, 1, 4])]
+    windows = stream_windows(items, columns=3, window=2, rng=np.random.default_rng(0))
+
+    def fresh():
+        keras.utils.set_random_seed(5)
+        model = TiedLanguageModel(V, 4, UNITS, 2, dropout=0.3)
+        model.build()
+        return model, keras.optimizers.SGD(learning_rate=20.0, global_clipnorm=0.25)
+
+    model, optimizer = fresh()
+    step = StreamStep(model, optimizer)
+    step.start_epoch()
+    for w in windows:
+        step(w, np.float32(w.tokens))
+
+    plain, plain_optimizer = fresh()
+    states = plain.zero_states(3)
+    for w in windows:
+        with tf.GradientTape() as tape:
+            outputs, states = plain.run_stream(w.inputs, states, training=True)
+            mask = tf.cast(tf.math.sign(w.inputs), tf.float32)
+            nll = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=w.targets, logits=plain.get_logits(outputs))
+            loss = tf.reduce_sum(nll * mask) / tf.reduce_sum(mask)
+        grads = tape.gradient(loss, plain.trainable_variables)
+        plain_optimizer.apply_gradients(zip(grads, plain.trainable_variables))
+    assert len(windows) >= 10
+    for a, b in zip(model.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
