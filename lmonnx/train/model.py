@@ -42,7 +42,7 @@ import tensorflow as tf  # noqa: E402
 
 from lmonnx.validation import check_int, check_real  # noqa: E402
 
-__all__ = ["LanguageModel", "default_embedding_dim", "masked_nll"]
+__all__ = ["LanguageModel", "ModelSettings", "default_embedding_dim", "masked_nll"]
 
 
 def default_embedding_dim(vocab_size: int) -> int:
@@ -50,8 +50,37 @@ def default_embedding_dim(vocab_size: int) -> int:
     return int(vocab_size ** 0.25)
 
 
+class ModelSettings:
+    """What both recipes' models share: their settings, checked, and Keras (de)serialization
+    of them (``get_config`` / ``from_config``).  Mixed in before ``keras.Model``."""
+
+    def set_settings(self, vocab_size: int, max_length: int, num_lstm_units: int,
+                     num_lstm_layers: int, embedding_dim: int, dropout: float,
+                     epoch: int | None) -> None:
+        for name, value, low in (("vocab_size", vocab_size, 5), ("max_length", max_length, 1),
+                                 ("num_lstm_units", num_lstm_units, 1),
+                                 ("num_lstm_layers", num_lstm_layers, 1),
+                                 ("embedding_dim", embedding_dim, 1)):
+            check_int(name, value, low=low)
+        check_real("dropout", dropout, low=0.0, high=1.0, high_open=True, why="a drop rate")
+        self.vocab_size, self.max_length = vocab_size, max_length
+        self.num_lstm_units, self.num_lstm_layers = num_lstm_units, num_lstm_layers
+        self.embedding_dim, self.dropout, self.epoch = embedding_dim, float(dropout), epoch
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(vocab_size=self.vocab_size, max_length=self.max_length,
+                      num_lstm_units=self.num_lstm_units, num_lstm_layers=self.num_lstm_layers,
+                      embedding_dim=self.embedding_dim, dropout=self.dropout, epoch=self.epoch)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
 @keras.saving.register_keras_serializable(package="lmonnx")
-class LanguageModel(keras.Model):
+class LanguageModel(ModelSettings, keras.Model):
     """Stacked-LSTM word language model mapping int32 ids [batch, time] to float32 logits
     [batch, time, vocab_size].
 
@@ -72,19 +101,8 @@ class LanguageModel(keras.Model):
         super().__init__(**kwargs)
         if embedding_dim is None:
             embedding_dim = default_embedding_dim(vocab_size)
-        for name, value, low in (("vocab_size", vocab_size, 5), ("max_length", max_length, 1),
-                                 ("num_lstm_units", num_lstm_units, 1),
-                                 ("num_lstm_layers", num_lstm_layers, 1),
-                                 ("embedding_dim", embedding_dim, 1)):
-            check_int(name, value, low=low)
-        check_real("dropout", dropout, low=0.0, high=1.0, high_open=True, why="a drop rate")
-        self.vocab_size = vocab_size
-        self.max_length = max_length
-        self.num_lstm_units = num_lstm_units
-        self.num_lstm_layers = num_lstm_layers
-        self.embedding_dim = embedding_dim
-        self.dropout = float(dropout)
-        self.epoch = epoch
+        self.set_settings(vocab_size, max_length, num_lstm_units, num_lstm_layers,
+                          embedding_dim, dropout, epoch)
 
         self.embedding = keras.layers.Embedding(
             vocab_size, embedding_dim, embeddings_initializer="uniform", mask_zero=True,
@@ -208,17 +226,6 @@ class LanguageModel(keras.Model):
         self.rnn.build((None, None, self.embedding_dim))
         self.dense.build((None, None, self.num_lstm_units))
         self.built = True
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(vocab_size=self.vocab_size, max_length=self.max_length,
-                      num_lstm_units=self.num_lstm_units, num_lstm_layers=self.num_lstm_layers,
-                      embedding_dim=self.embedding_dim, dropout=self.dropout, epoch=self.epoch)
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     @property
     def cells(self) -> list:

@@ -38,8 +38,8 @@ import lmonnx.train._tensorflow  # noqa: F401  (TensorFlow's start-up, quiet, be
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from lmonnx.train.model import masked_nll  # noqa: E402
-from lmonnx.validation import check_int, check_real  # noqa: E402
+from lmonnx.errors import InvalidArgumentError  # noqa: E402
+from lmonnx.train.model import ModelSettings, masked_nll  # noqa: E402
 
 __all__ = ["TiedLanguageModel"]
 
@@ -67,7 +67,7 @@ class TiedOutput(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="lmonnx")
-class TiedLanguageModel(keras.Model):
+class TiedLanguageModel(ModelSettings, keras.Model):
     """Stacked-LSTM word LM with tied input and output embeddings, int32 ids [batch, time]
     -> float32 logits [batch, time, vocab_size].  The same methods as
     :class:`lmonnx.train.model.LanguageModel` that training, validation and export call.
@@ -82,24 +82,15 @@ class TiedLanguageModel(keras.Model):
     epoch : the epoch the weights are from (set by the trainer before saving).
     """
 
-    tied = True
-
     def __init__(self, vocab_size: int, max_length: int, num_lstm_units: int,
                  num_lstm_layers: int, *, dropout: float = 0.0, epoch: int | None = None,
                  embedding_dim: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        for name, value, low in (("vocab_size", vocab_size, 5), ("max_length", max_length, 1),
-                                 ("num_lstm_units", num_lstm_units, 1),
-                                 ("num_lstm_layers", num_lstm_layers, 1)):
-            check_int(name, value, low=low)
-        check_real("dropout", dropout, low=0.0, high=1.0, high_open=True, why="a drop rate")
         if embedding_dim not in (None, num_lstm_units):
-            raise ValueError(f"a tied model's embedding is num_lstm_units ({num_lstm_units}) "
-                             f"wide, not {embedding_dim}")
-        self.vocab_size, self.max_length = vocab_size, max_length
-        self.num_lstm_units, self.num_lstm_layers = num_lstm_units, num_lstm_layers
-        self.embedding_dim = num_lstm_units
-        self.dropout, self.epoch = float(dropout), epoch
+            raise InvalidArgumentError(f"a tied model's embedding is num_lstm_units "
+                                       f"({num_lstm_units}) wide, not {embedding_dim}")
+        self.set_settings(vocab_size, max_length, num_lstm_units, num_lstm_layers,
+                          num_lstm_units, dropout, epoch)
         self.embedding = keras.layers.Embedding(
             vocab_size, num_lstm_units, name="embedding",
             embeddings_initializer=keras.initializers.RandomUniform(-EMBEDDING_INIT,
@@ -171,17 +162,6 @@ class TiedLanguageModel(keras.Model):
             lstm.build((None, None, units))
         self.output_layer.build((None, None, units))
         self.built = True
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(vocab_size=self.vocab_size, max_length=self.max_length,
-                      num_lstm_units=self.num_lstm_units, num_lstm_layers=self.num_lstm_layers,
-                      dropout=self.dropout, epoch=self.epoch)
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     @property
     def cells(self) -> list:
