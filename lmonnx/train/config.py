@@ -93,10 +93,10 @@ class TrainConfig:
                               "sentences, drawn at random (by --seed), is held out as the "
                               "validation set (0: none)", "real", low=0.0, high=0.5,
                               high_open=True, why="a share of the corpus")
-    max_minutes: float | None = _setting(None, "--max-minutes", "training budget in minutes: "
-                                         "no epoch starts that would end past it (timed by the "
-                                         "last epoch), and the last one that fits runs at the "
-                                         "rate divided by --lr-decay", "real", low=0.0,
+    max_minutes: float | None = _setting(None, "--max-minutes", "the whole run's training budget in "
+                                         "minutes: no epoch starts that would end past it "
+                                         "(timed by the last epoch), and the last one that "
+                                         "fits runs at the rate divided by --lr-decay", "real", low=0.0,
                                          low_open=True)
 
     def validate(self) -> None:
