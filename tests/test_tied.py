@@ -22,7 +22,8 @@ from lmonnx.synth import write_corpus  # noqa: E402
 from lmonnx.train.config import RECIPES, TrainConfig  # noqa: E402
 from lmonnx.train.steps import StreamStep  # noqa: E402
 from lmonnx.train.tied import TiedLanguageModel  # noqa: E402
-from lmonnx.train.trainer import TrainingRun, held_out_split, train  # noqa: E402
+from lmonnx.train.trainer import (TrainingRun, budget_state, held_out_split,  # noqa: E402
+                                  train)
 
 V, UNITS = 30, 8
 TINY = dict(tokenizer="whitespace", vocab_size=40, max_length=8, num_lstm_units=12,
@@ -144,6 +145,9 @@ def test_each_recipe_fills_the_settings_left_unset():
             course.epochs, course.dropout, course.embedding_dim) == ("adam", 1e-2, 5.0, 32, 5,
                                                                     0.0, None)
     assert TrainConfig(learning_rate=3.0).resolved().learning_rate == 3.0  # given wins
+    # The rate follows the optimizer that runs, not the recipe that was picked.
+    assert TrainConfig(optimizer="adam").resolved().learning_rate == 1e-2
+    assert TrainConfig(recipe="course", optimizer="sgd").resolved().learning_rate == 20.0
 
 
 @pytest.mark.parametrize("given, message", [
@@ -184,20 +188,18 @@ def test_train_help_names_both_recipes_and_their_defaults(capsys):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "tied (the default)" in out and "course:" in out
-    assert "(default: tied 20.0, course 0.01)" in out
+    assert "(default: tied 0.25, course 5.0)" in out  # --clipnorm
+    assert "(default: sgd 20.0, adam 0.01, whichever optimizer runs)" in out
 
 
 # ---- the time budget -------------------------------------------------------------------------
 
 def budget(minutes, seconds):
-    """``TrainingRun._budget`` for epochs that took ``seconds`` each (training + validation)."""
-    run = TrainingRun.__new__(TrainingRun)
-    run.config = TrainConfig(max_minutes=minutes)
-    run.history = History(learning_rate=1.0, epochs=[
+    """``budget_state`` for epochs that took ``seconds`` each (training + validation)."""
+    return budget_state(TrainConfig(max_minutes=minutes), History(learning_rate=1.0, epochs=[
         EpochRecord(epoch=i + 1, train_loss=1.0, train_perplexity=2.7, train_tokens=1,
                     train_seconds=s - 10, tokens_per_second=1.0, learning_rate=1.0,
-                    valid_seconds=10) for i, s in enumerate(seconds)])
-    return run._budget()
+                    valid_seconds=10) for i, s in enumerate(seconds)]))
 
 
 @pytest.mark.parametrize("minutes, seconds, expected", [
@@ -207,19 +209,36 @@ def budget(minutes, seconds):
     (10, [100] * 5, (False, True)),            # 100 s left: exactly one more
     (10, [100] * 5 + [50], (False, True)),     # 50 s left, the last epoch took 50
     (10, [100] * 6, (True, False)),            # nothing left
+    (10, [300], (False, False)),               # one epoch (start-up included): no "last" yet
+    (10, [100, 100, 150], (False, False)),     # timed by the faster of the last two: 2 fit
     (None, [100] * 60, (False, False)),         # no budget
 ])
 def test_budget_times_the_next_epoch_by_the_last(minutes, seconds, expected):
     assert budget(minutes, seconds) == expected
 
 
-def test_a_time_budget_stops_training_after_the_epoch_it_runs_out_in(synth, tmp_path, capsys):
-    result = train(TrainConfig(**TINY, epochs=5, max_minutes=1e-4), synth / "train.txt",
-                   synth / "valid.txt", tmp_path / "run")
+def test_a_time_budget_stops_the_run_and_a_larger_one_resumes_it(synth, tmp_path, capsys):
+    config = TrainConfig(**TINY, epochs=5, max_minutes=1e-4)
+    result = train(config, synth / "train.txt", synth / "valid.txt", tmp_path / "run")
     assert len(result.history) == 1
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert history["status"] == "complete" and history["stopped_early"] is True
+    assert history["status"] == "complete" and history["stopped_early"] is False
     assert "no further epoch fits in --max-minutes" in capsys.readouterr().err
+    # The same budget: spent, nothing trained; a larger one: the run goes on.
+    again = train(config, synth / "train.txt", synth / "valid.txt", tmp_path / "run",
+                  resume=True)
+    assert len(again.history) == 1 and "is spent after epoch 1" in capsys.readouterr().err
+    more = train(dataclasses.replace(config, max_minutes=60.0), synth / "train.txt",
+                 synth / "valid.txt", tmp_path / "run", resume=True)
+    assert len(more.history) == 5
+    assert "--max-minutes 60.0 (was 0.0001)" in capsys.readouterr().err
+
+
+def test_dropout_zero_trains_and_checkpoints(synth, tmp_path):
+    """A Dropout of rate 0 has no seed generator: the checkpoint must not look for one."""
+    result = train(TrainConfig(**TINY, epochs=1, dropout=0.0), synth / "train.txt",
+                   synth / "valid.txt", tmp_path / "run")
+    assert len(result.history) == 1 and (tmp_path / "run" / "checkpoint-1.npz").is_file()
 
 
 def test_the_last_epoch_within_the_budget_trains_at_the_decayed_rate(synth, tmp_path,

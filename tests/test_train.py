@@ -275,7 +275,8 @@ def test_help_shows_the_defaults_of_train_config_without_tensorflow():
     assert result.returncode == 0, result.stderr[-2000:]
     text = " ".join(result.stdout.split())
     for flag, default in (("--units UNITS", "200"), ("--epochs EPOCHS", "tied 40, course 5"),
-                          ("--learning-rate LEARNING_RATE", "tied 20.0, course 0.01"),
+                          ("--learning-rate LEARNING_RATE", "sgd 20.0, adam 0.01, whichever "
+                           "optimizer runs"),
                           ("--lr-decay LR_DECAY", "4.0")):
         assert flag in text and f"(default: {default})" in text
 
@@ -738,6 +739,10 @@ def test_patience_running_out_in_the_last_epoch_ends_the_run(synth, tmp_path, mo
     again = train(dataclasses.replace(config, epochs=6), synth / "train.txt",
                   synth / "valid.txt", tmp_path / "run", resume=True)
     assert len(again.history) == 2 and "stopped early" in said()
+    # A larger --patience is what lets it go on.
+    longer = train(dataclasses.replace(config, epochs=3, patience=3), synth / "train.txt",
+                   synth / "valid.txt", tmp_path / "run", resume=True)
+    assert len(longer.history) == 3 and longer.history[-1].epochs_without_improvement == 0
 
 
 def test_extended_run_with_a_decay_equals_an_uninterrupted_one(synth, tmp_path, monkeypatch,
@@ -889,8 +894,8 @@ def test_resume_applies_what_may_change_and_refuses_the_rest(text, tmp_path, cap
                          "--units 12, which a resumed run cannot change (only --epochs, "
                          "--learning-rate, --lr-decay, --patience, --clipnorm, --max-minutes "
                          "can); drop the flag or start a new run"),
-                        (["--no-pack"], "pack=False: the run in {out} was trained with "
-                         "pack=True, which a resumed run cannot change")):
+                        (["--no-pack"], "--no-pack: the run in {out} was trained with "
+                         "no --no-pack, which a resumed run cannot change")):
         assert main(["train", str(text), "--out", str(out), "--resume", "--epochs", "2",
                      *flags]) == 1
         assert one_error_line(capsys).startswith("lmonnx: error: " + line.format(out=out))

@@ -18,13 +18,17 @@ from lmonnx.vocab import PRESETS
 RECIPES: dict[str, dict[str, Any]] = {
     # Zaremba et al. (2014) and pytorch's word_language_model, tied and with locked dropout:
     # chosen by measurement on KJV and PTB (README, "Training quality").
-    "tied": dict(dropout=0.2, epochs=40, batch_size=20, learning_rate=20.0, clipnorm=0.25,
-                 optimizer="sgd", patience=5),
+    "tied": dict(dropout=0.2, epochs=40, batch_size=20, clipnorm=0.25, optimizer="sgd",
+                 patience=5),
     # The course's LanguageModel as it was taught (its slips fixed): today's model.
-    "course": dict(dropout=0.0, epochs=5, batch_size=32, learning_rate=1e-2, clipnorm=5.0,
-                   optimizer="adam", patience=0),
+    "course": dict(dropout=0.0, epochs=5, batch_size=32, clipnorm=5.0, optimizer="adam",
+                   patience=0),
 }
 """Each recipe's value of every setting left None (``TrainConfig.resolved``)."""
+
+OPTIMIZER_RATES = {"sgd": 20.0, "adam": 1e-2}
+"""The learning rate of each optimizer when none is given: the tied recipe's SGD and the
+course's Adam (so ``--optimizer adam`` alone never runs Adam at SGD's rate)."""
 
 RECIPE_HELP = ("tied (the default): embedding = output layer (units wide), locked dropout on "
                "embeddings, between layers and before the output, the text as one stream "
@@ -76,8 +80,9 @@ class TrainConfig:
                                       "columns (tied), windows (course)", "int", low=1)
     optimizer: str | None = _setting(None, "--optimizer", "sgd or adam", "choice",
                                      choices=("sgd", "adam"))
-    learning_rate: float | None = _setting(None, "--learning-rate", "the optimizer's rate",
-                                           "real", low=0.0, low_open=True)
+    learning_rate: float | None = _setting(None, "--learning-rate", "the optimizer's rate "
+                                           "(default: sgd 20.0, adam 0.01, whichever "
+                                           "optimizer runs)", "real", low=0.0, low_open=True)
     clipnorm: float | None = _setting(None, "--clipnorm", "clip the global gradient norm to "
                                       "this (0: no clipping)", "real", low=0.0)
     seed: int = _setting(0, "--seed", "same seed, same data: same run", "int", low=0,
@@ -90,8 +95,8 @@ class TrainConfig:
     patience: int | None = _setting(None, "--patience", "stop after this many epochs in a row "
                                     "without improvement (0: never)", "int", low=0)
     holdout: float = _setting(0.0, "--holdout", "without --valid: this share of the training "
-                              "sentences, drawn at random (by --seed), is held out as the "
-                              "validation set (0: none)", "real", low=0.0, high=0.5,
+                              "sentences (under 0.5), drawn at random (by --seed), is held "
+                              "out as the validation set (0: none)", "real", low=0.0, high=0.5,
                               high_open=True, why="a share of the corpus")
     max_minutes: float | None = _setting(None, "--max-minutes", "the whole run's training budget in "
                                          "minutes: no epoch starts that would end past it "
@@ -121,6 +126,8 @@ class TrainConfig:
         whose embedding width is not ``num_lstm_units`` is an ``InvalidArgumentError``."""
         self.validate()
         values = {k: v for k, v in RECIPES[self.recipe].items() if getattr(self, k) is None}
+        if self.learning_rate is None:
+            values["learning_rate"] = OPTIMIZER_RATES[values.get("optimizer", self.optimizer)]
         if self.recipe == "tied":
             if self.embedding_dim not in (None, self.num_lstm_units):
                 raise InvalidArgumentError(
@@ -170,7 +177,12 @@ def flag_of(name: str) -> str:
 
 
 def _shown(name: str, value) -> str:
-    return f"{name}={value}" if isinstance(value, bool) else f"{flag_of(name)} {value}"
+    """How the command line says a setting: ``--units 7``; a switch given (``--no-pack``),
+    or not (``no --no-pack``)."""
+    if isinstance(value, bool):
+        default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+        return flag_of(name) if value != default else f"no {flag_of(name)}"
+    return f"{flag_of(name)} {value}"
 
 
 def resumed_config(stored: TrainConfig, given: Mapping[str, Any], run_path

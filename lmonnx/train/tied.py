@@ -175,8 +175,11 @@ class TiedLanguageModel(ModelSettings, keras.Model):
     def seeded_layers(self) -> list:
         """(unique name, layer) of every layer drawing dropout masks (the checkpoint's keys;
         both LSTM layers' cells are called ``lstm_cell``)."""
-        return [*((lstm.name, lstm.cell) for lstm in self.lstms),
-                *((drop.name, drop) for drop in self.drops)]
+        layers = [*((lstm.name, lstm.cell) for lstm in self.lstms),
+                  *((drop.name, drop) for drop in self.drops)]
+        # Keras gives a Dropout of rate 0 no seed generator: it never draws.
+        return [(name, layer) for name, layer in layers
+                if getattr(layer, "seed_generator", None) is not None]
 
     def inference_model(self) -> keras.Model:
         """The export form, in the same contract as ``LanguageModel.inference_model``: inputs

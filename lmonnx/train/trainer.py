@@ -288,26 +288,19 @@ class TrainingRun:
             self.optimizer.learning_rate.assign(history.learning_rate)
         # Patience running out in the last epoch counts too: extending the run must not go
         # on where a longer run would have stopped.
-        stop = bool(config.patience) and stale >= config.patience or out_of_time
-        self._save(record.epoch, improved, stop)
-        self._report(record, improved, stop, out_of_time)
-        if last and not stop:
-            log.info(f"the next epoch is the last within --max-minutes {config.max_minutes:g};"
-                     f" it trains at learning rate {history.learning_rate:.3g}")
-        return stop
+        stopped_early = bool(config.patience) and stale >= config.patience
+        self._save(record.epoch, improved, stopped_early, stopped_early or out_of_time)
+        self._report(record, improved, stopped_early, out_of_time)
+        if last and not (stopped_early or out_of_time):
+            log.info(f"the next epoch should be the last within --max-minutes "
+                     f"{config.max_minutes:g}; it trains at learning rate "
+                     f"{history.learning_rate:.3g}")
+        return stopped_early or out_of_time
 
     def _budget(self) -> tuple[bool, bool]:
-        """(no further epoch fits in ``max_minutes``, exactly one more does), timing the next
-        epoch by the last one (training and validation); (False, False) without a budget."""
-        if self.config.max_minutes is None or not self.history.epochs:
-            return False, False
-        spent = sum(r.train_seconds + (r.valid_seconds or 0) for r in self.history.epochs)
-        last = self.history.epochs[-1]
-        left, epoch = self.config.max_minutes * 60 - spent, last.train_seconds + (
-            last.valid_seconds or 0)
-        return left < epoch, epoch <= left < 2 * epoch
+        return budget_state(self.config, self.history)
 
-    def _save(self, epoch: int, improved: bool, stop: bool) -> None:
+    def _save(self, epoch: int, improved: bool, stopped_early: bool, finished: bool) -> None:
         """Checkpoint, then the best model (stamped with its epoch), then history.json
         pointing at the checkpoint, then drop the older checkpoint -- only while the best
         model is on disk.  A crash at any moment leaves a checkpoint that history.json names,
@@ -319,14 +312,15 @@ class TrainingRun:
         if improved:
             self.save_model(epoch)
         previous = self.history.checkpoint
-        self.history.checkpoint, self.history.stopped_early = name, stop
-        self.history.status = "complete" if epoch == self.config.epochs or stop else "running"
+        self.history.checkpoint, self.history.stopped_early = name, stopped_early
+        self.history.status = ("complete" if epoch == self.config.epochs or finished
+                               else "running")
         self.run.write_history(self.history)
         if previous and previous != name and self.run.file(MODEL_FILE).is_file():
             self.run.release(previous)
         from lmonnx.train.curve import plot_curve
 
-        plot_curve(self.run.claim(CURVE_FILE), self.history.epochs, stop)
+        plot_curve(self.run.claim(CURVE_FILE), self.history.epochs, stopped_early)
 
     def save_model(self, epoch: int) -> None:
         """``model.keras`` from the current weights, which are epoch ``epoch``'s."""
@@ -336,8 +330,8 @@ class TrainingRun:
         with atomic_path(self.run.claim(MODEL_FILE), suffix=".keras") as tmp:  # Keras wants it
             self.model.save(tmp)
 
-    def _report(self, record: EpochRecord, improved: bool, stop: bool, out_of_time: bool
-                ) -> None:
+    def _report(self, record: EpochRecord, improved: bool, stopped_early: bool,
+                out_of_time: bool) -> None:
         valid = (f"valid ppl {_ppl(record.valid_perplexity)}" if self.valid_items is not None
                  else "no validation set")
         after = ("  *best" if improved else
@@ -347,13 +341,14 @@ class TrainingRun:
                  f"{record.train_loss:.4f} (ppl {_ppl(record.train_perplexity)}), {valid}, "
                  f"{record.train_seconds:.1f} s ({record.tokens_per_second:.0f} tokens/s)"
                  + after)
-        if out_of_time:
-            log.info(f"stopping: no further epoch fits in --max-minutes "
-                     f"{self.config.max_minutes:g}; best epoch {self.history.best_epoch}")
-        elif stop:
+        if stopped_early:
             log.info(f"stopping early: no improvement in {record.epochs_without_improvement} "
                      f"epochs (--patience {self.config.patience}); best epoch "
                      f"{self.history.best_epoch}")
+        elif out_of_time:
+            log.info(f"stopping: no further epoch fits in --max-minutes "
+                     f"{self.config.max_minutes:g}; best epoch {self.history.best_epoch} "
+                     "(a larger --max-minutes with --resume goes on)")
 
 
 def _build_model(config: TrainConfig, vocab_size: int):
@@ -396,8 +391,9 @@ def _make_optimizer(config: TrainConfig):
 def train(config: TrainConfig | Mapping[str, Any] | None, corpus, valid=None, out_dir="run",
           errors: str = "strict", resume: bool = False, force: bool = False,
           on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
-    """Train ``LanguageModel`` on ``corpus`` (one sentence per line; ``"-"``: standard input)
-    into ``out_dir``.
+    """Train the recipe's model (``TiedLanguageModel`` by default, ``LanguageModel`` with
+    ``recipe="course"``) on ``corpus`` (one sentence per line; ``"-"``: standard input) into
+    ``out_dir``.
 
     ``config``: a :class:`TrainConfig`, or the settings to change from its defaults
     (name -> value; None: none).  With ``resume`` the run in ``out_dir`` continues after its
@@ -469,7 +465,7 @@ def _start(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir, e
     vocab.save(run.claim(VOCAB_FILE))
     run.write_config(_run_config(config, training, source, valid_source, errors))
     run.write_history(training.history)
-    unit = "sentences as one stream" if config.recipe == "tied" else "windows"
+    unit = "sentence(s) as one stream" if config.recipe == "tied" else "window(s)"
     log.info(f"training on {len(training.items)} {unit} "
              f"({sum(len(x) for _, x, _ in training.items)} tokens), vocabulary {len(vocab)}, "
              f"{training.model.count_params()} parameters")
@@ -538,18 +534,37 @@ def _resume(given: dict, corpus: Path, valid: Path | None, run: RunDir,
     if changed:  # only now, every check passed: record what the run continues with
         run.write_config(dict(run_config, train=config.to_dict()))
         log.info(f"resuming {run.path} with " + ", ".join(
-            f"{flag_of(k)} {new} (was {old})" for k, (old, new) in changed.items()))
+            f"{flag_of(k)} {new} (was {'unset' if old is None else old})"
+            for k, (old, new) in changed.items()))
     history.status = "running"
     run.write_history(history)
     log.info(f"resuming {run.path} after epoch {done} of {config.epochs}")
     return training
 
 
+def budget_state(config: TrainConfig, history: History) -> tuple[bool, bool]:
+    """(no further epoch fits in ``config.max_minutes``, the next one should be the last),
+    counting every epoch of the run (resumed ones too), the next one timed by the faster of
+    the last two (training and validation: the first epoch of a process also traces the
+    steps); (False, False) without a budget or an epoch."""
+    if config.max_minutes is None or not history.epochs:
+        return False, False
+    took = [r.train_seconds + (r.valid_seconds or 0) for r in history.epochs]
+    left, epoch = config.max_minutes * 60 - sum(took), min(took[-2:])
+    return left < epoch, len(took) > 1 and epoch <= left < 2 * epoch
+
+
 def _nothing_to_train(run: RunDir, config: TrainConfig, history: History) -> bool:
     done = len(history.epochs)
-    if history.stopped_early:
+    if budget_state(config, history)[0] and config.epochs > done:
+        log.info(f"{run.path}: the run's --max-minutes {config.max_minutes:g} is spent after "
+                 f"epoch {done}; nothing to resume (pass a larger --max-minutes to go on)")
+    elif history.stopped_early and config.patience and (
+            history.epochs[-1].epochs_without_improvement >= config.patience):
+        stale = history.epochs[-1].epochs_without_improvement
         log.info(f"{run.path}: run stopped early after epoch {done} (no improvement in "
-                 f"{config.patience} epochs, --patience {config.patience}); nothing to resume")
+                 f"{stale} epochs, --patience {config.patience}); nothing to resume (a larger "
+                 "--patience goes on)")
     elif config.epochs < done:
         log.info(f"{run.path}: already trained {done} epochs, past --epochs {config.epochs}; "
                  "nothing changed (a run cannot be shortened)")
