@@ -78,6 +78,16 @@ class ModelSettings:
     def from_config(cls, config):
         return cls(**config)
 
+    def inference_inputs(self) -> tuple:
+        """The export form's inputs: ``input_ids`` int32 [batch, time], ``state_h`` and
+        ``state_c`` float32 [batch, layers, units] (builds the model first if needed)."""
+        if not self.built:
+            self.build()
+        layers, units = self.num_lstm_layers, self.num_lstm_units
+        return (keras.Input((None,), dtype="int32", name="input_ids"),
+                keras.Input((layers, units), name="state_h"),
+                keras.Input((layers, units), name="state_c"))
+
 
 @keras.saving.register_keras_serializable(package="lmonnx")
 class LanguageModel(ModelSettings, keras.Model):
@@ -252,12 +262,8 @@ class LanguageModel(ModelSettings, keras.Model):
         position.  With zero states its logits equal this model's at every real position of
         right-padded input.
         """
-        if not self.built:
-            self.build()
         layers, units = self.num_lstm_layers, self.num_lstm_units
-        ids = keras.Input((None,), dtype="int32", name="input_ids")
-        state_h = keras.Input((layers, units), name="state_h")
-        state_c = keras.Input((layers, units), name="state_c")
+        ids, state_h, state_c = self.inference_inputs()
         embedding = keras.layers.Embedding(self.vocab_size, self.embedding_dim,
                                            name="embedding")
         x = embedding(ids)

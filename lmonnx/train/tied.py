@@ -185,12 +185,7 @@ class TiedLanguageModel(ModelSettings, keras.Model):
         """The export form, in the same contract as ``LanguageModel.inference_model``: inputs
         ``[input_ids, state_h, state_c [batch, layers, units]]``, outputs ``[logits, state_h,
         state_c]``; these very layers (no copies), no dropout, no mask."""
-        if not self.built:
-            self.build()
-        layers, units = self.num_lstm_layers, self.num_lstm_units
-        ids = keras.Input((None,), dtype="int32", name="input_ids")
-        state_h = keras.Input((layers, units), name="state_h")
-        state_c = keras.Input((layers, units), name="state_c")
+        ids, state_h, state_c = self.inference_inputs()
         x = self.embedding(ids)
         hs, cs = [], []
         for i, lstm in enumerate(self.lstms):
