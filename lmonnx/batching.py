@@ -46,6 +46,9 @@ the gradient would see a biased sample at every step.  The trainer's default is
     [d 0 0 0 0 0]
 
 :func:`padded_batches` (``lmonnx train --no-pack``) pads the same random batches instead.
+That is the course recipe's; the tied recipe (the default) trains on :func:`stream_windows`:
+the shuffled sentences end to end in ``columns`` rows, cut into windows that carry the LSTM
+state from one to the next, no padding but at the very end.
 """
 
 from __future__ import annotations
