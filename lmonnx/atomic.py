@@ -199,3 +199,8 @@ def output_file(path, flag: str = "output", *, binary: bool = False) -> Iterator
             raise OutputWriteError(exc.errno,
                                    f"{flag} {path}: cannot write it ({exc.strerror})") from None
         raise
+
+
+def is_parquet(path) -> bool:
+    """Whether an output path names a Parquet file (``.parquet`` / ``.pq``, any case)."""
+    return Path(path).suffix.lower() in (".parquet", ".pq")

@@ -203,7 +203,8 @@ def _arguments_generate(p: argparse.ArgumentParser) -> None:
 
 _SUBCOMMANDS = (  # name, help, whether it runs a model (--model/--providers/--json), arguments
     ("synth", "write a synthetic corpus whose true perplexity is known", False, _arguments_synth),
-    ("train", "train a stacked-LSTM word LM on a text corpus (--recipe tied or course)", False, _arguments_train),
+    ("train", "train a stacked-LSTM word LM on a text corpus (--recipe tied or course)", False,
+     _arguments_train),
     ("export", "export a run to one self-describing .onnx (tf2onnx)", False, _arguments_export),
     ("quantize", "int8 form of an exported model, for CPU (dynamic quantization)", False,
      _arguments_quantize),
@@ -289,9 +290,10 @@ def _setting_help(f) -> str:
     """A train flag's help with its default: the recipes' own where the recipe decides."""
     from lmonnx.train.config import RECIPES, recipe_defaults
 
+    help = f.metadata["help"]
     if f.name in RECIPES["tied"]:
-        return f"{f.metadata['help']} (default: {recipe_defaults(f.name)})"
-    return f.metadata["help"] if f.default is None else f"{f.metadata['help']} (default: {f.default})"
+        return f"{help} (default: {recipe_defaults(f.name)})"
+    return help if f.default is None else f"{help} (default: {f.default})"
 
 
 def _cmd_train(args) -> None:
@@ -418,11 +420,11 @@ def _cmd_evaluate(args) -> None:
                         ("--gpus-per-actor", args.gpus_per_actor)):
         if value is not None:
             raise InvalidArgumentError(f"{flag} sizes the Ray actors: it needs --ray")
-    from lmonnx.atomic import check_outputs
+    from lmonnx.atomic import check_outputs, is_parquet
     from lmonnx.corpus import check_corpora
     from lmonnx.scorer import Scorer
 
-    if args.per_sentence is not None and args.per_sentence.suffix.lower() in (".parquet", ".pq"):
+    if args.per_sentence is not None and is_parquet(args.per_sentence):
         raise InvalidArgumentError(f"--per-sentence {args.per_sentence}: Parquet is written "
                                    "with --ray only; locally give a JSON-lines name")
     # Every corpus and output is checked before the model loads: a bad path fails first.

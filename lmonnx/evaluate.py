@@ -58,8 +58,12 @@ and a separator or the line break), so this also bounds the tokens held."""
 
 def json_text(value, **dumps_options) -> str:
     """``value`` as strict JSON (``json.dumps`` options pass through): NaN and infinities,
-    which JSON has no spelling for, become ``null``."""
-    return json.dumps(_finite_or_none(value), allow_nan=False, **dumps_options)
+    which JSON has no spelling for, become ``null``.  The record is rebuilt only when it holds
+    one (per-token output calls this for every token)."""
+    try:
+        return json.dumps(value, allow_nan=False, **dumps_options)
+    except ValueError:
+        return json.dumps(_finite_or_none(value), allow_nan=False, **dumps_options)
 
 
 def json_line(record: Mapping) -> str:

@@ -144,11 +144,9 @@ def name_dynamic_axes(proto) -> None:
                 dim.dim_param = rename[dim.dim_param]
 
 
-def _initializers(graph) -> tuple[dict, object]:
-    """({name: initializer}, onnx's ``numpy_helper.to_array``)."""
-    from onnx import numpy_helper
-
-    return {init.name: init for init in graph.initializer}, numpy_helper.to_array
+TIED = "lmonnx_tied"
+"""The prefix of the names ``tie_output_matrix`` gives (``untie_output_matrix`` finds its Gemm
+by them)."""
 
 
 def tie_output_matrix(proto) -> bool:
@@ -159,7 +157,7 @@ def tie_output_matrix(proto) -> bool:
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    inits, to_array = _initializers(graph)
+    inits, to_array = {i.name: i for i in graph.initializer}, numpy_helper.to_array
     tables = [n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits]
     for index, node in enumerate(graph.node):
         if node.op_type != "MatMul" or node.input[1] not in inits:
@@ -170,7 +168,7 @@ def tie_output_matrix(proto) -> bool:
         if table is None:
             continue
         units, vocab = weight.shape
-        h, out, p = node.input[0], node.output[0], "lmonnx_tied"
+        h, out, p = node.input[0], node.output[0], TIED
         graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), f"{p}_{k}")
                                   for k, v in (("rows", [-1, units]), ("start", [0]),
                                                ("end", [-1]), ("vocab", [vocab]))])
@@ -199,12 +197,12 @@ def untie_output_matrix(proto) -> None:
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    inits, to_array = _initializers(graph)
+    inits = {i.name: i for i in graph.initializer}
     for index, node in enumerate(graph.node):
-        if node.op_type == "Gemm" and node.input[0] == "lmonnx_tied_h2":
-            name = "lmonnx_tied_output_matrix"
+        if node.op_type == "Gemm" and node.input[0] == f"{TIED}_h2":
+            name = f"{TIED}_output_matrix"
             graph.initializer.append(numpy_helper.from_array(
-                np.ascontiguousarray(to_array(inits[node.input[1]]).T), name))
+                np.ascontiguousarray(numpy_helper.to_array(inits[node.input[1]]).T), name))
             graph.node.remove(node)
             graph.node.insert(index, helper.make_node("MatMul", [node.input[0], name],
                                                       list(node.output)))

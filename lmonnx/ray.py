@@ -41,18 +41,18 @@ import contextlib
 import functools
 import glob
 import io
-import json
 import math
 import os
 import time
 from pathlib import Path
 from typing import Iterator
 
-from lmonnx.atomic import atomic_path, check_outputs, output_file
+from lmonnx.atomic import atomic_path, check_outputs, is_parquet, output_file
 from lmonnx.corpus import Line, check_errors, sentences_of_lines, to_line
 from lmonnx.errors import CorpusError, InvalidArgumentError, LmonnxError, MissingDependencyError
 from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, LOOKAHEAD, EvaluationReport, Evaluator,
-                             SentenceResult, Totals, lookahead_chunks, sentence_record)
+                             SentenceResult, Totals, json_line, lookahead_chunks,
+                             sentence_record)
 from lmonnx.examples import ExampleBuilder
 from lmonnx.validation import check_int, check_optional_int, check_real
 
@@ -349,11 +349,10 @@ class _JsonSink:
         self.file = file
 
     def write(self, records: list[dict]) -> None:
-        self.file.writelines(json.dumps(record) + "\n" for record in records)
+        # The local writer's lines: strict JSON (NaN -> null), non-ASCII text as is.
+        self.file.writelines(json_line(record) + "\n" for record in records)
 
 
-def is_parquet(path) -> bool:
-    return Path(path).suffix.lower() in (".parquet", ".pq")
 
 
 @contextlib.contextmanager

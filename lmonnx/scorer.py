@@ -87,6 +87,8 @@ class Scorer:
     def _incremental(self) -> Incremental:
         """Next-word distributions and states, built once on first use, under the lock.  On
         CUDA the scoring session carries the loss head (no logits): a second session."""
+        if self._incremental_scorer is not None:  # built: no lock on a decoder's hot path
+            return self._incremental_scorer
         with self._lock:
             if self._incremental_scorer is None:
                 session = self._session

@@ -546,8 +546,9 @@ def test_a_run_without_its_manifest_is_not_ours(synth, tmp_path, capsys):
 
 # ---- resume: extending a finished run ----------------------------------------------------------
 
-FIXTURE_FLAGS = ["--recipe", "course", "--tokenizer", "whitespace", "--vocab-size", "40", "--max-length", "8",
-                 "--units", "12", "--layers", "2", "--embedding-dim", "6", "--batch-size", "16",
+FIXTURE_FLAGS = ["--recipe", "course", "--tokenizer", "whitespace", "--vocab-size", "40",
+                 "--max-length", "8", "--units", "12", "--layers", "2", "--embedding-dim", "6",
+                 "--batch-size", "16",
                  "--learning-rate", "0.01", "--dropout", "0.2", "--seed", "7"]
 
 

@@ -98,11 +98,11 @@ class TrainConfig:
                               "sentences (under 0.5), drawn at random (by --seed), is held "
                               "out as the validation set (0: none)", "real", low=0.0, high=0.5,
                               high_open=True, why="a share of the corpus")
-    max_minutes: float | None = _setting(None, "--max-minutes", "the whole run's training budget in "
-                                         "minutes: no epoch starts that would end past it "
-                                         "(timed by the last epoch), and the last one that "
-                                         "fits runs at the rate divided by --lr-decay", "real", low=0.0,
-                                         low_open=True)
+    max_minutes: float | None = _setting(None, "--max-minutes", "the whole run's training "
+                                         "budget in minutes: no epoch starts that would end "
+                                         "past it (timed by the faster of the last two), and "
+                                         "the last one that fits runs at the rate divided by "
+                                         "--lr-decay", "real", low=0.0, low_open=True)
 
     def validate(self) -> None:
         """``InvalidArgumentError`` / ``ArgumentTypeError`` naming the flag of the first
@@ -167,7 +167,7 @@ class TrainConfig:
 
 
 def recipe_defaults(name: str) -> str:
-    """``tied 20, course 0.01``: the recipes' values of setting ``name`` (for --help)."""
+    """``tied 0.25, course 5.0``: the recipes' values of setting ``name`` (for --help)."""
     return ", ".join(f"{recipe} {values[name]}" for recipe, values in RECIPES.items())
 
 

@@ -201,11 +201,7 @@ class LanguageModel(ModelSettings, keras.Model):
         ``output_sequences`` int32 [batch, time] are the targets; ``binary_sequences`` the
         padding mask of the inputs (``sign(input_sequences)``), 1 where a target counts.
 
-        The course's sum: sparse softmax cross-entropy of the logits against the targets,
-        times the float32 padding mask, reduced with ``reduce_sum``.  A padded position adds
-        0 whatever its logits, so the logits are computed at the real positions only
-        (``tf.boolean_mask``, which keeps those positions whose mask is 1): the same sum without
-        the padding's share of the output layer, most of a step's work for a large vocabulary.
+        The course's sum, computed at the real positions only: :func:`masked_nll`.
         """
         return masked_nll(self.get_logits, lstm_outputs, binary_sequences, output_sequences)
 
@@ -288,7 +284,6 @@ class LanguageModel(ModelSettings, keras.Model):
         return model
 
 
-
 def masked_nll(get_logits, lstm_outputs, binary_sequences, output_sequences):
     """The course's loss: summed sparse softmax cross-entropy in nats (a float32 scalar) of
     ``get_logits(lstm_outputs)`` against ``output_sequences`` (int [batch, time]), times the
@@ -305,6 +300,7 @@ def masked_nll(get_logits, lstm_outputs, binary_sequences, output_sequences):
     unpadded_loss = batch_sequence_loss * tf.boolean_mask(
         tf.cast(binary_sequences, tf.float32), real)  # the course's mask: all ones here
     return tf.math.reduce_sum(unpadded_loss)
+
 
 def _cells_of(cell) -> list:
     """The LSTM cells behind the RNN's cell (a StackedRNNCells, or one bare cell), bottom first."""

@@ -22,9 +22,9 @@ course's model does not (README, "Model quality"): tying, locked dropout and SGD
 stream are what Zaremba et al. (2014), Press & Wolf (2017) and pytorch's word_language_model
 do at this scale.  Its stream has no padding, so packing is the course recipe's alone.
 
-Convergence and speed of the course recipe (README, "Batches").  Sorting batches by length saves the LSTM's padded
-steps but gives every step a biased sample, and on real text that costs convergence
-(``benchmarks/train_table.py --sort-pool`` measures it).  So the batches are those of the plain
+Convergence and speed of the course recipe (README, "Batches").  Sorting batches by length
+saves the LSTM's padded steps but gives every step a biased sample, and on real text that
+costs convergence (``benchmarks/train_table.py --sort-pool`` measures it).  So the batches are those of the plain
 loop, and the speed comes from not computing padding: each batch's windows are laid end to
 end in as few rows as first-fit decreasing finds, the LSTM state zeroed at the first position
 of every window (``LanguageModel.run_lstm_packed``), so the summed loss and gradient are the
@@ -36,7 +36,7 @@ training loss without a validation set) either improves on the best so far -- th
 saved as ``model.keras`` -- or not, and then the learning rate is divided by ``lr_decay`` for
 the next epoch (pytorch's word_language_model anneals by 4 the same way; 1 keeps it constant).
 With ``patience`` N > 0 training stops after N epochs in a row without improvement.  With
-``max_minutes`` no epoch starts that would end past the budget (timed by the last one), and
+``max_minutes`` no epoch starts that would end past the budget (``budget_state``), and
 the last one that fits trains at the rate divided by ``lr_decay`` (a final anneal).
 
 Every setting, the corpora and the output directory are checked, the corpora read and the
@@ -50,7 +50,8 @@ finished one extended with more ``epochs`` -- reaches the weights an uninterrupt
 
 Resuming.  Settings given on resume that equal the run's change nothing; ``epochs``,
 ``learning_rate`` (the next epoch's), ``lr_decay``, ``patience``, ``clipnorm`` and
-``max_minutes`` may change and are recorded in ``config.json``; any other setting given with another value is refused.
+``max_minutes`` may change and are recorded in ``config.json``; any other setting given with
+another value is refused.
 
 A loss that is not finite, or whose mean is too large for a perplexity (>= 709 nats per
 token), raises ``TrainingError``: the run diverged, and nothing non-finite is written.  A
@@ -409,11 +410,11 @@ def train(config: TrainConfig | Mapping[str, Any] | None, corpus, valid=None, ou
     corpus, valid, run = Path(corpus), None if valid is None else Path(valid), RunDir(out_dir)
     # Every setting checked now; a new run's also against its recipe (a resumed run's recipe
     # is the stored one, checked when it is read).
-    base = TrainConfig().with_overrides(given)
+    config = TrainConfig().with_overrides(given)
     if resume:
-        base.validate()
+        config.validate()
     else:
-        base.resolved()
+        config = config.resolved()
     if resume and force:
         raise InvalidArgumentError("--resume and --force contradict each other: pick one")
     if str(corpus) == STDIN and valid is not None and str(valid) == STDIN:
@@ -424,8 +425,7 @@ def train(config: TrainConfig | Mapping[str, Any] | None, corpus, valid=None, ou
     if not resume:
         if valid is not None and given.get("holdout"):
             raise InvalidArgumentError("--holdout and --valid: give one validation set")
-        training = _start(TrainConfig().with_overrides(given).resolved(), corpus, valid, run,
-                          errors, force)
+        training = _start(config, corpus, valid, run, errors, force)
     else:
         training = _resume(given, corpus, valid, run, errors)
         if isinstance(training, TrainResult):  # nothing to train
@@ -451,15 +451,15 @@ def _start(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir, e
     run.check_new(force)
     source = _read_source(corpus, errors)
     valid_source = _read_source(valid, errors) if valid is not None else None
-    vocab = Vocabulary.fit((line.text for line in held_out_split(source.lines, config)[0]),
-                           config.vocab_size,
+    lines, valid_lines = _split(config, source, valid_source)
+    vocab = Vocabulary.fit((line.text for line in lines), config.vocab_size,
                            TokenizerOptions.from_preset(config.tokenizer))
     if len(vocab) <= len(SPECIAL_TOKENS):
         name = "standard input" if str(corpus) == STDIN else corpus
         raise InvalidArgumentError(f"{name}: no words after tokenization with the "
                                    f"{config.tokenizer!r} tokenizer (punctuation only?); "
                                    "nothing to train on")
-    training = _setup(run, config, vocab, source, valid_source,
+    training = _setup(run, config, vocab, lines, valid_lines,
                       History(learning_rate=float(config.learning_rate)))
     run.start_new(force)  # the manifest first, then every file it lists
     vocab.save(run.claim(VOCAB_FILE))
@@ -472,15 +472,22 @@ def _start(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir, e
     return training
 
 
-def _setup(run: RunDir, config: TrainConfig, vocab: Vocabulary, source: _Source,
-           valid_source: _Source | None, history: History) -> TrainingRun:
+def _split(config: TrainConfig, source: _Source, valid_source: _Source | None
+           ) -> tuple[list, list | None]:
+    """(training lines, validation lines or None): the held-out share of the corpus with
+    ``holdout``, else ``--valid``'s lines."""
+    lines, held_out = held_out_split(source.lines, config)
+    if held_out is not None:
+        return lines, held_out
+    return lines, valid_source.lines if valid_source else None
+
+
+def _setup(run: RunDir, config: TrainConfig, vocab: Vocabulary, lines: list,
+           valid_lines: list | None, history: History) -> TrainingRun:
     """The run object of a new or a resumed run: training items (whole sentences for the
     tied recipe's stream, windows for the course's), validation sentences, model."""
-    lines, held_out = held_out_split(source.lines, config)
     items = (sentence_items(vocab, lines) if config.recipe == "tied"
              else _training_items(vocab, lines, config.max_length))
-    valid_lines = held_out if held_out is not None else (
-        valid_source.lines if valid_source else None)
     valid_items = sentence_items(vocab, valid_lines) if valid_lines is not None else None
     return TrainingRun(run, config, vocab, items, valid_items, history)
 
@@ -528,7 +535,8 @@ def _resume(given: dict, corpus: Path, valid: Path | None, run: RunDir,
                                   errors, run, "--valid")
     if "learning_rate" in changed:  # the next epoch trains with the rate given
         history.learning_rate = float(config.learning_rate)
-    training = _setup(run, config, _load_vocab(run), source, valid_source, history)
+    training = _setup(run, config, _load_vocab(run), *_split(config, source, valid_source),
+                      history)
     if done:
         _restore(training, done)
     if changed:  # only now, every check passed: record what the run continues with
