@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from lmonnx import __version__
-from lmonnx.errors import InvalidArgumentError, LmonnxError, first_line
+from lmonnx.errors import InvalidArgumentError, LmonnxError, MissingDependencyError, first_line
 from lmonnx.validation import check_int, check_real
 
 EXIT_USER_ERROR = 1
@@ -201,6 +201,48 @@ def _arguments_generate(p: argparse.ArgumentParser) -> None:
     _add_encoding_errors(p)
 
 
+def _arguments_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=_path, help="an lmonnx .onnx file")
+    p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="onnxruntime execution provider (auto: CUDA when usable, else CPU)")
+    p.add_argument("--threads", type=_int_arg(1), default=None,
+                   help="onnxruntime intra-op threads (default: one per core)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                   "127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=_int_arg(0, 65535), default=8000, help="default 8000")
+    p.add_argument("--name", default=None,
+                   help="the model's name in /v1/models (default: the file's stem)")
+    p.add_argument("--max-wait-ms", type=_real_arg(0), default=2.0,
+                   help="longest a batch that is not full waits for requests being read "
+                        "(default 2; 0: run whatever is queued at once)")
+    p.add_argument("--max-batch-sentences", type=_int_arg(1), default=64,
+                   help="sentences (or decoder hypotheses) per batch at most (default 64; "
+                        "1: one per onnxruntime call, the unbatched baseline)")
+    p.add_argument("--max-batch-tokens", type=_int_arg(1), default=None,
+                   help="scored positions per batch at most (default: a batch's logits "
+                        "<= 64 MiB)")
+    p.add_argument("--max-queue", type=_int_arg(1), default=1024,
+                   help="sentences waiting at most; past it 429 with Retry-After (default "
+                        "1024)")
+    p.add_argument("--max-body-bytes", type=_int_arg(1), default=32 << 20,
+                   help="largest request body; past it 413 (default 32 MiB)")
+    p.add_argument("--timeout-s", type=_real_arg(0, low_open=True), default=30.0,
+                   help="a request not started within this many seconds gets 504 (default 30)")
+    p.add_argument("--state-ttl-s", type=_real_arg(0, low_open=True), default=600.0,
+                   help="decoder states expire this long after their last use (default 600)")
+    p.add_argument("--state-memory-mb", type=_int_arg(1), default=512,
+                   help="decoder states kept at most, least recently used evicted first "
+                        "(default 512 MiB)")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS",
+                   help="serve on a Ray cluster with Ray Serve (extra lmonnx[ray]): auto = "
+                        "RAY_ADDRESS, else a local cluster; or the cluster's address")
+    p.add_argument("--replicas", type=_int_arg(1), default=None,
+                   help="with --ray: model replicas, each batching its own requests "
+                        "(default 1)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"),
+                   default="warning", help="uvicorn's log level (default warning)")
+
+
 _SUBCOMMANDS = (  # name, help, whether it runs a model (--model/--providers/--json), arguments
     ("synth", "write a synthetic corpus whose true perplexity is known", False, _arguments_synth),
     ("train", "train a stacked-LSTM word LM on a text corpus (--recipe tied or course)", False,
@@ -213,6 +255,8 @@ _SUBCOMMANDS = (  # name, help, whether it runs a model (--model/--providers/--j
     ("predict", "top-k next words after a prefix", True, _arguments_predict),
     ("generate", "sample text after a prefix by stepping the LSTM state", True,
      _arguments_generate),
+    ("serve", "score over HTTP, batched across callers (extra lmonnx[serve]; OpenAI-compatible)",
+     False, _arguments_serve),
 )
 
 
@@ -526,10 +570,47 @@ def _cmd_generate(args) -> None:
         print(" ".join(w for w in [prefix.strip(), *words] if w))
 
 
+def _cmd_serve(args) -> None:
+    _passive_openmp()
+    if args.replicas is not None and args.ray is None:
+        raise InvalidArgumentError("--replicas needs --ray (one process serves one model "
+                                   "replica; see the README's deployment notes)")
+    service_options = dict(
+        name=args.name or args.model.stem, max_wait_ms=args.max_wait_ms,
+        max_batch_sentences=args.max_batch_sentences, max_batch_tokens=args.max_batch_tokens,
+        max_queue=args.max_queue, timeout_s=args.timeout_s, state_ttl_s=args.state_ttl_s,
+        state_max_bytes=args.state_memory_mb << 20)
+    if args.ray is not None:
+        from lmonnx.serve_ray import serve_on_ray
+
+        serve_on_ray(args.model, address=args.ray, replicas=args.replicas or 1,
+                     host=args.host, port=args.port, providers=args.providers,
+                     threads=args.threads, max_body_bytes=args.max_body_bytes,
+                     service_options=service_options)
+        return
+    try:
+        from lmonnx.server import build_app, serve
+    except ImportError as exc:
+        raise MissingDependencyError("lmonnx serve needs the extra 'lmonnx[serve]' (pip install "
+                                     f"'lmonnx[cpu,serve]'): {exc}") from None
+    app = build_app(args.model, providers=args.providers, threads=args.threads,
+                    max_body_bytes=args.max_body_bytes, **service_options)
+    service = app.state.service
+
+    def announce(server) -> None:
+        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
+        print(f"lmonnx: serving {args.model} ({service.scorer.provider}, vocabulary "
+              f"{len(service.vocab)}) on http://{args.host}:{port}", file=sys.stderr,
+              flush=True)
+
+    serve(app, host=args.host, port=args.port, log_level=args.log_level, on_ready=announce)
+    print("lmonnx: drained and stopped", file=sys.stderr)
+
+
 COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export,
             "quantize": _cmd_quantize,
             "evaluate": _cmd_evaluate, "score": _cmd_score, "predict": _cmd_predict,
-            "generate": _cmd_generate}
+            "generate": _cmd_generate, "serve": _cmd_serve}
 
 
 class _MessageHandler(logging.Handler):

@@ -212,17 +212,19 @@ def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = Fals
                 session, batch.inputs[:, part], batch.targets[:, part], batch.mask[:, part],
                 state, num_threads)
     oov = (batch.targets == UNK_ID) & (batch.mask != 0)
-    row_nll = nll.sum(axis=1)
-    row_oov_nll = np.where(oov, nll, 0.0).sum(axis=1)
+    oov_nll = np.where(oov, nll, 0.0)
     row_hits = hits.sum(axis=1)
     row_oov_hits = (hits & oov).sum(axis=1)  # an <unk> target "predicted" by <unk>
     row_oovs = oov.sum(axis=1)
     results = []
     for r, key in enumerate(batch.keys):
         n = int(batch.lengths[r])
+        # Summed over the real positions only: NumPy's pairwise sum groups terms by the
+        # row's length, so summing the padding too would make a sentence's last bit depend
+        # on the longest sentence of its batch (a server batches strangers together).
         results.append(SentenceResult(
-            key=key, tokens=n, oovs=int(row_oovs[r]), logprob=-float(row_nll[r]),
-            oov_nll=float(row_oov_nll[r]), hits=int(row_hits[r]),
+            key=key, tokens=n, oovs=int(row_oovs[r]), logprob=-float(nll[r, :n].sum()),
+            oov_nll=float(oov_nll[r, :n].sum()), hits=int(row_hits[r]),
             oov_hits=int(row_oov_hits[r]),
             token_nll=nll[r, :n].copy() if keep_tokens else None))
     return results

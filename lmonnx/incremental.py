@@ -163,7 +163,10 @@ class Incremental:
                                  f"{s.logprobs.shape[0]} tokens)")
         return states
 
-    def _check_step(self, states, words) -> tuple[list[LMState], np.ndarray]:
+    def check_step(self, states, words) -> tuple[list[LMState], np.ndarray]:
+        """``(states, token ids int64 [n])`` of a step, checked: ``ValueError`` /
+        ``TypeError`` for a foreign or ended state, a word that is not one word, or counts
+        that differ.  :meth:`step_ids` runs what this returns."""
         if isinstance(words, str):
             raise ArgumentTypeError("step_batch takes a list of words, one per state")
         states, words = self._check_states(states), list(words)
@@ -182,7 +185,10 @@ class Incremental:
         do not end go through one onnxruntime call per ``max_rows`` of them; :data:`END`
         needs none (its state is ended).
         """
-        states, ids = self._check_step(states, words)
+        return self.step_ids(*self.check_step(states, words))
+
+    def step_ids(self, states: Sequence[LMState], ids: np.ndarray):
+        """:meth:`step_batch` of checked states and token ids (:meth:`check_step`)."""
         logprobs = np.array([s.logprob(t) for s, t in zip(states, ids)], dtype=np.float64)
         new = [LMState(s.h, s.c, s.logprobs, s.words + 1, ended=True) for s in states]
         going_on = np.flatnonzero(ids != EOS_ID)

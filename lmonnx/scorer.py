@@ -33,9 +33,9 @@ import numpy as np
 
 from lmonnx.corpus import STDIN, check_corpora, require_sentences, sentences_of_lines, to_line
 from lmonnx.errors import ArgumentTypeError
-from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, Evaluator, TokenScore,
-                             open_writers, token_scores)
-from lmonnx.examples import ExampleBuilder
+from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, Evaluator, SentenceResult,
+                             TokenScore, open_writers, token_scores)
+from lmonnx.examples import Example, ExampleBuilder
 from lmonnx.incremental import END, Incremental, LMState
 from lmonnx.metrics import default_max_tokens, perplexity_of
 from lmonnx.runtime import ModelSession
@@ -100,6 +100,13 @@ class Scorer:
             return self._incremental_scorer
 
     @property
+    def incremental(self) -> Incremental:
+        """The :class:`~lmonnx.incremental.Incremental` behind :meth:`begin`, :meth:`step`
+        and :meth:`generate` (built on first use): for servers that check a request's words
+        (``check_step``) apart from running them (``step_ids``)."""
+        return self._incremental
+
+    @property
     def vocab(self):
         return self._session.vocab
 
@@ -134,6 +141,24 @@ class Scorer:
             yield self._examples.build(to_line(i, _check_sentence(s), "strict",
                                                f"sentence {i + 1}"))
 
+    def examples(self, sentences: Iterable) -> list[Example]:
+        """The :class:`~lmonnx.examples.Example` of each sentence, as :meth:`score` reads
+        them (checked and cleaned; a ``ValueError`` or ``TypeError`` names the bad one).
+        With :meth:`score_examples`, a server tokenizes on its event loop and scores many
+        callers' sentences in one batch."""
+        return list(self._sentence_examples(sentences))
+
+    def score_examples(self, examples: Iterable[Example], *, keep_tokens: bool = False,
+                       batch_size: int | None = None) -> list[SentenceResult]:
+        """Score examples in length-bucketed batches: one ``SentenceResult`` each, in order
+        (``token_nll`` kept with ``keep_tokens``).  ``batch_size`` caps sentences per
+        onnxruntime call (default: the scorer's).  A sentence's numbers do not depend on
+        its batch-mates: the same bits as :meth:`score` on CPU."""
+        evaluator = Evaluator(self._session, batch_size=batch_size or self.batch_size,
+                              max_tokens=self.max_tokens, num_threads=self._num_threads,
+                              keep_tokens=keep_tokens)
+        return [result for _, result in evaluator.scored(examples)]
+
     def score(self, sentences: Iterable) -> list[SentenceScore]:
         """One ``SentenceScore`` per sentence (``str`` or UTF-8 ``bytes``), in order.
 
@@ -141,7 +166,7 @@ class Scorer:
         byte-order mark removed); an empty sentence scores ``</s>`` alone.
         """
         return [SentenceScore(logprob=r.logprob, tokens=r.tokens, oovs=r.oovs)
-                for _, r in self._evaluator().scored(self._sentence_examples(sentences))]
+                for r in self.score_examples(self._sentence_examples(sentences))]
 
     def perplexity(self, sentence) -> float:
         """exp(-logprob / tokens) of one sentence, ``</s>`` counted."""

@@ -1,0 +1,305 @@
+"""The cross-request batcher of ``lmonnx serve``: many callers' sentences, one onnxruntime call.
+
+Requests put :class:`Work` on one queue from the event loop; one compute thread runs it,
+so onnxruntime's intra-op threads own the cores and never compete with a second batch.
+When the compute thread is free the batcher takes the oldest work and every queued work of
+the same kind behind it, up to ``max_batch_sentences`` sentences (or decoder hypotheses) and
+``max_batch_tokens`` scored positions, and runs them together:
+
+- ``score``: sentences (:class:`~lmonnx.examples.Example`) in length-bucketed batches, as
+  ``evaluate`` batches them; a sentence's numbers do not depend on its batch-mates.
+- ``step``: decoder hypotheses advanced by one token each, in one call per budget.
+- ``call``: anything else (predictions, generation, a prefix's state) runs alone, in turn.
+
+Before it runs a batch that is not full, the batcher waits at most ``max_wait_s`` for the
+requests the server is already reading (:meth:`Batcher.arriving`), never for requests that
+have not arrived: a lone caller never waits, and while a batch computes the next one fills
+by itself (continuous batching).
+
+Limits are answered at once, never by a slowly growing latency: past ``max_queue`` queued
+sentences :meth:`Batcher.submit` raises :class:`Overloaded` (with a ``retry_after`` estimate);
+while draining it raises :class:`Draining`.  A request that was not started within its
+deadline, or whose caller went away, is taken off the queue (:meth:`Batcher.withdraw`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from lmonnx.validation import check_int, check_real
+
+SCORE, STEP, CALL = "score", "step", "call"
+QUEUED, RUNNING, DONE, WITHDRAWN = "queued", "running", "done", "withdrawn"
+
+
+class Overloaded(Exception):
+    """The queue is full: answer 429 with ``Retry-After: retry_after`` seconds."""
+
+    def __init__(self, queued: int, limit: int, retry_after: int):
+        super().__init__(f"the server is busy: {queued} sentences are queued (limit "
+                         f"{limit}); retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Draining(Exception):
+    """The server is shutting down: it finishes what it accepted and takes nothing new."""
+
+
+class NotStarted(Exception):
+    """A request waited in the queue past its deadline and was never run."""
+
+
+@dataclass(eq=False)
+class Work:
+    """One request's part of a batch.  ``payload``: score: ``(examples, keep_tokens)``;
+    step: ``(states, token ids)``; call: a function of no arguments.  ``sentences``:
+    what it counts against ``max_queue`` and a batch's cap; ``tokens``: scored positions."""
+
+    kind: str
+    payload: Any
+    sentences: int
+    tokens: int
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    status: str = QUEUED
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one batch did, for metrics: its kind, sentences, scored positions, the seconds
+    each work waited in the queue and the seconds of compute."""
+
+    kind: str
+    sentences: int
+    tokens: int
+    queue_seconds: tuple
+    compute_seconds: float
+
+
+class Batcher:
+    """Queue and compute thread of one model.
+
+    ``score_examples(examples, keep_tokens, batch_size) -> results`` and ``step_ids(states,
+    ids) -> (logprobs, states)`` run on the compute thread (``Scorer.score_examples``,
+    ``Incremental.step_ids``).  ``on_batch(BatchStats)`` is called on the event loop after
+    each batch.  ``max_wait_s`` 0 runs whatever is queued at once; ``max_batch_sentences``
+    1 is one sentence per onnxruntime call (the unbatched baseline).
+    """
+
+    def __init__(self, score_examples: Callable, step_ids: Callable, *,
+                 max_wait_s: float = 0.002, max_batch_sentences: int = 64,
+                 max_batch_tokens: int = 8192, max_queue: int = 1024,
+                 on_batch: Callable[[BatchStats], None] | None = None):
+        self._score_examples = score_examples
+        self._step_ids = step_ids
+        self.max_wait_s = check_real("max_wait_s", max_wait_s, low=0)
+        self.max_batch_sentences = check_int("max_batch_sentences", max_batch_sentences)
+        self.max_batch_tokens = check_int("max_batch_tokens", max_batch_tokens)
+        self.max_queue = check_int("max_queue", max_queue)
+        self._on_batch = on_batch
+        self._queue: list[Work] = []
+        self.queued_sentences = 0
+        self._running = 0
+        self._arriving = 0
+        self._rate = 0.0  # sentences per second of compute, smoothed: Retry-After
+        self.draining = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmonnx-compute")
+        self._task: asyncio.Task | None = None
+        self._changed: asyncio.Event | None = None
+
+    # ---- the request side --------------------------------------------------------------
+
+    def arriving(self, delta: int) -> None:
+        """The server counts requests it has begun to read (+1) until they submit or end
+        (-1): the only requests a batch that is not full waits for."""
+        self._arriving += delta
+        if delta < 0:
+            self._wake()
+
+    def submit(self, kind: str, payload, sentences: int = 1, tokens: int = 1) -> Work:
+        """Queue work now, or raise :class:`Overloaded` / :class:`Draining` at once.  A
+        request larger than ``max_queue`` is taken when the queue is empty (it could never
+        be taken otherwise).  Await ``work.future`` for the result."""
+        if self.draining:
+            raise Draining("the server is shutting down and takes no new requests")
+        if self.queued_sentences and self.queued_sentences + sentences > self.max_queue:
+            raise Overloaded(self.queued_sentences, self.max_queue, self._retry_after())
+        loop = asyncio.get_running_loop()
+        work = Work(kind, payload, sentences, tokens, loop.create_future())
+        self._queue.append(work)
+        self.queued_sentences += sentences
+        if self._task is None or self._task.done():  # started lazily: any loop, Ray Serve's too
+            self._changed = asyncio.Event()
+            self._task = loop.create_task(self._serve_forever(), name="lmonnx-batcher")
+        self._wake()
+        return work
+
+    def withdraw(self, work: Work) -> bool:
+        """Take queued work off the queue (its caller left, or its deadline passed): True
+        when it was still queued; running work finishes and its result is dropped."""
+        if work.status != QUEUED:
+            return False
+        self._queue.remove(work)
+        self.queued_sentences -= work.sentences
+        work.status = WITHDRAWN
+        if not work.future.done():
+            work.future.cancel()
+        self._wake()
+        return True
+
+    def _retry_after(self) -> int:
+        """Whole seconds until the queue is likely to have room: queued sentences over the
+        recent compute rate, at least 1."""
+        if self._rate <= 0:
+            return 1
+        return max(1, math.ceil(self.queued_sentences / self._rate))
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._running
+
+    async def drain(self) -> None:
+        """Take nothing new; return when every accepted work has finished."""
+        self.draining = True
+        while not self.idle:
+            await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- the compute side --------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def _wait_for_change(self, timeout: float | None) -> None:
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _full(self, kind: str) -> bool:
+        sentences = tokens = 0
+        for work in self._queue:
+            if work.kind == kind:
+                sentences += work.sentences
+                tokens += work.tokens
+        return sentences >= self.max_batch_sentences or tokens >= self.max_batch_tokens
+
+    async def _fill(self, first: Work) -> None:
+        """Wait at most ``max_wait_s`` after ``first`` arrived while requests that are
+        being read may join its batch."""
+        deadline = first.enqueued + self.max_wait_s
+        while self._arriving > 0 and not self._full(first.kind) and first.status == QUEUED:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            await self._wait_for_change(left)
+
+    def _take(self) -> list[Work]:
+        """The oldest work and the queued work of its kind behind it, within the caps."""
+        first = self._queue[0]
+        taken = [first]
+        if first.kind != CALL:
+            sentences, tokens = first.sentences, first.tokens
+            for work in self._queue[1:]:
+                if work.kind != first.kind:
+                    continue
+                if (sentences + work.sentences > self.max_batch_sentences
+                        or tokens + work.tokens > self.max_batch_tokens):
+                    break
+                taken.append(work)
+                sentences += work.sentences
+                tokens += work.tokens
+        for work in taken:
+            self._queue.remove(work)
+            self.queued_sentences -= work.sentences
+            work.status = RUNNING
+        return taken
+
+    async def _serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                await self._wait_for_change(None)
+                continue
+            if self.max_wait_s and self._queue[0].kind != CALL:
+                await self._fill(self._queue[0])
+                if not self._queue:
+                    continue
+            works = self._take()
+            self._running += 1
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self._compute, works)
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
+                results = [exc] * len(works)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            finally:
+                self._running -= 1
+            seconds = time.perf_counter() - started
+            self._deliver(works, results)
+            self._account(works, started, seconds)
+
+    def _deliver(self, works: list[Work], results: list) -> None:
+        for work, result in zip(works, results):
+            work.status = DONE
+            if work.future.done():  # its caller went away
+                continue
+            if isinstance(result, BaseException):
+                work.future.set_exception(result)
+            else:
+                work.future.set_result(result)
+
+    def _account(self, works: list[Work], started: float, seconds: float) -> None:
+        sentences = sum(w.sentences for w in works)
+        if seconds > 0:
+            rate = sentences / seconds
+            self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+        if self._on_batch is not None:
+            self._on_batch(BatchStats(works[0].kind, sentences, sum(w.tokens for w in works),
+                                      tuple(started - w.enqueued for w in works), seconds))
+
+    def _compute(self, works: list[Work]) -> list:
+        """On the compute thread: each work's result (or exception), in order."""
+        kind = works[0].kind
+        if kind == CALL:
+            try:
+                return [works[0].payload()]
+            except Exception as exc:  # noqa: BLE001 - the caller's error, not the batch's
+                return [exc]
+        if kind == SCORE:
+            examples = [e for w in works for e in w.payload[0]]
+            keep = any(w.payload[1] for w in works)
+            results = self._score_examples(examples, keep_tokens=keep,
+                                           batch_size=self.max_batch_sentences)
+            return _split(results, [len(w.payload[0]) for w in works])
+        states = [s for w in works for s in w.payload[0]]
+        ids = np.concatenate([w.payload[1] for w in works])
+        logprobs, new = self._step_ids(states, ids)
+        sizes = [len(w.payload[0]) for w in works]
+        return [(lp, st) for lp, st in zip(_split(list(logprobs), sizes), _split(new, sizes))]
+
+
+def _split(items: list, sizes: list[int]) -> list[list]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(items[start:start + n])
+        start += n
+    return out
+
+
+__all__ = ["Batcher", "BatchStats", "Work", "Overloaded", "Draining", "NotStarted",
+           "SCORE", "STEP", "CALL"]

@@ -1,0 +1,405 @@
+"""``lmonnx serve``: the HTTP API (FastAPI on uvicorn) over a :class:`ScoringService`.
+
+    POST /v1/score     {"sentences": [...], "per_token": false}  -> {"results": [...]}
+    POST /v1/predict   {"prefix": "...", "k": 5}                  -> {"predictions": [...]}
+    POST /v1/generate  {"prefix": "", "words": 20, "temperature": 1, "top_k": null, "seed": null}
+    POST /v1/states    {"prefix": ""}                             -> {"state": id, "words": n}
+    POST /v1/step      {"steps": [{"state": id, "word": "cat"} | {"state": id, "end": true}]}
+    DELETE /v1/states/{id}
+    GET /health, /ready, /metrics; the OpenAI / vLLM routes of :mod:`lmonnx.openai_api`
+
+Log-probabilities are natural logs (nats); ``</s>`` is scored, ``<s>`` is not.  Errors are
+``{"error": {"type": ..., "message": ...}}`` with their status: 400 a body that is not JSON or
+not UTF-8, 404 an unknown or expired state, 413 a body over ``max_body_bytes``, 422 a value of
+the wrong type or out of range, 429 a full queue (``Retry-After``), 503 while draining, 504
+a request not started within ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmonnx.batcher import Draining, NotStarted, Overloaded
+from lmonnx.errors import LmonnxError
+from lmonnx.evaluate import json_text
+from lmonnx.incremental import END, EOS_TEXT
+from lmonnx.metrics import finite_or_none
+from lmonnx.service import ARRIVING, ClientGone, ScoringService
+from lmonnx.states import UnknownState
+
+log = logging.getLogger("lmonnx.server")
+DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 1M-word sentence is ~6 MB of JSON
+
+
+class ApiError(Exception):
+    """An answer other than 200: ``status``, a machine-readable ``kind`` and one line."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.headers = status, kind, headers
+
+
+def error_response(status: int, kind: str, message: str, headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+def _api_error(exc: BaseException) -> ApiError:
+    """The HTTP answer of an exception raised while serving a request."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, Overloaded):
+        return ApiError(429, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, Draining):
+        return ApiError(503, "unavailable", str(exc), {"Connection": "close"})
+    if isinstance(exc, NotStarted):
+        return ApiError(504, "timeout", str(exc))
+    if isinstance(exc, UnknownState):
+        return ApiError(404, "not_found", str(exc))
+    if isinstance(exc, ClientGone):
+        return ApiError(499, "client_closed", str(exc))
+    if isinstance(exc, (LmonnxError, ValueError, TypeError)):
+        return ApiError(422, "invalid_request", str(exc).splitlines()[0] if str(exc) else
+                        type(exc).__name__)
+    log.exception("internal error", exc_info=exc)
+    return ApiError(500, "internal", f"{type(exc).__name__}: {exc}".splitlines()[0])
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
+    """(status, type, one line) of FastAPI's validation errors: 400 for a body that is not
+    JSON, 422 for a value of the wrong type or out of range (the first error, located)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return 400, "invalid_json", f"the request body is not valid JSON: {detail}".rstrip(": ")
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return 422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}{more}"
+
+
+# ---- request bodies: strict types (no "1" for 1, no 1 for "1"), unknown fields refused ----
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ScoreBody(_Body):
+    sentences: list[StrictStr] = Field(min_length=1)
+    per_token: StrictBool = False
+
+
+class PredictBody(_Body):
+    prefix: StrictStr = ""
+    k: StrictInt = Field(5, ge=1)
+
+
+class GenerateBody(_Body):
+    prefix: StrictStr = ""
+    words: StrictInt = Field(20, ge=1, le=10_000)
+    temperature: float = Field(1.0, ge=0)
+    top_k: Optional[StrictInt] = Field(None, ge=1)
+    seed: Optional[StrictInt] = Field(None, ge=0)
+
+
+class StatesBody(_Body):
+    prefix: StrictStr = ""
+
+
+class StepItem(_Body):
+    state: StrictStr
+    word: Optional[StrictStr] = None
+    end: StrictBool = False
+
+
+class StepBody(_Body):
+    steps: list[StepItem] = Field(min_length=1)
+
+
+def _score_record(service: ScoringService, example, result, per_token: bool) -> dict:
+    record = {"logprob": result.logprob, "tokens": result.tokens, "oovs": result.oovs,
+              "perplexity": finite_or_none(result.perplexity)}
+    if per_token:
+        record["per_token"] = [{"word": t.word, "id": t.id, "logprob": t.logprob,
+                                "oov": t.is_oov}
+                               for t in service.token_scores(example, result)]
+    return record
+
+
+class StrictJSONResponse(JSONResponse):
+    """JSON as ``lmonnx evaluate`` writes it: NaN and infinities as null, UTF-8 as is."""
+
+    def render(self, content) -> bytes:
+        return json_text(content).encode("utf-8")
+
+
+# ---- the ASGI layer under FastAPI: body limit, UTF-8, arrivals, request metrics ---------
+
+class _Gate:
+    """Reads the body first (at most ``max_body_bytes``: 413 past it, at once when
+    Content-Length says so), refuses bytes that are not UTF-8 (400), counts the request as
+    arriving for the batcher until it queues work, and times every answer."""
+
+    def __init__(self, app, service: ScoringService, max_body_bytes: int):
+        self.app, self.service, self.max_body_bytes = app, service, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = {"code": 500}
+        metrics = self.service.metrics
+
+        async def send_timed(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        if scope["method"] == "POST":  # the API speaks JSON only: `curl -d` needs no header
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope["headers"].append((b"content-type", b"application/json"))
+        batcher = self.service.batcher
+        batcher.arriving(+1)
+        scope[ARRIVING] = True
+        try:
+            body = await self._read_body(scope, receive, send_timed)
+            if body is None:
+                return
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_timed)
+        finally:
+            if scope.pop(ARRIVING, False):
+                batcher.arriving(-1)
+            endpoint = _endpoint(scope.get("path", ""))
+            metrics.requests.labels(endpoint, str(status["code"])).inc()
+            metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+            if status["code"] in (413, 429, 503, 504, 400):
+                metrics.rejections.labels(_REASONS.get(status["code"])).inc()
+
+    async def _read_body(self, scope, receive, send) -> bytes | None:
+        headers = dict(scope.get("headers") or ())
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._refuse(send, 413, "too_large", self._too_large(int(declared)))
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._refuse(send, 413, "too_large", self._too_large(size, "at least "))
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            await self._refuse(send, 400, "invalid_utf8",
+                               f"the request body is not valid UTF-8 (byte {exc.start})")
+            return None
+        return body
+
+    def _too_large(self, size: int, qualifier: str = "") -> str:
+        return (f"the request body is {qualifier}{size} bytes; this server takes at most "
+                f"{self.max_body_bytes} (--max-body-bytes)")
+
+    @staticmethod
+    async def _refuse(send, status: int, kind: str, message: str) -> None:
+        await error_response(status, kind, message, {"Connection": "close"})(
+            {"type": "http"}, None, send)
+
+
+def _endpoint(path: str) -> str:
+    """A metrics label: the route, never the raw path (ids would explode the series)."""
+    if path.startswith("/v1/states/"):
+        return "/v1/states/{id}"
+    return path if path in _ENDPOINTS else "other"
+
+
+_ENDPOINTS = {"/health", "/ready", "/metrics", "/v1/score", "/v1/predict", "/v1/generate",
+              "/v1/states", "/v1/step", "/v1/models", "/v1/completions", "/tokenizer_info",
+              "/tokenize", "/detokenize"}
+_REASONS = {400: "invalid_body", 413: "too_large", 429: "queue_full", 503: "draining",
+            504: "timeout"}
+
+
+def build_app(model, *, providers: str = "auto", threads: int | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **service_options):
+    """The app of one model file: a :class:`~lmonnx.scorer.Scorer`, its service (warmed
+    up), the routes.  ``service_options``: :class:`ScoringService`'s keywords."""
+    from lmonnx.scorer import Scorer
+
+    scorer = Scorer(model, providers=providers, num_threads=threads)
+    return create_app(ScoringService(scorer, **service_options), max_body_bytes=max_body_bytes)
+
+
+def create_app(service: ScoringService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               ) -> FastAPI:
+    """The FastAPI app of one :class:`ScoringService` (``app.state.service``)."""
+    app = FastAPI(title="lmonnx", description="Stacked-LSTM word LM scoring (nats)",
+                  default_response_class=StrictJSONResponse, docs_url="/docs", redoc_url=None)
+    app.state.service = service
+    _add_error_handlers(app)
+    _add_routes(app, service)
+    from lmonnx.openai_api import add_openai_routes
+
+    add_openai_routes(app, service)
+    return _GateApp(app, service, max_body_bytes)
+
+
+class _GateApp(_Gate):
+    """The gate in front of the FastAPI app, which stays reachable as ``.app`` (routes,
+    ``state``) for tests and for Ray Serve's ingress."""
+
+    @property
+    def state(self):
+        return self.app.state
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return error_response(*_validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, kind, str(exc.detail))
+
+    async def answer(request: Request, exc: Exception):
+        err = _api_error(exc)
+        return error_response(err.status, err.kind, str(err), err.headers)
+
+    # Named classes are answered by Starlette's exception middleware; only what is left (a
+    # bug) reaches the catch-all, which answers 500 and lets the server log the traceback.
+    for cls in (ApiError, Overloaded, Draining, NotStarted, UnknownState, ClientGone,
+                LmonnxError, ValueError, TypeError, Exception):
+        app.add_exception_handler(cls, answer)
+
+
+def _add_routes(app: FastAPI, service: ScoringService) -> None:
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not service.ready:
+            return error_response(503, "unavailable", "the server is draining")
+        return {"status": "ready", "model": service.name}
+
+    @app.get("/metrics")
+    async def metrics():
+        service.metrics.queue_depth.set(service.batcher.queued_sentences)
+        service.metrics.live_states.set(len(service.states))
+        service.metrics.state_bytes.set(service.states.nbytes)
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    @app.post("/v1/score")
+    async def score(body: ScoreBody, request: Request):
+        scored = await service.score(body.sentences, per_token=body.per_token,
+                                     request=request)
+        return {"results": [_score_record(service, e, r, body.per_token) for e, r in scored]}
+
+    @app.post("/v1/predict")
+    async def predict(body: PredictBody, request: Request):
+        top = await service.call(lambda: service.scorer.predict_next(body.prefix, k=body.k),
+                                 request=request)
+        return {"predictions": [{"word": w, "probability": p} for w, p in top]}
+
+    @app.post("/v1/generate")
+    async def generate(body: GenerateBody, request: Request):
+        words = await service.call(lambda: service.scorer.generate(
+            body.prefix, words=body.words, temperature=body.temperature, top_k=body.top_k,
+            seed=body.seed), request=request)
+        return {"prefix": body.prefix, "words": words,
+                "ended": bool(words) and words[-1] == EOS_TEXT}
+
+    @app.post("/v1/states")
+    async def states(body: StatesBody, request: Request):
+        key, state = await service.begin(body.prefix, request=request)
+        return {"state": key, "words": state.words}
+
+    @app.delete("/v1/states/{state_id}")
+    async def forget(state_id: str):
+        service.forget(state_id)
+        return {"deleted": state_id}
+
+    @app.post("/v1/step")
+    async def step(body: StepBody, request: Request):
+        words = []
+        for i, item in enumerate(body.steps):
+            if item.end == (item.word is not None):
+                raise ApiError(422, "invalid_request",
+                               f"steps.{i}: give either a word or \"end\": true")
+            words.append(END if item.end else item.word)
+        results = await service.step([s.state for s in body.steps], words, request=request)
+        return {"results": [{"logprob": lp, "state": key, "ended": new.ended,
+                             "words": new.words} for lp, key, new in results]}
+
+
+# ---- running it --------------------------------------------------------------------------
+
+def serve(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+          on_ready=None) -> None:
+    """Run ``app`` on uvicorn until SIGINT/SIGTERM.  The first signal drains: ``/ready``
+    answers 503, new work 503, every accepted request is answered, then uvicorn stops and
+    this returns (exit status 0).  A second signal stops at once."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_keep_alive=5, lifespan="off")
+    server = _DrainingServer(config, app.state.service, on_ready)
+    server.run()
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config, service: ScoringService, on_ready=None):
+        super().__init__(config)
+        self.service = service
+        self._on_ready = on_ready
+        self._draining = False
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        if self._on_ready is not None:
+            self._on_ready(self)
+
+    def handle_exit(self, sig, frame):
+        # Not uvicorn's handler: it would stop reading at once and re-raise the signal at
+        # the end (exit 143); a drained server exits 0.
+        if self._draining:  # the second signal: stop now
+            self.should_exit = self.force_exit = True
+            return
+        self._draining = True
+        self.service.batcher.draining = True
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit()))
+
+    async def _drain_then_exit(self):
+        await self.service.batcher.drain()
+        self.should_exit = True  # uvicorn answers the requests it is writing, then returns
+
+
+__all__ = ["create_app", "serve", "ScoreBody", "StepBody", "ApiError", "error_response"]

@@ -1,0 +1,179 @@
+"""The model behind ``lmonnx serve``: a :class:`~lmonnx.scorer.Scorer`, its batcher and the
+decoder states, as ``async`` methods an HTTP route awaits.
+
+Every method checks its input on the event loop (a ``ValueError`` / ``TypeError`` before any
+work is queued, so one caller's bad word never fails another caller's batch), then queues the
+work and awaits it: :meth:`ScoringService.run` owns the deadline (work not started within
+``timeout_s`` is taken off the queue: :class:`~lmonnx.batcher.NotStarted`) and the caller's
+disconnect (its queued work is withdrawn).  Scores are the ``Scorer``'s own code path
+(``examples`` then ``score_examples``), so a served number is ``Scorer.score``'s number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Sequence
+
+from lmonnx.batcher import CALL, SCORE, STEP, Batcher, BatchStats, NotStarted, Work
+from lmonnx.evaluate import SentenceResult, TokenScore, token_scores
+from lmonnx.examples import Example
+from lmonnx.incremental import END, LMState
+from lmonnx.metrics import default_max_tokens
+from lmonnx.scorer import Scorer
+from lmonnx.states import StateStore
+from lmonnx.telemetry import ServerMetrics
+from lmonnx.validation import check_int, check_real
+
+# Tokenize on a worker thread past this many characters: a 1M-word sentence would hold the
+# event loop (and every other caller) for a noticeable time.
+_TOKENIZE_INLINE_CHARS = 1 << 16
+ARRIVING = "lmonnx.arriving"  # ASGI scope key: the request still counts as arriving
+
+
+class ClientGone(Exception):
+    """The caller disconnected before its work ran; nothing is left queued for it."""
+
+
+class ScoringService:
+    """One model served: ``score``, ``step``, ``begin``, ``call`` (anything else, in turn).
+
+    ``max_batch_tokens`` None: the scorer's logits budget (what one onnxruntime call holds).
+    ``timeout_s``: the longest a request waits to start.  States: at most
+    ``state_max_bytes``, each kept ``state_ttl_s`` after its last use.
+    """
+
+    def __init__(self, scorer: Scorer, *, name: str = "lmonnx", max_wait_ms: float = 2.0,
+                 max_batch_sentences: int = 64, max_batch_tokens: int | None = None,
+                 max_queue: int = 1024, timeout_s: float = 30.0,
+                 state_ttl_s: float = 600.0, state_max_bytes: int = 512 << 20,
+                 watch_disconnects: bool = True):
+        self.scorer = scorer
+        self.name = name
+        self.timeout_s = check_real("timeout_s", timeout_s, low=0, low_open=True)
+        self.metrics = ServerMetrics()
+        budget = max_batch_tokens or scorer.max_tokens or default_max_tokens(len(scorer.vocab))
+        self.batcher = Batcher(
+            scorer.score_examples, scorer.incremental.step_ids,
+            max_wait_s=check_real("max_wait_ms", max_wait_ms, low=0) / 1000,
+            max_batch_sentences=check_int("max_batch_sentences", max_batch_sentences),
+            max_batch_tokens=check_int("max_batch_tokens", budget), max_queue=max_queue,
+            on_batch=self._observe)
+        self.states = StateStore(max_bytes=state_max_bytes, ttl_s=state_ttl_s)
+        self.watch_disconnects = watch_disconnects
+        self.started = time.time()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Build both sessions' kernels and the state after ``<s>`` before ``/ready``: the
+        first caller must not pay for onnxruntime's first run."""
+        self.scorer.score(["warm up"])
+        self.scorer.begin()
+
+    @property
+    def vocab(self):
+        return self.scorer.vocab
+
+    @property
+    def ready(self) -> bool:
+        return not self.batcher.draining
+
+    def _observe(self, stats: BatchStats) -> None:
+        self.metrics.observe_batch(stats)
+        self.metrics.queue_depth.set(self.batcher.queued_sentences)
+        self.metrics.live_states.set(len(self.states))
+        self.metrics.state_bytes.set(self.states.nbytes)
+
+    # ---- queueing ----------------------------------------------------------------------
+
+    async def run(self, kind: str, payload, sentences: int = 1, tokens: int = 1,
+                  request=None):
+        """Queue work and await its result under the deadline; ``request`` (an ASGI
+        request with ``scope`` and ``receive``) is watched for a disconnect."""
+        if request is not None and request.scope.pop(ARRIVING, False):
+            self.batcher.arriving(-1)
+        work = self.batcher.submit(kind, payload, sentences, tokens)
+        self.metrics.queue_depth.set(self.batcher.queued_sentences)
+        watch = (asyncio.ensure_future(_disconnect(request))
+                 if request is not None and self.watch_disconnects else None)
+        try:
+            done, _ = await asyncio.wait([f for f in (work.future, watch) if f is not None],
+                                         timeout=self.timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if work.future in done:
+                return work.future.result()
+            if watch is not None and watch in done:
+                self.batcher.withdraw(work)
+                raise ClientGone("the client disconnected")
+            if self.batcher.withdraw(work):
+                raise NotStarted(f"the request waited {self.timeout_s:g} s in the queue "
+                                 "without starting (--timeout-s); retry later")
+            return await asyncio.shield(work.future)  # running: it finishes
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    async def call(self, function: Callable, request=None):
+        """``function()`` on the compute thread, in turn with the batches."""
+        return await self.run(CALL, function, request=request)
+
+    # ---- what the routes ask -----------------------------------------------------------
+
+    async def examples(self, sentences: Sequence) -> list[Example]:
+        """Checked, tokenized sentences (on a worker thread when they are long)."""
+        if sum(len(s) for s in sentences if isinstance(s, str)) > _TOKENIZE_INLINE_CHARS:
+            return await asyncio.to_thread(self.scorer.examples, sentences)
+        return self.scorer.examples(sentences)
+
+    async def score(self, sentences: Sequence, *, per_token: bool = False, request=None,
+                    ) -> list[tuple[Example, SentenceResult]]:
+        """``(example, result)`` per sentence, in order: ``Scorer.score``'s numbers."""
+        examples = await self.examples(sentences)
+        results = await self.run(SCORE, (examples, per_token), sentences=len(examples),
+                                 tokens=sum(e.tokens for e in examples), request=request)
+        return list(zip(examples, results))
+
+    @staticmethod
+    def token_scores(example: Example, result: SentenceResult) -> list[TokenScore]:
+        return token_scores(example, result)
+
+    async def begin(self, prefix: str = "", request=None) -> tuple[str, LMState]:
+        """A new state id after ``<s>`` and ``prefix`` (the prefix runs on the compute
+        thread; the empty prefix is the shared start state)."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a string, got {type(prefix).__name__}")
+        incremental = self.scorer.incremental
+        if prefix.strip():
+            state = await self.call(
+                lambda: incremental.state_after_text(prefix, self.batcher.max_batch_tokens),
+                request=request)
+        else:
+            state = incremental.begin()
+        return self.states.put(state), state
+
+    async def step(self, state_ids: Sequence[str], words: Sequence, request=None,
+                   ) -> list[tuple[float, str | None, LMState]]:
+        """Advance the kept states by a word each (:data:`~lmonnx.incremental.END` ends
+        one): ``(logprob in nats, the new state's id or None when ended, new state)``."""
+        states = [self.states.get(key) for key in state_ids]
+        states, ids = self.scorer.incremental.check_step(states, words)
+        logprobs, new = await self.run(STEP, (states, ids), sentences=len(states),
+                                       tokens=len(states), request=request)
+        return [(float(lp), None if s.ended else self.states.put(s), s)
+                for lp, s in zip(logprobs, new)]
+
+    def forget(self, state_id: str) -> None:
+        """Drop a kept state now (a pruned hypothesis)."""
+        self.states.drop(state_id)
+
+
+async def _disconnect(request) -> None:
+    """Return when the client has gone: the ASGI ``http.disconnect`` message, which a server
+    sends only after the body has been read in full."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+__all__ = ["ScoringService", "ClientGone", "END", "ARRIVING"]
