@@ -127,10 +127,7 @@ class Batcher:
         """Queue work now, or raise :class:`Overloaded` / :class:`Draining` at once.  A
         request larger than ``max_queue`` is taken when the queue is empty (it could never
         be taken otherwise).  Await ``work.future`` for the result."""
-        if self.draining:
-            raise Draining("the server is shutting down and takes no new requests")
-        if self.queued_sentences and self.queued_sentences + sentences > self.max_queue:
-            raise Overloaded(self.queued_sentences, self.max_queue, self._retry_after())
+        self.check_room(sentences)
         loop = asyncio.get_running_loop()
         work = Work(kind, payload, sentences, tokens, loop.create_future())
         self._queue.append(work)
@@ -140,6 +137,14 @@ class Batcher:
             self._task = loop.create_task(self._serve_forever(), name="lmonnx-batcher")
         self._wake()
         return work
+
+    def check_room(self, sentences: int) -> None:
+        """Raise :class:`Draining` or :class:`Overloaded` now if ``sentences`` more would not
+        be taken: a server asks before it tokenizes, so a refusal costs next to nothing."""
+        if self.draining:
+            raise Draining("the server is shutting down and takes no new requests")
+        if self.queued_sentences and self.queued_sentences + sentences > self.max_queue:
+            raise Overloaded(self.queued_sentences, self.max_queue, self._retry_after())
 
     def withdraw(self, work: Work) -> bool:
         """Take queued work off the queue (its caller left, or its deadline passed): True

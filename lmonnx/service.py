@@ -128,6 +128,7 @@ class ScoringService:
     async def score(self, sentences: Sequence, *, per_token: bool = False, request=None,
                     ) -> list[tuple[Example, SentenceResult]]:
         """``(example, result)`` per sentence, in order: ``Scorer.score``'s numbers."""
+        self.batcher.check_room(len(sentences))
         examples = await self.examples(sentences)
         results = await self.run(SCORE, (examples, per_token), sentences=len(examples),
                                  tokens=sum(e.tokens for e in examples), request=request)

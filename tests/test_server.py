@@ -1,0 +1,556 @@
+"""``lmonnx serve``: answers equal to ``Scorer``'s, batching across callers, limits, drain.
+
+Most tests run the app in-process (httpx's ASGI transport); the ones about processes (the
+exactness run under 16 clients, overload, SIGTERM) start a real server, as a user would.
+"""
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from lmonnx import Scorer  # noqa: E402
+from lmonnx._testing import build_random_lm, make_vocab  # noqa: E402
+from lmonnx.batcher import Batcher  # noqa: E402
+from lmonnx.incremental import END  # noqa: E402
+from lmonnx.server import create_app  # noqa: E402
+from lmonnx.service import ScoringService  # noqa: E402
+from lmonnx.vocab import TokenizerOptions, Vocabulary  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ptb_sentences(ptb_dir):
+    lines = (ptb_dir / "ptb.test.txt").read_text().splitlines()
+    return [line for line in lines if line.strip()][:500]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, ptb_dir) -> Path:
+    """A random 2-layer model over PTB's 2000 most frequent words (scores need not be good,
+    only equal)."""
+    lines = (ptb_dir / "ptb.valid.txt").read_text().splitlines()
+    vocab = Vocabulary.fit(lines, 2004, TokenizerOptions.from_preset("whitespace"))
+    path = tmp_path_factory.mktemp("serve") / "ptb-random.onnx"
+    build_random_lm(path, vocab, units=32, layers=2, embedding_dim=16, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scorer(model) -> Scorer:
+    return Scorer(model, providers="cpu")
+
+
+def _service(scorer, **options) -> ScoringService:
+    return ScoringService(scorer, name="ptb-random", **options)
+
+
+def _client(app) -> "httpx.AsyncClient":
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lmonnx")
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+# ---- a real server process --------------------------------------------------------------
+
+class LiveServer:
+    """``lmonnx serve MODEL --port 0 ...`` as a subprocess; ``url`` once it says it serves."""
+
+    def __init__(self, model: Path, *flags: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lmonnx", "serve", str(model), "--port", "0",
+             "--providers", "cpu", *flags], stderr=subprocess.PIPE, text=True)
+        self.stderr: list[str] = []
+        deadline = time.monotonic() + 120
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+            found = re.search(r"on (http://\S+)", line)
+            if found:
+                self.url = found.group(1)
+                break
+            if time.monotonic() > deadline:
+                break
+        else:
+            raise AssertionError(f"the server did not start: {''.join(self.stderr)}")
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+
+    def _drain_stderr(self):
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+@pytest.fixture
+def live(model):
+    servers = []
+
+    def start(*flags):
+        servers.append(LiveServer(model, *flags))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+# ---- numbers equal Scorer's --------------------------------------------------------------
+
+def test_score_equals_scorer_exactly_under_16_concurrent_clients(live, scorer, ptb_sentences):
+    server = live()
+    expected = scorer.score(ptb_sentences)
+
+    async def main():
+        queue = list(enumerate(ptb_sentences))
+        got = {}
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            async def worker():
+                while queue:
+                    i, sentence = queue.pop()
+                    r = await client.post("/v1/score", json={"sentences": [sentence]})
+                    assert r.status_code == 200, r.text
+                    got[i] = r.json()["results"][0]
+            await asyncio.gather(*[worker() for _ in range(16)])
+            metrics = (await client.get("/metrics")).text
+        return got, metrics
+
+    got, metrics = run(main())
+    for i, score in enumerate(expected):
+        assert got[i] == {"logprob": score.logprob, "tokens": score.tokens, "oovs": score.oovs,
+                          "perplexity": score.perplexity}, i
+    # The sentences did share onnxruntime calls: fewer batches than sentences.
+    batches = float(re.search(r'lmonnx_batch_sentences_count\{kind="score"\} (\S+)',
+                              metrics).group(1))
+    assert batches < len(ptb_sentences)
+    assert server.stop() == 0
+
+
+def test_per_token_scores_equal_full_scores(scorer, ptb_sentences):
+    app = create_app(_service(scorer))
+
+    async def main():
+        async with _client(app) as client:
+            r = await client.post("/v1/score", json={"sentences": ptb_sentences[:5],
+                                                     "per_token": True})
+            return r.json()["results"]
+
+    for sentence, result in zip(ptb_sentences[:5], run(main())):
+        expected = scorer.full_scores(sentence)
+        assert [(t["word"], t["id"], t["logprob"], t["oov"]) for t in result["per_token"]] == \
+            [(t.word, t.id, t.logprob, t.is_oov) for t in expected]
+        assert result["logprob"] == pytest.approx(sum(t.logprob for t in expected), rel=1e-12)
+
+
+def test_decoder_steps_over_http_equal_step_batch(scorer, ptb_sentences):
+    """Hypotheses of two concurrent 'decoders' advanced in steps over HTTP: each step's
+    logprobs equal Scorer.step_batch on the same states, and nothing is re-scored."""
+    app = create_app(_service(scorer))
+    hypotheses = [s.split()[:6] for s in ptb_sentences[:12]]
+
+    async def decoder(client, words_of):
+        root = (await client.post("/v1/states", json={})).json()["state"]
+        ids, states = [root] * len(words_of), [scorer.begin()] * len(words_of)
+        for t in range(6):
+            words = [w[t] if t < len(w) else None for w in words_of]
+            steps = [{"state": i, "word": w} if w is not None else {"state": i, "end": True}
+                     for i, w in zip(ids, words)]
+            r = await client.post("/v1/step", json={"steps": steps})
+            assert r.status_code == 200, r.text
+            results = r.json()["results"]
+            expected, states = scorer.step_batch(states, [END if w is None else w
+                                                          for w in words])
+            assert [x["logprob"] for x in results] == list(expected)
+            keep = [k for k, x in enumerate(results) if not x["ended"]]
+            ids = [results[k]["state"] for k in keep]
+            states = [states[k] for k in keep]
+            words_of = [words_of[k] for k in keep]
+            if not ids:
+                break
+
+    async def main():
+        async with _client(app) as client:
+            await asyncio.gather(decoder(client, hypotheses[:6]), decoder(client, hypotheses[6:]))
+
+    run(main())
+
+
+def test_a_prefix_state_continues_where_the_prefix_left_off(scorer):
+    app = create_app(_service(scorer))
+
+    async def main():
+        async with _client(app) as client:
+            state = (await client.post("/v1/states", json={"prefix": "the company said"})).json()
+            r = await client.post("/v1/step", json={"steps": [{"state": state["state"],
+                                                               "word": "it"}]})
+            return state, r.json()["results"][0]
+
+    state, step = run(main())
+    assert state["words"] == 3
+    expected = [t.logprob for t in scorer.full_scores("the company said it")][3]
+    assert step["logprob"] == pytest.approx(expected, abs=2e-5)  # windowed vs one pass
+
+
+def test_predict_and_generate_equal_the_scorer(scorer):
+    app = create_app(_service(scorer))
+
+    async def main():
+        async with _client(app) as client:
+            p = await client.post("/v1/predict", json={"prefix": "the company", "k": 4})
+            g = await client.post("/v1/generate", json={"prefix": "the", "words": 8, "seed": 5})
+            return p.json(), g.json()
+
+    predicted, generated = run(main())
+    assert [(x["word"], x["probability"]) for x in predicted["predictions"]] == \
+        scorer.predict_next("the company", k=4)
+    assert generated["words"] == scorer.generate("the", words=8, seed=5)
+
+
+def test_a_sentence_of_a_million_words_is_scored_in_windows(tmp_path):
+    vocab = make_vocab([f"w{i}" for i in range(50)])
+    path = tmp_path / "tiny.onnx"
+    build_random_lm(path, vocab, units=8, layers=1, embedding_dim=4, seed=1)
+    tiny = Scorer(path, providers="cpu")
+    sentence = " ".join(f"w{i % 60}" for i in range(1_000_000))  # OOVs too
+    app = create_app(_service(tiny))
+
+    async def main():
+        async with _client(app) as client:
+            return await client.post("/v1/score", json={"sentences": [sentence]}, timeout=300)
+
+    r = run(main())
+    assert r.status_code == 200, r.text
+    (expected,) = tiny.score([sentence])
+    assert r.json()["results"][0]["logprob"] == expected.logprob
+    assert r.json()["results"][0]["tokens"] == 1_000_001
+
+
+# ---- bad requests: each its status and message --------------------------------------------
+
+BAD_REQUESTS = [
+    ("post", "/v1/score", b"{", 400, "invalid_json", "not valid JSON"),
+    ("post", "/v1/score", b'{"sentences": ["caf\xe9"]}', 400, "invalid_utf8", "UTF-8"),
+    ("post", "/v1/score", b'{"sentences": []}', 422, "invalid_request", "sentences"),
+    ("post", "/v1/score", b'{"sentences": "the cat"}', 422, "invalid_request", "valid list"),
+    ("post", "/v1/score", b'{"sentences": [1]}', 422, "invalid_request", "sentences.0"),
+    ("post", "/v1/score", b'{"sentences": ["a"], "per_token": "yes"}', 422, "invalid_request",
+     "per_token"),
+    ("post", "/v1/score", b'{"sentence": ["a"]}', 422, "invalid_request", "sentence"),
+    ("post", "/v1/score", b'[1, 2]', 422, "invalid_request", "body"),
+    ("post", "/v1/predict", b'{"prefix": "the", "k": 0}', 422, "invalid_request", "k"),
+    ("post", "/v1/generate", b'{"temperature": -1}', 422, "invalid_request", "temperature"),
+    ("post", "/v1/step", b'{"steps": [{"state": "nope", "word": "the"}]}', 404, "not_found",
+     "unknown state"),
+    ("post", "/v1/step", b'{"steps": []}', 422, "invalid_request", "steps"),
+    ("get", "/v1/score", None, 405, "method_not_allowed", "Method Not Allowed"),
+    ("get", "/v1/nothing", None, 404, "not_found", "Not Found"),
+    ("delete", "/v1/states/nope", None, 404, "not_found", "unknown state"),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status, kind, words", BAD_REQUESTS,
+                         ids=[f"{r[3]}-{r[1]}-{i}" for i, r in enumerate(BAD_REQUESTS)])
+def test_a_bad_request_gets_its_status_and_one_clear_message(scorer, method, path, body,
+                                                            status, kind, words):
+    app = create_app(_service(scorer))
+
+    async def main():
+        async with _client(app) as client:
+            return await client.request(method.upper(), path, content=body)
+
+    r = run(main())
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["type"] == kind and words in error["message"], error
+    assert "\n" not in error["message"]
+
+
+def test_step_word_errors_fail_only_their_request(scorer):
+    app = create_app(_service(scorer))
+
+    async def main():
+        async with _client(app) as client:
+            state = (await client.post("/v1/states", json={})).json()["state"]
+            both = await client.post("/v1/step", json={"steps": [
+                {"state": state, "word": "the", "end": True}]})
+            two_words = await client.post("/v1/step", json={"steps": [
+                {"state": state, "word": "the cat"}]})
+            ended = (await client.post("/v1/step", json={"steps": [
+                {"state": state, "end": True}]})).json()["results"][0]
+            fine = await client.post("/v1/step", json={"steps": [{"state": state, "word": "the"}]})
+            return both, two_words, ended, fine
+
+    both, two_words, ended, fine = run(main())
+    assert both.status_code == 422 and "either a word" in both.json()["error"]["message"]
+    assert two_words.status_code == 422 and "one word" in two_words.json()["error"]["message"]
+    assert ended["ended"] and ended["state"] is None
+    assert fine.status_code == 200
+
+
+def test_a_body_over_the_limit_is_413(scorer):
+    app = create_app(_service(scorer), max_body_bytes=1000)
+
+    async def main():
+        async with _client(app) as client:
+            big = await client.post("/v1/score", json={"sentences": ["word " * 400]})
+            small = await client.post("/v1/score", json={"sentences": ["word"]})
+            return big, small
+
+    big, small = run(main())
+    assert big.status_code == 413 and "--max-body-bytes" in big.json()["error"]["message"]
+    assert small.status_code == 200
+
+
+def test_an_expired_state_is_404_saying_so(scorer):
+    app = create_app(_service(scorer, state_ttl_s=0.2))
+
+    async def main():
+        async with _client(app) as client:
+            state = (await client.post("/v1/states", json={})).json()["state"]
+            await asyncio.sleep(0.4)
+            return await client.post("/v1/step", json={"steps": [{"state": state, "word": "a"}]})
+
+    r = run(main())
+    assert r.status_code == 404 and "expired" in r.json()["error"]["message"]
+
+
+def test_states_are_bounded_by_memory_least_recently_used_first(scorer):
+    one = 4 * (2 * 2 * 32 + len(scorer.vocab))
+    service = _service(scorer, state_max_bytes=3 * one)
+
+    async def main():
+        ids = [(await service.begin(""))[0] for _ in range(3)]
+        service.states.get(ids[0])  # used: the least recently used is now ids[1]
+        await service.begin("")
+        return ids
+
+    ids = run(main())
+    assert len(service.states) == 3
+    service.states.get(ids[0])
+    with pytest.raises(KeyError, match="evicted"):
+        service.states.get(ids[1])
+
+
+# ---- the batcher: timeouts, disconnects, batching ------------------------------------------
+
+def test_a_request_not_started_in_time_is_504_and_leaves_the_queue(scorer):
+    service = _service(scorer, timeout_s=0.2)
+    app = create_app(service)
+
+    async def main():
+        async with _client(app) as client:
+            busy = asyncio.ensure_future(service.call(lambda: time.sleep(0.8)))
+            await asyncio.sleep(0.05)
+            r = await client.post("/v1/score", json={"sentences": ["the cat"]})
+            queued = service.batcher.queued_sentences
+            await busy
+            return r, queued
+
+    r, queued = run(main())
+    assert r.status_code == 504 and "--timeout-s" in r.json()["error"]["message"]
+    assert queued == 0
+
+
+class _GoneRequest:
+    """An ASGI request whose client disconnects when ``gone`` is set."""
+
+    def __init__(self):
+        self.scope = {}
+        self.gone = asyncio.Event()
+
+    async def receive(self):
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+def test_a_client_that_disconnects_leaves_no_work_queued(scorer):
+    scored = []
+    service = _service(scorer)
+    real = service.batcher._score_examples
+    service.batcher._score_examples = lambda examples, **kw: (scored.extend(examples),
+                                                              real(examples, **kw))[1]
+
+    async def main():
+        busy = asyncio.ensure_future(service.call(lambda: time.sleep(0.5)))
+        await asyncio.sleep(0.05)
+        request = _GoneRequest()
+        task = asyncio.ensure_future(service.score(["left early"], request=request))
+        await asyncio.sleep(0.05)
+        assert service.batcher.queued_sentences == 1
+        request.gone.set()
+        with pytest.raises(Exception, match="disconnected"):
+            await task
+        queued = service.batcher.queued_sentences
+        await busy
+        await service.score(["stayed"])
+        return queued
+
+    assert run(main()) == 0
+    assert [e.text for e in scored] == ["stayed"]
+
+
+@pytest.mark.parametrize("max_batch, most", [(64, 32), (1, 1)])
+def test_queued_callers_share_a_batch_up_to_the_cap(scorer, ptb_sentences, max_batch, most):
+    sizes = []
+    service = _service(scorer, max_batch_sentences=max_batch)
+    service.batcher._on_batch = lambda stats: sizes.append(stats.sentences)
+    app = create_app(service)
+
+    async def main():
+        async with _client(app) as client:
+            busy = asyncio.ensure_future(service.call(lambda: time.sleep(0.3)))
+            await asyncio.sleep(0.05)
+            answers = await asyncio.gather(*[
+                client.post("/v1/score", json={"sentences": [s]}) for s in ptb_sentences[:32]])
+            await busy
+            return answers
+
+    answers = run(main())
+    assert all(r.status_code == 200 for r in answers)
+    scores = sizes[1:]  # the first batch is the sleeping call
+    assert sum(scores) == 32 and max(scores) == most
+    if max_batch > 1:
+        assert len(scores) <= 2  # all 32 waited behind the call: one batch (two at most)
+
+
+def test_the_batcher_never_waits_for_a_lone_caller():
+    """max_wait only applies while other requests are being read."""
+    calls = []
+
+    async def main():
+        batcher = Batcher(lambda ex, **kw: calls.append(time.perf_counter()) or [0] * len(ex),
+                          None, max_wait_s=5.0)
+        started = time.perf_counter()
+        work = batcher.submit("score", (["x"], False))
+        await work.future
+        batcher.close()
+        return started
+
+    started = run(main())
+    assert calls[0] - started < 1.0
+
+
+def test_overload_is_refused_at_once_and_accepted_requests_succeed(live, ptb_sentences):
+    """--max-queue 16 and 128 clients: 429s in under 50 ms with Retry-After, every accepted
+    request answered right, the server's memory flat, and it answers correctly after."""
+    server = live("--max-queue", "16")
+    batch = ptb_sentences[:8]
+
+    async def wave(client):
+        async def one():
+            start = time.perf_counter()
+            r = await client.post("/v1/score", json={"sentences": batch})
+            return r, time.perf_counter() - start
+        return await asyncio.gather(*[one() for _ in range(128)])
+
+    async def main():
+        limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+            first = await wave(client)
+            rss_after_first = server.rss_kib()
+            waves = [await wave(client) for _ in range(3)]
+            rss_after = server.rss_kib()
+            after = await client.post("/v1/score", json={"sentences": batch})
+        return first, waves, rss_after_first, rss_after, after
+
+    first, waves, rss1, rss2, after = run(main())
+    expected = [s.logprob for s in Scorer(server_model(server), providers="cpu").score(batch)]
+    answers = [a for w in [first, *waves] for a in w]
+    refused = [seconds for r, seconds in answers if r.status_code == 429]
+    accepted = [r for r, _ in answers if r.status_code != 429]
+    assert refused and accepted
+    assert all(r.status_code == 200 for r in accepted)
+    assert all([x["logprob"] for x in r.json()["results"]] == expected for r in accepted)
+    assert np.median(refused) < 0.05, sorted(refused)[-10:]
+    assert all(r.headers["Retry-After"].isdigit() for r, _ in answers if r.status_code == 429)
+    assert rss2 - rss1 < 20_000, (rss1, rss2)  # KiB: flat after the first wave
+    assert after.status_code == 200
+    assert [x["logprob"] for x in after.json()["results"]] == expected
+
+
+def server_model(server: LiveServer) -> str:
+    return server.proc.args[4]
+
+
+def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(live, ptb_sentences):
+    server = live()
+
+    async def main():
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+            await client.get("/health")
+            sent = [asyncio.ensure_future(client.post("/v1/score",
+                                                      json={"sentences": ptb_sentences[:64]}))
+                    for _ in range(24)]
+            await asyncio.sleep(0.3)  # read and queued: accepted
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.05)
+            ready = await client.get("/ready")
+            late = await client.post("/v1/score", json={"sentences": ["too late"]})
+            answers = await asyncio.gather(*sent, return_exceptions=True)
+        return answers, ready, late
+
+    answers, ready, late = run(main())
+    assert all(not isinstance(a, Exception) and a.status_code == 200 for a in answers), answers
+    assert ready.status_code == 503
+    assert late.status_code == 503
+    assert server.proc.wait(60) == 0
+    assert "drained" in "".join(server.stderr)
+
+
+# ---- metrics, health, CLI ------------------------------------------------------------------
+
+def test_metrics_count_what_was_done(scorer):
+    app = create_app(_service(scorer))
+
+    async def main():
+        async with _client(app) as client:
+            assert (await client.get("/health")).json() == {"status": "ok"}
+            assert (await client.get("/ready")).status_code == 200
+            await client.post("/v1/score", json={"sentences": ["the cat sat", "a dog"]})
+            await client.post("/v1/states", json={})
+            await client.post("/v1/score", content=b"{")
+            return (await client.get("/metrics")).text
+
+    text = run(main())
+    assert "lmonnx_tokens_scored_total 7.0" in text  # 4 + 3 positions
+    assert 'lmonnx_requests_total{endpoint="/v1/score",status="200"} 1.0' in text
+    assert 'lmonnx_rejections_total{reason="invalid_body"} 1.0' in text
+    assert "lmonnx_live_states 1.0" in text
+    for name in ("lmonnx_request_seconds_bucket", "lmonnx_queue_seconds_bucket",
+                 "lmonnx_compute_seconds_bucket", "lmonnx_batch_tokens_bucket",
+                 "lmonnx_queue_sentences"):
+        assert name in text
+
+
+def test_cli_serve_refuses_bad_arguments_in_one_line(tmp_path, model):
+    env = dict(os.environ)
+    for args, words in [([str(tmp_path / "missing.onnx")], "missing.onnx"),
+                        ([str(model), "--replicas", "2"], "--replicas needs --ray"),
+                        ([str(model), "--max-queue", "0"], "--max-queue")]:
+        done = subprocess.run([sys.executable, "-m", "lmonnx", "serve", *args, "--port", "0"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode in (1, 2), done
+        assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
