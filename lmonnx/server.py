@@ -368,8 +368,10 @@ def serve(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "w
     """Run ``app`` on uvicorn until SIGINT/SIGTERM.  The first signal drains: ``/ready``
     answers 503, new work 503, every accepted request is answered, then uvicorn stops and
     this returns (exit status 0).  A second signal stops at once."""
+    # Keep-alive longer than clients' pools keep idle connections (httpx: 5 s), so that the
+    # server never closes a connection a client is reusing at that moment (a failed request).
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_keep_alive=5, lifespan="off")
+                            timeout_keep_alive=65, lifespan="off")
     server = _DrainingServer(config, app.state.service, on_ready)
     server.run()
 
