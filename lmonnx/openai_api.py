@@ -1,5 +1,536 @@
-"""OpenAI / vLLM-compatible routes of ``lmonnx serve`` (placeholder: being written)."""
+"""OpenAI / vLLM-compatible routes of ``lmonnx serve``, for clients and evaluation harnesses
+that speak the legacy completions API (the ``openai`` package, lm-evaluation-harness's
+``local-completions`` with ``tokenizer_backend=remote``)::
+
+    GET  /v1/models            the one model (id = the service's name, with max_model_len)
+    GET  /v1/models/{id}
+    POST /v1/completions       score (echo + logprobs, max_tokens 0) and/or generate
+    GET  /tokenizer_info       vLLM's: bos/eos/pad/unk tokens, model_max_length
+    POST /tokenize             {"prompt": text} -> {"tokens": [...], "count", "max_model_len"}
+    POST /detokenize           {"tokens": [...]} -> {"prompt": text}
+
+Tokens are the model's words (ids: 0 pad, 1 ``<unk>``, 2 ``<s>``, 3 ``</s>``, 4.. words).
+Text is tokenized as sentences are (the model's tokenizer preset), except that a literal
+``<s>`` or ``</s>`` is that special token (as a Hugging Face tokenizer reads its special
+tokens); text is never given a ``<s>`` unless asked (``add_special_tokens``), so a text
+prompt and its token ids are read alike.  Token ids are detokenized as words joined by one
+space.
+
+How a prompt is scored (log-probabilities in nats; the LM always starts from ``<s>``):
+
+* The first token has no log-probability (null), as in OpenAI's and vLLM's answers.  If it
+  is ``<s>`` or ``</s>`` (lm-eval's rolling loglikelihood puts the tokenizer's BOS there) it
+  only marks the sentence start; otherwise it is the sentence's first word, read after
+  ``<s>``.  Either way every later token ``t_i`` gets log p(t_i | <s>, the words before it).
+* ``</s>`` later in a prompt ends the sentence: it is scored as the end of the sentence
+  (what ``Scorer.full_scores`` scores last) and the next token starts a new sentence from a
+  fresh ``<s>``.  ``<s>`` is allowed only first; padding (id 0) never.
+* Generation continues the last (open) sentence by stepping its state; drawing ``</s>``
+  ends the choice (finish_reason "stop", the token listed, no text) -- a prompt that ends
+  with ``</s>`` therefore generates a new sentence.
+
+So ``"<s> the cat </s>"`` with echo, logprobs and max_tokens 0 gives, after the null, exactly
+``Scorer.full_scores("the cat")``.  All onnxruntime work runs on the service's compute thread
+(``ScoringService.call``), one prompt per call; long prompts run in windows of the batcher's
+token budget that carry the LSTM state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from lmonnx.incremental import LMState, next_token_ids
+from lmonnx.server import ApiError
+from lmonnx.service import ScoringService
+from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID, Vocabulary
+from lmonnx.xent import token_nll_and_hits
+
+MAX_MODEL_LEN = 1 << 20
+"""Tokens a prompt plus its completion may hold: an LSTM has no context limit, but a
+request must be bounded (a 1M-token prompt is ~6 MB of JSON, the body limit's order)."""
+MAX_LOGPROBS = 20  # top log-probabilities per position, vLLM's default cap
+MAX_COMPLETION_TOKENS = 10_000  # what /v1/generate allows
+_SPECIALS = {"<s>": BOS_ID, "</s>": EOS_ID}
+_SPECIAL_SPLIT = re.compile(r"(<s>|</s>)")
+_BOUNDARIES = (BOS_ID, EOS_ID)
+_TOKENIZE_INLINE_CHARS = 1 << 16  # longer prompt text is tokenized on a worker thread
 
 
-def add_openai_routes(app, service) -> None:
-    return None
+def invalid(message: str) -> ApiError:
+    return ApiError(422, "invalid_request", message)
+
+
+# ---- tokenizer: text <-> token ids -------------------------------------------------------
+
+def tokenize(vocab: Vocabulary, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of ``text``: words as the model's tokenizer splits and encodes them (OOV ->
+    ``<unk>``), a literal ``<s>`` / ``</s>`` as that special token.  ``add_special_tokens``
+    puts ``<s>`` first unless the text already starts with a sentence boundary."""
+    ids: list[int] = []
+    for piece in _SPECIAL_SPLIT.split(text):
+        if piece in _SPECIALS:
+            ids.append(_SPECIALS[piece])
+        elif piece:
+            ids.extend(vocab.encode_words(vocab.words(piece)).tolist())
+    if add_special_tokens and (not ids or ids[0] not in _BOUNDARIES):
+        ids.insert(0, BOS_ID)
+    return ids
+
+
+def check_token_ids(vocab: Vocabulary, ids: list[int], what: str = "prompt") -> None:
+    """422 for an id outside the vocabulary, padding anywhere, ``<s>`` anywhere but first."""
+    for i, token in enumerate(ids):
+        if not 0 <= token < len(vocab):
+            raise invalid(f"{what}: token id {token} at position {i} is outside the "
+                          f"vocabulary [0, {len(vocab)})")
+        if token == PAD_ID:
+            raise invalid(f"{what}: token id 0 (padding) at position {i} is never part of a "
+                          "text")
+        if token == BOS_ID and i > 0:
+            raise invalid(f"{what}: token id {BOS_ID} (<s>) at position {i}: <s> may only be "
+                          "the first token (</s> ends a sentence and starts the next)")
+
+
+def detokenize(vocab: Vocabulary, ids: list[int]) -> str:
+    """The text of token ids: their words (special tokens as written) joined by one space."""
+    for i, token in enumerate(ids):
+        if not 0 <= token < len(vocab):
+            raise invalid(f"tokens: token id {token} at position {i} is outside the "
+                          f"vocabulary [0, {len(vocab)})")
+    return " ".join(vocab.decode(ids)) if ids else ""
+
+
+def prompt_token_lists(vocab: Vocabulary, prompt: Any, add_special_tokens: bool,
+                       ) -> list[list[int]]:
+    """The prompts of a completion request as token-id lists: ``prompt`` is a text, a list
+    of texts, a list of token ids or a list of token-id lists (OpenAI's four forms)."""
+    def is_ids(value) -> bool:
+        return isinstance(value, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if isinstance(prompt, str):
+        prompts = [tokenize(vocab, prompt, add_special_tokens)]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [tokenize(vocab, p, add_special_tokens) for p in prompt]
+    elif isinstance(prompt, list) and prompt and is_ids(prompt):
+        prompts = [list(prompt)]
+    elif isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
+        prompts = [list(p) for p in prompt]
+    else:
+        raise invalid("prompt must be a string, a non-empty list of strings, a list of token "
+                      "ids or a list of token-id lists")
+    for i, ids in enumerate(prompts):
+        check_token_ids(vocab, ids, "prompt" if len(prompts) == 1 else f"prompt {i}")
+    return prompts
+
+
+# ---- scoring a prompt (on the compute thread) ---------------------------------------------
+
+@dataclass
+class ScoredPrompt:
+    """A prompt's per-token log-probabilities in nats (None first) and, with ``top_k``, each
+    position's likeliest tokens as ``(id, logprob)`` (None first); ``state``: the open last
+    sentence's state, where generation goes on."""
+
+    logprobs: list
+    top: list | None
+    state: LMState
+
+
+def _sentences(ids: list[int]) -> list[tuple[int, list[int], bool]]:
+    """``(prompt index of its first word, word ids, ended by </s>)`` of each sentence of a
+    prompt, the last one open.  A leading boundary token belongs to no sentence."""
+    first = 1 if ids and ids[0] in _BOUNDARIES else 0
+    sentences, words = [], []
+    for i in range(first, len(ids)):
+        if ids[i] == EOS_ID:
+            sentences.append((first, words, True))
+            first, words = i + 1, []
+        else:
+            words.append(ids[i])
+    sentences.append((first, words, False))
+    return sentences
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float32 log-probabilities of float32 logits [V]: the arithmetic of
+    :class:`~lmonnx.incremental.Incremental`'s states, so a prompt's last state samples as
+    ``Scorer.generate``'s does."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """A read-only contiguous copy: states are immutable values, as Incremental's are."""
+    array = np.array(array, copy=True, order="C")
+    array.setflags(write=False)
+    return array
+
+
+def _top_of_rows(logits: np.ndarray, lse: np.ndarray, k: int, candidates: np.ndarray,
+                 ) -> list[list[tuple[int, float]]]:
+    """The ``k`` likeliest candidate tokens of each row of float32 ``logits`` [T, V] as
+    ``(id, logprob)``, best first; ``lse`` float64 [T]: each row's log-sum-exp."""
+    scores = logits[:, candidates]
+    k = min(k, scores.shape[1])
+    if k == 0:
+        return [[] for _ in range(len(logits))]
+    best = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # the k best, unordered
+    rows = []
+    for t, picked in enumerate(best):
+        picked = picked[np.argsort(-scores[t, picked], kind="stable")]
+        rows.append([(int(candidates[j]), float(scores[t, j]) - float(lse[t])) for j in picked])
+    return rows
+
+
+def _run_sentence(session, inputs: np.ndarray, targets: np.ndarray, window: int,
+                  top_k: int | None, candidates: np.ndarray):
+    """Run ``<s> w1..wk`` in windows carrying the LSTM state: ``(logprobs float64 of the
+    targets, top rows or None, the state after the last input)``.  Target log-probabilities
+    come from the evaluator's kernel (``Scorer.full_scores``'s numbers)."""
+    logprobs, tops, state = [], [], None
+    for start in range(0, len(inputs), window):
+        logits, state = session.run(inputs[None, start:start + window], state)
+        rows = logits[0, :max(0, min(len(targets) - start, window))]
+        if len(rows):
+            labels = targets[start:start + len(rows)]
+            nll, _ = token_nll_and_hits(rows, labels)
+            logprobs.append(-nll)
+            if top_k is not None:
+                lse = nll + rows[np.arange(len(rows)), labels].astype(np.float64)
+                tops.extend(_top_of_rows(rows, lse, top_k, candidates))
+        last = logits[0, -1]
+    h, c = state
+    end = LMState(*(_frozen(a) for a in (h[:, 0], c[:, 0], _log_softmax(last))),
+                  words=len(inputs) - 1)
+    scored = np.concatenate(logprobs) if logprobs else np.empty(0)
+    return scored, (tops if top_k is not None else None), end
+
+
+def score_prompt(service: ScoringService, ids: list[int], top_k: int | None) -> ScoredPrompt:
+    """Per-token log-probabilities (nats) of a prompt, and its last sentence's state (see
+    the module's docstring for the conventions).  Runs onnxruntime: call it through
+    ``service.call``."""
+    incremental = service.scorer.incremental
+    candidates = next_token_ids(len(service.vocab))
+    logprobs: list = [None] * len(ids)
+    top: list | None = [None] * len(ids) if top_k is not None else None
+    for first, words, ended in _sentences(ids):  # the last one is open: it sets state
+        inputs = np.array([BOS_ID, *words], np.int32)
+        targets = np.array([*words, *([EOS_ID] if ended else [])], np.int32)
+        if ended or words:
+            scored, rows, state = _run_sentence(incremental.session, inputs, targets,
+                                                service.batcher.max_batch_tokens, top_k,
+                                                candidates)
+        else:  # an empty open sentence: the state after <s>, shared and already computed
+            scored, rows, state = np.empty(0), [], incremental.begin()
+        for j, value in enumerate(scored):
+            logprobs[first + j] = float(value)
+            if top is not None:
+                top[first + j] = rows[j]
+    if ids:  # the first token has no context: no log-probability, as OpenAI answers
+        logprobs[0] = None
+        if top is not None:
+            top[0] = None
+    return ScoredPrompt(logprobs, top, state)
+
+
+# ---- generating (on the compute thread) -----------------------------------------------------
+
+@dataclass
+class Sampling:
+    """How a completion is drawn: ``max_tokens`` tokens at most, ``temperature`` (0:
+    greedy), ``top_k`` (None: every token), ``stop`` strings, ``logprobs`` (None: no top
+    log-probabilities; k: the k likeliest tokens per position)."""
+
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    stop: list[str]
+    logprobs: int | None
+
+
+@dataclass
+class Generated:
+    """One choice's completion: token ids, their log-probabilities (nats), top rows, where
+    each token starts in ``text`` (``</s>`` adds no text), and why it finished."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+
+
+def _stop_cut(text: str, searched_from: int, stop: list[str]) -> int | None:
+    """Where the first stop string found at or after ``searched_from`` begins, or None."""
+    found = [i for i in (text.find(s, searched_from) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def generate_after(service: ScoringService, state: LMState, sampling: Sampling,
+                   rng: np.random.Generator, spaced: bool) -> Generated:
+    """Draw tokens after ``state`` as ``Scorer.generate`` does (its sampler, its steps): up
+    to ``max_tokens``, ending at ``</s>`` or at a stop string (the text is cut before it;
+    the token that completed it stays listed).  ``spaced``: the first word follows text, so
+    it gets a leading space as every later word does.  Runs onnxruntime."""
+    incremental = service.scorer.incremental
+    out = Generated()
+    longest_stop = max((len(s) for s in sampling.stop), default=0)
+    for n in range(sampling.max_tokens):
+        if n:  # step only when another token is wanted: the last state is never used
+            _, (state,) = incremental.step_ids([state], np.array([out.ids[-1]]))
+        token = incremental._draw(state.logprobs, sampling.temperature, sampling.top_k, rng)
+        out.ids.append(token)
+        out.logprobs.append(state.logprob(token))
+        if sampling.logprobs is not None:
+            out.top.append(incremental.top_next(state, sampling.logprobs)
+                           if sampling.logprobs else [])
+        if token == EOS_ID:
+            out.offsets.append(len(out.text))
+            out.finish_reason = "stop"
+            break
+        before = len(out.text)
+        out.text += (" " if out.text or spaced else "") + service.vocab.id_to_token(token)
+        out.offsets.append(len(out.text) - len(service.vocab.id_to_token(token)))
+        cut = _stop_cut(out.text, max(0, before - longest_stop), sampling.stop)
+        if cut is not None:
+            out.text, out.finish_reason = out.text[:cut], "stop"
+            break
+    return out
+
+
+def complete_prompt(service: ScoringService, ids: list[int], sampling: Sampling, n: int,
+                    seed: int | None) -> tuple[ScoredPrompt, list[Generated]]:
+    """A prompt scored and ``n`` completions drawn after it, with one random generator
+    seeded by ``seed`` (so a prompt gives the same choices whatever its batch-mates)."""
+    scored = score_prompt(service, ids, sampling.logprobs)
+    rng = np.random.default_rng(seed)
+    return scored, [generate_after(service, scored.state, sampling, rng, spaced=bool(ids))
+                    for _ in range(n)]
+
+
+# ---- request bodies --------------------------------------------------------------------------
+
+class _OpenAIBody(BaseModel):
+    # OpenAI clients send fields this server does not read (user, ...): they are ignored;
+    # the ones that would change the answer are checked in _refuse_unsupported.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class CompletionBody(_OpenAIBody):
+    model: Optional[StrictStr] = None
+    prompt: Any
+    max_tokens: Optional[StrictInt] = Field(16, ge=0, le=MAX_COMPLETION_TOKENS)
+    temperature: Optional[float] = Field(1.0, ge=0)
+    top_k: Optional[StrictInt] = None
+    top_p: Optional[float] = None
+    n: StrictInt = Field(1, ge=1, le=128)
+    best_of: Optional[StrictInt] = None
+    echo: StrictBool = False
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
+    seed: Optional[StrictInt] = Field(None, ge=0)
+    stop: Optional[StrictStr | list[StrictStr]] = None
+    add_special_tokens: StrictBool = False
+    suffix: Optional[StrictStr] = None
+    stream: Optional[StrictBool] = False
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    logit_bias: Optional[dict] = None
+    min_tokens: Optional[StrictInt] = None
+
+
+class TokenizeBody(_OpenAIBody):
+    model: Optional[StrictStr] = None
+    prompt: Optional[StrictStr] = None
+    messages: Optional[list] = None
+    add_special_tokens: StrictBool = False
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeBody(_OpenAIBody):
+    model: Optional[StrictStr] = None
+    tokens: list[StrictInt]
+
+
+def _refuse_unsupported(body: CompletionBody) -> None:
+    """422 for a field that would change the answer and is not implemented."""
+    unsupported = [
+        ("suffix", body.suffix, body.suffix not in (None, "")),
+        ("stream", body.stream, bool(body.stream)),
+        ("best_of", body.best_of, body.best_of not in (None, body.n)),
+        ("top_p", body.top_p, body.top_p not in (None, 1)),
+        ("presence_penalty", body.presence_penalty, bool(body.presence_penalty)),
+        ("frequency_penalty", body.frequency_penalty, bool(body.frequency_penalty)),
+        ("repetition_penalty", body.repetition_penalty,
+         body.repetition_penalty not in (None, 1)),
+        ("logit_bias", body.logit_bias, bool(body.logit_bias)),
+        ("min_tokens", body.min_tokens, bool(body.min_tokens)),
+    ]
+    for name, value, given in unsupported:
+        if given:
+            raise invalid(f"{name}={value!r} is not supported by this server (it samples with "
+                          "temperature, top_k, seed, stop and n only)")
+
+
+def _sampling(body: CompletionBody) -> Sampling:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    top_k = body.top_k if body.top_k is not None and body.top_k > 0 else None  # vLLM: -1, 0 off
+    return Sampling(max_tokens=16 if body.max_tokens is None else body.max_tokens,
+                    temperature=1.0 if body.temperature is None else body.temperature,
+                    top_k=top_k, stop=[s for s in stop if s], logprobs=body.logprobs)
+
+
+def _check_model(service: ScoringService, model: str | None) -> None:
+    if model is not None and model != service.name:
+        raise ApiError(404, "not_found", f"the model {model!r} does not exist; this server "
+                                         f"serves {service.name!r} (GET /v1/models)")
+
+
+# ---- answers ---------------------------------------------------------------------------------
+
+def _top_dict(vocab: Vocabulary, top: list | None, token: int, logprob: float | None):
+    """A position's top log-probabilities as {token: logprob}; the position's own token is
+    always there (as vLLM lists the sampled token), with its own value (so lm-eval's
+    "is greedy" test compares equal numbers)."""
+    if top is None:
+        return None
+    entries = {vocab.tokens[i]: value for i, value in top}
+    entries[vocab.tokens[token]] = logprob
+    return entries
+
+
+def _prompt_part(vocab: Vocabulary, ids: list[int], scored: ScoredPrompt):
+    """The echoed prompt: its text and its (tokens, logprobs, top, offsets)."""
+    offsets, position = [], 0
+    for token in ids:
+        offsets.append(position)
+        position += len(vocab.tokens[token]) + 1
+    top = scored.top if scored.top is not None else [None] * len(ids)
+    return detokenize(vocab, ids), (list(ids), scored.logprobs, top, offsets)
+
+
+def _choice(vocab: Vocabulary, index: int, ids: list[int], scored: ScoredPrompt,
+            generated: Generated, echo: bool, logprobs: int | None) -> dict:
+    """One ``choices`` entry of a text_completion."""
+    text, parts = "", ([], [], [], [])
+    if echo:
+        text, parts = _prompt_part(vocab, ids, scored)
+    base = len(text)
+    text += generated.text
+    tokens = parts[0] + generated.ids
+    values = parts[1] + generated.logprobs
+    tops = parts[2] + generated.top  # generated.top is empty unless logprobs was asked
+    offsets = parts[3] + [base + o for o in generated.offsets]
+    record = None
+    if logprobs is not None:
+        record = {"tokens": [vocab.tokens[t] for t in tokens], "token_logprobs": values,
+                  "top_logprobs": [_top_dict(vocab, top, t, v)
+                                   for top, t, v in zip(tops, tokens, values)],
+                  "text_offset": offsets}
+    return {"text": text, "index": index, "logprobs": record,
+            "finish_reason": generated.finish_reason, "stop_reason": None}
+
+
+def _model_card(service: ScoringService) -> dict:
+    return {"id": service.name, "object": "model", "created": int(service.started),
+            "owned_by": "lmonnx", "root": service.name, "parent": None,
+            "max_model_len": MAX_MODEL_LEN, "permission": []}
+
+
+async def _prompt_token_lists(service: ScoringService, body: CompletionBody) -> list[list[int]]:
+    """The request's prompts as token ids, tokenized on a worker thread when they are long
+    (a 1M-word text would hold the event loop, and every other caller, for a while)."""
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    size = sum(len(t) for t in texts if isinstance(t, str)) if isinstance(texts, list) else 0
+    if size > _TOKENIZE_INLINE_CHARS:
+        return await asyncio.to_thread(prompt_token_lists, service.vocab, body.prompt,
+                                       body.add_special_tokens)
+    return prompt_token_lists(service.vocab, body.prompt, body.add_special_tokens)
+
+
+async def _complete(service: ScoringService, body: CompletionBody, request: Request) -> dict:
+    _check_model(service, body.model)
+    _refuse_unsupported(body)
+    sampling = _sampling(body)
+    prompts = await _prompt_token_lists(service, body)
+    for i, ids in enumerate(prompts):
+        if len(ids) + sampling.max_tokens > MAX_MODEL_LEN:
+            raise invalid(f"prompt {i}: {len(ids)} tokens plus max_tokens "
+                          f"{sampling.max_tokens} exceed max_model_len {MAX_MODEL_LEN}")
+    choices, generated_tokens = [], 0
+    for i, ids in enumerate(prompts):  # one call per prompt: other callers run in between
+        scored, completions = await service.call(
+            lambda ids=ids: complete_prompt(service, ids, sampling, body.n, body.seed),
+            request=request)
+        for j, generated in enumerate(completions):
+            generated_tokens += len(generated.ids)
+            choices.append(_choice(service.vocab, i * body.n + j, ids, scored, generated,
+                                   body.echo, body.logprobs))
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": service.name, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated_tokens,
+                      "total_tokens": prompt_tokens + generated_tokens}}
+
+
+def _tokenizer_info(service: ScoringService) -> dict:
+    options = service.vocab.options
+    return {"tokenizer_class": "lmonnx.vocab.Vocabulary", "preset": options.preset,
+            "lower": options.lower, "vocab_size": len(service.vocab),
+            "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+            "unk_token": "<unk>", "add_bos_token": False,
+            "model_max_length": MAX_MODEL_LEN}
+
+
+def add_openai_routes(app: FastAPI, service: ScoringService) -> None:
+    """The OpenAI / vLLM routes of the module's docstring, on ``app``."""
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(service)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        _check_model(service, model_id)
+        return _model_card(service)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        return await _complete(service, body, request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return _tokenizer_info(service)
+
+    @app.post("/tokenize")
+    async def tokenize_text(body: TokenizeBody):
+        _check_model(service, body.model)
+        if body.prompt is None:
+            raise invalid("give \"prompt\" (a text); chat \"messages\" are not supported: "
+                          "this model has no chat template")
+        ids = tokenize(service.vocab, body.prompt, body.add_special_tokens)
+        answer = {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}
+        if body.return_token_strs:
+            answer["token_strs"] = [service.vocab.tokens[t] for t in ids]
+        return answer
+
+    @app.post("/detokenize")
+    async def detokenize_tokens(body: DetokenizeBody):
+        _check_model(service, body.model)
+        return {"prompt": detokenize(service.vocab, body.tokens)}
+
+
+__all__ = ["add_openai_routes", "tokenize", "detokenize", "score_prompt", "generate_after",
+           "MAX_MODEL_LEN"]
