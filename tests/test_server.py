@@ -453,39 +453,50 @@ def test_the_batcher_never_waits_for_a_lone_caller():
 
 
 def test_overload_is_refused_at_once_and_accepted_requests_succeed(live, ptb_sentences):
-    """--max-queue 16 and 128 clients: 429s in under 50 ms with Retry-After, every accepted
-    request answered right, the server's memory flat, and it answers correctly after."""
+    """--max-queue 16 and 128 clients, each sending 8 sentences again as soon as it has its
+    answer (after a refusal: a short pause, not the Retry-After, to keep the pressure on):
+    the 429s come back in under 50 ms with Retry-After, every accepted request is answered
+    right, the server's memory stays flat, and it answers correctly afterwards."""
     server = live("--max-queue", "16")
     batch = ptb_sentences[:8]
+    expected = [s.logprob for s in Scorer(server_model(server), providers="cpu").score(batch)]
 
-    async def wave(client):
-        async def one():
-            start = time.perf_counter()
-            r = await client.post("/v1/score", json={"sentences": batch})
-            return r, time.perf_counter() - start
-        return await asyncio.gather(*[one() for _ in range(128)])
+    async def load(client, seconds):
+        answers = []
+        stop = time.perf_counter() + seconds
+
+        async def caller():
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                r = await client.post("/v1/score", json={"sentences": batch})
+                answers.append((r, time.perf_counter() - start))
+                if r.status_code == 429:
+                    await asyncio.sleep(0.05)
+        await asyncio.gather(*[caller() for _ in range(128)])
+        return answers
 
     async def main():
         limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
-            first = await wave(client)
+            await asyncio.gather(*[client.get("/health") for _ in range(128)])  # connected
+            first = await load(client, 2)
             rss_after_first = server.rss_kib()
-            waves = [await wave(client) for _ in range(3)]
+            more = await load(client, 4)
             rss_after = server.rss_kib()
             after = await client.post("/v1/score", json={"sentences": batch})
-        return first, waves, rss_after_first, rss_after, after
+        return first + more, rss_after_first, rss_after, after
 
-    first, waves, rss1, rss2, after = run(main())
-    expected = [s.logprob for s in Scorer(server_model(server), providers="cpu").score(batch)]
-    answers = [a for w in [first, *waves] for a in w]
-    refused = [seconds for r, seconds in answers if r.status_code == 429]
+    answers, rss1, rss2, after = run(main())
+    refused = np.array([seconds for r, seconds in answers if r.status_code == 429])
     accepted = [r for r, _ in answers if r.status_code != 429]
-    assert refused and accepted
+    assert len(refused) > 100 and accepted
     assert all(r.status_code == 200 for r in accepted)
     assert all([x["logprob"] for x in r.json()["results"]] == expected for r in accepted)
-    assert np.median(refused) < 0.05, sorted(refused)[-10:]
     assert all(r.headers["Retry-After"].isdigit() for r, _ in answers if r.status_code == 429)
-    assert rss2 - rss1 < 20_000, (rss1, rss2)  # KiB: flat after the first wave
+    print(f"429: {len(refused)}, median {np.median(refused) * 1e3:.1f} ms, p95 "
+          f"{np.percentile(refused, 95) * 1e3:.1f} ms; 200: {len(accepted)}")
+    assert np.percentile(refused, 95) < 0.05, np.percentile(refused, [50, 95, 99])
+    assert rss2 - rss1 < 20_000, (rss1, rss2)  # KiB: flat after the first seconds
     assert after.status_code == 200
     assert [x["logprob"] for x in after.json()["results"]] == expected
 
