@@ -86,6 +86,13 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def state_from_logits(h: np.ndarray, c: np.ndarray, logits: np.ndarray, words: int) -> LMState:
+    """The state with LSTM state ``h``, ``c`` (float32 [layers, units]) whose next-word
+    distribution is the log-softmax of ``logits`` (float32 [V]): the arithmetic of every
+    state here, for callers that run the session themselves (the OpenAI routes)."""
+    return LMState(_frozen(h), _frozen(c), _frozen(_log_softmax(logits[None])[0]), words)
+
+
 class Incremental:
     """Begin, step and sample hypotheses with one :class:`ModelSession` (that returns logits).
 
@@ -129,8 +136,7 @@ class Incremental:
         for start in range(0, len(input_ids), window):
             logits, state = self.session.run(input_ids[None, start:start + window], state)
         h, c = state
-        last = _log_softmax(logits[:, -1, :])[0]
-        return LMState(_frozen(h[:, 0]), _frozen(c[:, 0]), _frozen(last), len(input_ids) - 1)
+        return state_from_logits(h[:, 0], c[:, 0], logits[0, -1], len(input_ids) - 1)
 
     def state_after_text(self, prefix: str, window: int) -> LMState:
         """The state after ``<s>`` and the words of ``prefix`` (tokenized as a sentence)."""
@@ -240,7 +246,7 @@ class Incremental:
         state = self.state_after_text(prefix, window)
         out: list[str] = []
         for _ in range(words):
-            token = self._draw(state.logprobs, temperature, top_k, rng)
+            token = self.draw(state.logprobs, temperature, top_k, rng)
             if token == EOS_ID:
                 out.append(EOS_TEXT)
                 break
@@ -248,8 +254,10 @@ class Incremental:
             (state,) = self._states_after(np.array([token]), [state])
         return out
 
-    def _draw(self, logprobs: np.ndarray, temperature: float, top_k: int | None,
-              rng: np.random.Generator) -> int:
+    def draw(self, logprobs: np.ndarray, temperature: float, top_k: int | None,
+             rng: np.random.Generator) -> int:
+        """One token id drawn from ``logprobs`` (float32 [V]) as :meth:`generate` draws:
+        padding and ``<s>`` never; ``temperature`` 0 greedy; ``top_k`` the k likeliest."""
         scores = logprobs[self._candidates].astype(np.float64)
         if np.isnan(scores).any():
             raise InferenceError(f"{self.session.name}: the model's next-word distribution "
@@ -265,4 +273,5 @@ class Incremental:
         return int(self._candidates[rng.choice(scores.size, p=p / p.sum())])
 
 
-__all__ = ["LMState", "Incremental", "END", "EOS_TEXT", "UNK_ID", "next_token_ids"]
+__all__ = ["LMState", "Incremental", "END", "EOS_TEXT", "UNK_ID", "next_token_ids",
+           "state_from_logits"]

@@ -48,7 +48,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from lmonnx.incremental import LMState, next_token_ids
+from lmonnx.incremental import LMState, next_token_ids, state_from_logits
 from lmonnx.server import ApiError
 from lmonnx.service import ScoringService
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID, Vocabulary
@@ -161,21 +161,6 @@ def _sentences(ids: list[int]) -> list[tuple[int, list[int], bool]]:
     return sentences
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float32 log-probabilities of float32 logits [V]: the arithmetic of
-    :class:`~lmonnx.incremental.Incremental`'s states, so a prompt's last state samples as
-    ``Scorer.generate``'s does."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def _frozen(array: np.ndarray) -> np.ndarray:
-    """A read-only contiguous copy: states are immutable values, as Incremental's are."""
-    array = np.array(array, copy=True, order="C")
-    array.setflags(write=False)
-    return array
-
-
 def _top_of_rows(logits: np.ndarray, lse: np.ndarray, k: int, candidates: np.ndarray,
                  ) -> list[list[tuple[int, float]]]:
     """The ``k`` likeliest candidate tokens of each row of float32 ``logits`` [T, V] as
@@ -210,8 +195,7 @@ def _run_sentence(session, inputs: np.ndarray, targets: np.ndarray, window: int,
                 tops.extend(_top_of_rows(rows, lse, top_k, candidates))
         last = logits[0, -1]
     h, c = state
-    end = LMState(*(_frozen(a) for a in (h[:, 0], c[:, 0], _log_softmax(last))),
-                  words=len(inputs) - 1)
+    end = state_from_logits(h[:, 0], c[:, 0], last, len(inputs) - 1)
     scored = np.concatenate(logprobs) if logprobs else np.empty(0)
     return scored, (tops if top_k is not None else None), end
 
@@ -290,7 +274,7 @@ def generate_after(service: ScoringService, state: LMState, sampling: Sampling,
     for n in range(sampling.max_tokens):
         if n:  # step only when another token is wanted: the last state is never used
             _, (state,) = incremental.step_ids([state], np.array([out.ids[-1]]))
-        token = incremental._draw(state.logprobs, sampling.temperature, sampling.top_k, rng)
+        token = incremental.draw(state.logprobs, sampling.temperature, sampling.top_k, rng)
         out.ids.append(token)
         out.logprobs.append(state.logprob(token))
         if sampling.logprobs is not None:
