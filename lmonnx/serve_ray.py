@@ -1,0 +1,414 @@
+"""``lmonnx serve MODEL --ray auto|ADDRESS --replicas N``: the HTTP API of :mod:`lmonnx.server`
+as a Ray Serve application.
+
+    client ──HTTP──> Ray Serve proxy ──StateRouter──> replica 1 .. N
+                                                      each: Scorer + ScoringService (its own
+                                                      batcher, its own decoder states) behind
+                                                      the local server's app (body limit,
+                                                      UTF-8 check, metrics, routes)
+
+**The same app.**  A replica builds what ``lmonnx serve`` builds locally
+(:func:`lmonnx.server.build_app`: the ``Scorer``, the warmed-up ``ScoringService``, the
+FastAPI routes behind the body-limit / UTF-8 / metrics gate) and hands that ASGI app to Ray
+Serve (``@serve.ingress`` late-bound through ``__serve_build_asgi_app__``), so every route,
+error and number is the local server's.  ``/metrics`` is the answering replica's.
+
+**The model** travels as bytes through the object store (``ray.put`` on the driver, checked
+there first): replicas on any node load it, no shared file system needed.  The driver
+(``lmonnx serve --ray``) owns that object and lives as long as the application.
+
+**Decoder states are per replica** (``/v1/states``, ``/v1/step``, ``DELETE /v1/states/ID``).
+A state id starts with its replica's tag (``TAG.secret``; Ray Serve's replica unique id),
+and the deployment routes with :class:`StateRouter`, a Ray Serve request router:
+
+- a request carrying Ray Serve's session header (``x-session-id``, or the name in
+  ``RAY_SERVE_SESSION_ID_HEADER_KEY`` on the cluster) whose value is a state id (any state of
+  the session: they share the tag) goes straight to the replica holding it;
+- a state request without it reaches any replica, which forwards it, in one hop, to the
+  replica its state ids name (a deployment-handle call routed by the same router), so a
+  client that knows nothing of Ray still works: the header only saves the hop;
+- everything else goes to the less loaded of two random replicas (power of two choices).
+
+States of different replicas cannot be stepped together (404, saying so); a replica that is
+gone takes its states with it (404, as an expired state).  ``watch_disconnects`` is off by
+default: Ray Serve itself cancels a request whose client went away.
+
+Ray Serve is optional (``pip install 'lmonnx[ray,serve]'``): this module imports without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import secrets
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from lmonnx.errors import InvalidArgumentError, MissingDependencyError
+from lmonnx.validation import check_int, check_real
+
+try:
+    import ray
+    from ray import serve
+    from ray.serve.request_router import RequestRouter
+except ImportError as exc:  # everything else in lmonnx works without Ray Serve
+    ray = serve = None
+    RequestRouter = object
+    _MISSING = f"{exc}"
+else:
+    _MISSING = ""
+
+__all__ = ["serve_on_ray", "deploy", "StateRouter", "APP_NAME", "SESSION_HEADER",
+           "DEFAULT_CPUS_PER_REPLICA"]
+
+APP_NAME = "lmonnx"
+DEPLOYMENT = "lmonnx"
+DEFAULT_CPUS_PER_REPLICA = 0.5
+"""CPUs reserved per replica: two replicas fit a 2-CPU machine next to Serve's controller
+and proxy (which reserve none).  onnxruntime gets ``ceil`` of it as intra-op threads unless
+``threads`` says otherwise."""
+DEFAULT_MAX_ONGOING = 256
+"""Requests in flight per replica: high, so that the replica's batcher sees many callers'
+sentences at once (Ray Serve's own default, 5, would starve cross-request batching); the
+service's ``max_queue`` still answers 429 past its limit."""
+_SEP = "."
+
+
+def _require_serve() -> None:
+    if serve is None:
+        raise MissingDependencyError("serving on Ray needs Ray Serve: install the extra "
+                                     f"'lmonnx[ray,serve]' ({_MISSING})")
+
+
+def _session_header() -> str:
+    if serve is None:
+        return "x-session-id"
+    from ray.serve._private.constants import SERVE_SESSION_ID
+
+    return SERVE_SESSION_ID
+
+
+SESSION_HEADER = _session_header()
+"""The HTTP header Ray Serve reads a session id from (``x-session-id`` unless the cluster
+sets ``RAY_SERVE_SESSION_ID_HEADER_KEY``): send a state id in it to reach its replica."""
+
+
+def replica_of(state_id: str) -> str:
+    """The replica tag a state id starts with ('' for an id without one)."""
+    tag, sep, _ = state_id.partition(_SEP)
+    return tag if sep else ""
+
+
+# ---- routing ------------------------------------------------------------------------------
+
+class StateRouter(RequestRouter):
+    """Ray Serve request router: a request whose session id (the session header, or a
+    handle's ``session_id`` option) starts with a live replica's tag goes to that replica
+    only; any other request to the less loaded of two random replicas."""
+
+    def initialize_state(self, **kwargs) -> None:
+        pass
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        if not candidate_replicas:
+            return []
+        session = pending_request.metadata.session_id if pending_request is not None else ""
+        tag = replica_of(session) if session else ""
+        if tag:
+            for replica in candidate_replicas:
+                if replica.replica_id.unique_id == tag:
+                    return [[replica]]
+            # A replica that is gone: any other answers 404 (its states went with it).
+        if len(candidate_replicas) <= 2:
+            return [random.sample(list(candidate_replicas), len(candidate_replicas))]
+        return [random.sample(list(candidate_replicas), 2)]
+
+
+# ---- the replica ---------------------------------------------------------------------------
+
+def _tagged_store(store, tag: str):
+    """A :class:`lmonnx.states.StateStore` like ``store`` whose ids start with ``tag.``."""
+    from lmonnx.states import StateStore
+
+    class TaggedStateStore(StateStore):
+        def put(self, state) -> str:
+            key = f"{tag}{_SEP}{secrets.token_urlsafe(12)}"
+            self._cache[key] = state
+            return key
+
+    return TaggedStateStore(max_bytes=store.max_bytes, ttl_s=store.ttl_s)
+
+
+class _Replica:
+    """One replica: the local server's app over its own Scorer and ScoringService.  Wrapped
+    by ``serve.ingress()`` in :func:`_deployment` (the app is built here, bound late)."""
+
+    def __init__(self, model, *, name: str, providers: str, threads: int,
+                 max_body_bytes: int, service_options: dict):
+        from lmonnx.server import build_app
+
+        if isinstance(model, list):  # [ObjectRef]: the model's bytes in the object store
+            model = ray.get(model[0])
+        context = serve.get_replica_context()
+        self.tag = context.replica_id.unique_id
+        self.app_name, self.deployment = context.app_name, context.deployment
+        self.gate = build_app(model, providers=providers, threads=threads,
+                              max_body_bytes=max_body_bytes, **service_options)
+        service = self.gate.state.service
+        service.states = _tagged_store(service.states, self.tag)
+        self.service = service
+        self.model_name = name
+        self._handle = None
+
+    def __serve_build_asgi_app__(self):
+        return _Forwarding(self)
+
+    def _peer(self, state_id: str):
+        if self._handle is None:
+            self._handle = serve.get_deployment_handle(self.deployment, self.app_name)
+        return self._handle.options(session_id=state_id, method_name="forwarded")
+
+    async def forwarded(self, scope: dict, body: bytes) -> tuple[int, list, bytes]:
+        """A request another replica received for a state of this one: answered here by the
+        app, never forwarded again; ``(status, headers, body)``."""
+        return await _call_asgi(self.gate, scope, body)
+
+    async def whoami(self) -> str:
+        return self.tag
+
+
+async def _call_asgi(app, scope: dict, body: bytes) -> tuple[int, list, bytes]:
+    """One HTTP request through an ASGI app, its answer collected."""
+    sent = False
+    answer = {"status": 500, "headers": [], "body": []}
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # no disconnect: the forwarding replica holds the call
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+            answer["headers"] = list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            answer["body"].append(message.get("body", b""))
+
+    await app(dict(scope), receive, send)
+    return answer["status"], answer["headers"], b"".join(answer["body"])
+
+
+def _state_ids(scope: dict, body: bytes) -> list[str] | None:
+    """The state ids a state request names (None: not a state request, or a body the app
+    will refuse anyway)."""
+    method, path = scope.get("method"), scope.get("path", "")
+    if method == "DELETE" and path.startswith("/v1/states/"):
+        return [path[len("/v1/states/"):]]
+    if method == "POST" and path == "/v1/step":
+        try:
+            steps = json.loads(body.decode("utf-8"))["steps"]
+            return [s["state"] for s in steps if isinstance(s.get("state"), str)]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+    return None
+
+
+class _Forwarding:
+    """The replica's ASGI app: the local app, except that a state request for states of
+    another replica is forwarded there (one hop) and its answer relayed."""
+
+    def __init__(self, replica: _Replica):
+        self.replica = replica
+        self.gate = replica.gate
+        self.state = replica.gate.state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not _may_hold_state_ids(scope):
+            return await self.gate(scope, receive, send)
+        # Read the body (bounded by the gate's limit) to see which replica holds the states.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.gate.max_body_bytes or not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        more = size > self.gate.max_body_bytes
+        ids = _state_ids(scope, body) if not more else None
+        tags = {replica_of(i) for i in ids or ()}
+        foreign = tags - {self.replica.tag}
+        if len(tags) > 1 and foreign:
+            from lmonnx.server import error_response
+
+            return await error_response(
+                404, "not_found", "these states are held by different replicas "
+                f"({', '.join(sorted(tags))}); step states of one /v1/states session "
+                "per request")({"type": "http"}, None, send)
+        if foreign and "" not in foreign:
+            first = next(i for i in ids if replica_of(i) in foreign)
+            plain = {k: scope[k] for k in _PLAIN_SCOPE if k in scope}
+            status, headers, answer = await self.replica._peer(first).remote(plain, body)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": answer})
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": more}
+            return await receive()
+
+        await self.gate(scope, replay, send)
+
+
+_PLAIN_SCOPE = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path",
+                "query_string", "root_path", "headers", "client", "server")
+
+
+def _may_hold_state_ids(scope) -> bool:
+    return ((scope.get("method") == "POST" and scope.get("path") == "/v1/step")
+            or (scope.get("method") == "DELETE"
+                and scope.get("path", "").startswith("/v1/states/")))
+
+
+def _deployment(*, replicas: int, cpus_per_replica: float, max_ongoing_requests: int):
+    from ray.serve.config import RequestRouterConfig
+
+    return serve.deployment(
+        serve.ingress()(_Replica), name=DEPLOYMENT, num_replicas=replicas,
+        ray_actor_options={"num_cpus": cpus_per_replica},
+        max_ongoing_requests=max_ongoing_requests,
+        request_router_config=RequestRouterConfig(request_router_class=StateRouter))
+
+
+# ---- the driver ----------------------------------------------------------------------------
+
+def _connect(address: str | None) -> bool:
+    """Join a cluster as :func:`lmonnx.ray.connect` does (``"auto"`` or None: the one in
+    ``RAY_ADDRESS``, else one started on this machine, else a new local one); True when this
+    call started a new local one (then ours to stop)."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=None if address in (None, "auto") else address,
+             include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _check_model(model) -> tuple[str, bytes]:
+    """The model's name and bytes, checked on the driver (a missing or foreign file fails
+    now, in one line, with the local message)."""
+    from lmonnx.runtime import ModelSession
+
+    name = os.fspath(model)
+    ModelSession(name, providers="cpu", num_threads=1)
+    return name, Path(name).read_bytes()
+
+
+def deploy(model, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 8000,
+           providers: str = "auto", threads: int | None = None,
+           max_body_bytes: int | None = None, service_options: dict | None = None,
+           cpus_per_replica: float = DEFAULT_CPUS_PER_REPLICA,
+           max_ongoing_requests: int = DEFAULT_MAX_ONGOING) -> str:
+    """Deploy ``model`` on the Ray cluster this process has joined (``ray.init``) as the
+    Serve application ``lmonnx`` at ``/``, ``replicas`` replicas; return its URL once every
+    replica is ready.  Serve's HTTP proxy listens on ``host:port`` (port 0: a free one) unless
+    Serve already runs on the cluster with its own.  ``service_options``:
+    :class:`~lmonnx.service.ScoringService`'s keywords (``watch_disconnects`` False unless
+    given)."""
+    _require_serve()
+    try:
+        from lmonnx.server import DEFAULT_MAX_BODY_BYTES
+    except ImportError as exc:  # FastAPI, uvicorn: the serve extra
+        raise MissingDependencyError("serving on Ray needs the extra 'lmonnx[ray,serve]' "
+                                     f"({exc})") from None
+
+    replicas = check_int("replicas", replicas)
+    cpus_per_replica = check_real("cpus_per_replica", cpus_per_replica, low=0, low_open=True)
+    max_ongoing_requests = check_int("max_ongoing_requests", max_ongoing_requests)
+    if not ray.is_initialized():
+        raise InvalidArgumentError("deploy() needs a Ray cluster: call ray.init() first")
+    name, data = _check_model(model)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if replicas * cpus_per_replica > cpus + 1e-9:
+        raise InvalidArgumentError(
+            f"{replicas} replica(s) x {cpus_per_replica:g} CPU need "
+            f"{replicas * cpus_per_replica:g} CPUs, the cluster has {cpus:g}; lower --replicas")
+    options = dict(service_options or {})
+    options.setdefault("watch_disconnects", False)
+    options.setdefault("name", Path(name).stem)
+    port = port or _free_port(host)
+    serve.start(http_options={"host": host, "port": port})
+    app = _deployment(replicas=replicas, cpus_per_replica=cpus_per_replica,
+                      max_ongoing_requests=max_ongoing_requests).bind(
+        [ray.put(data)], name=name, providers=providers,
+        threads=threads or max(1, math.ceil(cpus_per_replica - 1e-9)),
+        max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, service_options=options)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def serve_on_ray(model, *, address: str | None = "auto", replicas: int = 1,
+                 host: str = "127.0.0.1", port: int = 8000, providers: str = "auto",
+                 threads: int | None = None, max_body_bytes: int | None = None,
+                 service_options: dict | None = None,
+                 cpus_per_replica: float = DEFAULT_CPUS_PER_REPLICA) -> None:
+    """``lmonnx serve --ray``: join the cluster (``"auto"``: ``RAY_ADDRESS``, else one on this
+    machine, else a new local one), deploy (:func:`deploy`), say the URL on stderr, and
+    serve until SIGINT/SIGTERM; then delete the application (Serve drains it: accepted
+    requests are answered), shut Serve down when this process started the cluster or Serve,
+    and return (exit status 0)."""
+    _require_serve()
+    _check_model(model)  # before any cluster starts
+    started_ray = _connect(address)
+    # After ray.init, which installs its own SIGTERM handler (it would end the process at
+    # once, exit status 15).
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve_was_running = _serve_running()
+        url = deploy(model, replicas=replicas, host=host, port=port, providers=providers,
+                     threads=threads, max_body_bytes=max_body_bytes,
+                     service_options=service_options, cpus_per_replica=cpus_per_replica)
+        plural = "replica" if replicas == 1 else "replicas"
+        print(f"lmonnx: serving {model} on {url} (Ray Serve, {replicas} {plural})",
+              file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
+        serve.delete(APP_NAME)
+        if started_ray or not serve_was_running:
+            serve.shutdown()
+        print("lmonnx: drained and stopped", file=sys.stderr, flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if started_ray:
+            ray.shutdown()
+
+
+def _serve_running() -> bool:
+    try:
+        serve.status()  # connects to a running Serve; raises when there is none
+    except Exception:
+        return False
+    return True
