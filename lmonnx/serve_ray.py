@@ -43,7 +43,6 @@ import json
 import math
 import os
 import random
-import secrets
 import signal
 import socket
 import sys
@@ -136,13 +135,7 @@ def _tagged_store(store, tag: str):
     """A :class:`lmonnx.states.StateStore` like ``store`` whose ids start with ``tag.``."""
     from lmonnx.states import StateStore
 
-    class TaggedStateStore(StateStore):
-        def put(self, state) -> str:
-            key = f"{tag}{_SEP}{secrets.token_urlsafe(12)}"
-            self._cache[key] = state
-            return key
-
-    return TaggedStateStore(max_bytes=store.max_bytes, ttl_s=store.ttl_s)
+    return StateStore(max_bytes=store.max_bytes, ttl_s=store.ttl_s, prefix=f"{tag}{_SEP}")
 
 
 class _Replica:

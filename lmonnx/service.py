@@ -15,7 +15,7 @@ import asyncio
 import time
 from typing import Callable, Sequence
 
-from lmonnx.batcher import CALL, SCORE, STEP, Batcher, BatchStats, NotStarted, Work
+from lmonnx.batcher import CALL, SCORE, STEP, Batcher, BatchStats, NotStarted
 from lmonnx.evaluate import SentenceResult, TokenScore, token_scores
 from lmonnx.examples import Example
 from lmonnx.incremental import END, LMState
@@ -109,6 +109,9 @@ class ScoringService:
                 raise NotStarted(f"the request waited {self.timeout_s:g} s in the queue "
                                  "without starting (--timeout-s); retry later")
             return await asyncio.shield(work.future)  # running: it finishes
+        except asyncio.CancelledError:  # the caller was cancelled (Ray Serve: client gone)
+            self.batcher.withdraw(work)
+            raise
         finally:
             if watch is not None:
                 watch.cancel()

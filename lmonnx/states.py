@@ -33,10 +33,12 @@ def state_bytes(state: LMState) -> int:
 
 class StateStore:
     """``put(state) -> id`` and ``get(id) -> state``; at most ``max_bytes`` of states, each
-    kept ``ttl_s`` seconds after its last use (a ``get`` renews it)."""
+    kept ``ttl_s`` seconds after its last use (a ``get`` renews it).  Ids start with
+    ``prefix``."""
 
     def __init__(self, max_bytes: int = 512 << 20, ttl_s: float = 600.0,
-                 timer=time.monotonic):
+                 timer=time.monotonic, prefix: str = ""):
+        self.prefix = prefix  # Ray Serve: the replica that holds the state, for routing
         self.max_bytes = check_int("max_bytes", max_bytes)
         self.ttl_s = check_real("ttl_s", ttl_s, low=0, low_open=True)
         self._cache = TTLCache(maxsize=self.max_bytes, ttl=self.ttl_s, timer=timer,
@@ -53,7 +55,7 @@ class StateStore:
 
     def put(self, state: LMState) -> str:
         """Keep ``state``; its new id (URL-safe, unguessable)."""
-        key = secrets.token_urlsafe(12)
+        key = self.prefix + secrets.token_urlsafe(12)
         self._cache[key] = state
         return key
 

@@ -506,7 +506,7 @@ def server_model(server: LiveServer) -> str:
 
 
 def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(live, ptb_sentences):
-    server = live()
+    server = live("--max-queue", "4096")  # every request accepted: 24 x 64 sentences
 
     async def main():
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -516,15 +516,19 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(live, ptb
                                                       json={"sentences": ptb_sentences[:64]}))
                     for _ in range(24)]
             await asyncio.sleep(0.3)  # read and queued: accepted
+            pending = sum(not f.done() for f in sent)
             server.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.05)
             ready = await client.get("/ready")
             late = await client.post("/v1/score", json={"sentences": ["too late"]})
             answers = await asyncio.gather(*sent, return_exceptions=True)
-        return answers, ready, late
+        return answers, ready, late, pending
 
-    answers, ready, late = run(main())
-    assert all(not isinstance(a, Exception) and a.status_code == 200 for a in answers), answers
+    answers, ready, late, pending = run(main())
+    assert pending > 0  # the signal came while work was queued
+    assert all(not isinstance(a, Exception) and a.status_code == 200 for a in answers), \
+        [a if isinstance(a, Exception) else (a.status_code, a.text[:200]) for a in answers
+         if isinstance(a, Exception) or a.status_code != 200]
     assert ready.status_code == 503
     assert late.status_code == 503
     assert server.proc.wait(60) == 0
