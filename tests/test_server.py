@@ -253,7 +253,7 @@ BAD_REQUESTS = [
     ("post", "/v1/score", b"{", 400, "invalid_json", "not valid JSON"),
     ("post", "/v1/score", b'{"sentences": ["caf\xe9"]}', 400, "invalid_utf8", "UTF-8"),
     ("post", "/v1/score", b'{"sentences": []}', 422, "invalid_request", "sentences"),
-    ("post", "/v1/score", b'{"sentences": "the cat"}', 422, "invalid_request", "valid list"),
+    ("post", "/v1/score", b'{"sentences": "the cat"}', 422, "invalid_request", "sentences: "),
     ("post", "/v1/score", b'{"sentences": [1]}', 422, "invalid_request", "sentences.0"),
     ("post", "/v1/score", b'{"sentences": ["a"], "per_token": "yes"}', 422, "invalid_request",
      "per_token"),
@@ -456,66 +456,78 @@ def test_overload_is_refused_at_once_and_accepted_requests_succeed(live, ptb_sen
     """--max-queue 16 and 128 clients, each sending 8 sentences again as soon as it has its
     answer (after a refusal: a short pause, not the Retry-After, to keep the pressure on):
     the 429s come back in under 50 ms with Retry-After, every accepted request is answered
-    right, the server's memory stays flat, and it answers correctly afterwards."""
+    right, the server's memory stays flat, and it answers correctly afterwards.  The load
+    comes from aiohttp, whose connection pool costs the same per request at 128 connections
+    (httpx's scans its connections: at 128 the client, not the server, sets the latency)."""
+    aiohttp = pytest.importorskip("aiohttp")
     server = live("--max-queue", "16")
     batch = ptb_sentences[:8]
     expected = [s.logprob for s in Scorer(server_model(server), providers="cpu").score(batch)]
 
-    async def load(client, seconds):
+    async def post(session):
+        start = time.perf_counter()
+        async with session.post("/v1/score", json={"sentences": batch}) as r:
+            return r.status, r.headers.get("Retry-After"), await r.json(), \
+                time.perf_counter() - start
+
+    async def load(session, seconds):
         answers = []
         stop = time.perf_counter() + seconds
 
         async def caller():
             while time.perf_counter() < stop:
-                start = time.perf_counter()
-                r = await client.post("/v1/score", json={"sentences": batch})
-                answers.append((r, time.perf_counter() - start))
-                if r.status_code == 429:
+                answers.append(await post(session))
+                if answers[-1][0] == 429:
                     await asyncio.sleep(0.05)
         await asyncio.gather(*[caller() for _ in range(128)])
         return answers
 
     async def main():
-        limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
-        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
-            await asyncio.gather(*[client.get("/health") for _ in range(128)])  # connected
-            first = await load(client, 2)
+        connector = aiohttp.TCPConnector(limit=128)
+        async with aiohttp.ClientSession(server.url, connector=connector) as session:
+            async def health():
+                async with session.get("/health") as r:
+                    await r.read()
+            await asyncio.gather(*[health() for _ in range(128)])  # 128 connections open
+            first = await load(session, 2)
             rss_after_first = server.rss_kib()
-            more = await load(client, 4)
+            more = await load(session, 4)
             rss_after = server.rss_kib()
-            after = await client.post("/v1/score", json={"sentences": batch})
+            after = await post(session)
         return first + more, rss_after_first, rss_after, after
 
     answers, rss1, rss2, after = run(main())
-    refused = np.array([seconds for r, seconds in answers if r.status_code == 429])
-    accepted = [r for r, _ in answers if r.status_code != 429]
+    refused = np.array([seconds for status, _, _, seconds in answers if status == 429])
+    accepted = [(status, body) for status, _, body, _ in answers if status != 429]
     assert len(refused) > 100 and accepted
-    assert all(r.status_code == 200 for r in accepted)
-    assert all([x["logprob"] for x in r.json()["results"]] == expected for r in accepted)
-    assert all(r.headers["Retry-After"].isdigit() for r, _ in answers if r.status_code == 429)
+    assert all(status == 200 for status, _ in accepted)
+    assert all([x["logprob"] for x in body["results"]] == expected for _, body in accepted)
+    assert all(retry.isdigit() for status, retry, _, _ in answers if status == 429)
     print(f"429: {len(refused)}, median {np.median(refused) * 1e3:.1f} ms, p95 "
-          f"{np.percentile(refused, 95) * 1e3:.1f} ms; 200: {len(accepted)}")
+          f"{np.percentile(refused, 95) * 1e3:.1f} ms, p99 {np.percentile(refused, 99) * 1e3:.1f}"
+          f" ms; 200: {len(accepted)}; RSS {rss1} -> {rss2} KiB")
     assert np.percentile(refused, 95) < 0.05, np.percentile(refused, [50, 95, 99])
     assert rss2 - rss1 < 20_000, (rss1, rss2)  # KiB: flat after the first seconds
-    assert after.status_code == 200
-    assert [x["logprob"] for x in after.json()["results"]] == expected
+    assert after[0] == 200
+    assert [x["logprob"] for x in after[2]["results"]] == expected
 
 
 def server_model(server: LiveServer) -> str:
     return server.proc.args[4]
 
 
-def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(live, ptb_sentences):
-    server = live("--max-queue", "4096")  # every request accepted: 24 x 64 sentences
+def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(live, scorer,
+                                                                        ptb_sentences):
+    server = live("--max-queue", "8192")  # room for every request: 24 x 256 sentences
 
     async def main():
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
             await client.get("/health")
             sent = [asyncio.ensure_future(client.post("/v1/score",
-                                                      json={"sentences": ptb_sentences[:64]}))
+                                                      json={"sentences": ptb_sentences[:256]}))
                     for _ in range(24)]
-            await asyncio.sleep(0.3)  # read and queued: accepted
+            await asyncio.sleep(0.2)  # read and queued (accepted), most not yet computed
             pending = sum(not f.done() for f in sent)
             server.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.05)
@@ -526,9 +538,17 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(live, ptb
 
     answers, ready, late, pending = run(main())
     assert pending > 0  # the signal came while work was queued
-    assert all(not isinstance(a, Exception) and a.status_code == 200 for a in answers), \
-        [a if isinstance(a, Exception) else (a.status_code, a.text[:200]) for a in answers
-         if isinstance(a, Exception) or a.status_code != 200]
+    # Each request is either accepted and answered (200) or refused with a clear 503 (it
+    # came after the signal); none is dropped, and some accepted ones were still pending.
+    assert all(not isinstance(a, Exception) for a in answers), answers
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) > len(answers) - pending, statuses
+    assert all("shutting down" in a.json()["error"]["message"] for a in answers
+               if a.status_code == 503)
+    expected = [x.logprob for x in scorer.score(ptb_sentences[:256])]
+    assert all([x["logprob"] for x in a.json()["results"]] == expected for a in answers
+               if a.status_code == 200)
     assert ready.status_code == 503
     assert late.status_code == 503
     assert server.proc.wait(60) == 0
