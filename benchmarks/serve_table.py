@@ -663,6 +663,9 @@ def main(argv=None) -> int:
                              "(default), httpx's own pool (O(connections) a request: the "
                              "client saturates first), or aiohttp (about half the client CPU "
                              "per request: more of the 2 cores left to the server)")
+    parser.add_argument("--providers", choices=("cpu", "cuda"), default="cpu",
+                        help="onnxruntime provider of the servers and of the in-process rows "
+                             "(default cpu)")
     parser.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="the load generator's event loop (uvloop when installed)")
     parser.add_argument("--quick", action="store_true",
@@ -731,7 +734,7 @@ def main(argv=None) -> int:
             model_path = args.model
         else:
             model_path = random_model(tmp, lines, **shape)
-        scorer = Scorer(model_path, providers="cpu")
+        scorer = Scorer(model_path, providers=args.providers)
         scorer.score(lines[:64])  # warm
         servers = []
         if "batched" in wanted:
@@ -744,7 +747,8 @@ def main(argv=None) -> int:
         try:
             for label, flags in servers:
                 t = time.perf_counter()
-                server = ServerProcess(model_path, flags, label).start()
+                server = ServerProcess(model_path, [*flags, "--providers", args.providers],
+                                       label).start()
                 started.append(server)
                 methods.append(Method(label, server))
                 print(f"# {name}: {label} server up in {time.perf_counter() - t:.1f} s "

@@ -138,9 +138,18 @@ def test_score_equals_scorer_exactly_under_16_concurrent_clients(live, scorer, p
         return got, metrics
 
     got, metrics = run(main())
+    # Bit for bit where onnxruntime's CPU kernels give a row the same bits in any batch (as
+    # on the AMD EPYC measured; checked here first, alone against together); a CPU whose
+    # kernels did not would still be held to float rounding.
+    alone = [scorer.score([s])[0] for s in ptb_sentences[:40]]
+    invariant = alone == expected[:40]
     for i, score in enumerate(expected):
-        assert got[i] == {"logprob": score.logprob, "tokens": score.tokens, "oovs": score.oovs,
-                          "perplexity": score.perplexity}, i
+        record = {"logprob": score.logprob, "tokens": score.tokens, "oovs": score.oovs,
+                  "perplexity": score.perplexity}
+        if invariant:
+            assert got[i] == record, i
+        else:
+            assert got[i] == pytest.approx(record, rel=1e-6), i
     # The sentences did share onnxruntime calls: fewer batches than sentences.
     batches = float(re.search(r'lmonnx_batch_sentences_count\{kind="score"\} (\S+)',
                               metrics).group(1))
