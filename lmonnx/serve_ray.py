@@ -255,16 +255,9 @@ class _Forwarding:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": answer})
             return
-        replayed = False
+        from lmonnx.server import replay_receive
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": more}
-            return await receive()
-
-        await self.gate(scope, replay, send)
+        await self.gate(scope, replay_receive(body, receive, more), send)
 
 
 _PLAIN_SCOPE = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path",

@@ -177,21 +177,12 @@ class _Gate:
             body = await self._read_body(scope, receive, send_timed)
             if body is None:
                 return
-            replayed = False
-
-            async def replay():
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
             direct = DIRECT_ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
             if direct is not None:
                 response = await self._answer_directly(direct, body, scope, receive)
                 await response(scope, receive, send_timed)
                 return
-            await self.app(scope, replay, send_timed)
+            await self.app(scope, replay_receive(body, receive), send_timed)
         finally:
             if scope.pop(ARRIVING, False):
                 batcher.arriving(-1)
@@ -263,6 +254,17 @@ def _endpoint(path: str) -> str:
 _ENDPOINTS = {"/health", "/ready", "/metrics", "/v1/score", "/v1/predict", "/v1/generate",
               "/v1/states", "/v1/step", "/v1/models", "/v1/completions", "/tokenizer_info",
               "/tokenize", "/detokenize"}
+def replay_receive(body: bytes, receive, more_body: bool = False):
+    """An ASGI ``receive`` that gives the already read ``body`` first, then what ``receive``
+    gives (the rest of the body, or the disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": more_body}]
+
+    async def receive_again():
+        return pending.pop() if pending else await receive()
+
+    return receive_again
+
+
 class _Request:
     """What the service needs of a request: its ASGI ``scope`` and ``receive``."""
 
