@@ -14,9 +14,11 @@ the same kind behind it, up to ``max_batch_sentences`` sentences (or decoder hyp
 While a batch computes, the next one fills by itself (continuous batching).  Before it runs
 a batch that is not full, the batcher waits at most ``max_wait_s`` (from the oldest work's
 arrival) for more, but only when more is in sight: requests the server is already reading
-(:meth:`Batcher.arriving`), or callers that are evidently concurrent (the last batch served
-more than one request).  A lone caller never waits.  Measured on 2 cores, 32 callers of one
-sentence each: waiting so raised throughput 10-15% over running whatever was queued.
+(:meth:`Batcher.arriving`), or many callers cycling (the last batch served
+:data:`MANY_CALLERS` requests or more), and only when a batch takes much longer to compute
+than the wait (:data:`WAIT_AGAINST_COMPUTE`): for a fast model a wait costs the queued
+callers more than running a second batch.  A lone caller never waits.  Measured on 2 cores, 32 callers of one sentence each: waiting so raised
+throughput 10-15% over running whatever was queued.
 
 Limits are answered at once, never by a slowly growing latency: past ``max_queue`` queued
 sentences :meth:`Batcher.submit` raises :class:`Overloaded` (with a ``retry_after`` estimate);
@@ -38,6 +40,14 @@ import numpy as np
 from lmonnx.validation import check_int, check_real
 
 SCORE, STEP, CALL = "score", "step", "call"
+# A batch that served this many requests says many callers are cycling: then the batcher waits
+# (up to max_wait) for the rest of them.  With a few callers each wait is a gap the compute
+# thread could have filled (2 cores, 2x64 model, 8 callers: 0.9x of not waiting; 32: 1.1x).
+MANY_CALLERS = 8
+# ... and only for a model whose batches take this many times max_wait to compute: a wait
+# small against the compute it saves (2x200 V=10k: ~15 ms a batch, waits; 2x64 V=3000:
+# ~0.5 ms, does not: 8 callers waiting 2 ms got 0.9x of not waiting).
+WAIT_AGAINST_COMPUTE = 4
 QUEUED, RUNNING, DONE, WITHDRAWN = "queued", "running", "done", "withdrawn"
 
 
@@ -111,6 +121,7 @@ class Batcher:
         self._running = 0
         self._arriving = 0
         self._last_batch_works = 0
+        self._last_compute_s = 0.0
         self._rate = 0.0  # sentences per second of compute, smoothed: Retry-After
         self.draining = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmonnx-compute")
@@ -206,10 +217,12 @@ class Batcher:
         return sentences >= self.max_batch_sentences or tokens >= self.max_batch_tokens
 
     async def _fill(self, first: Work) -> None:
-        """Wait at most ``max_wait_s`` after ``first`` arrived while more work is in sight:
-        requests being read, or concurrent callers (the last batch served several)."""
+        """Wait at most ``max_wait_s`` after ``first`` arrived while more work is in sight
+        (requests being read, or many callers cycling), if batches are slow to compute."""
+        if self._last_compute_s < WAIT_AGAINST_COMPUTE * self.max_wait_s:
+            return  # a fast model: the wait would cost more than the batch it fills
         deadline = first.enqueued + self.max_wait_s
-        while ((self._arriving > 0 or self._last_batch_works > 1)
+        while ((self._arriving > 0 or self._last_batch_works >= MANY_CALLERS)
                and not self._full(first.kind) and first.status == QUEUED):
             left = deadline - time.perf_counter()
             if left <= 0:
@@ -260,6 +273,8 @@ class Batcher:
             finally:
                 self._running -= 1
             seconds = time.perf_counter() - started
+            if works[0].kind != CALL:
+                self._last_compute_s = seconds
             self._deliver(works, results)
             self._account(works, started, seconds)
 
