@@ -213,8 +213,9 @@ def _arguments_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None,
                    help="the model's name in /v1/models (default: the file's stem)")
     p.add_argument("--max-wait-ms", type=_real_arg(0), default=2.0,
-                   help="longest a batch that is not full waits for requests being read "
-                        "(default 2; 0: run whatever is queued at once)")
+                   help="longest a batch that is not full waits for more when more is in "
+                        "sight and the model is slow enough for waiting to pay (default 2; "
+                        "0: run whatever is queued at once)")
     p.add_argument("--max-batch-sentences", type=_int_arg(1), default=64,
                    help="sentences (or decoder hypotheses) per batch at most (default 64; "
                         "1: one per onnxruntime call, the unbatched baseline)")
@@ -230,7 +231,7 @@ def _arguments_serve(p: argparse.ArgumentParser) -> None:
                    help="a request not started within this many seconds gets 504 (default 30)")
     p.add_argument("--state-ttl-s", type=_real_arg(0, low_open=True), default=600.0,
                    help="decoder states expire this long after their last use (default 600)")
-    p.add_argument("--state-memory-mb", type=_int_arg(1), default=512,
+    p.add_argument("--state-memory-mib", type=_int_arg(1), default=512,
                    help="decoder states kept at most, least recently used evicted first "
                         "(default 512 MiB)")
     p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS",
@@ -579,7 +580,7 @@ def _cmd_serve(args) -> None:
         name=args.name or args.model.stem, max_wait_ms=args.max_wait_ms,
         max_batch_sentences=args.max_batch_sentences, max_batch_tokens=args.max_batch_tokens,
         max_queue=args.max_queue, timeout_s=args.timeout_s, state_ttl_s=args.state_ttl_s,
-        state_max_bytes=args.state_memory_mb << 20)
+        state_max_bytes=args.state_memory_mib << 20)
     if args.ray is not None:
         from lmonnx.serve_ray import serve_on_ray
 

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from lmonnx.incremental import LMState, next_token_ids, state_from_logits
 from lmonnx.server import ApiError
 from lmonnx.service import ScoringService
+from lmonnx.validation import check_real
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID, Vocabulary
 from lmonnx.xent import token_nll_and_hits
 
@@ -371,8 +372,10 @@ def _refuse_unsupported(body: CompletionBody) -> None:
 def _sampling(body: CompletionBody) -> Sampling:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else None  # vLLM: -1, 0 off
+    temperature = 1.0 if body.temperature is None else check_real(
+        "temperature", body.temperature, low=0)  # finite: no Infinity, as /v1/generate
     return Sampling(max_tokens=16 if body.max_tokens is None else body.max_tokens,
-                    temperature=1.0 if body.temperature is None else body.temperature,
+                    temperature=temperature,
                     top_k=top_k, stop=[s for s in stop if s], logprobs=body.logprobs)
 
 

@@ -239,7 +239,7 @@ class _Forwarding:
         body = b"".join(chunks)
         more = size > self.gate.max_body_bytes
         ids = _state_ids(scope, body) if not more else None
-        tags = {replica_of(i) for i in ids or ()}
+        tags = {replica_of(i) for i in ids or ()} - {""}  # an untagged id: unknown anywhere
         foreign = tags - {self.replica.tag}
         if len(tags) > 1 and foreign:
             from lmonnx.server import error_response
@@ -270,13 +270,16 @@ def _may_hold_state_ids(scope) -> bool:
                 and scope.get("path", "").startswith("/v1/states/")))
 
 
-def _deployment(*, replicas: int, cpus_per_replica: float, max_ongoing_requests: int):
+def _deployment(*, replicas: int, cpus_per_replica: float, max_ongoing_requests: int,
+                drain_s: float = 90.0):
+    """``drain_s``: how long Ray Serve lets a replica finish its requests at shutdown (its
+    default, 20 s, is shorter than a request may wait in the queue: --timeout-s, 30 s)."""
     from ray.serve.config import RequestRouterConfig
 
     return serve.deployment(
         serve.ingress()(_Replica), name=DEPLOYMENT, num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica},
-        max_ongoing_requests=max_ongoing_requests,
+        max_ongoing_requests=max_ongoing_requests, graceful_shutdown_timeout_s=drain_s,
         request_router_config=RequestRouterConfig(request_router_class=StateRouter))
 
 
@@ -345,7 +348,8 @@ def deploy(model, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 800
     port = port or _free_port(host)
     serve.start(http_options={"host": host, "port": port})
     app = _deployment(replicas=replicas, cpus_per_replica=cpus_per_replica,
-                      max_ongoing_requests=max_ongoing_requests).bind(
+                      max_ongoing_requests=max_ongoing_requests,
+                      drain_s=float(options.get("timeout_s", 30.0)) + 60.0).bind(
         [ray.put(data)], name=name, providers=providers,
         threads=threads or max(1, math.ceil(cpus_per_replica - 1e-9)),
         max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, service_options=options)

@@ -31,11 +31,11 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmonnx.batcher import Draining, NotStarted, Overloaded
-from lmonnx.errors import LmonnxError
+from lmonnx.errors import InferenceError, LmonnxError, ProviderError
 from lmonnx.evaluate import json_text
 from lmonnx.incremental import END, EOS_TEXT
 from lmonnx.metrics import finite_or_none
-from lmonnx.service import ARRIVING, ClientGone, ScoringService
+from lmonnx.service import ADMITTED, ARRIVING, ClientGone, ScoringService
 from lmonnx.states import UnknownState
 
 log = logging.getLogger("lmonnx.server")
@@ -69,6 +69,9 @@ def _api_error(exc: BaseException) -> ApiError:
         return ApiError(404, "not_found", str(exc))
     if isinstance(exc, ClientGone):
         return ApiError(499, "client_closed", str(exc))
+    if isinstance(exc, (InferenceError, ProviderError)):  # the model or the runtime failed
+        log.error("model failure: %s", exc)
+        return ApiError(500, "model_error", str(exc).splitlines()[0])
     if isinstance(exc, (LmonnxError, ValueError, TypeError)):
         return ApiError(422, "invalid_request", str(exc).splitlines()[0] if str(exc) else
                         type(exc).__name__)
@@ -159,7 +162,7 @@ class _Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        status = {"code": 500}
+        status = {"code": 499}  # no answer started: the client left (nginx's 499)
         metrics = self.service.metrics
 
         async def send_timed(message):
@@ -186,11 +189,13 @@ class _Gate:
         finally:
             if scope.pop(ARRIVING, False):
                 batcher.arriving(-1)
+            if scope.pop(ADMITTED, False):
+                batcher.admit(-1)
             endpoint = _endpoint(scope.get("path", ""))
             metrics.requests.labels(endpoint, str(status["code"])).inc()
             metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
-            if status["code"] in (413, 429, 503, 504, 400):
-                metrics.rejections.labels(_REASONS.get(status["code"])).inc()
+            if scope["method"] != "GET" and status["code"] in _REASONS:
+                metrics.rejections.labels(_REASONS[status["code"]]).inc()
 
     async def _answer_directly(self, route, body: bytes, scope, receive) -> Response:
         model, answer = route
@@ -403,9 +408,10 @@ async def step_answer(service: ScoringService, body: StepBody, request) -> dict:
 
 
 # The hot routes, answered by the gate without FastAPI's layers (routing, dependency
-# injection, its middleware): same body model, same answer function, same errors, about a
-# quarter less event-loop CPU per request -- which is what caps throughput for small models
-# (benchmarks/serve_table.py).  FastAPI keeps them too, for /docs and its OpenAPI schema.
+# injection, its middleware): the same body models and answer functions, pydantic's JSON
+# parser (its messages say "array", "object"), about a quarter less event-loop CPU per
+# request -- which is what caps throughput for small models (benchmarks/serve_table.py).
+# FastAPI declares them too, for /docs and the OpenAPI schema; requests never reach those.
 DIRECT_ROUTES = {"/v1/score": (ScoreBody, score_answer), "/v1/step": (StepBody, step_answer)}
 
 

@@ -21,7 +21,8 @@ from lmonnx.examples import Example
 from lmonnx.incremental import END, LMState
 from lmonnx.metrics import default_max_tokens
 from lmonnx.scorer import Scorer
-from lmonnx.states import StateStore
+from lmonnx.errors import InvalidArgumentError
+from lmonnx.states import StateStore, state_bytes
 from lmonnx.telemetry import ServerMetrics
 from lmonnx.validation import check_int, check_real
 
@@ -29,6 +30,7 @@ from lmonnx.validation import check_int, check_real
 # event loop (and every other caller) for a noticeable time.
 _TOKENIZE_INLINE_CHARS = 1 << 16
 ARRIVING = "lmonnx.arriving"  # ASGI scope key: the request still counts as arriving
+ADMITTED = "lmonnx.admitted"  # ASGI scope key: the request was accepted (draining waits)
 
 
 class ClientGone(Exception):
@@ -60,6 +62,10 @@ class ScoringService:
             max_batch_tokens=check_int("max_batch_tokens", budget), max_queue=max_queue,
             on_batch=self._observe)
         self.states = StateStore(max_bytes=state_max_bytes, ttl_s=state_ttl_s)
+        one = state_bytes(scorer.begin())
+        if self.states.max_bytes < one:
+            raise InvalidArgumentError(f"the state memory ({state_max_bytes} bytes) holds no "
+                                       f"decoder state: one takes {one} bytes")
         self.watch_disconnects = watch_disconnects
         self.started = time.time()
         self._warm_up()
@@ -90,9 +96,15 @@ class ScoringService:
                   request=None):
         """Queue work and await its result under the deadline; ``request`` (an ASGI
         request with ``scope`` and ``receive``) is watched for a disconnect."""
-        if request is not None and request.scope.pop(ARRIVING, False):
+        scope = request.scope if request is not None else {}
+        first = scope.pop(ARRIVING, False)  # the gate's request, queuing its first work
+        if first:
             self.batcher.arriving(-1)
-        work = self.batcher.submit(kind, payload, sentences, tokens)
+        work = self.batcher.submit(kind, payload, sentences, tokens,
+                                   admitted=scope.get(ADMITTED, False))
+        if first:
+            scope[ADMITTED] = True  # the gate lowers the count once the answer is written
+            self.batcher.admit(+1)
         self.metrics.queue_depth.set(self.batcher.queued_sentences)
         watch = (asyncio.ensure_future(_disconnect(request))
                  if request is not None and self.watch_disconnects else None)
@@ -180,4 +192,4 @@ async def _disconnect(request) -> None:
             return
 
 
-__all__ = ["ScoringService", "ClientGone", "END", "ARRIVING"]
+__all__ = ["ScoringService", "ClientGone", "END", "ARRIVING", "ADMITTED"]

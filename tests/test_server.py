@@ -22,10 +22,10 @@ httpx = pytest.importorskip("httpx")
 
 from lmonnx import Scorer  # noqa: E402
 from lmonnx._testing import build_random_lm, make_vocab  # noqa: E402
-from lmonnx.batcher import Batcher  # noqa: E402
+from lmonnx.batcher import Batcher, Draining  # noqa: E402
 from lmonnx.incremental import END  # noqa: E402
 from lmonnx.server import create_app  # noqa: E402
-from lmonnx.service import ScoringService  # noqa: E402
+from lmonnx.service import ARRIVING, ScoringService  # noqa: E402
 from lmonnx.vocab import TokenizerOptions, Vocabulary  # noqa: E402
 
 
@@ -444,21 +444,82 @@ def test_queued_callers_share_a_batch_up_to_the_cap(scorer, ptb_sentences, max_b
         assert len(scores) <= 2  # all 32 waited behind the call: one batch (two at most)
 
 
-def test_the_batcher_never_waits_for_a_lone_caller():
-    """max_wait only applies while other requests are being read."""
-    calls = []
+def test_a_lone_caller_waits_at_most_once_after_a_burst():
+    """max_wait applies while many callers cycle (a slow model's batches); after a burst the
+    first lone request may wait up to max_wait, the next ones never do."""
+    started = []
+
+    def compute(examples, **kw):
+        started.append(time.perf_counter())
+        time.sleep(0.05)  # a slow model: batches take >= 4 x max_wait
+        return [0] * len(examples)
 
     async def main():
-        batcher = Batcher(lambda ex, **kw: calls.append(time.perf_counter()) or [0] * len(ex),
-                          None, max_wait_s=5.0)
-        started = time.perf_counter()
-        work = batcher.submit("score", (["x"], False))
-        await work.future
+        batcher = Batcher(compute, None, max_wait_s=0.01)
+        burst = [batcher.submit("score", ([f"x{i}"], False)) for i in range(10)]
+        await asyncio.gather(*[w.future for w in burst])
+        delays = []
+        for _ in range(3):
+            sent = time.perf_counter()
+            await batcher.submit("score", (["alone"], False)).future
+            delays.append(started[-1] - sent)
         batcher.close()
-        return started
+        return delays
 
-    started = run(main())
-    assert calls[0] - started < 1.0
+    after_burst, *lone = run(main())
+    assert after_burst < 0.05  # at most max_wait (10 ms), with scheduling slack
+    assert all(d < 0.005 for d in lone), lone  # never the 10 ms wait
+
+
+def test_draining_answers_every_prompt_of_an_accepted_request(scorer):
+    """A request accepted before the drain may queue more work (its next prompt) while
+    draining, and the drain waits until the gate has answered it."""
+    service = _service(scorer)
+
+    class Accepted:
+        scope = {ARRIVING: True}
+
+        async def receive(self):
+            await asyncio.sleep(3600)
+
+    async def main():
+        request = Accepted()
+        service.batcher.arriving(+1)
+        first = await service.call(lambda: "first", request=request)
+        drain = asyncio.ensure_future(service.batcher.drain())
+        await asyncio.sleep(0.05)
+        second = await service.call(lambda: "second", request=request)  # not refused
+        assert not drain.done()  # the request is still being answered
+        with pytest.raises(Draining):
+            await service.call(lambda: "new")  # a new request is refused
+        service.batcher.admit(-1)  # what the gate does once the answer is written
+        await asyncio.wait_for(drain, 1)
+        return first, second
+
+    assert run(main()) == ("first", "second")
+
+
+def test_a_state_memory_smaller_than_one_state_is_refused(scorer):
+    with pytest.raises(ValueError, match="holds no decoder state"):
+        _service(scorer, state_max_bytes=100)
+
+
+def test_a_model_failure_is_a_500_not_the_callers_fault(scorer, monkeypatch):
+    from lmonnx.errors import InferenceError
+
+    app = create_app(_service(scorer))
+
+    def broken(prefix, k):
+        raise InferenceError("model.onnx: the next-word distribution holds NaN")
+
+    monkeypatch.setattr(scorer, "predict_next", broken)
+
+    async def main():
+        async with _client(app) as client:
+            return await client.post("/v1/predict", json={"prefix": "the"})
+
+    r = run(main())
+    assert r.status_code == 500 and r.json()["error"]["type"] == "model_error"
 
 
 def test_overload_is_refused_at_once_and_accepted_requests_succeed(live, ptb_sentences):
@@ -536,7 +597,11 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(live, sco
             sent = [asyncio.ensure_future(client.post("/v1/score",
                                                       json={"sentences": ptb_sentences[:256]}))
                     for _ in range(24)]
-            await asyncio.sleep(0.2)  # read and queued (accepted), most not yet computed
+            for _ in range(200):  # until the server has work queued (accepted, not computed)
+                metrics = (await client.get("/metrics")).text
+                if float(re.search(r"^lmonnx_queue_sentences (\S+)$", metrics, re.M)[1]) > 0:
+                    break
+                await asyncio.sleep(0.01)
             pending = sum(not f.done() for f in sent)
             server.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.05)
