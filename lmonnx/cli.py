@@ -206,7 +206,8 @@ def _arguments_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto",
                    help="onnxruntime execution provider (auto: CUDA when usable, else CPU)")
     p.add_argument("--threads", type=_int_arg(1), default=None,
-                   help="onnxruntime intra-op threads (default: one per core)")
+                   help="onnxruntime intra-op threads (default: one per core; with --ray, "
+                        "the replica's CPUs, rounded up)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                    "127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=_int_arg(0, 65535), default=8000, help="default 8000")
@@ -223,8 +224,9 @@ def _arguments_serve(p: argparse.ArgumentParser) -> None:
                    help="scored positions per batch at most (default: a batch's logits "
                         "<= 64 MiB)")
     p.add_argument("--max-queue", type=_int_arg(1), default=1024,
-                   help="sentences waiting at most; past it 429 with Retry-After (default "
-                        "1024)")
+                   help="sentences waiting at most: a request that would pass it gets 429 "
+                        "with Retry-After (one larger than the whole queue is taken when the "
+                        "queue is empty) (default 1024)")
     p.add_argument("--max-body-bytes", type=_int_arg(1), default=32 << 20,
                    help="largest request body; past it 413 (default 32 MiB)")
     p.add_argument("--timeout-s", type=_real_arg(0, low_open=True), default=30.0,
@@ -232,8 +234,8 @@ def _arguments_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-ttl-s", type=_real_arg(0, low_open=True), default=600.0,
                    help="decoder states expire this long after their last use (default 600)")
     p.add_argument("--state-memory-mib", type=_int_arg(1), default=512,
-                   help="decoder states kept at most, least recently used evicted first "
-                        "(default 512 MiB)")
+                   help="memory for decoder states, in MiB: past it the least recently used "
+                        "state is evicted (default 512)")
     p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS",
                    help="serve on a Ray cluster with Ray Serve (extra lmonnx[ray]): auto = "
                         "RAY_ADDRESS, else a local cluster; or the cluster's address")
@@ -571,11 +573,13 @@ def _cmd_generate(args) -> None:
         print(" ".join(w for w in [prefix.strip(), *words] if w))
 
 
-def _cmd_serve(args) -> None:
+def _cmd_serve(args) -> int | None:
     _passive_openmp()
     if args.replicas is not None and args.ray is None:
         raise InvalidArgumentError("--replicas needs --ray (one process serves one model "
                                    "replica; see the README's deployment notes)")
+    if args.name is not None and not args.name.strip():
+        raise InvalidArgumentError("--name must not be empty (it is the model's id in /v1/models)")
     service_options = dict(
         name=args.name or args.model.stem, max_wait_ms=args.max_wait_ms,
         max_batch_sentences=args.max_batch_sentences, max_batch_tokens=args.max_batch_tokens,
@@ -590,22 +594,26 @@ def _cmd_serve(args) -> None:
                      service_options=service_options)
         return
     try:
-        from lmonnx.server import build_app, serve
+        from lmonnx.server import build_app, listening_socket, serve
     except ImportError as exc:
         raise MissingDependencyError("lmonnx serve needs the extra 'lmonnx[serve]' (pip install "
                                      f"'lmonnx[cpu,serve]'): {exc}") from None
+    sock = listening_socket(args.host, args.port)  # a port in use fails before the model loads
     app = build_app(args.model, providers=args.providers, threads=args.threads,
                     max_body_bytes=args.max_body_bytes, **service_options)
     service = app.state.service
 
     def announce(server) -> None:
-        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
         print(f"lmonnx: serving {args.model} ({service.scorer.provider}, vocabulary "
-              f"{len(service.vocab)}) on http://{args.host}:{port}", file=sys.stderr,
-              flush=True)
+              f"{len(service.vocab)}) on http://{args.host}:{sock.getsockname()[1]}",
+              file=sys.stderr, flush=True)
 
-    serve(app, host=args.host, port=args.port, log_level=args.log_level, on_ready=announce)
-    print("lmonnx: drained and stopped", file=sys.stderr)
+    if serve(app, sock, log_level=args.log_level, on_ready=announce):
+        print("lmonnx: drained and stopped", file=sys.stderr)
+        return 0
+    print("lmonnx: stopped at a second signal: requests still running were cut off",
+          file=sys.stderr)
+    return 130
 
 
 COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export,
@@ -639,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _show_library_messages()
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("lmonnx: interrupted", file=sys.stderr)
         return 130
@@ -656,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{message}: {exc.filename}"
         print(f"lmonnx: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

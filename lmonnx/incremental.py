@@ -181,7 +181,13 @@ class Incremental:
         for i, s in enumerate(states):
             if s.ended:
                 raise InvalidArgumentError(f"hypothesis {i} already ended with </s>; it cannot be advanced")
-        return states, np.array([self.word_id(w) for w in words], dtype=np.int64)
+        ids = np.empty(len(words), dtype=np.int64)
+        for i, word in enumerate(words):
+            try:
+                ids[i] = self.word_id(word)
+            except (InvalidArgumentError, ArgumentTypeError) as exc:
+                raise type(exc)(f"word {i}: {exc}") from None
+        return states, ids
 
     def step_batch(self, states: Sequence[LMState], words: Sequence):
         """Advance hypothesis i by ``words[i]`` (a word or :data:`END`): ``(logprobs,

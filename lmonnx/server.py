@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from typing import Optional
 
@@ -88,9 +89,12 @@ def _validation_message(exc) -> tuple[int, str, str]:
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return 400, "invalid_json", f"the request body is not valid JSON: {detail}".rstrip(": ")
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return 422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}{more}"
+    def located(error) -> str:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        return f"{where}: {error.get('msg', 'invalid')}"
+
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return 422, "invalid_request", "; ".join(map(located, errors[:3])) + more
 
 
 # ---- request bodies: strict types (no "1" for 1, no 1 for "1"), unknown fields refused ----
@@ -417,17 +421,35 @@ DIRECT_ROUTES = {"/v1/score": (ScoreBody, score_answer), "/v1/step": (StepBody, 
 
 # ---- running it --------------------------------------------------------------------------
 
-def serve(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
-          on_ready=None) -> None:
-    """Run ``app`` on uvicorn until SIGINT/SIGTERM.  The first signal drains: ``/ready``
-    answers 503, new work 503, every accepted request is answered, then uvicorn stops and
-    this returns (exit status 0).  A second signal stops at once."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` and listening; an ``OSError`` that names the
+    address when it cannot be (an unknown host, a port in use): the CLI's one-line error,
+    before any model work, instead of uvicorn's log line and exit status 3."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port} (--host, --port): "
+                                 f"{exc.strerror or exc}") from None
+    return sock
+
+
+def serve(app, sock: socket.socket, *, log_level: str = "warning", on_ready=None) -> bool:
+    """Run ``app`` on uvicorn over ``sock`` until SIGINT/SIGTERM.  The first signal drains:
+    ``/ready`` answers 503, new work 503, every accepted request is answered, then uvicorn
+    stops; True.  A second signal stops at once, cutting off what runs: False."""
+    host, port = sock.getsockname()[:2]
     # Keep-alive longer than clients' pools keep idle connections (httpx: 5 s), so that the
     # server never closes a connection a client is reusing at that moment (a failed request).
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_keep_alive=65, lifespan="off")
     server = _DrainingServer(config, app.state.service, on_ready)
-    server.run()
+    server.run(sockets=[sock])
+    return not server.forced
 
 
 class _DrainingServer(uvicorn.Server):
@@ -436,6 +458,7 @@ class _DrainingServer(uvicorn.Server):
         self.service = service
         self._on_ready = on_ready
         self._draining = False
+        self.forced = False
 
     async def startup(self, sockets=None):
         await super().startup(sockets)
@@ -446,7 +469,7 @@ class _DrainingServer(uvicorn.Server):
         # Not uvicorn's handler: it would stop reading at once and re-raise the signal at
         # the end (exit 143); a drained server exits 0.
         if self._draining:  # the second signal: stop now
-            self.should_exit = self.force_exit = True
+            self.should_exit = self.force_exit = self.forced = True
             return
         self._draining = True
         self.service.batcher.draining = True

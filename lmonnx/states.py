@@ -66,10 +66,10 @@ class StateStore:
             state = self._cache[key]
         except KeyError:
             raise UnknownState(
-                f"unknown state {key!r}: it expired ({self.ttl_s:g} s after its last use), "
-                f"was evicted (the server keeps at most {self.max_bytes >> 20} MiB of states, "
-                f"least recently used first), or never existed; start again from "
-                f"POST /v1/states") from None
+                f"unknown state {key!r}: the server restarted, or the state expired "
+                f"({self.ttl_s:g} s after its last use) or was evicted (at most "
+                f"{self.max_bytes >> 20} MiB of states are kept, least recently used first); "
+                f"start again from POST /v1/states") from None
         self._cache[key] = state  # renews the TTL: a live beam is not expired under it
         return state
 

@@ -655,11 +655,35 @@ def test_metrics_count_what_was_done(scorer):
 
 
 def test_cli_serve_refuses_bad_arguments_in_one_line(tmp_path, model):
-    env = dict(os.environ)
-    for args, words in [([str(tmp_path / "missing.onnx")], "missing.onnx"),
-                        ([str(model), "--replicas", "2"], "--replicas needs --ray"),
-                        ([str(model), "--max-queue", "0"], "--max-queue")]:
-        done = subprocess.run([sys.executable, "-m", "lmonnx", "serve", *args, "--port", "0"],
-                              capture_output=True, text=True, env=env, timeout=120)
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    busy_port = str(taken.getsockname()[1])
+    for args, words in [([str(tmp_path / "missing.onnx"), "--port", "0"], "missing.onnx"),
+                        ([str(model), "--replicas", "2", "--port", "0"], "--replicas needs --ray"),
+                        ([str(model), "--max-queue", "0", "--port", "0"], "--max-queue"),
+                        ([str(model), "--name", " ", "--port", "0"], "--name"),
+                        ([str(model), "--port", busy_port], "cannot listen on 127.0.0.1"),
+                        ([str(model), "--host", "no.such.host.invalid", "--port", "0"],
+                         "cannot listen on no.such.host.invalid")]:
+        done = subprocess.run([sys.executable, "-m", "lmonnx", "serve", *args],
+                              capture_output=True, text=True, timeout=120)
         assert done.returncode in (1, 2), done
         assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    taken.close()
+
+
+def test_a_step_whose_states_would_not_fit_is_refused(scorer):
+    one = 4 * (2 * 2 * 32 + len(scorer.vocab))
+    app = create_app(_service(scorer, state_max_bytes=3 * one))
+
+    async def main():
+        async with _client(app) as client:
+            root = (await client.post("/v1/states", json={})).json()["state"]
+            return await client.post("/v1/step", json={"steps": [
+                {"state": root, "word": "the"}] * 5})
+
+    r = run(main())
+    assert r.status_code == 422 and "--state-memory-mib" in r.json()["error"]["message"]
