@@ -328,7 +328,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, kind, str(exc.detail))
+        return error_response(exc.status_code, kind, str(exc.detail),
+                              getattr(exc, "headers", None))  # 405: Allow
 
     async def answer(request: Request, exc: Exception):
         err = _api_error(exc)

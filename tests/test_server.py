@@ -291,6 +291,8 @@ def test_a_bad_request_gets_its_status_and_one_clear_message(scorer, method, pat
 
     r = run(main())
     assert r.status_code == status, r.text
+    if status == 405:
+        assert r.headers["Allow"] == "POST"
     error = r.json()["error"]
     assert error["type"] == kind and words in error["message"], error
     assert "\n" not in error["message"]
