@@ -37,7 +37,6 @@ token budget that carry the LSTM state.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
@@ -50,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from lmonnx.incremental import LMState, next_token_ids, state_from_logits
 from lmonnx.server import ApiError
-from lmonnx.service import ScoringService
+from lmonnx.service import ScoringService, tokenize_off_loop
 from lmonnx.validation import check_real
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID, Vocabulary
 from lmonnx.xent import token_nll_and_hits
@@ -63,7 +62,6 @@ MAX_COMPLETION_TOKENS = 10_000  # what /v1/generate allows
 _SPECIALS = {"<s>": BOS_ID, "</s>": EOS_ID}
 _SPECIAL_SPLIT = re.compile(r"(<s>|</s>)")
 _BOUNDARIES = (BOS_ID, EOS_ID)
-_TOKENIZE_INLINE_CHARS = 1 << 16  # longer prompt text is tokenized on a worker thread
 
 
 def invalid(message: str) -> ApiError:
@@ -440,11 +438,9 @@ async def _prompt_token_lists(service: ScoringService, body: CompletionBody) -> 
     """The request's prompts as token ids, tokenized on a worker thread when they are long
     (a 1M-word text would hold the event loop, and every other caller, for a while)."""
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    size = sum(len(t) for t in texts if isinstance(t, str)) if isinstance(texts, list) else 0
-    if size > _TOKENIZE_INLINE_CHARS:
-        return await asyncio.to_thread(prompt_token_lists, service.vocab, body.prompt,
-                                       body.add_special_tokens)
-    return prompt_token_lists(service.vocab, body.prompt, body.add_special_tokens)
+    return await tokenize_off_loop(texts if isinstance(texts, list) else [],
+                                   prompt_token_lists, service.vocab, body.prompt,
+                                   body.add_special_tokens)
 
 
 async def _complete(service: ScoringService, body: CompletionBody, request: Request) -> dict:

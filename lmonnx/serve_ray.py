@@ -226,28 +226,21 @@ class _Forwarding:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not _may_hold_state_ids(scope):
             return await self.gate(scope, receive, send)
+        from lmonnx.server import read_body, replay_receive, send_error
+
         # Read the body (bounded by the gate's limit) to see which replica holds the states.
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.gate.max_body_bytes or not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        more = size > self.gate.max_body_bytes
+        read = await read_body(receive, self.gate.max_body_bytes)
+        if read is None:
+            return
+        body, more = read  # more: past the limit, the gate answers 413
         ids = _state_ids(scope, body) if not more else None
         tags = {replica_of(i) for i in ids or ()} - {""}  # an untagged id: unknown anywhere
         foreign = tags - {self.replica.tag}
         if len(tags) > 1 and foreign:
-            from lmonnx.server import error_response
-
-            return await error_response(
-                404, "not_found", "these states are held by different replicas "
+            return await send_error(
+                send, 404, "not_found", "these states are held by different replicas "
                 f"({', '.join(sorted(tags))}); step states of one /v1/states session "
-                "per request")({"type": "http"}, None, send)
+                "per request")
         if foreign and "" not in foreign:
             first = next(i for i in ids if replica_of(i) in foreign)
             plain = {k: scope[k] for k in _PLAIN_SCOPE if k in scope}
@@ -255,8 +248,6 @@ class _Forwarding:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": answer})
             return
-        from lmonnx.server import replay_receive
-
         await self.gate(scope, replay_receive(body, receive, more), send)
 
 
@@ -303,7 +294,7 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _check_model(model) -> tuple[str, bytes]:
+def _read_model(model) -> tuple[str, bytes]:
     """The model's name and bytes, checked on the driver (a missing or foreign file fails
     now, in one line, with the local message)."""
     from lmonnx.runtime import ModelSession
@@ -336,7 +327,7 @@ def deploy(model, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 800
     max_ongoing_requests = check_int("max_ongoing_requests", max_ongoing_requests)
     if not ray.is_initialized():
         raise InvalidArgumentError("deploy() needs a Ray cluster: call ray.init() first")
-    name, data = _check_model(model)
+    name, data = _read_model(model)
     cpus = ray.cluster_resources().get("CPU", 0.0)
     if replicas * cpus_per_replica > cpus + 1e-9:
         raise InvalidArgumentError(
@@ -368,7 +359,7 @@ def serve_on_ray(model, *, address: str | None = "auto", replicas: int = 1,
     requests are answered), shut Serve down when this process started the cluster or Serve,
     and return (exit status 0)."""
     _require_serve()
-    _check_model(model)  # before any cluster starts
+    _read_model(model)  # before any cluster starts
     started_ray = _connect(address)
     # After ray.init, which installs its own SIGTERM handler (it would end the process at
     # once, exit status 15).

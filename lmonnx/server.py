@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmonnx.batcher import Draining, NotStarted, Overloaded
 from lmonnx.errors import InferenceError, LmonnxError, ProviderError
-from lmonnx.evaluate import json_text
+from lmonnx.evaluate import json_text, token_scores
 from lmonnx.incremental import END, EOS_TEXT
 from lmonnx.metrics import finite_or_none
 from lmonnx.service import ADMITTED, ARRIVING, ClientGone, ScoringService
@@ -141,7 +141,7 @@ def _score_record(service: ScoringService, example, result, per_token: bool) -> 
     if per_token:
         record["per_token"] = [{"word": t.word, "id": t.id, "logprob": t.logprob,
                                 "oov": t.is_oov}
-                               for t in service.token_scores(example, result)]
+                               for t in token_scores(example, result)]
     return record
 
 
@@ -219,27 +219,20 @@ class _Gate:
         headers = dict(scope.get("headers") or ())
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._refuse(send, 413, "too_large", self._too_large(int(declared)))
+            await send_error(send, 413, "too_large", self._too_large(int(declared)))
             return None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._refuse(send, 413, "too_large", self._too_large(size, "at least "))
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        read = await read_body(receive, self.max_body_bytes)
+        if read is None:
+            return None
+        body, over = read
+        if over:
+            await send_error(send, 413, "too_large", self._too_large(len(body), "at least "))
+            return None
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            await self._refuse(send, 400, "invalid_utf8",
-                               f"the request body is not valid UTF-8 (byte {exc.start})")
+            await send_error(send, 400, "invalid_utf8",
+                             f"the request body is not valid UTF-8 (byte {exc.start})")
             return None
         return body
 
@@ -247,10 +240,34 @@ class _Gate:
         return (f"the request body is {qualifier}{size} bytes; this server takes at most "
                 f"{self.max_body_bytes} (--max-body-bytes)")
 
-    @staticmethod
-    async def _refuse(send, status: int, kind: str, message: str) -> None:
-        await error_response(status, kind, message, {"Connection": "close"})(
-            {"type": "http"}, None, send)
+    @property
+    def state(self):
+        """The FastAPI app's ``state`` (``state.service``), for Ray Serve's replica."""
+        return self.app.state
+
+
+async def read_body(receive, limit: int) -> tuple[bytes, bool] | None:
+    """``(body, over)``: the request body read from ASGI ``receive``, stopping once past
+    ``limit`` bytes (``over`` True: what was read, and more may follow); None when the client
+    disconnected first."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return b"".join(chunks), True
+        if not message.get("more_body", False):
+            return b"".join(chunks), False
+
+
+async def send_error(send, status: int, kind: str, message: str) -> None:
+    """Answer an ASGI request with an error of its own (the gate's refusals), closing the
+    connection."""
+    await error_response(status, kind, message, {"Connection": "close"})({"type": "http"},
+                                                                          None, send)
 
 
 def _endpoint(path: str) -> str:
@@ -298,8 +315,9 @@ def build_app(model, *, providers: str = "auto", threads: int | None = None,
 
 
 def create_app(service: ScoringService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               ) -> FastAPI:
-    """The FastAPI app of one :class:`ScoringService` (``app.state.service``)."""
+               ) -> "_Gate":
+    """The ASGI app of one :class:`ScoringService`: the gate in front of the FastAPI app
+    (reachable as ``.app``; ``.state.service`` is the service)."""
     app = FastAPI(title="lmonnx", description="Stacked-LSTM word LM scoring (nats)",
                   default_response_class=StrictJSONResponse, docs_url="/docs", redoc_url=None)
     app.state.service = service
@@ -308,16 +326,7 @@ def create_app(service: ScoringService, *, max_body_bytes: int = DEFAULT_MAX_BOD
     from lmonnx.openai_api import add_openai_routes
 
     add_openai_routes(app, service)
-    return _GateApp(app, service, max_body_bytes)
-
-
-class _GateApp(_Gate):
-    """The gate in front of the FastAPI app, which stays reachable as ``.app`` (routes,
-    ``state``) for tests and for Ray Serve's ingress."""
-
-    @property
-    def state(self):
-        return self.app.state
+    return _Gate(app, service, max_body_bytes)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -355,9 +364,7 @@ def _add_routes(app: FastAPI, service: ScoringService) -> None:
 
     @app.get("/metrics")
     async def metrics():
-        service.metrics.queue_depth.set(service.batcher.queued_sentences)
-        service.metrics.live_states.set(len(service.states))
-        service.metrics.state_bytes.set(service.states.nbytes)
+        service.refresh_gauges()
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
     @app.post("/v1/score")

@@ -16,7 +16,7 @@ import time
 from typing import Callable, Sequence
 
 from lmonnx.batcher import CALL, SCORE, STEP, Batcher, BatchStats, NotStarted
-from lmonnx.evaluate import SentenceResult, TokenScore, token_scores
+from lmonnx.evaluate import SentenceResult
 from lmonnx.examples import Example
 from lmonnx.incremental import END, LMState
 from lmonnx.metrics import default_max_tokens
@@ -26,9 +26,7 @@ from lmonnx.states import StateStore, state_bytes
 from lmonnx.telemetry import ServerMetrics
 from lmonnx.validation import check_int, check_real
 
-# Tokenize on a worker thread past this many characters: a 1M-word sentence would hold the
-# event loop (and every other caller) for a noticeable time.
-_TOKENIZE_INLINE_CHARS = 1 << 16
+_TOKENIZE_INLINE_CHARS = 1 << 16  # past this, text is tokenized on a worker thread
 ARRIVING = "lmonnx.arriving"  # ASGI scope key: the request still counts as arriving
 ADMITTED = "lmonnx.admitted"  # ASGI scope key: the request was accepted (draining waits)
 
@@ -86,6 +84,10 @@ class ScoringService:
 
     def _observe(self, stats: BatchStats) -> None:
         self.metrics.observe_batch(stats)
+        self.refresh_gauges()
+
+    def refresh_gauges(self) -> None:
+        """Queue depth and the states kept, as they are now."""
         self.metrics.queue_depth.set(self.batcher.queued_sentences)
         self.metrics.live_states.set(len(self.states))
         self.metrics.state_bytes.set(self.states.nbytes)
@@ -136,9 +138,7 @@ class ScoringService:
 
     async def examples(self, sentences: Sequence) -> list[Example]:
         """Checked, tokenized sentences (on a worker thread when they are long)."""
-        if sum(len(s) for s in sentences if isinstance(s, str)) > _TOKENIZE_INLINE_CHARS:
-            return await asyncio.to_thread(self.scorer.examples, sentences)
-        return self.scorer.examples(sentences)
+        return await tokenize_off_loop(sentences, self.scorer.examples, sentences)
 
     async def score(self, sentences: Sequence, *, per_token: bool = False, request=None,
                     ) -> list[tuple[Example, SentenceResult]]:
@@ -148,10 +148,6 @@ class ScoringService:
         results = await self.run(SCORE, (examples, per_token), sentences=len(examples),
                                  tokens=sum(e.tokens for e in examples), request=request)
         return list(zip(examples, results))
-
-    @staticmethod
-    def token_scores(example: Example, result: SentenceResult) -> list[TokenScore]:
-        return token_scores(example, result)
 
     async def begin(self, prefix: str = "", request=None) -> tuple[str, LMState]:
         """A new state id after ``<s>`` and ``prefix`` (the prefix runs on the compute
@@ -189,6 +185,15 @@ class ScoringService:
         self.states.drop(state_id)
 
 
+async def tokenize_off_loop(texts, function: Callable, *args):
+    """``function(*args)``, on a worker thread when ``texts`` (the strings of a request) hold
+    more than 64k characters: a 1M-word text would hold the event loop, and every other
+    caller, for a noticeable time."""
+    if sum(len(t) for t in texts if isinstance(t, str)) > _TOKENIZE_INLINE_CHARS:
+        return await asyncio.to_thread(function, *args)
+    return function(*args)
+
+
 async def _disconnect(request) -> None:
     """Return when the client has gone: the ASGI ``http.disconnect`` message, which a server
     sends only after the body has been read in full."""
@@ -198,4 +203,4 @@ async def _disconnect(request) -> None:
             return
 
 
-__all__ = ["ScoringService", "ClientGone", "END", "ARRIVING", "ADMITTED"]
+__all__ = ["ScoringService", "ClientGone", "END", "ARRIVING", "ADMITTED", "tokenize_off_loop"]
