@@ -144,8 +144,10 @@ class _Replica:
 
     def __init__(self, model, *, name: str, providers: str, threads: int,
                  max_body_bytes: int, service_options: dict):
+        from lmonnx.batcher import hand_over_the_gil_quickly
         from lmonnx.server import build_app
 
+        hand_over_the_gil_quickly()  # the replica's process serves: its loop beside the batcher
         if isinstance(model, list):  # [ObjectRef]: the model's bytes in the object store
             model = ray.get(model[0])
         context = serve.get_replica_context()

@@ -31,7 +31,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
                       ValidationError)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmonnx.batcher import Draining, NotStarted, Overloaded
+from lmonnx.batcher import Draining, NotStarted, Overloaded, hand_over_the_gil_quickly
 from lmonnx.errors import InferenceError, LmonnxError, ProviderError
 from lmonnx.evaluate import json_text, token_scores
 from lmonnx.incremental import END, EOS_TEXT
@@ -451,6 +451,7 @@ def serve(app, sock: socket.socket, *, log_level: str = "warning", on_ready=None
     ``/ready`` answers 503, new work 503, every accepted request is answered, then uvicorn
     stops; True.  A second signal stops at once, cutting off what runs: False."""
     host, port = sock.getsockname()[:2]
+    hand_over_the_gil_quickly()
     # Keep-alive longer than clients' pools keep idle connections (httpx: 5 s), so that the
     # server never closes a connection a client is reusing at that moment (a failed request).
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
