@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -462,6 +463,23 @@ def make_client(concurrency: int, pool: str = "freelist"):
     return httpx.AsyncClient(transport=FreeListTransport(concurrency), timeout=120.0)
 
 
+@contextlib.contextmanager
+def pinned_to(cpu: int | None):
+    """Run this thread (the load generator) on ``cpu`` only, if given, then as before.  Left
+    free, the scheduler moves the client and the server's threads between the two cores
+    from slice to slice, and one server's C = 1 throughput drifts +-10% between slices
+    while identical servers differ; pinned, identical servers measure within 2%."""
+    if cpu is None or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def run_async(coroutine, loop: str = "uvloop"):
     """Run ``coroutine`` on a fresh event loop: uvloop's when asked and installed."""
     if loop == "uvloop" and _installed("uvloop"):
@@ -623,11 +641,12 @@ def measure_row(methods: list[Method], scorer, requests, *, concurrency: int, ar
                 sample = in_process(scorer, requests, args.inprocess_batch, args.seconds,
                                     args.requests)
             else:
-                sample = run_async(run_load(
-                    method.server.url + "/v1/score", requests, concurrency=concurrency,
-                    mode=args.mode, seconds=args.seconds, count=args.requests,
-                    warmup=args.warmup, rate=rate, pid=method.server.pid,
-                    pool=args.client_pool), args.client_loop)
+                with pinned_to(args.client_cpu):
+                    sample = run_async(run_load(
+                        method.server.url + "/v1/score", requests, concurrency=concurrency,
+                        mode=args.mode, seconds=args.seconds, count=args.requests,
+                        warmup=args.warmup, rate=rate, pid=method.server.pid,
+                        pool=args.client_pool), args.client_loop)
             if method.name in total:
                 total[method.name] += sample
             else:
@@ -709,6 +728,11 @@ def main(argv=None) -> int:
                              "(default cpu)")
     parser.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="the load generator's event loop (uvloop when installed)")
+    parser.add_argument("--client-cpu", default="last",
+                        help="the CPU the load generator runs on during server rows: 'last' "
+                             "(default: the highest-numbered CPU this process may use), a "
+                             "number, or 'free' (the scheduler's choice); servers and "
+                             "in-process rows may use every CPU")
     parser.add_argument("--quick", action="store_true",
                         help="1 s slices, 2 repeats, concurrency 1,32, single requests")
     args = parser.parse_args(argv)
@@ -728,6 +752,7 @@ def main(argv=None) -> int:
             args.kinds = "single"
     if args.requests is not None:
         args.seconds = None
+    args.client_cpu = client_cpu(args.client_cpu)
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -765,7 +790,9 @@ def main(argv=None) -> int:
           + f"; in-process = Scorer.score in calls of {args.inprocess_batch}")
     print(f"client/server/others: cores busy (of {cores}) in the load generator / the server "
           f"process / every other process on the machine (other users); load average "
-          f"{os.getloadavg()[0]:.2f} at the start")
+          f"{os.getloadavg()[0]:.2f} at the start; the load generator runs on "
+          + ("any CPU" if args.client_cpu is None else f"CPU {args.client_cpu} only")
+          + ", the servers and in-process rows on any")
 
     goals: list[tuple[str, bool]] = []
     codes: list[tuple[str, int]] = []
@@ -834,6 +861,19 @@ def main(argv=None) -> int:
     for label, code in codes:
         print(f"{'PASS' if code == 0 else 'FAIL'}  {label} server: SIGTERM -> exit {code}")
     return 0 if all(ok for _, ok in goals) and all(c == 0 for _, c in codes) else 1
+
+
+def client_cpu(choice: str) -> int | None:
+    """The CPU ``--client-cpu`` names (None: not pinned; so on a single-CPU machine)."""
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if choice == "free" or len(usable) < 2:
+        return None
+    if choice == "last":
+        return usable[-1]
+    if not choice.isdigit() or int(choice) not in usable:
+        raise SystemExit(f"serve_table: --client-cpu: {choice!r} is not one of this process's "
+                         f"CPUs {usable} (or 'last', 'free')")
+    return int(choice)
 
 
 def _version(module: str) -> str:

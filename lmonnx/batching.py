@@ -30,7 +30,9 @@ size ``B * T_max`` stays within ``max_tokens``::
     lookahead chunk (sorted by length)    batches (max_tokens = 12, max_batch_size = 4)
     len 2 2 3 3 3 5 6 6 14           ->   [2 2 3 3] 4x3=12 | [3 5] 2x5=10 | [6 6] 2x6=12 | [14] alone
 
-An item longer than ``max_tokens`` becomes a batch of its own and is never truncated. For
+With ``call_cost`` the cut minimises padded positions plus ``call_cost`` per batch instead
+(scoring: a few sentences of mixed lengths become two or three batches, not one padded to the
+longest).  An item longer than ``max_tokens`` becomes a batch of its own and is never truncated. For
 training, :func:`split_windows` cuts sentences longer than ``max_length`` into consecutive
 windows first, so no token is dropped either (the LSTM state restarts at each window).
 
@@ -157,12 +159,15 @@ def pad_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], keys: Sequence | N
 
 def bucketed_batches(items: Iterable[tuple[object, np.ndarray, np.ndarray]], *, max_tokens: int,
                      max_batch_size: int, lookahead: int = 4096,
-                     rng: np.random.Generator | None = None) -> Iterator[Batch]:
+                     rng: np.random.Generator | None = None,
+                     call_cost: int | None = None) -> Iterator[Batch]:
     """Stream ``(key, inputs, targets)`` items into length-bucketed, token-budgeted batches.
 
     Reads at most ``lookahead`` items at a time (memory is bounded by it, not by the input),
     sorts them by length and cuts consecutive runs into batches with ``B * T_max <= max_tokens``
-    and ``B <= max_batch_size``. An item longer than ``max_tokens`` is a batch of its own, whole.
+    and ``B <= max_batch_size``: as few batches as the caps allow, or, with ``call_cost``
+    (padded positions one more batch is worth), the cut with the fewest padded positions plus
+    ``call_cost`` per batch.  An item longer than ``max_tokens`` is a batch of its own, whole.
     Every item appears in exactly one batch.
 
     Without ``rng`` the result is deterministic (ties keep input order). With ``rng`` (training)
@@ -173,11 +178,62 @@ def bucketed_batches(items: Iterable[tuple[object, np.ndarray, np.ndarray]], *, 
     max_tokens = check_int("max_tokens", max_tokens)
     max_batch_size = check_int("max_batch_size", max_batch_size)
     lookahead = check_int("lookahead", lookahead)
-    return _bucketed(iter(items), max_tokens, max_batch_size, lookahead, rng)
+    if call_cost is not None:
+        call_cost = check_int("call_cost", call_cost, low=0)
+    return _bucketed(iter(items), max_tokens, max_batch_size, lookahead, rng, call_cost)
+
+
+def _greedy_groups(chunk: list, max_tokens: int, max_batch_size: int) -> list[list]:
+    """Sorted ``chunk`` cut into the fewest consecutive runs within the caps, each run as long
+    as the budget allows."""
+    groups: list[list] = []
+    current: list = []
+    for item in chunk:
+        n = len(item[1])
+        if n > max_tokens:
+            if current:
+                groups.append(current)
+                current = []
+            groups.append([item])
+            continue
+        # Sorted ascending, so the newcomer sets T_max of the grown batch.
+        if current and ((len(current) + 1) * n > max_tokens or len(current) >= max_batch_size):
+            groups.append(current)
+            current = []
+        current.append(item)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _cheapest_groups(chunk: list, max_tokens: int, max_batch_size: int,
+                     call_cost: int) -> list[list]:
+    """Sorted ``chunk`` cut into consecutive runs within the caps that minimise the padded
+    positions computed plus ``call_cost`` for each run (dynamic programming over the cut
+    points: O(len(chunk) x max_batch_size)).  Items longer than ``max_tokens`` (the tail of
+    the sorted chunk) are runs of their own."""
+    lengths = [len(item[1]) for item in chunk]
+    fitting = len(lengths)
+    while fitting and lengths[fitting - 1] > max_tokens:
+        fitting -= 1
+    best = [0] * (fitting + 1)  # best[j]: the cheapest cut of the first j items
+    start = [0] * (fitting + 1)  # where the last run of that cut starts
+    for j in range(1, fitting + 1):
+        n = lengths[j - 1]  # the run's T_max: sorted ascending
+        widest = min(max_batch_size, max_tokens // n if n else max_batch_size, j)
+        cost, first = min((best[i] + call_cost + (j - i) * n, i) for i in range(j - widest, j))
+        best[j], start[j] = cost, first
+    groups: list[list] = []
+    j = fitting
+    while j:
+        groups.append(chunk[start[j]:j])
+        j = start[j]
+    groups.reverse()
+    return groups + [[item] for item in chunk[fitting:]]
 
 
 def _bucketed(it, max_tokens: int, max_batch_size: int, lookahead: int,
-              rng: np.random.Generator | None) -> Iterator[Batch]:
+              rng: np.random.Generator | None, call_cost: int | None) -> Iterator[Batch]:
     while True:
         chunk = list(islice(it, lookahead))
         if not chunk:
@@ -185,23 +241,8 @@ def _bucketed(it, max_tokens: int, max_batch_size: int, lookahead: int,
         if rng is not None:
             chunk = [chunk[i] for i in rng.permutation(len(chunk))]
         chunk.sort(key=lambda item: len(item[1]))  # stable
-        groups: list[list] = []
-        current: list = []
-        for item in chunk:
-            n = len(item[1])
-            if n > max_tokens:
-                if current:
-                    groups.append(current)
-                    current = []
-                groups.append([item])
-                continue
-            # Sorted ascending, so the newcomer sets T_max of the grown batch.
-            if current and ((len(current) + 1) * n > max_tokens or len(current) >= max_batch_size):
-                groups.append(current)
-                current = []
-            current.append(item)
-        if current:
-            groups.append(current)
+        groups = (_greedy_groups(chunk, max_tokens, max_batch_size) if call_cost is None
+                  else _cheapest_groups(chunk, max_tokens, max_batch_size, call_cost))
         if rng is not None:
             groups = [groups[i] for i in rng.permutation(len(groups))]
         for group in groups:

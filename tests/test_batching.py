@@ -247,3 +247,49 @@ def test_packed_batches_are_the_plain_loops_batches_in_its_order():
     assert all((a.inputs == b.inputs).all() for a, b in zip(batches, again))
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1; got 0"):
         packed_batches(items, batch_size=0, rng=np.random.default_rng(3))
+
+
+def _padded_cost(batches, call_cost):
+    return sum(b.inputs.size + call_cost for b in batches)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=12), st.integers(1, 64),
+       st.integers(1, 6), st.integers(0, 40))
+def test_call_cost_cut_is_the_cheapest_of_every_cut(lengths, max_tokens, max_batch_size,
+                                                    call_cost):
+    """Brute force over every cut of the sorted items: none within the caps costs less."""
+    from itertools import combinations
+
+    items = [_item(i, n) for i, n in enumerate(lengths)]
+    batches = list(bucketed_batches(items, max_tokens=max_tokens, max_batch_size=max_batch_size,
+                                    call_cost=call_cost))
+    seen = _collect(batches)
+    assert sorted(k for k, _, _ in seen) == list(range(len(items)))
+    for b in batches:
+        assert len(b.keys) <= max_batch_size
+        if b.inputs.size > max_tokens:
+            assert len(b.keys) == 1 and b.lengths[0] > max_tokens
+    sizes = sorted(n + 1 for n in lengths)  # an item of n words has n + 1 positions
+    fitting = [n for n in sizes if n <= max_tokens]
+    cheapest = None
+    m = len(fitting)
+    for k in range(m):
+        for cuts in combinations(range(1, m), k):
+            bounds = [0, *cuts, m]
+            runs = [fitting[a:b] for a, b in zip(bounds, bounds[1:])]
+            if all(len(r) <= max_batch_size and len(r) * r[-1] <= max_tokens for r in runs):
+                cost = sum(len(r) * r[-1] + call_cost for r in runs)
+                cheapest = cost if cheapest is None else min(cheapest, cost)
+    long_cost = sum(n + call_cost for n in sizes[m:])
+    assert _padded_cost(batches, call_cost) == (cheapest or 0) + long_cost
+
+
+def test_call_cost_splits_mixed_lengths_that_greedy_pads_together():
+    items = [_item(i, n - 1) for i, n in enumerate([3, 3, 3, 3, 40])]
+    greedy = list(bucketed_batches(items, max_tokens=1000, max_batch_size=8))
+    cut = list(bucketed_batches(items, max_tokens=1000, max_batch_size=8, call_cost=32))
+    assert [b.inputs.shape for b in greedy] == [(5, 40)]  # 200 padded positions
+    assert [b.inputs.shape for b in cut] == [(4, 3), (1, 40)]  # 52 + 2 calls
+    assert list(bucketed_batches(items, max_tokens=1000, max_batch_size=8, call_cost=500)) \
+        [0].inputs.shape == (5, 40)  # a call dearer than the padding: one batch
