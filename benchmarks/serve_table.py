@@ -19,17 +19,18 @@ errors, the two ratios and the CPU each side burnt:
 
 Requests: ``single`` (one sentence each) and ``nbest`` (8 hypotheses each: a PTB sentence
 and 7 copies with a word deleted, replaced or two words swapped).  Load: one
-``httpx.AsyncClient`` per slice whose pool holds ``C`` connections, on uvloop when installed
-(``--client-loop``); the pool is a free list of connections, O(1) a request, because httpcore's
-own pool costs O(connections) a request and the client then saturates before the server
-(``--client-pool httpx``: 3x fewer requests/s at C = 32 on 2 cores).  Closed loop (C workers,
+``httpx.AsyncClient`` per server and row whose pool holds ``C`` connections, on uvloop when
+installed (``--client-loop``), on one CPU (``--client-cpu``); the pool is a free list of
+connections, O(1) a request, because httpcore's own pool costs O(connections) a request and
+the client then saturates before the server (``--client-pool httpx``: 3x fewer requests/s at
+C = 32 on 2 cores), and its network backend is asyncio's streams, not anyio's.  Closed loop (C workers,
 each sending its next request when the last returns; a 429 is retried after 5 ms) or, with
 ``--mode open``, Poisson arrivals at ``--rates`` requests/s with at most ``--max-inflight``
 in flight (arrivals past the cap are dropped, counted; latency from the scheduled arrival,
-so a stalled server is not hidden).  A slice runs ``--seconds`` (or ``--requests``) after
-a short warm-up; a row's methods run ``--repeats`` slices each, interleaved in alternating
-order (ABC CBA ABC), each method's slices added up, so drifting load from other users hits
-every method alike.  All server processes of a model are up at once (idle ones cost nothing) and
+so a stalled server is not hidden).  Each server's client warms up once a row (connections
+opened, server warm); then a row's methods run ``--repeats`` slices of ``--seconds`` (or
+``--requests``) each, in rotated order (ABC BCA CAB ...), each method's slices added up, so
+drifting load from other users hits every method alike and no method holds a place.  All server processes of a model are up at once (idle ones cost nothing) and
 stopped with SIGTERM at the end; each must drain and exit 0.
 
 CPU columns, in cores of this machine (``os.cpu_count()``): ``client`` is this process's CPU
@@ -490,27 +491,38 @@ def run_async(coroutine, loop: str = "uvloop"):
     return asyncio.run(coroutine)
 
 
+def encode(requests: list[list[str]]) -> tuple[list[bytes], list[int]]:
+    """Each request's ``/v1/score`` body and its sentence count."""
+    return [json.dumps({"sentences": r}).encode() for r in requests], [len(r) for r in requests]
+
+
+async def server_slice(client, url: str, bodies, sizes, *, concurrency: int, mode: str,
+                       seconds: float | None, count: int | None, rate: float = 0,
+                       pid: int | None = None) -> Sample:
+    """One timed run of load on an open client, with the CPU each side burnt."""
+    cpu, server, machine = own_cpu(), process_cpu(pid) if pid else math.nan, machine_cpu()
+    if mode == "open":
+        sample = await open_loop(client, url, bodies, sizes, rate, concurrency, seconds, count)
+    else:
+        sample = await closed_loop(client, url, bodies, sizes, concurrency, seconds, count)
+    sample.client_cpu = own_cpu() - cpu
+    sample.machine_cpu = machine_cpu() - machine
+    if pid:
+        sample.server_cpu = process_cpu(pid) - server
+    return sample
+
+
 async def run_load(url: str, requests: list[list[str]], *, concurrency: int, mode: str,
                    seconds: float | None, count: int | None, warmup: float, rate: float = 0,
                    pid: int | None = None, pool: str = "freelist") -> Sample:
-    """One server row: a fresh client whose pool holds ``concurrency`` connections, a
-    warm-up (connections opened, server warm), then the timed run with its CPU."""
-    bodies = [json.dumps({"sentences": r}).encode() for r in requests]
-    sizes = [len(r) for r in requests]
+    """One load run on its own client: a fresh client whose pool holds ``concurrency``
+    connections, a warm-up (connections opened, server warm), then the timed run."""
+    bodies, sizes = encode(requests)
     async with make_client(concurrency, pool) as client:
         if warmup > 0:
             await closed_loop(client, url, bodies, sizes, concurrency, seconds=warmup)
-        cpu, server, machine = own_cpu(), process_cpu(pid) if pid else math.nan, machine_cpu()
-        if mode == "open":
-            sample = await open_loop(client, url, bodies, sizes, rate, concurrency, seconds,
-                                     count)
-        else:
-            sample = await closed_loop(client, url, bodies, sizes, concurrency, seconds, count)
-        sample.client_cpu = own_cpu() - cpu
-        sample.machine_cpu = machine_cpu() - machine
-        if pid:
-            sample.server_cpu = process_cpu(pid) - server
-    return sample
+        return await server_slice(client, url, bodies, sizes, concurrency=concurrency,
+                                  mode=mode, seconds=seconds, count=count, rate=rate, pid=pid)
 
 
 # ---- the server process ----------------------------------------------------------------------
@@ -629,29 +641,89 @@ class Method:
 
 
 def measure_row(methods: list[Method], scorer, requests, *, concurrency: int, args,
-                rate: float = 0) -> dict[str, Sample]:
-    """Every method on the same requests, ``args.repeats`` slices each in alternating order
-    (ABC CBA ABC ...), the slices of a method added up: load that drifts during the row
-    hits every method alike."""
+                rate: float = 0):
+    """Every method on the same requests, ``args.repeats`` slices each, the slices of a method
+    added up: ``({method: Sample}, batched/unbatched interval or None)``.  Each server gets
+    one client for the row, warmed up once; the slices then run in rotated order (ABC BCA CAB
+    ...): load that drifts during the row hits every method alike, and no method holds a
+    place in the order.  (Mirrored order, ABC CBA, ran the edge methods twice in a row at
+    every turn and the middle one never: identical servers measured 2-4% apart by their
+    place.)  While the batched/unbatched interval straddles the goal, more whole rotations
+    run, up to ``args.max_repeats`` rounds: on 2 cores shared with other users a C = 1
+    slice's throughput varies +-10%, which 9 slices do not average away."""
+    return run_async(_measure_row(methods, scorer, requests, concurrency=concurrency,
+                                  args=args, rate=rate), args.client_loop)
+
+
+async def _measure_row(methods, scorer, requests, *, concurrency, args, rate):
+    bodies, sizes = encode(requests)
     total: dict[str, Sample] = {}
-    for repeat in range(args.repeats):
-        order = methods if repeat % 2 == 0 else methods[::-1]
-        for method in order:
-            if method.server is None:
-                sample = in_process(scorer, requests, args.inprocess_batch, args.seconds,
-                                    args.requests)
-            else:
-                with pinned_to(args.client_cpu):
-                    sample = run_async(run_load(
-                        method.server.url + "/v1/score", requests, concurrency=concurrency,
-                        mode=args.mode, seconds=args.seconds, count=args.requests,
-                        warmup=args.warmup, rate=rate, pid=method.server.pid,
-                        pool=args.client_pool), args.client_loop)
-            if method.name in total:
-                total[method.name] += sample
-            else:
-                total[method.name] = sample
-    return total
+    rounds: list[dict[str, Sample]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {}
+        for method in methods:
+            if method.server is not None:
+                client = await stack.enter_async_context(
+                    make_client(concurrency, args.client_pool))
+                if args.warmup > 0:
+                    with pinned_to(args.client_cpu):
+                        await closed_loop(client, method.server.url + "/v1/score", bodies,
+                                          sizes, concurrency, seconds=args.warmup)
+                clients[method.name] = client
+        while (len(rounds) < args.repeats or len(rounds) % len(methods)  # whole rotations
+               or (len(rounds) < args.max_repeats and undecided(rounds))):
+            turn = len(rounds) % len(methods)
+            rounds.append({})
+            for method in methods[turn:] + methods[:turn]:
+                if method.server is None:
+                    sample = in_process(scorer, requests, args.inprocess_batch, args.seconds,
+                                        args.requests)
+                else:
+                    with pinned_to(args.client_cpu):
+                        sample = await server_slice(
+                            clients[method.name], method.server.url + "/v1/score", bodies,
+                            sizes, concurrency=concurrency, mode=args.mode,
+                            seconds=args.seconds, count=args.requests, rate=rate,
+                            pid=method.server.pid)
+                rounds[-1][method.name] = sample
+                if method.name in total:
+                    total[method.name] += sample
+                else:
+                    total[method.name] = sample
+    return total, paired_interval(rounds)
+
+
+def paired_interval(rounds: list[dict[str, Sample]]) -> tuple[float, float, int] | None:
+    """The 95% confidence interval of batched/unbatched throughput from each round's pair of
+    slices (a t interval on the log ratios: drift that hits both slices of a round cancels),
+    and the rounds it rests on; None without both methods or with fewer than 3 rounds."""
+    ratios = [math.log(r["batched"].sentences_per_s / r["unbatched"].sentences_per_s)
+              for r in rounds if "batched" in r and "unbatched" in r
+              and r["batched"].sentences_per_s > 0 and r["unbatched"].sentences_per_s > 0]
+    n = len(ratios)
+    if n < 3:
+        return None
+    mean = sum(ratios) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in ratios) / (n - 1))
+    half = _t975(n - 1) * sd / math.sqrt(n)
+    return math.exp(mean - half), math.exp(mean + half), n
+
+
+def undecided(rounds: list[dict[str, Sample]]) -> bool:
+    """Whether the batched/unbatched interval still straddles the goal: another round may
+    settle which side of it batching is (more slices, never a different rule)."""
+    interval = paired_interval(rounds)
+    return interval is not None and interval[0] < GOAL_BATCHED_VS_UNBATCHED < interval[1]
+
+
+def _t975(df: int) -> float:
+    """Student's t 97.5% quantile for ``df`` degrees of freedom (table, rounded down df)."""
+    table = {2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+             10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021,
+             60: 2.000, 120: 1.980}
+    if df < 2:
+        return 12.706
+    return table[max(k for k in table if k <= df)]
 
 
 HEADER = (f"{'model':<6} {'req':<6} {'C':>4} {'method':<12} {'sent/s':>8} {'req/s':>8} "
@@ -707,14 +779,19 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", choices=("closed", "open"), default="closed")
     parser.add_argument("--rates", default="200,1000",
                         help="open loop: arrival rates, requests/s (default 200,1000)")
-    parser.add_argument("--seconds", type=float, default=1.5,
-                        help="per slice (method, row, repeat); default 1.5")
+    parser.add_argument("--seconds", type=float, default=0.5,
+                        help="per slice (method, row, repeat); default 0.5")
     parser.add_argument("--requests", type=int, default=None,
                         help="a fixed number of requests per method and row instead of "
                              "--seconds")
-    parser.add_argument("--warmup", type=float, default=0.3, help="seconds before each slice")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="slices per method and row, interleaved, added up (default 3)")
+    parser.add_argument("--warmup", type=float, default=0.3,
+                        help="seconds of load on each server before a row's slices")
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="slices per method and row, in rotated order, added up (default "
+                             "9: a multiple of the methods, so each holds each place alike)")
+    parser.add_argument("--max-repeats", type=int, default=36,
+                        help="more rounds, up to this many, while the 95%% interval of "
+                             "batched/unbatched straddles the goal (default 36)")
     parser.add_argument("--inprocess-batch", type=int, default=64,
                         help="sentences per Scorer.score call in the ceiling row (default 64)")
     parser.add_argument("--client-pool", choices=("freelist", "httpx", "aiohttp"),
@@ -734,7 +811,7 @@ def main(argv=None) -> int:
                              "number, or 'free' (the scheduler's choice); servers and "
                              "in-process rows may use every CPU")
     parser.add_argument("--quick", action="store_true",
-                        help="1 s slices, 2 repeats, concurrency 1,32, single requests")
+                        help="3 slices of 0.5 s, concurrency 1,32, single requests")
     args = parser.parse_args(argv)
     if args.client_pool == "aiohttp" and not _installed("aiohttp"):
         print("serve_table: --client-pool aiohttp needs aiohttp (pip install aiohttp)",
@@ -745,7 +822,7 @@ def main(argv=None) -> int:
               "test: ptb.test.txt)", file=sys.stderr)
         return 2
     if args.quick:
-        args.seconds, args.repeats, args.warmup = 1.0, 2, 0.2
+        args.seconds, args.repeats, args.warmup = 0.5, 3, 0.2
         if args.concurrency == ",".join(map(str, CONCURRENCIES)):
             args.concurrency = "1,32"
         if args.kinds == ",".join(KINDS):
@@ -782,10 +859,10 @@ def main(argv=None) -> int:
                          else f"httpx {httpx.__version__} ({args.client_pool} pool)"))
     print("command: python benchmarks/serve_table.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)))
-    print(f"corpus {args.corpus.name}: {len(lines)} sentences; rows of "
+    print(f"corpus {args.corpus.name}: {len(lines)} sentences; each row: slices of "
           + (f"{args.seconds:g} s" if args.seconds else f"{args.requests} requests")
-          + f" after {args.warmup:g} s warm-up, x {args.repeats} interleaved (ABC CBA ...) and "
-          "added up; "
+          + f" x {args.repeats} in rotated order (ABC BCA CAB ...) and added up, after "
+          f"{args.warmup:g} s warm-up a server; "
           f"{args.mode} loop" + (f" at {args.rates} req/s" if args.mode == "open" else "")
           + f"; in-process = Scorer.score in calls of {args.inprocess_batch}")
     print(f"client/server/others: cores busy (of {cores}) in the load generator / the server "
@@ -830,8 +907,8 @@ def main(argv=None) -> int:
             for kind in kinds:
                 for rate in rates:
                     for c in concurrencies:
-                        row = measure_row(methods, scorer, sets[kind], concurrency=c,
-                                          args=args, rate=rate)
+                        row, interval = measure_row(methods, scorer, sets[kind],
+                                                    concurrency=c, args=args, rate=rate)
                         inproc, unbatched = row.get("in-process"), row.get("unbatched")
                         load = str(c) if args.mode == "closed" else f"{c}@{rate:g}"
                         for m in methods:
@@ -840,8 +917,11 @@ def main(argv=None) -> int:
                         batched = row.get("batched")
                         if batched and unbatched:
                             r = batched.sentences_per_s / max(unbatched.sentences_per_s, 1e-9)
+                            ci = ("" if interval is None else
+                                  f" (95% CI {interval[0]:.2f}-{interval[1]:.2f}, "
+                                  f"{interval[2]} slices each)")
                             goals.append((f"{name} {kind} C={load}: batched/unbatched "
-                                          f"{r:.2f}x >= {GOAL_BATCHED_VS_UNBATCHED}",
+                                          f"{r:.2f}x >= {GOAL_BATCHED_VS_UNBATCHED}{ci}",
                                           r >= GOAL_BATCHED_VS_UNBATCHED))
                         if (batched and inproc and kind == "single" and c == GOAL_CONCURRENCY
                                 and args.mode == "closed" and name in GOAL_SERVER_VS_INPROCESS):
