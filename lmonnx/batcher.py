@@ -178,9 +178,10 @@ class Batcher:
         if self.queued_sentences and self.queued_sentences + sentences > self.max_queue:
             raise Overloaded(self.queued_sentences, self.max_queue, self._retry_after())
 
-    def withdraw(self, work: Work) -> bool:
+    def withdraw(self, work: Work, reason: BaseException | None = None) -> bool:
         """Take queued work off the queue (its caller left, or its deadline passed): True
-        when it was still queued; running work finishes and its result is dropped."""
+        when it was still queued; its future then raises ``reason`` (None: is cancelled).
+        Running work finishes and its result is dropped if the future is done by then."""
         with self._lock:
             if work.status != QUEUED:
                 return False
@@ -189,7 +190,10 @@ class Batcher:
             work.status = WITHDRAWN
             self._lock.notify()
         if not work.future.done():
-            work.future.cancel()
+            if reason is None:
+                work.future.cancel()
+            else:
+                work.future.set_exception(reason)
         return True
 
     def _retry_after(self) -> int:

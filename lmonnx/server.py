@@ -186,8 +186,15 @@ class _Gate:
                 return
             direct = DIRECT_ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
             if direct is not None:
-                response = await self._answer_directly(direct, body, scope, receive)
-                await response(scope, receive, send_timed)
+                answer = await self._answer_directly(direct, body, scope, receive)
+                if isinstance(answer, bytes):  # 200: sent as is, no Response object to build
+                    await send_timed({"type": "http.response.start", "status": 200,
+                                      "headers": [(b"content-type", b"application/json"),
+                                                  (b"content-length",
+                                                   str(len(answer)).encode())]})
+                    await send_timed({"type": "http.response.body", "body": answer})
+                else:
+                    await answer(scope, receive, send_timed)
                 return
             await self.app(scope, replay_receive(body, receive), send_timed)
         finally:
@@ -201,14 +208,15 @@ class _Gate:
             if scope["method"] != "GET" and status["code"] in _REASONS:
                 metrics.rejections.labels(_REASONS[status["code"]]).inc()
 
-    async def _answer_directly(self, route, body: bytes, scope, receive) -> Response:
+    async def _answer_directly(self, route, body: bytes, scope, receive) -> bytes | Response:
+        """A hot route's answer: its JSON body (200), or an error response."""
         model, answer = route
         try:
             # A full queue refuses any work: before parsing, so a refusal costs next to nothing.
             self.service.batcher.check_room(1)
             parsed = model.model_validate_json(body)
-            return StrictJSONResponse(await answer(self.service, parsed,
-                                                   _Request(scope, receive)))
+            content = await answer(self.service, parsed, _Request(scope, receive))
+            return json_text(content).encode("utf-8")
         except ValidationError as exc:
             return error_response(*_validation_message(exc))
         except Exception as exc:  # noqa: BLE001 - answered as FastAPI's handlers answer it
