@@ -11,16 +11,17 @@ the same kind behind it, up to ``max_batch_sentences`` sentences (or decoder hyp
 - ``step``: decoder hypotheses advanced by one token each, in one call per budget.
 - ``call``: anything else (predictions, generation, a prefix's state) runs alone, in turn.
 
-While a batch computes, the next one fills by itself (continuous batching).  Before it runs
-a batch that is not full, the batcher waits at most ``max_wait_s`` (from the oldest work's
-arrival) for more, but only when more is in sight: requests the server is already reading
-(:meth:`Batcher.arriving`), or many callers cycling (the last batch served
-:data:`MANY_CALLERS` requests or more), and only when a batch takes much longer to compute
-than the wait (:data:`WAIT_AGAINST_COMPUTE`): for a fast model a wait costs the queued
-callers more than running a second batch.  A lone caller waits at most once, right after
-a burst of many (the batch it is alone in then serves one request, and the next does not
-wait).  Measured on 2 cores, 32 callers of one sentence each: waiting so raised
-throughput 10-15% over running whatever was queued.
+The compute thread takes its batches itself: while a batch computes, the next one fills by
+itself, and the thread takes it the moment it is done, never waiting for the event loop to
+get round to it (continuous batching; when the loop started each batch, the compute thread
+sat idle 35% of the time at 32 callers on 2 cores).  Before it runs a batch that is not
+full, the batcher waits at most ``max_wait_s`` (from the oldest work's arrival) for more,
+but only when more is in sight -- requests the server is already reading
+(:meth:`Batcher.arriving`) -- and only when a batch takes much longer to compute than the
+wait (:data:`WAIT_AGAINST_COMPUTE`): for a fast model a wait costs the queued callers more
+than running a second batch.  A lone caller never waits.  (Waiting also whenever the last
+batch served 8 requests or more, as an earlier version did, cost 8% at 8 callers on the
+2x200 model once the thread took its own batches, and gained nothing at 32.)
 
 Limits are answered at once, never by a slowly growing latency: past ``max_queue`` queued
 sentences :meth:`Batcher.submit` raises :class:`Overloaded` (with a ``retry_after`` estimate);
@@ -43,19 +44,16 @@ import numpy as np
 from lmonnx.validation import check_int, check_real
 
 SCORE, STEP, CALL = "score", "step", "call"
-# A batch that served this many requests says many callers are cycling: then the batcher waits
-# (up to max_wait) for the rest of them.  With a few callers each wait is a gap the compute
-# thread could have filled (2 cores, 2x64 model, 8 callers: 0.9x of not waiting; 32: 1.1x).
-MANY_CALLERS = 8
-# ... and only for a model whose batches take this many times max_wait to compute: a wait
-# small against the compute it saves (2x200 V=10k: ~15 ms a batch, waits; 2x64 V=3000:
-# ~0.5 ms, does not: 8 callers waiting 2 ms got 0.9x of not waiting).
+# A batch waits for requests being read only for a model whose batches take this many times
+# max_wait to compute: a wait small against the compute it saves (2x200 V=10k: ~15 ms a
+# batch, may wait; 2x64 V=3000: ~0.5 ms, does not: 8 callers waiting 2 ms got 0.9x of not
+# waiting).
 WAIT_AGAINST_COMPUTE = 4
 QUEUED, RUNNING, DONE, WITHDRAWN = "queued", "running", "done", "withdrawn"
 # The compute thread takes the GIL back after every onnxruntime call and kernel; while the
 # event loop holds it, CPython hands it over only after its switch interval (5 ms by default,
-# longer than a small model's whole batch).  0.2 ms: 2x64 model, 32 callers, 2 cores: 1.25x
-# the requests/s of 5 ms (2x200: no change).
+# longer than a small model's whole batch).  2x64 model, 32 callers, 2 cores, servers side by
+# side: 5 ms gave 0.95x (95% CI 0.90-1.01) the requests/s of 0.2 ms; 0.05 ms was no better.
 GIL_SWITCH_INTERVAL_S = 0.0002
 
 
@@ -108,8 +106,8 @@ class Batcher:
 
     ``score_examples(examples, keep_tokens, batch_size) -> results`` and ``step_ids(states,
     ids) -> (logprobs, states)`` run on the compute thread (``Scorer.score_examples``,
-    ``Incremental.step_ids``).  ``on_batch(BatchStats)`` is called on the event loop after
-    each batch.  ``max_wait_s`` 0 runs whatever is queued at once; ``max_batch_sentences``
+    ``Incremental.step_ids``).  ``on_batch(BatchStats)`` is called after each batch on the
+    event loop of the batch's first caller.  ``max_wait_s`` 0 runs whatever is queued at once; ``max_batch_sentences``
     1 is one sentence per onnxruntime call (the unbatched baseline).
     """
 
@@ -128,15 +126,16 @@ class Batcher:
         self.queued_sentences = 0
         self._running = 0
         self._arriving = 0
-        self._last_batch_works = 0
-        self._in_compute: list[Work] = []
+        self._in_compute: set[Work] = set()
         self.admitted_requests = 0
         self._last_compute_s = 0.0
         self._rate = 0.0  # sentences per second of compute, smoothed: Retry-After
         self.draining = False
-        # The queue and the counters below are shared by the event loop (requests) and the
-        # compute thread (batches): every change happens under this lock, and its condition
-        # wakes the compute thread.
+        # The queue, the work's status, and the counters the compute thread reads or the loop
+        # waits on (queued, arriving, running, admitted) are shared by the event loop
+        # (requests) and the compute thread (batches): they change under this lock, and its
+        # condition wakes the compute thread.  _last_compute_s is the compute thread's own;
+        # _rate is the loop's (Retry-After).
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -161,6 +160,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         work = Work(kind, payload, sentences, tokens, loop.create_future())
         with self._lock:
+            if self._closed:
+                raise Draining("the server stopped")
             self._queue.append(work)
             self.queued_sentences += sentences
             self._lock.notify()
@@ -206,11 +207,13 @@ class Batcher:
     def admit(self, delta: int) -> None:
         """The server counts requests it accepted (+1 at their first work) until they are
         answered (-1): :meth:`drain` waits for them, not only for queued work."""
-        self.admitted_requests += delta
+        with self._lock:
+            self.admitted_requests += delta
 
     @property
     def idle(self) -> bool:
-        return not self._queue and not self._running and not self.admitted_requests
+        with self._lock:
+            return not self._queue and not self._running and not self.admitted_requests
 
     async def drain(self) -> None:
         """Take nothing new; return when every accepted request has been answered."""
@@ -219,17 +222,19 @@ class Batcher:
             await asyncio.sleep(0.01)
 
     def close(self) -> None:
-        """Stop (on the event loop): queued and running work is answered with
-        :class:`Draining` (no caller is left waiting); the compute thread ends after the
-        batch it runs."""
+        """Stop: queued and running work is answered with :class:`Draining` (no caller is
+        left waiting), nothing more is taken; the compute thread ends after the batch it
+        runs."""
         with self._lock:
             self._closed = True
-            pending = self._queue + self._in_compute
+            pending = self._queue + list(self._in_compute)
+            for work in self._queue:
+                work.status = WITHDRAWN
             self._queue.clear()
             self.queued_sentences = 0
-            self._lock.notify()
+            self._lock.notify_all()
         for work in pending:
-            _settle(work.future, Draining("the server stopped"))
+            _answer(work.future, Draining("the server stopped"))
 
     # ---- the compute side --------------------------------------------------------------
 
@@ -249,13 +254,27 @@ class Batcher:
             seconds = time.perf_counter() - started
             if works[0].kind != CALL:
                 self._last_compute_s = seconds
+            with self._lock:
+                self._running -= 1
+                self._in_compute.difference_update(works)
+                for work in works:
+                    work.status = DONE
+            self._hand_back(works, results, started, seconds)
+
+    def _hand_back(self, works: list[Work], results: list, started: float,
+                   seconds: float) -> None:
+        """Post each caller's answer to its own event loop, and the batch's metrics to the
+        first caller's (one loop in a server; a test client may run one per request)."""
+        by_loop: dict = {}
+        for work, result in zip(works, results):
+            by_loop.setdefault(work.future.get_loop(), []).append((work.future, result))
+        batch = (works, started, seconds)
+        for loop, answers in by_loop.items():
             try:
-                works[0].future.get_loop().call_soon_threadsafe(
-                    self._finish, works, results, started, seconds)
-            except RuntimeError:  # that loop is closed: nobody is left to answer
-                with self._lock:
-                    self._running -= 1
-                    self._in_compute = []
+                loop.call_soon_threadsafe(self._finish, answers, batch)
+            except RuntimeError:  # that loop is closed: nobody is left to answer there
+                pass
+            batch = None
 
     def _next_batch(self) -> list[Work] | None:
         """Under the lock: wait for work (and, if it pays, for more of it); the batch to run,
@@ -281,14 +300,12 @@ class Batcher:
         return sentences >= self.max_batch_sentences or tokens >= self.max_batch_tokens
 
     def _fill(self, first: Work) -> None:
-        """Under the lock: wait at most ``max_wait_s`` after ``first`` arrived while more work
-        is in sight (requests being read, or many callers cycling), if batches are slow to
-        compute."""
+        """Under the lock: wait at most ``max_wait_s`` after ``first`` arrived while requests
+        are being read, if batches are slow to compute."""
         if self._last_compute_s < WAIT_AGAINST_COMPUTE * self.max_wait_s:
             return  # a fast model: the wait would cost more than the batch it fills
         deadline = first.enqueued + self.max_wait_s
-        while ((self._arriving > 0 or self._last_batch_works >= MANY_CALLERS)
-               and not self._full(first.kind) and first.status == QUEUED
+        while (self._arriving > 0 and not self._full(first.kind) and first.status == QUEUED
                and not self._closed):
             left = deadline - time.perf_counter()
             if left <= 0:
@@ -311,30 +328,20 @@ class Batcher:
                 taken.append(work)
                 sentences += work.sentences
                 tokens += work.tokens
-        self._last_batch_works = len(taken)
         for work in taken:
             self._queue.remove(work)
             self.queued_sentences -= work.sentences
             work.status = RUNNING
         self._running += 1
-        self._in_compute = taken
+        self._in_compute.update(taken)
         return taken
 
-    def _finish(self, works: list[Work], results: list, started: float,
-                seconds: float) -> None:
-        """On the event loop of ``works[0]``: answer each caller (on its own loop), count."""
-        with self._lock:
-            self._running -= 1
-            self._in_compute = []
-        here = works[0].future.get_loop()
-        for work, result in zip(works, results):
-            work.status = DONE
-            loop = work.future.get_loop()
-            if loop is here:
-                _settle(work.future, result)
-            elif not loop.is_closed():  # a caller on another loop (a test client's, say)
-                loop.call_soon_threadsafe(_settle, work.future, result)
-        self._account(works, started, seconds)
+    def _finish(self, answers: list, batch: tuple | None) -> None:
+        """On a caller's event loop: answer its callers of the batch; count the batch."""
+        for future, result in answers:
+            _settle(future, result)
+        if batch is not None:
+            self._account(*batch)
 
     def _account(self, works: list[Work], started: float, seconds: float) -> None:
         sentences = sum(w.sentences for w in works)
@@ -370,6 +377,20 @@ def hand_over_the_gil_quickly() -> None:
     """Set this process's GIL switch interval to :data:`GIL_SWITCH_INTERVAL_S`: for a process
     that serves (an event loop beside the compute thread), not for a library user's."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+
+
+def _answer(future: asyncio.Future, result) -> None:
+    """:func:`_settle` on the future's own loop: now if that is this thread's running loop,
+    else posted to it (unless it is closed: nobody waits there)."""
+    loop = future.get_loop()
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    if loop is here:
+        _settle(future, result)
+    elif not loop.is_closed():
+        loop.call_soon_threadsafe(_settle, future, result)
 
 
 def _settle(future: asyncio.Future, result) -> None:

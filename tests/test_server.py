@@ -446,31 +446,58 @@ def test_queued_callers_share_a_batch_up_to_the_cap(scorer, ptb_sentences, max_b
         assert len(scores) <= 2  # all 32 waited behind the call: one batch (two at most)
 
 
-def test_a_lone_caller_waits_at_most_once_after_a_burst():
-    """max_wait applies while many callers cycle (a slow model's batches); after a burst the
-    first lone request may wait up to max_wait, the next ones never do."""
-    started = []
+def test_a_slow_batch_waits_only_for_requests_being_read():
+    """max_wait holds a slow model's batch for a request the server is reading, so the two
+    share one batch; a lone caller with nothing arriving never waits."""
+    batches = []
 
     def compute(examples, **kw):
-        started.append(time.perf_counter())
-        time.sleep(0.05)  # a slow model: batches take >= 4 x max_wait
+        batches.append((time.perf_counter(), list(examples)))
+        time.sleep(0.2)  # a slow model: batches take >= 4 x max_wait
         return [0] * len(examples)
 
     async def main():
-        batcher = Batcher(compute, None, max_wait_s=0.01)
-        burst = [batcher.submit("score", ([f"x{i}"], False)) for i in range(10)]
-        await asyncio.gather(*[w.future for w in burst])
-        delays = []
-        for _ in range(3):
-            sent = time.perf_counter()
-            await batcher.submit("score", (["alone"], False)).future
-            delays.append(started[-1] - sent)
+        batcher = Batcher(compute, None, max_wait_s=0.04)
+        await batcher.submit("score", (["first"], False)).future  # measures the compute time
+        sent = time.perf_counter()
+        await batcher.submit("score", (["alone"], False)).future
+        alone_waited = batches[-1][0] - sent
+        batcher.arriving(+1)  # a request is being read ...
+        x = batcher.submit("score", (["x"], False))
+        await asyncio.sleep(0.01)
+        batcher.arriving(-1)  # ... and queues its work
+        y = batcher.submit("score", (["y"], False))
+        await asyncio.gather(x.future, y.future)
         batcher.close()
-        return delays
+        return alone_waited
 
-    after_burst, *lone = run(main())
-    assert after_burst < 0.05  # at most max_wait (10 ms), with scheduling slack
-    assert all(d < 0.005 for d in lone), lone  # never the 10 ms wait
+    alone_waited = run(main())
+    assert alone_waited < 0.03, alone_waited  # never the 40 ms wait
+    assert batches[-1][1] == ["x", "y"]  # x waited for y: one batch
+
+
+def test_a_batch_answers_each_caller_on_its_own_loop_even_if_the_first_loop_closed():
+    """The compute thread hands answers back to each caller's event loop: a batch whose
+    first caller's loop has closed (a test client's, a cancelled job's) still answers the
+    others, and a closed batcher refuses new work instead of queueing it for no thread."""
+    batcher = Batcher(lambda examples, **kw: [f"scored {e}" for e in examples], None,
+                      max_wait_s=0)
+
+    async def first_loop():  # holds the compute thread, queues x, and leaves (loop closes)
+        batcher.submit("call", lambda: time.sleep(0.3))
+        batcher.submit("score", (["x"], False))
+
+    async def second_loop():
+        y = batcher.submit("score", (["y"], False))
+        answer = await asyncio.wait_for(y.future, 5)
+        batcher.close()
+        with pytest.raises(Draining):
+            batcher.submit("score", (["z"], False))
+        return answer
+
+    asyncio.run(first_loop())
+    assert asyncio.run(second_loop()) == ["scored y"]
+    assert batcher.idle
 
 
 def test_draining_answers_every_prompt_of_an_accepted_request(scorer):
