@@ -22,16 +22,18 @@ and 7 copies with a word deleted, replaced or two words swapped).  Load: one
 ``httpx.AsyncClient`` per server and row whose pool holds ``C`` connections, on uvloop when
 installed (``--client-loop``), on one CPU (``--client-cpu``); the pool is a free list of
 connections, O(1) a request, because httpcore's own pool costs O(connections) a request and
-the client then saturates before the server (``--client-pool httpx``: 3x fewer requests/s at
-C = 32 on 2 cores), and its network backend is asyncio's streams, not anyio's.  Closed loop (C workers,
-each sending its next request when the last returns; a 429 is retried after 5 ms) or, with
-``--mode open``, Poisson arrivals at ``--rates`` requests/s with at most ``--max-inflight``
-in flight (arrivals past the cap are dropped, counted; latency from the scheduled arrival,
-so a stalled server is not hidden).  Each server's client warms up once a row (connections
-opened, server warm); then a row's methods run ``--repeats`` slices of ``--seconds`` (or
-``--requests``) each, in rotated order (ABC BCA CAB ...), each method's slices added up, so
-drifting load from other users hits every method alike and no method holds a place.  All server processes of a model are up at once (idle ones cost nothing) and
-stopped with SIGTERM at the end; each must drain and exit 0.
+the client then saturates before the server (``--client-pool httpx``: 3x fewer requests/s
+at C = 32 on 2 cores), and its network backend is asyncio's streams, not anyio's.  Closed
+loop (C workers, each sending its next request when the last returns; a 429 is retried after
+5 ms) or, with ``--mode open``, Poisson arrivals at ``--rates`` requests/s with at most
+``--max-inflight`` in flight (arrivals past the cap are dropped, counted; latency from the
+scheduled arrival, so a stalled server is not hidden).  Each server's client warms up once a
+row (connections opened, server warm); then a row's methods run ``--repeats`` slices of
+``--seconds`` (or ``--requests``) each, in rotated order (ABC BCA CAB ...), each method's
+slices added up, so drifting load from other users hits every method alike and no method
+holds a place; while the 95% interval of batched/unbatched straddles the goal, those two run
+more rounds (``--max-repeats``).  All server processes of a model are up at once (idle
+ones cost nothing) and stopped with SIGTERM at the end; each must drain and exit 0.
 
 CPU columns, in cores of this machine (``os.cpu_count()``): ``client`` is this process's CPU
 time over the row's wall time (the load generator; for in-process rows, the scoring itself),
@@ -648,9 +650,11 @@ def measure_row(methods: list[Method], scorer, requests, *, concurrency: int, ar
     ...): load that drifts during the row hits every method alike, and no method holds a
     place in the order.  (Mirrored order, ABC CBA, ran the edge methods twice in a row at
     every turn and the middle one never: identical servers measured 2-4% apart by their
-    place.)  While the batched/unbatched interval straddles the goal, more whole rotations
-    run, up to ``args.max_repeats`` rounds: on 2 cores shared with other users a C = 1
-    slice's throughput varies +-10%, which 9 slices do not average away."""
+    place.)  While the batched/unbatched interval straddles the goal, batched and unbatched
+    alone run more rounds (alternating which goes first), up to ``args.max_repeats`` rounds
+    in all: on 2 cores shared with other users one C = 1 slice's throughput varies by 14%
+    (standard deviation between identical servers' paired slices), so 30 rounds still leave
+    +-5% on the ratio."""
     return run_async(_measure_row(methods, scorer, requests, concurrency=concurrency,
                                   args=args, rate=rate), args.client_loop)
 
@@ -670,11 +674,20 @@ async def _measure_row(methods, scorer, requests, *, concurrency, args, rate):
                         await closed_loop(client, method.server.url + "/v1/score", bodies,
                                           sizes, concurrency, seconds=args.warmup)
                 clients[method.name] = client
-        while (len(rounds) < args.repeats or len(rounds) % len(methods)  # whole rotations
-               or (len(rounds) < args.max_repeats and undecided(rounds))):
-            turn = len(rounds) % len(methods)
+        compared = [m for m in methods if m.name in ("batched", "unbatched")]
+        while True:
+            if len(rounds) < args.repeats:  # whole rotations (repeats: made a multiple below)
+                order = methods
+            elif (len(compared) == 2 and len(rounds) < args.max_repeats
+                  and undecided(rounds)):
+                order = compared  # settling batched/unbatched: only those two run on
+            else:
+                break
+            turn = len(rounds) % len(order)
+            if order is compared:
+                turn = (len(rounds) - args.repeats) % 2
             rounds.append({})
-            for method in methods[turn:] + methods[:turn]:
+            for method in order[turn:] + order[:turn]:
                 if method.server is None:
                     sample = in_process(scorer, requests, args.inprocess_batch, args.seconds,
                                         args.requests)
@@ -789,9 +802,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=9,
                         help="slices per method and row, in rotated order, added up (default "
                              "9: a multiple of the methods, so each holds each place alike)")
-    parser.add_argument("--max-repeats", type=int, default=36,
-                        help="more rounds, up to this many, while the 95%% interval of "
-                             "batched/unbatched straddles the goal (default 36)")
+    parser.add_argument("--max-repeats", type=int, default=120,
+                        help="more rounds of batched and unbatched alone, up to this many "
+                             "in all, while the 95%% interval of batched/unbatched straddles "
+                             "the goal (default 120)")
     parser.add_argument("--inprocess-batch", type=int, default=64,
                         help="sentences per Scorer.score call in the ceiling row (default 64)")
     parser.add_argument("--client-pool", choices=("freelist", "httpx", "aiohttp"),
@@ -830,6 +844,8 @@ def main(argv=None) -> int:
     if args.requests is not None:
         args.seconds = None
     args.client_cpu = client_cpu(args.client_cpu)
+    methods_per_row = len(args.methods.split(",")) + len(args.variant)
+    args.repeats = -(-args.repeats // methods_per_row) * methods_per_row  # each holds each place
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODELS]
     if unknown:

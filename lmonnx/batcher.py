@@ -107,8 +107,9 @@ class Batcher:
     ``score_examples(examples, keep_tokens, batch_size) -> results`` and ``step_ids(states,
     ids) -> (logprobs, states)`` run on the compute thread (``Scorer.score_examples``,
     ``Incremental.step_ids``).  ``on_batch(BatchStats)`` is called after each batch on the
-    event loop of the batch's first caller.  ``max_wait_s`` 0 runs whatever is queued at once; ``max_batch_sentences``
-    1 is one sentence per onnxruntime call (the unbatched baseline).
+    event loop of the batch's first caller.  ``max_wait_s`` 0 runs whatever is queued at
+    once; ``max_batch_sentences`` 1 is one sentence per onnxruntime call (the unbatched
+    baseline).
     """
 
     def __init__(self, score_examples: Callable, step_ids: Callable, *,
@@ -411,5 +412,6 @@ def _split(items: list, sizes: list[int]) -> list[list]:
     return out
 
 
-__all__ = ["Batcher", "hand_over_the_gil_quickly", "BatchStats", "Work", "Overloaded", "Draining", "NotStarted",
+__all__ = ["Batcher", "hand_over_the_gil_quickly", "BatchStats", "Work", "Overloaded", "Draining",
+           "NotStarted",
            "SCORE", "STEP", "CALL"]

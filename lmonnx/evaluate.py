@@ -40,7 +40,7 @@ from lmonnx.batching import Batch, bucketed_batches
 from lmonnx.errors import CorpusError, InvalidArgumentError
 from lmonnx.examples import Example
 from lmonnx.metrics import LN2, default_max_tokens, finite_or_none, perplexity_of
-from lmonnx.runtime import ModelSession
+from lmonnx.runtime import CUDA, ModelSession
 from lmonnx.vocab import UNK_ID
 from lmonnx.validation import check_int
 from lmonnx.xent import token_nll_and_hits
@@ -55,7 +55,8 @@ cut into the batches that minimise padded positions + this per batch
 a few callers' sentences to the longest of them: ``Scorer.score`` on 64 PTB sentences a call
 (2 cores) ran 1.33x faster on a 2x200 V=10k model and 1.48x on 2x64 V=3000 once cut so (16
 a call: 1.39x and 1.16x); a call costs ~10-25 positions of the former, ~40-85 of the latter.
-A full look-ahead (``evaluate``) was already packed (1.8% padding; now 0.3%, same speed)."""
+A full look-ahead (``evaluate``) was already packed (1.8% padding; now 0.3%, same speed).
+CPU only: on CUDA the batches fill the budget (a call's launches cost more than padding)."""
 LOOKAHEAD_BYTES = 1 << 20
 """Bytes of text read ahead at most (a longer sentence is read alone): bounds the memory of the
 look-ahead when lines are long (4096 lines of 300k words would otherwise be held).  Counted in
@@ -372,9 +373,12 @@ class Evaluator:
         """Results of one look-ahead's examples, in their order (batched by length)."""
         results: list[SentenceResult | None] = [None] * len(chunk)
         items = [(i, example.inputs, example.targets) for i, example in enumerate(chunk)]
+        # On CUDA a call's launches, not padded positions, are what a batch costs: the
+        # batches fill the budget there, as before (the cut above was measured on CPU only).
+        call_cost = None if self.session.provider == CUDA else CALL_COST_POSITIONS
         for batch in bucketed_batches(items, max_tokens=self.max_tokens,
                                       max_batch_size=self.batch_size, lookahead=len(items),
-                                      call_cost=CALL_COST_POSITIONS):
+                                      call_cost=call_cost):
             self.totals.real_positions += batch.tokens
             self.totals.computed_positions += batch.inputs.size
             for result in score_batch(self.session, batch, keep_tokens=self.keep_tokens,
