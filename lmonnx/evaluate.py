@@ -48,15 +48,23 @@ from lmonnx.xent import token_nll_and_hits
 DEFAULT_BATCH_SIZE = 64
 LOOKAHEAD = 4096
 """Sentences read ahead to sort into length buckets: bounds memory and latency."""
-CALL_COST_POSITIONS = 32
-"""What one more onnxruntime call costs, in padded positions computed: the sorted look-ahead is
-cut into the batches that minimise padded positions + this per batch
-(:func:`lmonnx.batching.bucketed_batches`).  Filling the logits budget greedily instead padded
-a few callers' sentences to the longest of them: ``Scorer.score`` on 64 PTB sentences a call
-(2 cores) ran 1.33x faster on a 2x200 V=10k model and 1.48x on 2x64 V=3000 once cut so (16
-a call: 1.39x and 1.16x); a call costs ~10-25 positions of the former, ~40-85 of the latter.
-A full look-ahead (``evaluate``) was already packed (1.8% padding; now 0.3%, same speed).
-CPU only: on CUDA the batches fill the budget (a call's launches cost more than padding)."""
+CALL_COST_MACS = 8_000_000
+"""What one more onnxruntime call costs on CPU, in multiply-adds of the model: the sorted
+look-ahead is cut into the batches that minimise padded positions plus, per batch, this many
+multiply-adds' worth of positions (:func:`call_cost_positions`;
+:func:`lmonnx.batching.bucketed_batches`).  Filling the logits budget greedily instead padded
+a few callers' sentences to the longest of them.  Measured on 2 cores with a fixed 32
+positions a call, against the greedy cut, ``Scorer.score`` of 64 PTB sentences a call: 2x200
+V=10k 1.33x (8 and 24 positions: the same within noise), 2x64 V=3000 1.48x; a server's
+batches of ~11 sentences at 32 callers (2x64): 32 positions gave 1.07x the requests/s of 96
+and 1.17x of none.  A fixed 32 made a tiny model (2x64, V=104) 0.75x at 16 sentences a call:
+a position costs it so little that the calls' fixed costs dominate (scaled by model size to
+110 positions a call it still measured ~0.85x), hence the scale by model size and the greedy
+cut past :data:`CALL_BOUND_POSITIONS` (2x200 V=10k: 16 positions, 2x64 V=3000: 30, 2x64
+V=104: greedy).  A full look-ahead (``evaluate``) was already packed (1.8% padding; now
+0.3%, same speed)."""
+CALL_BOUND_POSITIONS = 64
+"""Past this many positions a call, a model is cut greedily (see :data:`CALL_COST_MACS`)."""
 LOOKAHEAD_BYTES = 1 << 20
 """Bytes of text read ahead at most (a longer sentence is read alone): bounds the memory of the
 look-ahead when lines are long (4096 lines of 300k words would otherwise be held).  Counted in
@@ -317,6 +325,22 @@ def open_writers(per_sentence=None, per_token=None, *, inputs: Sequence = (),
 
 # ---- the evaluator ---------------------------------------------------------------------------
 
+def call_cost_positions(session: ModelSession) -> int | None:
+    """Padded positions one more onnxruntime call is worth for this model on CPU:
+    :data:`CALL_COST_MACS` over a position's multiply-adds (the LSTM layers' and the output
+    layer's), at least 16; None (the greedy cut, the fewest batches) for a model so small
+    that a call is worth more than :data:`CALL_BOUND_POSITIONS`, and on CUDA, where a call's
+    launches cost more than padding (not measured here: the cut as before)."""
+    if session.provider == CUDA:
+        return None
+    units, vocab = session.num_units, session.vocab_size
+    per_position = 8 * session.num_layers * units * units + (units + 1) * vocab
+    positions = CALL_COST_MACS // max(per_position, 1)
+    if positions > CALL_BOUND_POSITIONS:
+        return None  # a tiny model: its calls' fixed costs dominate, the fewest calls win
+    return max(16, positions)
+
+
 class Evaluator:
     """Scores a stream of :class:`Example` objects and owns the totals and writers of one run.
 
@@ -338,6 +362,7 @@ class Evaluator:
         self.max_tokens = (default_max_tokens(session.vocab_size) if max_tokens is None
                            else check_int("max_tokens", max_tokens))
         self.num_threads = num_threads
+        self.call_cost = call_cost_positions(session)
         self.writers = tuple(writers)
         self.keep_tokens = keep_tokens or any(w.needs_tokens for w in self.writers)
         self.totals = Totals()
@@ -373,12 +398,9 @@ class Evaluator:
         """Results of one look-ahead's examples, in their order (batched by length)."""
         results: list[SentenceResult | None] = [None] * len(chunk)
         items = [(i, example.inputs, example.targets) for i, example in enumerate(chunk)]
-        # On CUDA a call's launches, not padded positions, are what a batch costs: the
-        # batches fill the budget there, as before (the cut above was measured on CPU only).
-        call_cost = None if self.session.provider == CUDA else CALL_COST_POSITIONS
         for batch in bucketed_batches(items, max_tokens=self.max_tokens,
                                       max_batch_size=self.batch_size, lookahead=len(items),
-                                      call_cost=call_cost):
+                                      call_cost=self.call_cost):
             self.totals.real_positions += batch.tokens
             self.totals.computed_positions += batch.inputs.size
             for result in score_batch(self.session, batch, keep_tokens=self.keep_tokens,

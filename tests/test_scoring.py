@@ -19,7 +19,7 @@ from lmonnx import Scorer
 from lmonnx.artifact import ArtifactError
 from lmonnx.batching import bucketed_batches
 from lmonnx.corpus import Line
-from lmonnx.evaluate import CALL_COST_POSITIONS, LOOKAHEAD_BYTES, Evaluator
+from lmonnx.evaluate import LOOKAHEAD_BYTES, Evaluator, call_cost_positions
 from lmonnx.examples import ExampleBuilder
 from lmonnx.metrics import default_max_tokens
 from lmonnx.runtime import ModelSession, cuda_unavailable_reason
@@ -112,11 +112,11 @@ def test_report_accounting_matches_reference(scorer):
     assert report.top1_accuracy_no_oov == pytest.approx(in_vocab_hits / n_in_vocab)
     # Length-sorted batches of at most 64, each padded to its longest: the report counts the
     # positions of the cut the evaluator makes, which never pads more than filling each
-    # batch to 64 (fewer batches cannot cost less: see CALL_COST_POSITIONS).
+    # batch to 64 (fewer batches cannot cost less: see CALL_COST_MACS).
     lengths = sorted(len(text.split()) + 1 for text in SENTENCES)
     items = [(i, np.zeros(n, np.int32), np.zeros(n, np.int32)) for i, n in enumerate(lengths)]
     cut = list(bucketed_batches(items, max_tokens=default_max_tokens(len(scorer.vocab)), max_batch_size=64,
-                                call_cost=CALL_COST_POSITIONS))
+                                call_cost=call_cost_positions(session)))
     computed = sum(b.inputs.size for b in cut)
     assert report.padding_fraction == 1.0 - tokens / computed
     greedy = sum(len(g) * g[-1] for g in (lengths[i:i + 64] for i in range(0, len(lengths), 64)))
