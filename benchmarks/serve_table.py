@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import itertools
 import json
@@ -60,6 +61,7 @@ import queue
 import re
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -825,7 +827,8 @@ def main(argv=None) -> int:
                              "number, or 'free' (the scheduler's choice); servers and "
                              "in-process rows may use every CPU")
     parser.add_argument("--quick", action="store_true",
-                        help="3 slices of 0.5 s, concurrency 1,32, single requests")
+                        help="3 slices of 0.5 s (more for batched/unbatched while undecided), "
+                             "concurrency 1,32, single requests")
     args = parser.parse_args(argv)
     if args.client_pool == "aiohttp" and not _installed("aiohttp"):
         print("serve_table: --client-pool aiohttp needs aiohttp (pip install aiohttp)",
@@ -867,6 +870,7 @@ def main(argv=None) -> int:
     lines = read_sentences(args.corpus)
     sets = request_sets(lines, kinds)
     tmp = Path(tempfile.mkdtemp(prefix="lmonnx-serve-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the random models, after the servers
     cores = os.cpu_count() or 1
     loops = [m for m in ("uvloop", "httptools") if _installed(m)]
     print(f"CPU: {cpu_model()} ({cores} logical cores) | Python {platform.python_version()}, "

@@ -612,8 +612,11 @@ def _cmd_serve(args) -> int | None:
         print("lmonnx: drained and stopped", file=sys.stderr)
         return 0
     print("lmonnx: stopped at a second signal: requests still running were cut off",
-          file=sys.stderr)
-    return 130
+          file=sys.stderr, flush=True)
+    # At once, not through the interpreter's shutdown: the compute thread may be inside
+    # onnxruntime, and tearing the runtime down under it aborts the process (status 134).
+    sys.stdout.flush()
+    os._exit(130)
 
 
 COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export,

@@ -172,6 +172,12 @@ class _Gate:
         async def send_timed(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                headers = message.get("headers") or []
+                if self.service.batcher.draining and not any(k.lower() == b"connection"
+                                                             for k, _ in headers):
+                    # Draining: the client must not send its next request on this connection,
+                    # which closes when the server exits (it would fail mid-request).
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
         if scope["method"] == "POST":  # the API speaks JSON only: `curl -d` needs no header

@@ -191,9 +191,9 @@ class ScoringService:
         need = len(states) * state_bytes(states[0]) if states else 0
         if need > self.states.max_bytes:  # its own new states would evict each other
             raise InvalidArgumentError(
-                f"a step of {len(states)} hypotheses makes {need >> 20} MiB of states; the "
-                f"server keeps at most {self.states.max_bytes >> 20} MiB (--state-memory-mib): "
-                f"step fewer at a time")
+                f"a step of {len(states)} hypotheses makes {need / 2**20:.2f} MiB of states; "
+                f"the server keeps at most {self.states.max_bytes / 2**20:.2f} MiB "
+                f"(--state-memory-mib): step fewer at a time")
         logprobs, new = await self.run(STEP, (states, ids), sentences=len(states),
                                        tokens=len(states), request=request)
         return [(float(lp), None if s.ended else self.states.put(s), s)

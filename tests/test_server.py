@@ -446,6 +446,31 @@ def test_queued_callers_share_a_batch_up_to_the_cap(scorer, ptb_sentences, max_b
         assert len(scores) <= 2  # all 32 waited behind the call: one batch (two at most)
 
 
+def test_answers_given_while_draining_close_their_connection(scorer):
+    """A request accepted before SIGTERM is answered 200 with ``Connection: close``: its
+    client opens a new connection for its next request (to another server) instead of
+    sending it on one that closes when this server exits."""
+    service = _service(scorer)
+    app = create_app(service)
+
+    async def main():
+        async with _client(app) as client:
+            before = await client.post("/v1/score", json={"sentences": ["the cat"]})
+            busy = asyncio.ensure_future(service.call(lambda: time.sleep(0.3)))
+            await asyncio.sleep(0.05)
+            accepted = asyncio.ensure_future(
+                client.post("/v1/score", json={"sentences": ["the cat"]}))
+            await asyncio.sleep(0.05)
+            service.batcher.draining = True  # what SIGTERM does
+            await busy
+            return before, await accepted
+
+    before, accepted = run(main())
+    assert before.status_code == 200 and "connection" not in before.headers
+    assert accepted.status_code == 200 and accepted.headers["connection"] == "close"
+    assert accepted.json() == before.json()
+
+
 def test_a_slow_batch_waits_only_for_requests_being_read():
     """max_wait holds a slow model's batch for a request the server is reading, so the two
     share one batch; a lone caller with nothing arriving never waits."""
@@ -613,6 +638,35 @@ def test_overload_is_refused_at_once_and_accepted_requests_succeed(live, ptb_sen
 
 def server_model(server: LiveServer) -> str:
     return server.proc.args[4]
+
+
+def test_a_second_signal_stops_at_once_with_status_130(live, ptb_sentences):
+    """SIGTERM drains; a second SIGTERM during the drain stops at once, with the compute
+    thread inside onnxruntime: exit 130 and a line that says requests were cut off (not the
+    runtime aborting under the interpreter's shutdown, status 134)."""
+    server = live("--max-queue", "8192")
+    words = " ".join(ptb_sentences).split()
+    long_line = " ".join(words[i % len(words)] for i in range(100_000))
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            sent = [asyncio.ensure_future(client.post("/v1/score",
+                                                      json={"sentences": [long_line]}))
+                    for _ in range(8)]
+            for _ in range(500):  # until work is queued behind a running batch
+                metrics = (await client.get("/metrics")).text
+                if float(re.search(r"^lmonnx_queue_sentences (\S+)$", metrics, re.M)[1]) > 0:
+                    break
+                await asyncio.sleep(0.01)
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            server.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*sent, return_exceptions=True)
+
+    answers = run(main())
+    assert server.proc.wait(60) == 130
+    assert any(isinstance(a, Exception) or a.status_code != 200 for a in answers)  # cut off
+    assert "cut off" in "".join(server.stderr)
 
 
 def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(live, scorer,
