@@ -172,12 +172,7 @@ class _Gate:
         async def send_timed(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                headers = message.get("headers") or []
-                if self.service.batcher.draining and not any(k.lower() == b"connection"
-                                                             for k, _ in headers):
-                    # Draining: the client must not send its next request on this connection,
-                    # which closes when the server exits (it would fail mid-request).
-                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+                message = self._closing_if_draining(message)
             await send(message)
 
         if scope["method"] == "POST":  # the API speaks JSON only: `curl -d` needs no header
@@ -213,6 +208,16 @@ class _Gate:
             metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
             if scope["method"] != "GET" and status["code"] in _REASONS:
                 metrics.rejections.labels(_REASONS[status["code"]]).inc()
+
+    def _closing_if_draining(self, start: dict) -> dict:
+        """A response start, with ``Connection: close`` while draining: the client must not
+        send its next request on this connection, which closes when the server exits (that
+        request would fail mid-way)."""
+        headers = start.get("headers") or []
+        if not self.service.batcher.draining or any(k.lower() == b"connection"
+                                                    for k, _ in headers):
+            return start
+        return {**start, "headers": [*headers, (b"connection", b"close")]}
 
     async def _answer_directly(self, route, body: bytes, scope, receive) -> bytes | Response:
         """A hot route's answer: its JSON body (200), or an error response."""
