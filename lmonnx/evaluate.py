@@ -53,11 +53,11 @@ CALL_COST_MACS = 8_000_000
 look-ahead is cut into the batches that minimise padded positions plus, per batch, this many
 multiply-adds' worth of positions (:func:`call_cost_positions`;
 :func:`lmonnx.batching.bucketed_batches`).  Filling the logits budget greedily instead padded
-a few callers' sentences to the longest of them.  Measured on 2 cores with a fixed 32
+a few callers' sentences to the longest of them.  Measured on 2 cores with a fixed 24
 positions a call, against the greedy cut, ``Scorer.score`` of 64 PTB sentences a call: 2x200
-V=10k 1.33x (8 and 24 positions: the same within noise), 2x64 V=3000 1.48x; a server's
-batches of ~11 sentences at 32 callers (2x64): 32 positions gave 1.07x the requests/s of 96
-and 1.17x of none.  A fixed 32 made a tiny model (2x64, V=104) 0.75x at 16 sentences a call:
+V=10k 1.33x (8 and 64 positions: the same within noise), 2x64 V=3000 1.48x (64 and 128: the
+same); a server's batches of ~11 sentences at 32 callers (2x64): 32 positions gave 1.07x the
+requests/s of 96 and 1.17x of none.  A fixed 32 made a tiny model (2x64, V=104) 0.75x at 16 sentences a call:
 a position costs it so little that the calls' fixed costs dominate (scaled by model size to
 110 positions a call it still measured ~0.85x), hence the scale by model size and the greedy
 cut past :data:`CALL_BOUND_POSITIONS` (2x200 V=10k: 16 positions, 2x64 V=3000: 30, 2x64
