@@ -678,16 +678,14 @@ async def _measure_row(methods, scorer, requests, *, concurrency, args, rate):
                 clients[method.name] = client
         compared = [m for m in methods if m.name in ("batched", "unbatched")]
         while True:
-            if len(rounds) < args.repeats:  # whole rotations (repeats: made a multiple below)
+            if len(rounds) < args.repeats:  # whole rotations (main makes it a multiple)
                 order = methods
             elif (len(compared) == 2 and len(rounds) < args.max_repeats
                   and undecided(rounds)):
                 order = compared  # settling batched/unbatched: only those two run on
             else:
                 break
-            turn = len(rounds) % len(order)
-            if order is compared:
-                turn = (len(rounds) - args.repeats) % 2
+            turn = len(rounds) % len(order)  # rotated; for the two, alternating
             rounds.append({})
             for method in order[turn:] + order[:turn]:
                 if method.server is None:

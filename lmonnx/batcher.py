@@ -223,9 +223,9 @@ class Batcher:
             await asyncio.sleep(0.01)
 
     def close(self) -> None:
-        """Stop: queued and running work is answered with :class:`Draining` (no caller is
-        left waiting), nothing more is taken; the compute thread ends after the batch it
-        runs."""
+        """Stop: queued and running work is answered with :class:`Draining` on its callers'
+        loops (no caller is left waiting), nothing more is taken; the compute thread ends
+        after the batch it runs (whose answers then find their callers answered)."""
         with self._lock:
             self._closed = True
             pending = self._queue + list(self._in_compute)
@@ -234,8 +234,7 @@ class Batcher:
             self._queue.clear()
             self.queued_sentences = 0
             self._lock.notify_all()
-        for work in pending:
-            _answer(work.future, Draining("the server stopped"))
+        self._hand_back(pending, [Draining("the server stopped")] * len(pending))
 
     # ---- the compute side --------------------------------------------------------------
 
@@ -260,16 +259,15 @@ class Batcher:
                 self._in_compute.difference_update(works)
                 for work in works:
                     work.status = DONE
-            self._hand_back(works, results, started, seconds)
+            self._hand_back(works, results, (works, started, seconds))
 
-    def _hand_back(self, works: list[Work], results: list, started: float,
-                   seconds: float) -> None:
-        """Post each caller's answer to its own event loop, and the batch's metrics to the
-        first caller's (one loop in a server; a test client may run one per request)."""
+    def _hand_back(self, works: list[Work], results: list, batch: tuple | None = None) -> None:
+        """Post each caller's answer to its own event loop (one loop in a server; a test
+        client may run one per request), and ``batch`` (works, started, seconds) for the
+        metrics to the first caller's; from any thread."""
         by_loop: dict = {}
         for work, result in zip(works, results):
             by_loop.setdefault(work.future.get_loop(), []).append((work.future, result))
-        batch = (works, started, seconds)
         for loop, answers in by_loop.items():
             try:
                 loop.call_soon_threadsafe(self._finish, answers, batch)
@@ -378,20 +376,6 @@ def hand_over_the_gil_quickly() -> None:
     """Set this process's GIL switch interval to :data:`GIL_SWITCH_INTERVAL_S`: for a process
     that serves (an event loop beside the compute thread), not for a library user's."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-
-
-def _answer(future: asyncio.Future, result) -> None:
-    """:func:`_settle` on the future's own loop: now if that is this thread's running loop,
-    else posted to it (unless it is closed: nobody waits there)."""
-    loop = future.get_loop()
-    try:
-        here = asyncio.get_running_loop()
-    except RuntimeError:
-        here = None
-    if loop is here:
-        _settle(future, result)
-    elif not loop.is_closed():
-        loop.call_soon_threadsafe(_settle, future, result)
 
 
 def _settle(future: asyncio.Future, result) -> None:

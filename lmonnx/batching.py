@@ -32,9 +32,10 @@ size ``B * T_max`` stays within ``max_tokens``::
 
 With ``call_cost`` the cut minimises padded positions plus ``call_cost`` per batch instead
 (scoring: a few sentences of mixed lengths become two or three batches, not one padded to the
-longest).  An item longer than ``max_tokens`` becomes a batch of its own and is never truncated. For
-training, :func:`split_windows` cuts sentences longer than ``max_length`` into consecutive
-windows first, so no token is dropped either (the LSTM state restarts at each window).
+longest).  An item longer than ``max_tokens`` becomes a batch of its own and is never
+truncated.  For training, :func:`split_windows` cuts sentences longer than ``max_length``
+into consecutive windows first, so no token is dropped either (the LSTM state restarts at
+each window).
 
 Training does not sort a whole chunk: every batch would then hold sentences of one length, and
 the gradient would see a biased sample at every step.  The trainer's default is
@@ -216,13 +217,19 @@ def _cheapest_groups(chunk: list, max_tokens: int, max_batch_size: int,
     fitting = len(lengths)
     while fitting and lengths[fitting - 1] > max_tokens:
         fitting -= 1
-    best = [0] * (fitting + 1)  # best[j]: the cheapest cut of the first j items
+    best = np.zeros(fitting + 1, dtype=np.int64)  # best[j]: the cheapest cut of the first j
     start = [0] * (fitting + 1)  # where the last run of that cut starts
+    index = np.arange(fitting + 1, dtype=np.int64)
     for j in range(1, fitting + 1):
         n = lengths[j - 1]  # the run's T_max: sorted ascending
-        widest = min(max_batch_size, max_tokens // n if n else max_batch_size, j)
-        cost, first = min((best[i] + call_cost + (j - i) * n, i) for i in range(j - widest, j))
-        best[j], start[j] = cost, first
+        first = j - min(max_batch_size, max_tokens // n if n else max_batch_size, j)
+        # A run i..j costs call_cost + (j - i) * n: minimise best[i] - i * n over the window
+        # (vectorised: a look-ahead of 4096 sentences takes ~16 ms, not ~36 ms in a generator;
+        # argmin takes the first of equal costs, so the cut is deterministic).
+        costs = best[first:j] - index[first:j] * n
+        k = int(costs.argmin())
+        start[j] = first + k
+        best[j] = costs[k] + call_cost + j * n
     groups: list[list] = []
     j = fitting
     while j:

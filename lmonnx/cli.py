@@ -214,9 +214,9 @@ def _arguments_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None,
                    help="the model's name in /v1/models (default: the file's stem)")
     p.add_argument("--max-wait-ms", type=_real_arg(0), default=2.0,
-                   help="longest a batch that is not full waits for more when more is in "
-                        "sight and the model is slow enough for waiting to pay (default 2; "
-                        "0: run whatever is queued at once)")
+                   help="longest a batch that is not full waits for requests being read, "
+                        "when the model is slow enough for waiting to pay (default 2; 0: run "
+                        "whatever is queued at once)")
     p.add_argument("--max-batch-sentences", type=_int_arg(1), default=64,
                    help="sentences (or decoder hypotheses) per batch at most (default 64; "
                         "1: one per onnxruntime call, the unbatched baseline)")

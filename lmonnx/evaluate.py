@@ -57,12 +57,13 @@ a few callers' sentences to the longest of them.  Measured on 2 cores with a fix
 positions a call, against the greedy cut, ``Scorer.score`` of 64 PTB sentences a call: 2x200
 V=10k 1.33x (8 and 64 positions: the same within noise), 2x64 V=3000 1.48x (64 and 128: the
 same); a server's batches of ~11 sentences at 32 callers (2x64): 32 positions gave 1.07x the
-requests/s of 96 and 1.17x of none.  A fixed 32 made a tiny model (2x64, V=104) 0.75x at 16 sentences a call:
-a position costs it so little that the calls' fixed costs dominate (scaled by model size to
-110 positions a call it still measured ~0.85x), hence the scale by model size and the greedy
-cut past :data:`CALL_BOUND_POSITIONS` (2x200 V=10k: 16 positions, 2x64 V=3000: 30, 2x64
-V=104: greedy).  A full look-ahead (``evaluate``) was already packed (1.8% padding; now
-0.3%, same speed)."""
+requests/s of 96 and 1.17x of none.  A fixed 32 made a tiny model (2x64, V=104) 0.75x at 16
+sentences a call: a position costs it so little that the calls' fixed costs dominate (scaled
+by model size to 110 positions a call it still measured ~0.85x), hence the scale by model
+size and the greedy cut past :data:`CALL_BOUND_POSITIONS` (2x200 V=10k: 16 positions, 2x64
+V=3000: 30, 2x64 V=104: greedy).  A full look-ahead (``evaluate``) was already packed (1.8%
+padding; now 0.3%, the same speed: PTB test, best of 5, 2x64 V=3000 0.422 s against 0.432 s
+greedy, 2x200 V=6k 1.855 s against 1.891 s)."""
 CALL_BOUND_POSITIONS = 64
 """Past this many positions a call, a model is cut greedily (see :data:`CALL_COST_MACS`)."""
 LOOKAHEAD_BYTES = 1 << 20

@@ -145,11 +145,16 @@ def _score_record(service: ScoringService, example, result, per_token: bool) -> 
     return record
 
 
-class StrictJSONResponse(JSONResponse):
+def json_body(content) -> bytes:
     """JSON as ``lmonnx evaluate`` writes it: NaN and infinities as null, UTF-8 as is."""
+    return json_text(content).encode("utf-8")
+
+
+class StrictJSONResponse(JSONResponse):
+    """A response of :func:`json_body`."""
 
     def render(self, content) -> bytes:
-        return json_text(content).encode("utf-8")
+        return json_body(content)
 
 
 # ---- the ASGI layer under FastAPI: body limit, UTF-8, arrivals, request metrics ---------
@@ -226,8 +231,7 @@ class _Gate:
             # A full queue refuses any work: before parsing, so a refusal costs next to nothing.
             self.service.batcher.check_room(1)
             parsed = model.model_validate_json(body)
-            content = await answer(self.service, parsed, _Request(scope, receive))
-            return json_text(content).encode("utf-8")
+            return json_body(await answer(self.service, parsed, _Request(scope, receive)))
         except ValidationError as exc:
             return error_response(*_validation_message(exc))
         except Exception as exc:  # noqa: BLE001 - answered as FastAPI's handlers answer it

@@ -16,12 +16,12 @@ import time
 from typing import Callable, Sequence
 
 from lmonnx.batcher import CALL, SCORE, STEP, Batcher, BatchStats, NotStarted
+from lmonnx.errors import InvalidArgumentError
 from lmonnx.evaluate import SentenceResult
 from lmonnx.examples import Example
 from lmonnx.incremental import END, LMState
 from lmonnx.metrics import default_max_tokens
 from lmonnx.scorer import Scorer
-from lmonnx.errors import InvalidArgumentError
 from lmonnx.states import StateStore, state_bytes
 from lmonnx.telemetry import ServerMetrics
 from lmonnx.validation import check_int, check_real
@@ -141,9 +141,9 @@ class ScoringService:
         def gone(task: asyncio.Task) -> None:
             if task.cancelled() or task.exception() is not None:
                 return
-            if not self.batcher.withdraw(work, ClientGone("the client disconnected")) \
-                    and not work.future.done():
-                work.future.set_exception(ClientGone("the client disconnected"))
+            reason = ClientGone("the client disconnected")
+            if not self.batcher.withdraw(work, reason) and not work.future.done():
+                work.future.set_exception(reason)  # running: its answer is dropped
 
         task = asyncio.ensure_future(_disconnect(request))
         task.add_done_callback(gone)
