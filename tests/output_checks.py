@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,24 @@ def bytes_through_fifo(fifo: Path, write) -> bytes:
     try:
         write()
     finally:
-        if fifo.is_fifo() and reader.is_alive():  # nothing was written: let the reader go
-            with open(fifo, "wb"):
-                pass
-        reader.join(timeout=30)
+        _let_the_reader_go(fifo, reader)
     assert fifo.is_fifo() and not reader.is_alive()
     return received[0]
+
+
+def _let_the_reader_go(fifo: Path, reader: threading.Thread, timeout_s: float = 30.0) -> None:
+    """Wait for ``reader`` to finish, opening and closing ``fifo`` for writing meanwhile so
+    that a reader still blocked in open() (``write`` failed before opening it) sees end of
+    file.  Non-blocking: a plain open() waits for a reader, and hung CI for ever when the
+    reader was still draining the last bytes and then closed without opening again."""
+    deadline = time.monotonic() + timeout_s
+    while reader.is_alive() and time.monotonic() < deadline:
+        if fifo.is_fifo():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: no reader has it open (yet, or any more)
+                pass
+        reader.join(timeout=0.05)
 
 
 def run_to_dev_stdout(args: list, tmp_path: Path) -> tuple[bytes, bytes]:

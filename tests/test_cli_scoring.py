@@ -145,10 +145,10 @@ def test_bits_per_byte_counts_the_original_bytes(model, tmp_path, capsys):
 def test_evaluate_reads_a_pipe(model, tmp_path, capsys):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    writer = threading.Thread(target=lambda: fifo.write_text("the cat sat\na dog\n"))
+    writer = threading.Thread(target=lambda: fifo.write_text("the cat sat\na dog\n"), daemon=True)
     writer.start()
     assert main(["evaluate", str(fifo), "--model", str(model), "--json"]) == 0
-    writer.join()
+    writer.join(timeout=60)
     assert json.loads(capsys.readouterr().out)["sentences"] == 2
 
 

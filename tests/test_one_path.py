@@ -194,7 +194,7 @@ def test_a_fifo_output_is_written_not_replaced(model, small_corpus, tmp_path, ca
     fifo = tmp_path / "out.fifo"
     os.mkfifo(fifo)
     received = []
-    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
     reader.start()
     assert _evaluate_to(model, small_corpus, fifo) == 0  # no --force: a pipe overwrites nothing
     reader.join(timeout=60)
@@ -206,7 +206,8 @@ def test_a_process_substitution_output(model, small_corpus, capsys):
     """`--per-sentence >(cat)` is a /dev/fd/N path: write into it, no temp file beside it."""
     read_fd, write_fd = os.pipe()
     received = []
-    reader = threading.Thread(target=lambda: received.append(os.fdopen(read_fd).read()))
+    reader = threading.Thread(target=lambda: received.append(os.fdopen(read_fd).read()),
+                              daemon=True)
     reader.start()
     try:
         assert _evaluate_to(model, small_corpus, f"/dev/fd/{write_fd}") == 0
