@@ -385,19 +385,19 @@ class FreeListTransport:
     async def handle_async_request(self, request):
         import httpx
 
+        status, headers, body = await self.exchange(core_request(request))
+        return httpx.Response(status_code=status, headers=headers, content=body)
+
+    async def exchange(self, request) -> tuple[int, list, bytes]:
+        """Send an ``httpcore.Request`` on a free connection: (status, headers, body)."""
         httpcore = self._httpcore
         url = request.url
         async with self._slots:
             connection = self._idle.pop() if self._idle else httpcore.AsyncHTTPConnection(
-                httpcore.Origin(url.raw_scheme, url.raw_host, url.port), keepalive_expiry=60,
+                httpcore.Origin(url.scheme, url.host, url.port), keepalive_expiry=60,
                 network_backend=self._backend)
             try:
-                response = await connection.handle_async_request(httpcore.Request(
-                    method=request.method,
-                    url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
-                                     target=url.raw_path),
-                    headers=request.headers.raw, content=request.stream,
-                    extensions=request.extensions))
+                response = await connection.handle_async_request(request)
                 body = await response.aread()
                 await response.aclose()
             except BaseException:
@@ -407,8 +407,7 @@ class FreeListTransport:
                 self._idle.append(connection)
             else:
                 await connection.aclose()
-        return httpx.Response(status_code=response.status, headers=response.headers,
-                              content=body, extensions=response.extensions)
+        return response.status, response.headers, body
 
     async def aclose(self) -> None:
         while self._idle:
@@ -421,19 +420,77 @@ class FreeListTransport:
         await self.aclose()
 
 
+def core_request(request):
+    """The ``httpcore.Request`` an ``httpx.Request`` sends (its stream can be sent again)."""
+    import httpcore
+
+    url = request.url
+    return httpcore.Request(
+        method=request.method,
+        url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
+                         target=url.raw_path),
+        headers=request.headers.raw, content=request.stream, extensions=request.extensions)
+
+
+class _Response:
+    """What the load generator reads of an answer."""
+
+    __slots__ = ("status_code", "content")
+
+    def __init__(self, status: int, content: bytes):
+        self.status_code, self.content = status, content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
+class TransportClient:
+    """The load generator's ``post`` on httpx's transport layer (``--client-pool
+    transport``, the default): each distinct request is built once as an ``httpx.Request``
+    (by an ``httpx.AsyncClient``, timeout included) and then sent again and again through
+    :class:`FreeListTransport` (httpcore and h11, as every httpx request).  What it skips
+    per request is the ``AsyncClient`` layer a load generator does not use -- URL merging,
+    the cookie jar, auth and redirect handling, building an ``httpx.Response`` -- which took
+    a third of the client's CPU at 32 callers (py-spy), CPU the server gets instead on
+    2 cores."""
+
+    def __init__(self, concurrency: int):
+        import httpx
+
+        self._transport = FreeListTransport(concurrency)
+        self._client = httpx.AsyncClient(transport=self._transport, timeout=120.0)
+        self._prepared: dict = {}
+
+    def prepare(self, url: str, bodies: list[bytes], headers: dict = HEADERS) -> None:
+        """Build the requests of ``bodies`` now, not during the timed slices."""
+        for body in bodies:
+            self._request(url, body, headers)
+
+    def _request(self, url: str, content: bytes, headers: dict):
+        key = (url, content)  # bytes cache their hash: a cheap lookup
+        request = self._prepared.get(key)
+        if request is None:
+            request = self._prepared[key] = core_request(
+                self._client.build_request("POST", url, content=content, headers=headers))
+        return request
+
+    async def post(self, url: str, content: bytes, headers: dict) -> _Response:
+        status, _, body = await self._transport.exchange(self._request(url, content, headers))
+        return _Response(status, body)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._client.aclose()
+
+
 class AiohttpClient:
     """The load generator's ``post`` on an ``aiohttp`` session of ``concurrency``
     connections (``--client-pool aiohttp``): its C-accelerated HTTP parser costs the client
     about half the CPU per request of httpx's (h11 in Python), CPU the server gets instead
     on a 2-core machine."""
-
-    class _Response:
-        def __init__(self, status: int, content: bytes):
-            self.status_code, self.content = status, content
-
-        @property
-        def text(self) -> str:
-            return self.content.decode("utf-8", "replace")
 
     def __init__(self, concurrency: int):
         import aiohttp
@@ -444,7 +501,7 @@ class AiohttpClient:
 
     async def post(self, url: str, content: bytes, headers: dict):
         async with self._session.post(url, data=content, headers=headers) as response:
-            return self._Response(response.status, await response.read())
+            return _Response(response.status, await response.read())
 
     async def __aenter__(self):
         return self
@@ -453,12 +510,15 @@ class AiohttpClient:
         await self._session.close()
 
 
-def make_client(concurrency: int, pool: str = "freelist"):
-    """One ``httpx.AsyncClient`` whose pool holds ``concurrency`` connections: the free-list
-    transport (default) or httpx's own pool (``pool="httpx"``); or an aiohttp session
-    (``pool="aiohttp"``)."""
+def make_client(concurrency: int, pool: str = "transport"):
+    """The load generator's client, ``concurrency`` connections: httpx's transport sent
+    prepared requests (``transport``, the default: :class:`TransportClient`), an
+    ``httpx.AsyncClient`` on the free-list transport (``freelist``) or on httpx's own pool
+    (``httpx``), or an aiohttp session (``aiohttp``)."""
     import httpx
 
+    if pool == "transport":
+        return TransportClient(concurrency)
     if pool == "aiohttp":
         return AiohttpClient(concurrency)
     if pool == "httpx":
@@ -466,6 +526,12 @@ def make_client(concurrency: int, pool: str = "freelist"):
                               max_keepalive_connections=concurrency)
         return httpx.AsyncClient(limits=limits, timeout=120.0)
     return httpx.AsyncClient(transport=FreeListTransport(concurrency), timeout=120.0)
+
+
+def prepare(client, url: str, bodies: list[bytes]) -> None:
+    """Let a client that prepares its requests (:class:`TransportClient`) build them now."""
+    if hasattr(client, "prepare"):
+        client.prepare(url, bodies)
 
 
 @contextlib.contextmanager
@@ -518,11 +584,12 @@ async def server_slice(client, url: str, bodies, sizes, *, concurrency: int, mod
 
 async def run_load(url: str, requests: list[list[str]], *, concurrency: int, mode: str,
                    seconds: float | None, count: int | None, warmup: float, rate: float = 0,
-                   pid: int | None = None, pool: str = "freelist") -> Sample:
+                   pid: int | None = None, pool: str = "transport") -> Sample:
     """One load run on its own client: a fresh client whose pool holds ``concurrency``
     connections, a warm-up (connections opened, server warm), then the timed run."""
     bodies, sizes = encode(requests)
     async with make_client(concurrency, pool) as client:
+        prepare(client, url, bodies)
         if warmup > 0:
             await closed_loop(client, url, bodies, sizes, concurrency, seconds=warmup)
         return await server_slice(client, url, bodies, sizes, concurrency=concurrency,
@@ -671,6 +738,7 @@ async def _measure_row(methods, scorer, requests, *, concurrency, args, rate):
             if method.server is not None:
                 client = await stack.enter_async_context(
                     make_client(concurrency, args.client_pool))
+                prepare(client, method.server.url + "/v1/score", bodies)
                 if args.warmup > 0:
                     with pinned_to(args.client_cpu):
                         await closed_loop(client, method.server.url + "/v1/score", bodies,
@@ -808,12 +876,13 @@ def main(argv=None) -> int:
                              "the goal (default 120)")
     parser.add_argument("--inprocess-batch", type=int, default=64,
                         help="sentences per Scorer.score call in the ceiling row (default 64)")
-    parser.add_argument("--client-pool", choices=("freelist", "httpx", "aiohttp"),
-                        default="freelist",
-                        help="the load generator: httpx with a free list of connections "
-                             "(default), httpx's own pool (O(connections) a request: the "
-                             "client saturates first), or aiohttp (about half the client CPU "
-                             "per request: more of the 2 cores left to the server)")
+    parser.add_argument("--client-pool", choices=("transport", "freelist", "httpx", "aiohttp"),
+                        default="transport",
+                        help="the load generator: httpx's transport sent prepared requests "
+                             "over a free list of connections (default), httpx.AsyncClient "
+                             "on that free list (a third more client CPU a request), "
+                             "httpx.AsyncClient on its own pool (O(connections) a request: "
+                             "the client saturates first), or aiohttp")
     parser.add_argument("--providers", choices=("cpu", "cuda"), default="cpu",
                         help="onnxruntime provider of the servers and of the in-process rows "
                              "(default cpu)")

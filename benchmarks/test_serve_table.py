@@ -35,7 +35,7 @@ def test_served_load(tmp_path):
     try:
         assert st.agree(server.url, scorer, LINES[:3])
         url = server.url + "/v1/score"
-        for pool in ("freelist", "httpx"):
+        for pool in ("transport", "freelist", "httpx"):
             closed = st.run_async(st.run_load(
                 url, st.request_sets(LINES, ("nbest",))["nbest"], concurrency=3,
                 mode="closed", seconds=None, count=12, warmup=0, pid=server.pid, pool=pool))

@@ -477,8 +477,12 @@ def serve(app, sock: socket.socket, *, log_level: str = "warning", on_ready=None
     hand_over_the_gil_quickly()
     # Keep-alive longer than clients' pools keep idle connections (httpx: 5 s), so that the
     # server never closes a connection a client is reusing at that moment (a failed request).
+    # The access log (and the X-Forwarded-For it would name) only where it is printed:
+    # uvicorn formats each line's client and path before the logger drops it.
+    access_log = log_level in ("info", "debug")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_keep_alive=65, lifespan="off")
+                            timeout_keep_alive=65, lifespan="off", access_log=access_log,
+                            proxy_headers=access_log)
     server = _DrainingServer(config, app.state.service, on_ready)
     server.run(sockets=[sock])
     return not server.forced

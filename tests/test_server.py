@@ -68,10 +68,10 @@ def run(coroutine):
 class LiveServer:
     """``lmonnx serve MODEL --port 0 ...`` as a subprocess; ``url`` once it says it serves."""
 
-    def __init__(self, model: Path, *flags: str):
+    def __init__(self, model: Path, *flags: str, stdout=None):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lmonnx", "serve", str(model), "--port", "0",
-             "--providers", "cpu", *flags], stderr=subprocess.PIPE, text=True)
+             "--providers", "cpu", *flags], stdout=stdout, stderr=subprocess.PIPE, text=True)
         self.stderr: list[str] = []
         deadline = time.monotonic() + 120
         for line in self.proc.stderr:
@@ -115,6 +115,22 @@ def live(model):
     yield start
     for server in servers:
         server.stop()
+
+
+def test_the_access_log_is_written_from_log_level_info(model, tmp_path):
+    """uvicorn's access log (on stdout) only where it is printed (it formats each line
+    before the logger drops it): --log-level info names each request, the default does not."""
+    logs = {}
+    for level in ("warning", "info"):
+        with open(tmp_path / level, "w") as stdout:
+            server = LiveServer(model, "--log-level", level, stdout=stdout)
+            try:
+                assert httpx.get(server.url + "/health").status_code == 200
+            finally:
+                assert server.stop() == 0
+        logs[level] = (tmp_path / level).read_text()
+    assert re.search(r'"GET /health HTTP/1\.1" 200', logs["info"])
+    assert "GET /health" not in logs["warning"]
 
 
 # ---- numbers equal Scorer's --------------------------------------------------------------
