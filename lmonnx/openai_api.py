@@ -45,7 +45,7 @@ from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from lmonnx.incremental import LMState, next_token_ids, state_from_logits
 from lmonnx.server import ApiError
@@ -293,14 +293,22 @@ def generate_after(service: ScoringService, state: LMState, sampling: Sampling,
     return out
 
 
-def complete_prompt(service: ScoringService, ids: list[int], sampling: Sampling, n: int,
-                    seed: int | None) -> tuple[ScoredPrompt, list[Generated]]:
+async def complete_prompt(service: ScoringService, ids: list[int], sampling: Sampling, n: int,
+                          seed: int | None, request=None) -> tuple[ScoredPrompt, list[Generated]]:
     """A prompt scored and ``n`` completions drawn after it, with one random generator
-    seeded by ``seed`` (so a prompt gives the same choices whatever its batch-mates)."""
-    scored = score_prompt(service, ids, sampling.logprobs)
+    seeded by ``seed`` (so a prompt gives the same choices whatever its batch-mates).  The
+    scoring and each completion are a turn of their own on the compute thread: other
+    callers' batches run in between, so ``n`` x ``max_tokens`` steps never hold the server
+    (up to 128 x 10,000 onnxruntime calls)."""
+    scored = await service.call(lambda: score_prompt(service, ids, sampling.logprobs),
+                                request=request)
     rng = np.random.default_rng(seed)
-    return scored, [generate_after(service, scored.state, sampling, rng, spaced=bool(ids))
-                    for _ in range(n)]
+    completions = []
+    for _ in range(n):  # in turn: the generator's draws follow one another as before
+        completions.append(await service.call(
+            lambda: generate_after(service, scored.state, sampling, rng, spaced=bool(ids)),
+            request=request))
+    return scored, completions
 
 
 # ---- request bodies --------------------------------------------------------------------------
@@ -309,6 +317,17 @@ class _OpenAIBody(BaseModel):
     # OpenAI clients send fields this server does not read (user, ...): they are ignored;
     # the ones that would change the answer are checked in _refuse_unsupported.
     model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """OpenAI's API takes null for any optional field (clients send ``"n": null``,
+        ``"echo": null``): it means the field's default."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required()}
 
 
 class CompletionBody(_OpenAIBody):
@@ -453,10 +472,9 @@ async def _complete(service: ScoringService, body: CompletionBody, request: Requ
             raise invalid(f"prompt {i}: {len(ids)} tokens plus max_tokens "
                           f"{sampling.max_tokens} exceed max_model_len {MAX_MODEL_LEN}")
     choices, generated_tokens = [], 0
-    for i, ids in enumerate(prompts):  # one call per prompt: other callers run in between
-        scored, completions = await service.call(
-            lambda ids=ids: complete_prompt(service, ids, sampling, body.n, body.seed),
-            request=request)
+    for i, ids in enumerate(prompts):
+        scored, completions = await complete_prompt(service, ids, sampling, body.n, body.seed,
+                                                    request)
         for j, generated in enumerate(completions):
             generated_tokens += len(generated.ids)
             choices.append(_choice(service.vocab, i * body.n + j, ids, scored, generated,

@@ -225,6 +225,44 @@ def test_unknown_model_and_harmless_extras(http):
     assert response.status_code == 200
 
 
+def test_null_optional_fields_mean_their_defaults(http):
+    """OpenAI's API takes null for every optional field; clients send it."""
+    body = {"model": MODEL_NAME, "prompt": "w1 w2", "max_tokens": 2, "seed": 3, "logprobs": 1}
+    nulls = {"n": None, "echo": None, "add_special_tokens": None, "temperature": None,
+             "stop": None, "stream": None, "best_of": None, "suffix": None}
+    plain = http.post("/v1/completions", json=body)
+    nulled = http.post("/v1/completions", json={**body, **nulls})
+    assert plain.status_code == nulled.status_code == 200
+    assert nulled.json()["choices"] == plain.json()["choices"]
+    assert http.post("/tokenize", json={"prompt": "w1", "add_special_tokens": None}
+                     ).json()["tokens"] == [5]
+    response = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": None})
+    assert response.status_code == 422 and "prompt" in response.json()["error"]["message"]
+
+
+def test_a_long_completion_lets_other_callers_through(server_url, http):
+    """128 completions of up to 1,000 tokens are 128 turns on the compute thread, not one:
+    a score request sent meanwhile is answered long before they are done."""
+    timings = {}
+
+    def complete():
+        start = time.perf_counter()
+        with httpx.Client(base_url=server_url, timeout=120) as client:
+            timings["status"] = client.post("/v1/completions", json={
+                "prompt": "w1", "n": 128, "max_tokens": 1000, "seed": 1}).status_code
+        timings["completion"] = time.perf_counter() - start
+
+    worker = threading.Thread(target=complete)
+    worker.start()
+    time.sleep(0.05)
+    start = time.perf_counter()
+    assert http.post("/v1/score", json={"sentences": ["w1 w2"]}).status_code == 200
+    score = time.perf_counter() - start
+    worker.join(120)
+    assert timings["status"] == 200 and timings["completion"] > 0.2
+    assert score < 0.5 * timings["completion"], (score, timings)
+
+
 # ---- vLLM's tokenizer routes and lm-eval's remote tokenizer ----------------------------------
 
 def test_tokenize_detokenize_round_trip(http):
