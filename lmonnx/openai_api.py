@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from lmonnx.incremental import LMState, next_token_ids, state_from_logits
-from lmonnx.server import ApiError
-from lmonnx.service import ScoringService, tokenize_off_loop
+from lmonnx.server import ApiError, json_body
+from lmonnx.service import ScoringService, off_loop_if_large, tokenize_off_loop
 from lmonnx.validation import check_real
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID, Vocabulary
 from lmonnx.xent import token_nll_and_hits
@@ -521,16 +521,26 @@ def add_openai_routes(app: FastAPI, service: ScoringService) -> None:
         if body.prompt is None:
             raise invalid("give \"prompt\" (a text); chat \"messages\" are not supported: "
                           "this model has no chat template")
-        ids = tokenize(service.vocab, body.prompt, body.add_special_tokens)
-        answer = {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}
-        if body.return_token_strs:
-            answer["token_strs"] = [service.vocab.tokens[t] for t in ids]
-        return answer
+        def answer() -> bytes:
+            ids = tokenize(service.vocab, body.prompt, body.add_special_tokens)
+            tokens = {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}
+            if body.return_token_strs:
+                tokens["token_strs"] = [service.vocab.tokens[t] for t in ids]
+            return json_body(tokens)
+
+        # A long text's ids and their JSON on a worker thread, not on the event loop.
+        return _json(await tokenize_off_loop([body.prompt], answer))
 
     @app.post("/detokenize")
     async def detokenize_tokens(body: DetokenizeBody):
         _check_model(service, body.model)
-        return {"prompt": detokenize(service.vocab, body.tokens)}
+        return _json(await off_loop_if_large(
+            len(body.tokens), lambda: json_body({"prompt": detokenize(service.vocab,
+                                                                      body.tokens)})))
+
+
+def _json(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
 
 
 __all__ = ["add_openai_routes", "tokenize", "detokenize", "score_prompt", "generate_after",

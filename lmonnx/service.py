@@ -208,7 +208,14 @@ async def tokenize_off_loop(texts, function: Callable, *args):
     """``function(*args)``, on a worker thread when ``texts`` (the strings of a request) hold
     more than 64k characters: a 1M-word text would hold the event loop, and every other
     caller, for a noticeable time."""
-    if sum(len(t) for t in texts if isinstance(t, str)) > _TOKENIZE_INLINE_CHARS:
+    return await off_loop_if_large(sum(len(t) for t in texts if isinstance(t, str)),
+                                   function, *args)
+
+
+async def off_loop_if_large(size: int, function: Callable, *args):
+    """``function(*args)``, on a worker thread when ``size`` (characters of text, or token
+    ids) is past 64k, inline otherwise (a thread hop costs more than a short request)."""
+    if size > _TOKENIZE_INLINE_CHARS:
         return await asyncio.to_thread(function, *args)
     return function(*args)
 
@@ -222,4 +229,5 @@ async def _disconnect(request) -> None:
             return
 
 
-__all__ = ["ScoringService", "ClientGone", "END", "ARRIVING", "ADMITTED", "tokenize_off_loop"]
+__all__ = ["ScoringService", "ClientGone", "END", "ARRIVING", "ADMITTED", "tokenize_off_loop",
+           "off_loop_if_large"]

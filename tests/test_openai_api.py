@@ -277,6 +277,18 @@ def test_tokenize_detokenize_round_trip(http):
     assert http.post("/detokenize", json={"tokens": [99]}).status_code == 422
 
 
+def test_a_long_text_tokenizes_on_a_worker_thread_alike(http):
+    """Past 64k characters (or token ids) the work moves off the event loop: same answers,
+    errors included."""
+    words = " ".join(WORDS[i % len(WORDS)] for i in range(30_000))  # ~120k characters
+    answer = http.post("/tokenize", json={"prompt": words, "return_token_strs": True}).json()
+    assert answer["count"] == 30_000 and answer["token_strs"] == words.split()
+    assert http.post("/detokenize", json={"tokens": answer["tokens"]}).json() == {
+        "prompt": words}
+    refused = http.post("/detokenize", json={"tokens": answer["tokens"] + [999]})
+    assert refused.status_code == 422 and "position 30000" in refused.json()["error"]["message"]
+
+
 def test_lm_eval_remote_tokenizer_reads_the_specials(server_url):
     from lm_eval.utils import RemoteTokenizer, check_remote_tokenizer_support
 
