@@ -45,10 +45,10 @@ from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from lmonnx.incremental import LMState, next_token_ids, state_from_logits
-from lmonnx.server import ApiError, json_body
+from lmonnx.server import ApiError, RequestBody, large_json_body
 from lmonnx.service import ScoringService, off_loop_if_large, tokenize_off_loop
 from lmonnx.validation import check_real
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID, Vocabulary
@@ -313,21 +313,10 @@ async def complete_prompt(service: ScoringService, ids: list[int], sampling: Sam
 
 # ---- request bodies --------------------------------------------------------------------------
 
-class _OpenAIBody(BaseModel):
+class _OpenAIBody(RequestBody):
     # OpenAI clients send fields this server does not read (user, ...): they are ignored;
     # the ones that would change the answer are checked in _refuse_unsupported.
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_the_default(cls, data):
-        """OpenAI's API takes null for any optional field (clients send ``"n": null``,
-        ``"echo": null``): it means the field's default."""
-        if not isinstance(data, dict):
-            return data
-        fields = cls.model_fields
-        return {key: value for key, value in data.items()
-                if value is not None or key not in fields or fields[key].is_required()}
+    model_config = ConfigDict(extra="allow")
 
 
 class CompletionBody(_OpenAIBody):
@@ -462,7 +451,8 @@ async def _prompt_token_lists(service: ScoringService, body: CompletionBody) -> 
                                    body.add_special_tokens)
 
 
-async def _complete(service: ScoringService, body: CompletionBody, request: Request) -> dict:
+async def _complete(service: ScoringService, body: CompletionBody, request: Request) -> bytes:
+    """The text_completion answer's JSON."""
     _check_model(service, body.model)
     _refuse_unsupported(body)
     sampling = _sampling(body)
@@ -471,19 +461,29 @@ async def _complete(service: ScoringService, body: CompletionBody, request: Requ
         if len(ids) + sampling.max_tokens > MAX_MODEL_LEN:
             raise invalid(f"prompt {i}: {len(ids)} tokens plus max_tokens "
                           f"{sampling.max_tokens} exceed max_model_len {MAX_MODEL_LEN}")
-    choices, generated_tokens = [], 0
-    for i, ids in enumerate(prompts):
-        scored, completions = await complete_prompt(service, ids, sampling, body.n, body.seed,
-                                                    request)
-        for j, generated in enumerate(completions):
-            generated_tokens += len(generated.ids)
-            choices.append(_choice(service.vocab, i * body.n + j, ids, scored, generated,
-                                   body.echo, body.logprobs))
+    done = []
+    for ids in prompts:  # one prompt after another: their turns interleave with other callers
+        done.append((ids, *await complete_prompt(service, ids, sampling, body.n, body.seed,
+                                                 request)))
+    generated_tokens = sum(len(g.ids) for _, _, completions in done for g in completions)
     prompt_tokens = sum(len(ids) for ids in prompts)
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+
+    def answer() -> bytes:
+        choices = [_choice(service.vocab, i * body.n + j, ids, scored, generated, body.echo,
+                           body.logprobs)
+                   for i, (ids, scored, completions) in enumerate(done)
+                   for j, generated in enumerate(completions)]
+        return large_json_body({
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": service.name, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated_tokens,
-                      "total_tokens": prompt_tokens + generated_tokens}}
+                      "total_tokens": prompt_tokens + generated_tokens}})
+
+    # An echoed 1M-token prompt is tens of MB of JSON: built on a worker thread, not on the
+    # event loop (it held every other caller for ~10 s).
+    echoed = prompt_tokens * body.n if body.echo else 0
+    return await off_loop_if_large((echoed + generated_tokens) * (1 + (body.logprobs or 0)),
+                                   answer)
 
 
 def _tokenizer_info(service: ScoringService) -> dict:
@@ -509,7 +509,7 @@ def add_openai_routes(app: FastAPI, service: ScoringService) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        return await _complete(service, body, request)
+        return _json(await _complete(service, body, request))
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -526,7 +526,7 @@ def add_openai_routes(app: FastAPI, service: ScoringService) -> None:
             tokens = {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}
             if body.return_token_strs:
                 tokens["token_strs"] = [service.vocab.tokens[t] for t in ids]
-            return json_body(tokens)
+            return large_json_body(tokens)
 
         # A long text's ids and their JSON on a worker thread, not on the event loop.
         return _json(await tokenize_off_loop([body.prompt], answer))
@@ -535,8 +535,8 @@ def add_openai_routes(app: FastAPI, service: ScoringService) -> None:
     async def detokenize_tokens(body: DetokenizeBody):
         _check_model(service, body.model)
         return _json(await off_loop_if_large(
-            len(body.tokens), lambda: json_body({"prompt": detokenize(service.vocab,
-                                                                      body.tokens)})))
+            len(body.tokens), lambda: large_json_body({"prompt": detokenize(service.vocab,
+                                                                            body.tokens)})))
 
 
 def _json(body: bytes) -> Response:

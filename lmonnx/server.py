@@ -28,12 +28,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
-                      ValidationError)
+                      ValidationError, model_validator)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmonnx.batcher import Draining, NotStarted, Overloaded, hand_over_the_gil_quickly
 from lmonnx.errors import InferenceError, LmonnxError, ProviderError
-from lmonnx.evaluate import json_text, token_scores
+from lmonnx.evaluate import json_pieces, json_text, token_scores
 from lmonnx.incremental import END, EOS_TEXT
 from lmonnx.metrics import finite_or_none
 from lmonnx.service import ADMITTED, ARRIVING, ClientGone, ScoringService
@@ -99,21 +99,36 @@ def _validation_message(exc) -> tuple[int, str, str]:
 
 # ---- request bodies: strict types (no "1" for 1, no 1 for "1"), unknown fields refused ----
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class RequestBody(BaseModel):
+    """A JSON request body: strict types, unknown fields refused, null as the default."""
+
+    # NaN and Infinity are not JSON: refused as numbers, with a message that says so.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """null for a field that has a default means that default, as OpenAI's API reads
+        it (clients send ``"n": null``, ``"per_token": null``); a required field stays
+        required."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required()}
 
 
-class ScoreBody(_Body):
+class ScoreBody(RequestBody):
     sentences: list[StrictStr] = Field(min_length=1)
     per_token: StrictBool = False
 
 
-class PredictBody(_Body):
+class PredictBody(RequestBody):
     prefix: StrictStr = ""
     k: StrictInt = Field(5, ge=1)
 
 
-class GenerateBody(_Body):
+class GenerateBody(RequestBody):
     prefix: StrictStr = ""
     words: StrictInt = Field(20, ge=1, le=10_000)
     temperature: float = Field(1.0, ge=0)
@@ -121,17 +136,17 @@ class GenerateBody(_Body):
     seed: Optional[StrictInt] = Field(None, ge=0)
 
 
-class StatesBody(_Body):
+class StatesBody(RequestBody):
     prefix: StrictStr = ""
 
 
-class StepItem(_Body):
+class StepItem(RequestBody):
     state: StrictStr
     word: Optional[StrictStr] = None
     end: StrictBool = False
 
 
-class StepBody(_Body):
+class StepBody(RequestBody):
     steps: list[StepItem] = Field(min_length=1)
 
 
@@ -148,6 +163,13 @@ def _score_record(service: ScoringService, example, result, per_token: bool) -> 
 def json_body(content) -> bytes:
     """JSON as ``lmonnx evaluate`` writes it: NaN and infinities as null, UTF-8 as is."""
     return json_text(content).encode("utf-8")
+
+
+def large_json_body(content) -> bytes:
+    """:func:`json_body` of a large answer, built on a worker thread: encoded in pieces
+    (:func:`~lmonnx.evaluate.json_pieces`), so that the event loop gets the GIL between
+    them."""
+    return "".join(json_pieces(content)).encode("utf-8")
 
 
 class StrictJSONResponse(JSONResponse):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -286,6 +288,9 @@ BAD_REQUESTS = [
     ("post", "/v1/score", b'[1, 2]', 422, "invalid_request", "body"),
     ("post", "/v1/predict", b'{"prefix": "the", "k": 0}', 422, "invalid_request", "k"),
     ("post", "/v1/generate", b'{"temperature": -1}', 422, "invalid_request", "temperature"),
+    ("post", "/v1/generate", b'{"temperature": NaN}', 422, "invalid_request", "finite"),
+    ("post", "/v1/generate", b'{"temperature": Infinity}', 422, "invalid_request", "finite"),
+    ("post", "/v1/score", b'{"sentences": null}', 422, "invalid_request", "sentences"),
     ("post", "/v1/step", b'{"steps": [{"state": "nope", "word": "the"}]}', 404, "not_found",
      "unknown state"),
     ("post", "/v1/step", b'{"steps": []}', 422, "invalid_request", "steps"),
@@ -312,6 +317,23 @@ def test_a_bad_request_gets_its_status_and_one_clear_message(scorer, method, pat
     error = r.json()["error"]
     assert error["type"] == kind and words in error["message"], error
     assert "\n" not in error["message"]
+
+
+def test_null_fields_mean_their_defaults(scorer):
+    """As OpenAI's API reads null: the field's default (a required one stays required)."""
+    async def main():
+        async with _client(create_app(_service(scorer))) as client:
+            pairs = [("/v1/score", {"sentences": ["the cat"]}, {"per_token": None}),
+                     ("/v1/predict", {"prefix": "the"}, {"k": None}),
+                     ("/v1/generate", {"prefix": "the", "seed": 3},
+                      {"words": None, "top_k": None, "temperature": None})]
+            for path, body, nulls in pairs:
+                plain = await client.post(path, json=body)
+                nulled = await client.post(path, json={**body, **nulls})
+                assert plain.status_code == nulled.status_code == 200, nulled.text
+                assert nulled.json() == plain.json()
+
+    run(main())
 
 
 def test_step_word_errors_fail_only_their_request(scorer):
@@ -786,3 +808,22 @@ def test_a_step_whose_states_would_not_fit_is_refused(scorer):
 
     r = run(main())
     assert r.status_code == 422 and "--state-memory-mib" in r.json()["error"]["message"]
+
+
+# ---- large answers -------------------------------------------------------------------------
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=12) | st.dictionaries(st.text(max_size=4), inner,
+                                                                 max_size=4),
+    max_leaves=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON_VALUES, st.integers(1, 5))
+def test_json_in_pieces_is_the_same_json(value, items_per_piece):
+    """A large answer encoded in pieces (so that the event loop runs between them) is the same
+    bytes as in one call, NaN and infinities as null included."""
+    from lmonnx.evaluate import json_pieces, json_text
+
+    assert "".join(json_pieces(value, items_per_piece)) == json_text(value)
