@@ -253,12 +253,14 @@ class Generated:
     offsets: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"
+    stop_reason: str | None = None  # the stop string that ended it (vLLM's field)
 
 
-def _stop_cut(text: str, searched_from: int, stop: list[str]) -> int | None:
-    """Where the first stop string found at or after ``searched_from`` begins, or None."""
-    found = [i for i in (text.find(s, searched_from) for s in stop) if i >= 0]
-    return min(found) if found else None
+def _stop_cut(text: str, searched_from: int, stop: list[str]) -> tuple[int, str] | None:
+    """The first stop string found at or after ``searched_from``: ``(where it begins, the
+    string)`` (the earlier one of two listed first), or None."""
+    found = [(i, n, s) for n, s in enumerate(stop) if (i := text.find(s, searched_from)) >= 0]
+    return min(found)[::2] if found else None
 
 
 def generate_after(service: ScoringService, state: LMState, sampling: Sampling,
@@ -288,7 +290,8 @@ def generate_after(service: ScoringService, state: LMState, sampling: Sampling,
         out.offsets.append(len(out.text) - len(service.vocab.id_to_token(token)))
         cut = _stop_cut(out.text, max(0, before - longest_stop), sampling.stop)
         if cut is not None:
-            out.text, out.finish_reason = out.text[:cut], "stop"
+            out.text, out.stop_reason = out.text[:cut[0]], cut[1]
+            out.finish_reason = "stop"
             break
     return out
 
@@ -433,7 +436,8 @@ def _choice(vocab: Vocabulary, index: int, ids: list[int], scored: ScoredPrompt,
                                    for top, t, v in zip(tops, tokens, values)],
                   "text_offset": offsets}
     return {"text": text, "index": index, "logprobs": record,
-            "finish_reason": generated.finish_reason, "stop_reason": None}
+            "finish_reason": generated.finish_reason,
+            "stop_reason": generated.stop_reason}
 
 
 def _model_card(service: ScoringService) -> dict:
@@ -519,8 +523,9 @@ def add_openai_routes(app: FastAPI, service: ScoringService) -> None:
     async def tokenize_text(body: TokenizeBody):
         _check_model(service, body.model)
         if body.prompt is None:
-            raise invalid("give \"prompt\" (a text); chat \"messages\" are not supported: "
-                          "this model has no chat template")
+            raise invalid("chat \"messages\" are not supported (this model has no chat "
+                          "template): give \"prompt\", a text" if body.messages is not None
+                          else "prompt: Field required (a text)")
         def answer() -> bytes:
             ids = tokenize(service.vocab, body.prompt, body.add_special_tokens)
             tokens = {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}

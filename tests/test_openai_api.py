@@ -194,8 +194,13 @@ def test_stop_strings_cut_the_text(openai_client, scorer):
         pytest.skip("the random model ends too early for a stop string")
     stop, unstopped = f" {words[1]}", " " + " ".join(words)
     choice = openai_client.completions.create(
-        model=MODEL_NAME, prompt="w1", max_tokens=8, temperature=0, stop=[stop]).choices[0]
+        model=MODEL_NAME, prompt="w1", max_tokens=8, temperature=0,
+        stop=["never there", stop]).choices[0]
     assert choice.text == unstopped[:unstopped.index(stop)] and choice.finish_reason == "stop"
+    assert choice.stop_reason == stop  # vLLM's field: the string that matched
+    free = openai_client.completions.create(model=MODEL_NAME, prompt="w1", max_tokens=8,
+                                            temperature=0, stop=["never there"]).choices[0]
+    assert free.stop_reason is None and free.text == unstopped.split(" </s>")[0]
 
 
 @pytest.mark.parametrize("body, message", [
@@ -275,6 +280,10 @@ def test_tokenize_detokenize_round_trip(http):
     assert http.post("/detokenize", json={"tokens": [3, 5, 1, 6]}).json() == {
         "prompt": "</s> w1 <unk> w2"}
     assert http.post("/detokenize", json={"tokens": [99]}).status_code == 422
+    for body, message in [({}, "prompt: Field required"),
+                          ({"messages": [{"role": "user", "content": "w1"}]}, "chat")]:
+        refused = http.post("/tokenize", json=body)
+        assert refused.status_code == 422 and message in refused.json()["error"]["message"]
 
 
 def test_a_long_text_tokenizes_on_a_worker_thread_alike(http):
