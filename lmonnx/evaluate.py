@@ -234,22 +234,63 @@ def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = Fals
     session's loss head on CUDA).
 
     ``window``: a one-row batch longer than ``window`` positions is run in consecutive windows
-    that carry the LSTM state, so its logits never exceed ``window x V`` at once; the NLL
-    equals one pass up to float rounding.
+    that carry the LSTM state (:class:`WindowedRow`), so its logits never exceed
+    ``window x V`` at once; the NLL equals one pass up to float rounding.
     """
     batch_size, length = batch.inputs.shape
     if window is None or length <= window or batch_size != 1:
         nll, hits, _ = _token_scores(session, batch.inputs, batch.targets, batch.mask, None,
                                      num_threads)
-    else:
-        nll = np.empty(batch.inputs.shape, dtype=np.float64)
-        hits = np.empty(batch.inputs.shape, dtype=bool)
-        state = None
-        for start in range(0, length, window):
-            part = slice(start, start + window)
-            nll[:, part], hits[:, part], state = _token_scores(
-                session, batch.inputs[:, part], batch.targets[:, part], batch.mask[:, part],
-                state, num_threads)
+        return batch_results(batch, nll, hits, keep_tokens)
+    row = WindowedRow(session, batch, window, num_threads)
+    while not row.done:
+        row.step()
+    return row.results(keep_tokens)
+
+
+class WindowedRow:
+    """A one-row batch scored ``window`` positions per :meth:`step`, the LSTM state carried
+    from window to window: what :func:`score_batch` does for a long sentence, in steps a
+    server runs as turns of its compute thread, so that other callers' batches run between
+    them.  Memory: the row's NLL and hits (9 bytes a position) and one window's logits."""
+
+    def __init__(self, session: ModelSession, batch: Batch, window: int,
+                 num_threads: int | None = None):
+        if batch.inputs.shape[0] != 1:
+            raise InvalidArgumentError(f"a windowed row is one sentence, got a batch of "
+                                       f"{batch.inputs.shape[0]}")
+        self.session, self.batch, self.num_threads = session, batch, num_threads
+        self.window = check_int("window", window)
+        self.nll = np.empty(batch.inputs.shape, dtype=np.float64)
+        self.hits = np.empty(batch.inputs.shape, dtype=bool)
+        self.start = 0
+        self._state = None
+
+    @property
+    def done(self) -> bool:
+        return self.start >= self.batch.inputs.shape[1]
+
+    def step(self) -> None:
+        """Score the next window (onnxruntime and the kernel)."""
+        part = slice(self.start, self.start + self.window)
+        b = self.batch
+        self.nll[:, part], self.hits[:, part], self._state = _token_scores(
+            self.session, b.inputs[:, part], b.targets[:, part], b.mask[:, part], self._state,
+            self.num_threads)
+        self.start += self.window
+
+    def results(self, keep_tokens: bool = False) -> list[SentenceResult]:
+        """The row's :class:`SentenceResult` (a list of one), once :attr:`done`."""
+        if not self.done:
+            raise RuntimeError(f"the row is scored up to position {self.start} of "
+                               f"{self.batch.inputs.shape[1]}")
+        return batch_results(self.batch, self.nll, self.hits, keep_tokens)
+
+
+def batch_results(batch: Batch, nll: np.ndarray, hits: np.ndarray,
+                  keep_tokens: bool = False) -> list[SentenceResult]:
+    """Each row's :class:`SentenceResult` from its token NLL (float64 [B, T], nats, 0 where
+    masked) and top-1 hits (bool [B, T])."""
     oov = (batch.targets == UNK_ID) & (batch.mask != 0)
     oov_nll = np.where(oov, nll, 0.0)
     row_hits = hits.sum(axis=1)

@@ -33,8 +33,9 @@ import numpy as np
 
 from lmonnx.corpus import STDIN, check_corpora, require_sentences, sentences_of_lines, to_line
 from lmonnx.errors import ArgumentTypeError
+from lmonnx.batching import pad_batch
 from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, Evaluator, SentenceResult,
-                             TokenScore, open_writers, token_scores)
+                             TokenScore, WindowedRow, open_writers, token_scores)
 from lmonnx.examples import Example, ExampleBuilder
 from lmonnx.incremental import END, Incremental, LMState
 from lmonnx.metrics import default_max_tokens, perplexity_of
@@ -127,6 +128,12 @@ class Scorer:
         """Positions per onnxruntime call for one long history (the batch budget)."""
         return self.max_tokens or default_max_tokens(len(self.vocab))
 
+    @property
+    def window(self) -> int:
+        """Positions per onnxruntime call: a sentence with more tokens is scored in windows
+        that carry the LSTM state (:meth:`windowed`)."""
+        return self._window()
+
     def _evaluator(self, corpus: str = "<lines>", *, keep_tokens: bool = False,
                    writers=()) -> Evaluator:
         return Evaluator(self._session, corpus=corpus, batch_size=self.batch_size,
@@ -158,6 +165,17 @@ class Scorer:
                               max_tokens=self.max_tokens, num_threads=self._num_threads,
                               keep_tokens=keep_tokens)
         return [result for _, result in evaluator.scored(examples)]
+
+    def windowed(self, example: Example) -> WindowedRow | None:
+        """``example`` as a :class:`~lmonnx.evaluate.WindowedRow` when it is longer than one
+        onnxruntime call's window (None otherwise): scored a window per ``step()``, its
+        ``results(keep_tokens)[0]`` is :meth:`score_examples`' result to the last bit (the
+        same windows, the same sums).  A server runs the steps as turns of its compute
+        thread, so that one long sentence never holds the other callers."""
+        if example.tokens <= self.window:
+            return None
+        batch = pad_batch([(example.inputs, example.targets)], [example.key])
+        return WindowedRow(self._session, batch, self.window, self._num_threads)
 
     def score(self, sentences: Iterable) -> list[SentenceScore]:
         """One ``SentenceScore`` per sentence (``str`` or UTF-8 ``bytes``), in order.

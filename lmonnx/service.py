@@ -164,9 +164,26 @@ class ScoringService:
         """``(example, result)`` per sentence, in order: ``Scorer.score``'s numbers."""
         self.batcher.check_room(len(sentences))
         examples = await self.examples(sentences)
-        results = await self.run(SCORE, (examples, per_token), sentences=len(examples),
-                                 tokens=sum(e.tokens for e in examples), request=request)
+        window = self.scorer.window
+        short = [e for e in examples if e.tokens <= window]
+        batched = iter(await self.run(SCORE, (short, per_token), sentences=len(short),
+                                      tokens=sum(e.tokens for e in short), request=request)
+                       if short else ())
+        results = []
+        for example in examples:
+            results.append(next(batched) if example.tokens <= window else
+                           await self._score_long(example, per_token, request))
         return list(zip(examples, results))
+
+    async def _score_long(self, example: Example, per_token: bool, request) -> SentenceResult:
+        """A sentence longer than one onnxruntime call, a window per turn of the compute
+        thread: other callers' batches run between its windows (a million words held them
+        4 s in one turn).  The same numbers as scoring it in one turn."""
+        row = self.scorer.windowed(example)
+        while not row.done:
+            await self.call(row.step, request=request)
+        self.metrics.tokens_scored.inc(example.tokens)  # calls are not counted as scoring
+        return row.results(per_token)[0]
 
     async def begin(self, prefix: str = "", request=None) -> tuple[str, LMState]:
         """A new state id after ``<s>`` and ``prefix`` (the prefix runs on the compute

@@ -274,6 +274,79 @@ def test_a_sentence_of_a_million_words_is_scored_in_windows(tmp_path):
     assert r.json()["results"][0]["tokens"] == 1_000_001
 
 
+def test_long_sentences_are_scored_a_window_per_turn_with_the_same_numbers(tmp_path):
+    """With a window of 8 positions, sentences longer than it are scored a window per turn
+    of the compute thread, between the short ones' batches: every number, per-token ones
+    included, equals Scorer.score / full_scores, in the request's order."""
+    vocab = make_vocab([f"w{i}" for i in range(30)])
+    path = tmp_path / "tiny.onnx"
+    build_random_lm(path, vocab, units=8, layers=2, embedding_dim=4, seed=2)
+    scorer = Scorer(path, providers="cpu", max_tokens=8)
+    rng = np.random.default_rng(0)
+    sentences = [" ".join(f"w{i}" for i in rng.integers(0, 36, n)) for n in
+                 (3, 7, 8, 9, 40, 1, 23, 0, 15)]  # 7 words: 8 tokens, one window; OOVs too
+    expected = scorer.score(sentences)
+    service = _service(scorer)
+    windows = []
+    real_call = service.call
+    service.call = lambda function, request=None: (windows.append(function),
+                                                   real_call(function, request))[1]
+
+    async def main():
+        async with _client(create_app(service)) as client:
+            return await client.post("/v1/score", json={"sentences": sentences,
+                                                        "per_token": True})
+
+    results = run(main()).json()["results"]
+    assert [r["logprob"] for r in results] == [e.logprob for e in expected]
+    assert [r["tokens"] for r in results] == [e.tokens for e in expected]
+    assert [r["oovs"] for r in results] == [e.oovs for e in expected]
+    for sentence, result in zip(sentences, results):
+        assert [t["logprob"] for t in result["per_token"]] == [
+            t.logprob for t in scorer.full_scores(sentence)]
+    assert len(windows) == sum(-(-(n + 1) // 8) for n in (3, 7, 8, 9, 40, 1, 23, 0, 15)
+                               if n + 1 > 8)  # ceil(tokens / 8) turns for each long one
+
+
+def test_a_short_request_is_answered_between_a_long_sentences_windows(tmp_path):
+    """A million-word sentence is hundreds of turns of the compute thread, not one: a short
+    request sent while its windows run is answered while many of them are still to come."""
+    vocab = make_vocab([f"w{i}" for i in range(50)])
+    path = tmp_path / "tiny.onnx"
+    build_random_lm(path, vocab, units=8, layers=1, embedding_dim=4, seed=1)
+    tiny = Scorer(path, providers="cpu", max_tokens=2048)
+    long = " ".join(f"w{i % 50}" for i in range(1_000_000))
+    service = _service(tiny)
+    turns_done = []
+    real_call = service.call
+
+    async def counted_call(function, request=None):
+        result = await real_call(function, request)
+        turns_done.append(time.perf_counter())
+        return result
+
+    service.call = counted_call
+
+    async def short_once_windows_run(client):
+        deadline = time.perf_counter() + 60
+        while not turns_done:  # the long sentence's first window has been scored
+            assert time.perf_counter() < deadline, "the long sentence ran in no turn"
+            await asyncio.sleep(0.005)
+        response = await client.post("/v1/score", json={"sentences": ["w1 w2"]})
+        assert response.status_code == 200, response.text
+        return time.perf_counter()
+
+    async def main():
+        async with _client(create_app(service)) as client:
+            long_request = client.post("/v1/score", json={"sentences": [long]}, timeout=300)
+            return await asyncio.gather(long_request, short_once_windows_run(client))
+
+    long_response, short_answered = run(main())
+    assert long_response.status_code == 200
+    assert len(turns_done) == -(-1_000_001 // 2048)
+    assert sum(t > short_answered for t in turns_done) > len(turns_done) // 4
+
+
 # ---- bad requests: each its status and message --------------------------------------------
 
 BAD_REQUESTS = [
