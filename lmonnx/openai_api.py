@@ -259,8 +259,11 @@ class Generated:
 def _stop_cut(text: str, searched_from: int, stop: list[str]) -> tuple[int, str] | None:
     """The first stop string found at or after ``searched_from``: ``(where it begins, the
     string)`` (the earlier one of two listed first), or None."""
-    found = [(i, n, s) for n, s in enumerate(stop) if (i := text.find(s, searched_from)) >= 0]
-    return min(found)[::2] if found else None
+    found = [(i, n) for n, s in enumerate(stop) if (i := text.find(s, searched_from)) >= 0]
+    if not found:
+        return None
+    where, n = min(found)
+    return where, stop[n]
 
 
 def generate_after(service: ScoringService, state: LMState, sampling: Sampling,
@@ -526,6 +529,7 @@ def add_openai_routes(app: FastAPI, service: ScoringService) -> None:
             raise invalid("chat \"messages\" are not supported (this model has no chat "
                           "template): give \"prompt\", a text" if body.messages is not None
                           else "prompt: Field required (a text)")
+
         def answer() -> bytes:
             ids = tokenize(service.vocab, body.prompt, body.add_special_tokens)
             tokens = {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}

@@ -31,9 +31,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from lmonnx.batching import pad_batch
 from lmonnx.corpus import STDIN, check_corpora, require_sentences, sentences_of_lines, to_line
 from lmonnx.errors import ArgumentTypeError
-from lmonnx.batching import pad_batch
 from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, EvaluationReport, Evaluator, SentenceResult,
                              TokenScore, WindowedRow, open_writers, token_scores)
 from lmonnx.examples import Example, ExampleBuilder
@@ -124,15 +124,11 @@ class Scorer:
     def training(self) -> dict:
         return dict(self._session.metadata.training)
 
-    def _window(self) -> int:
-        """Positions per onnxruntime call for one long history (the batch budget)."""
-        return self.max_tokens or default_max_tokens(len(self.vocab))
-
     @property
     def window(self) -> int:
-        """Positions per onnxruntime call: a sentence with more tokens is scored in windows
-        that carry the LSTM state (:meth:`windowed`)."""
-        return self._window()
+        """Positions per onnxruntime call (the batch budget): a longer sentence or history
+        is run in windows that carry the LSTM state (:meth:`windowed`)."""
+        return self.max_tokens or default_max_tokens(len(self.vocab))
 
     def _evaluator(self, corpus: str = "<lines>", *, keep_tokens: bool = False,
                    writers=()) -> Evaluator:
@@ -166,14 +162,12 @@ class Scorer:
                               keep_tokens=keep_tokens)
         return [result for _, result in evaluator.scored(examples)]
 
-    def windowed(self, example: Example) -> WindowedRow | None:
-        """``example`` as a :class:`~lmonnx.evaluate.WindowedRow` when it is longer than one
-        onnxruntime call's window (None otherwise): scored a window per ``step()``, its
+    def windowed(self, example: Example) -> WindowedRow:
+        """``example`` as a :class:`~lmonnx.evaluate.WindowedRow`, scored :attr:`window`
+        positions per ``step()``; for a sentence longer than one window its
         ``results(keep_tokens)[0]`` is :meth:`score_examples`' result to the last bit (the
         same windows, the same sums).  A server runs the steps as turns of its compute
         thread, so that one long sentence never holds the other callers."""
-        if example.tokens <= self.window:
-            return None
         batch = pad_batch([(example.inputs, example.targets)], [example.key])
         return WindowedRow(self._session, batch, self.window, self._num_threads)
 
@@ -207,7 +201,7 @@ class Scorer:
         """
         k = check_int("k", k)
         (example,) = self._sentence_examples([_check_sentence(prefix, "prefix")])
-        state = self._incremental.state_after(example.inputs, self._window())
+        state = self._incremental.state_after(example.inputs, self.window)
         return [(self.vocab.id_to_token(i), float(np.exp(logprob)))
                 for i, logprob in self._incremental.top_next(state, k)]
 
@@ -312,7 +306,7 @@ class Scorer:
         """Sample up to ``words`` words after ``prefix`` (``"</s>"`` last if the model ended
         the sentence).  ``temperature=0`` is greedy; a ``seed`` makes it reproducible."""
         return self._incremental.generate(prefix, words=words, temperature=temperature,
-                                          top_k=top_k, seed=seed, window=self._window())
+                                          top_k=top_k, seed=seed, window=self.window)
 
     def __repr__(self) -> str:
         return (f"Scorer({self._session.name!r}, provider={self.provider!r}, "

@@ -164,21 +164,21 @@ class ScoringService:
         """``(example, result)`` per sentence, in order: ``Scorer.score``'s numbers."""
         self.batcher.check_room(len(sentences))
         examples = await self.examples(sentences)
-        window = self.scorer.window
-        short = [e for e in examples if e.tokens <= window]
+        long = [e.tokens > self.scorer.window for e in examples]
+        short = [e for e, is_long in zip(examples, long) if not is_long]
         batched = iter(await self.run(SCORE, (short, per_token), sentences=len(short),
                                       tokens=sum(e.tokens for e in short), request=request)
                        if short else ())
         results = []
-        for example in examples:
-            results.append(next(batched) if example.tokens <= window else
-                           await self._score_long(example, per_token, request))
+        for example, is_long in zip(examples, long):
+            results.append(await self._score_long(example, per_token, request) if is_long
+                           else next(batched))
         return list(zip(examples, results))
 
     async def _score_long(self, example: Example, per_token: bool, request) -> SentenceResult:
         """A sentence longer than one onnxruntime call, a window per turn of the compute
         thread: other callers' batches run between its windows (a million words held them
-        4 s in one turn).  The same numbers as scoring it in one turn."""
+        for seconds in one turn).  The same numbers as scoring it in one turn."""
         row = self.scorer.windowed(example)
         while not row.done:
             await self.call(row.step, request=request)
