@@ -8,7 +8,7 @@ model of ``make bench``'s shape (2 x 200 LSTM over the words of PTB validation, 
 6,024, embedding 10; random weights cost exactly what trained ones do).  Methods:
 
   local        ``Scorer.evaluate(path)``: one process, onnxruntime with one thread per core;
-  ray ...      ``lmonnx.ray.RayEvaluator.evaluate(path)`` on a local cluster of this machine's
+  ray ...      ``lmonnx.distributed.RayEvaluator.evaluate(path)`` on a local cluster of this machine's
                CPUs (started once, its start-up time printed apart): read tasks, a pool of
                scoring actors, the driver summing rows.
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    import lmonnx.ray as lray
+    import lmonnx.distributed as lray
     from lmonnx import Scorer
 
     tmp = Path(tempfile.mkdtemp(prefix="lmonnx-ray-bench-"))

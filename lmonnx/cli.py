@@ -426,7 +426,7 @@ class _CorpusProgress:
 def _print_reports(reports: list, as_json: bool, stream) -> None:
     """``--json``: one report as an object, several as a list; strict JSON (NaN -> null)."""
     if as_json:
-        from lmonnx.evaluate import json_text
+        from lmonnx.strict_json import json_text
 
         payload = [r.to_dict() for r in reports]
         print(json_text(payload[0] if len(payload) == 1 else payload, indent=2), file=stream)
@@ -434,9 +434,9 @@ def _print_reports(reports: list, as_json: bool, stream) -> None:
 
 def _cmd_evaluate_ray(args) -> None:
     """``evaluate --ray``: the local command's checks, report and ``--json``, one Ray job per
-    corpus (lmonnx.ray).  Every corpus is checked before Ray starts."""
+    corpus (lmonnx.distributed).  Every corpus is checked before Ray starts."""
     from lmonnx.atomic import check_outputs
-    from lmonnx.ray import RayEvaluator, check_sources, sentence_sink
+    from lmonnx.distributed import RayEvaluator, check_sources, sentence_sink
 
     if args.per_token is not None:
         raise InvalidArgumentError("--per-token is not available with --ray; use --per-sentence")
@@ -529,7 +529,7 @@ def _read_cli_prefix(prefix: str, errors: str) -> str:
 
 def _cmd_score(args) -> None:
     _passive_openmp()
-    from lmonnx.evaluate import json_line
+    from lmonnx.strict_json import json_line
     from lmonnx.scorer import Scorer
 
     sentences = _read_cli_sentences(args.sentences, args.errors)
@@ -544,7 +544,7 @@ def _cmd_score(args) -> None:
 
 def _cmd_predict(args) -> None:
     _passive_openmp()
-    from lmonnx.evaluate import json_line
+    from lmonnx.strict_json import json_line
     from lmonnx.scorer import Scorer
 
     prefix = _read_cli_prefix(args.prefix, args.errors)
@@ -559,7 +559,7 @@ def _cmd_predict(args) -> None:
 
 def _cmd_generate(args) -> None:
     _passive_openmp()
-    from lmonnx.evaluate import json_line
+    from lmonnx.strict_json import json_line
     from lmonnx.scorer import Scorer
 
     prefix = _read_cli_prefix(args.prefix, args.errors)
@@ -586,7 +586,7 @@ def _cmd_serve(args) -> int | None:
         max_queue=args.max_queue, timeout_s=args.timeout_s, state_ttl_s=args.state_ttl_s,
         state_max_bytes=args.state_memory_mib << 20)
     if args.ray is not None:
-        from lmonnx.serve_ray import serve_on_ray
+        from lmonnx.serve.ray_deployment import serve_on_ray
 
         serve_on_ray(args.model, address=args.ray, replicas=args.replicas or 1,
                      host=args.host, port=args.port, providers=args.providers,
@@ -594,7 +594,7 @@ def _cmd_serve(args) -> int | None:
                      service_options=service_options)
         return
     try:
-        from lmonnx.server import build_app, listening_socket, serve
+        from lmonnx.serve.app import build_app, listening_socket, serve
     except ImportError as exc:
         raise MissingDependencyError("lmonnx serve needs the extra 'lmonnx[serve]' (pip install "
                                      f"'lmonnx[cpu,serve]'): {exc}") from None

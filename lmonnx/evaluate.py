@@ -20,18 +20,18 @@ ahead (to sort them into length buckets) up to :data:`LOOKAHEAD` sentences *and*
 scored in consecutive windows of ``max_tokens`` positions that carry the LSTM state: its
 logits never exceed the budget, and its NLL is that of one pass (to float rounding).
 
-JSON (``--json``, the per-sentence and per-token lines) is strict: a NaN or infinite number
-(a model whose logits hold NaN, a diverged model's perplexity) is written as ``null``.
+JSON (``--json``, the per-sentence and per-token lines) is strict (:mod:`lmonnx.strict_json`):
+a NaN or infinite number (a model whose logits hold NaN, a diverged model's perplexity) is
+written as ``null``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Sequence, TextIO
+from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 
@@ -39,10 +39,12 @@ from lmonnx.atomic import check_outputs, output_file
 from lmonnx.batching import Batch, bucketed_batches
 from lmonnx.errors import CorpusError, InvalidArgumentError
 from lmonnx.examples import Example
-from lmonnx.metrics import LN2, default_max_tokens, finite_or_none, perplexity_of
+from lmonnx.metrics import LN2, default_max_tokens, perplexity_of
 from lmonnx.runtime import CUDA, ModelSession
-from lmonnx.vocab import UNK_ID
+from lmonnx.strict_json import json_line
 from lmonnx.validation import check_int
+from lmonnx.vocab import UNK_ID
+from lmonnx.windows import CarriedWindows
 from lmonnx.xent import token_nll_and_hits
 
 DEFAULT_BATCH_SIZE = 64
@@ -69,55 +71,9 @@ CALL_BOUND_POSITIONS = 64
 LOOKAHEAD_BYTES = 1 << 20
 """Bytes of text read ahead at most (a longer sentence is read alone): bounds the memory of the
 look-ahead when lines are long (4096 lines of 300k words would otherwise be held).  Counted in
-bytes, not tokens, so that a reader that has not tokenized yet (``lmonnx.ray``'s read tasks)
+bytes, not tokens, so that a reader that has not tokenized yet (``lmonnx.distributed``'s read tasks)
 cuts exactly the chunks the evaluator cuts; a token takes at least two bytes (a character
 and a separator or the line break), so this also bounds the tokens held."""
-
-
-def json_text(value, **dumps_options) -> str:
-    """``value`` as strict JSON (``json.dumps`` options pass through): NaN and infinities,
-    which JSON has no spelling for, become ``null``.  The record is rebuilt only when it holds
-    one (per-token output calls this for every token)."""
-    try:
-        return json.dumps(value, allow_nan=False, **dumps_options)
-    except ValueError:
-        return json.dumps(_finite_or_none(value), allow_nan=False, **dumps_options)
-
-
-def json_pieces(value, items_per_piece: int = 4096) -> Iterator[str]:
-    """:func:`json_text` of ``value`` in pieces that join to the same JSON: a list longer than
-    ``items_per_piece`` is encoded a slice at a time.  ``json.dumps`` holds the GIL for a
-    whole call (an echoed 600k-token answer: 0.85 s), so a worker thread that encodes a
-    large answer this way lets the event loop run between pieces."""
-    if isinstance(value, dict):
-        yield "{"
-        for i, (key, item) in enumerate(value.items()):
-            yield (", " if i else "") + json.dumps(str(key)) + ": "
-            yield from json_pieces(item, items_per_piece)
-        yield "}"
-    elif isinstance(value, (list, tuple)) and len(value) > items_per_piece:
-        yield "["
-        for start in range(0, len(value), items_per_piece):
-            yield (", " if start else "") + json_text(
-                list(value[start:start + items_per_piece]))[1:-1]
-        yield "]"
-    else:
-        yield json_text(value)
-
-
-def json_line(record: Mapping) -> str:
-    """``record`` as one line of strict JSON, non-ASCII text as is."""
-    return json_text(record, ensure_ascii=False)
-
-
-def _finite_or_none(value):
-    if isinstance(value, float):
-        return finite_or_none(value)
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 @dataclass
@@ -250,9 +206,10 @@ def score_batch(session: ModelSession, batch: Batch, *, keep_tokens: bool = Fals
 
 class WindowedRow:
     """A one-row batch scored ``window`` positions per :meth:`step`, the LSTM state carried
-    from window to window: what :func:`score_batch` does for a long sentence, in steps a
-    server runs as turns of its compute thread, so that other callers' batches run between
-    them.  Memory: the row's NLL and hits (9 bytes a position) and one window's logits."""
+    from window to window (:class:`~lmonnx.windows.CarriedWindows`): what :func:`score_batch`
+    does for a long sentence, in steps a server runs as turns of its compute thread, so that
+    other callers' batches run between them.  Memory: the row's NLL and hits (9 bytes a
+    position) and one window's logits."""
 
     def __init__(self, session: ModelSession, batch: Batch, window: int,
                  num_threads: int | None = None):
@@ -260,29 +217,33 @@ class WindowedRow:
             raise InvalidArgumentError(f"a windowed row is one sentence, got a batch of "
                                        f"{batch.inputs.shape[0]}")
         self.session, self.batch, self.num_threads = session, batch, num_threads
-        self.window = check_int("window", window)
         self.nll = np.empty(batch.inputs.shape, dtype=np.float64)
         self.hits = np.empty(batch.inputs.shape, dtype=bool)
-        self.start = 0
-        self._state = None
+        self._windows = CarriedWindows(batch.inputs.shape[1], window)
+
+    @property
+    def window(self) -> int:
+        return self._windows.window
 
     @property
     def done(self) -> bool:
-        return self.start >= self.batch.inputs.shape[1]
+        return self._windows.done
 
     def step(self) -> None:
         """Score the next window (onnxruntime and the kernel)."""
-        part = slice(self.start, self.start + self.window)
+        part, (nll, hits) = self._windows.step(self._score_window)
+        self.nll[:, part], self.hits[:, part] = nll, hits
+
+    def _score_window(self, part: slice, state):
         b = self.batch
-        self.nll[:, part], self.hits[:, part], self._state = _token_scores(
-            self.session, b.inputs[:, part], b.targets[:, part], b.mask[:, part], self._state,
-            self.num_threads)
-        self.start += self.window
+        nll, hits, state = _token_scores(self.session, b.inputs[:, part], b.targets[:, part],
+                                         b.mask[:, part], state, self.num_threads)
+        return (nll, hits), state
 
     def results(self, keep_tokens: bool = False) -> list[SentenceResult]:
         """The row's :class:`SentenceResult` (a list of one), once :attr:`done`."""
         if not self.done:
-            raise RuntimeError(f"the row is scored up to position {self.start} of "
+            raise RuntimeError(f"the row is scored up to position {self._windows.start} of "
                                f"{self.batch.inputs.shape[1]}")
         return batch_results(self.batch, self.nll, self.hits, keep_tokens)
 
@@ -312,7 +273,7 @@ def batch_results(batch: Batch, nll: np.ndarray, hits: np.ndarray,
 
 def sentence_record(corpus: str, result: SentenceResult) -> dict:
     """One sentence's ``--per-sentence`` record (``result.key``: its line number), the keys in
-    this order; ``nll`` in nats.  Local JSON lines and ``lmonnx.ray``'s sinks all write it."""
+    this order; ``nll`` in nats.  Local JSON lines and ``lmonnx.distributed``'s sinks all write it."""
     return {"corpus": corpus, "line": result.key, "tokens": result.tokens,
             "oovs": result.oovs, "nll": result.nll, "perplexity": result.perplexity,
             "hits": result.hits}
@@ -351,7 +312,7 @@ def lookahead_chunks(items: Iterable, max_sentences: int = LOOKAHEAD,
     """Consecutive runs of ``items`` (:class:`Example` or :class:`lmonnx.corpus.Line`: anything
     with ``nbytes``) of at most ``max_sentences`` sentences and ``max_bytes`` bytes of text (a
     longer sentence is a run of its own): what the evaluator holds at once to sort into
-    length buckets, and the chunks ``lmonnx.ray`` scores, so both form the same batches."""
+    length buckets, and the chunks ``lmonnx.distributed`` scores, so both form the same batches."""
     chunk: list = []
     nbytes = 0
     for item in items:
@@ -485,7 +446,7 @@ class Evaluator:
 @dataclass
 class Totals:
     """The sums a report is made of: counts, and float64 NLL sums in nats, added sentence by
-    sentence in input order.  :class:`Evaluator` keeps one; ``lmonnx.ray`` adds its rows into
+    sentence in input order.  :class:`Evaluator` keeps one; ``lmonnx.distributed`` adds its rows into
     one in the same order, so both report the same numbers to the last bit."""
 
     sentences: int = 0

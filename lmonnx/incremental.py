@@ -25,11 +25,13 @@ from typing import Sequence
 
 import numpy as np
 
+from lmonnx.corpus import to_line
 from lmonnx.errors import ArgumentTypeError, InferenceError, InvalidArgumentError
 from lmonnx.metrics import default_max_tokens
 from lmonnx.runtime import ModelSession
 from lmonnx.validation import check_int, check_optional_int, check_real
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from lmonnx.windows import CarriedWindows
 
 
 class _End:
@@ -93,6 +95,38 @@ def state_from_logits(h: np.ndarray, c: np.ndarray, logits: np.ndarray, words: i
     return LMState(_frozen(h), _frozen(c), _frozen(_log_softmax(logits[None])[0]), words)
 
 
+class HistoryRun:
+    """The state after a history, computed a window per :meth:`step`
+    (:class:`~lmonnx.windows.CarriedWindows`); only the last position's logits are kept."""
+
+    def __init__(self, session: ModelSession, input_ids: np.ndarray, window: int):
+        if len(input_ids) == 0 or input_ids[0] != BOS_ID:
+            raise InvalidArgumentError("a history starts with <s>")
+        self.session, self.input_ids = session, input_ids
+        self._windows = CarriedWindows(len(input_ids), window)
+        self._last: np.ndarray | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._windows.done
+
+    def step(self) -> None:
+        """Run the next window (one onnxruntime call)."""
+        _, self._last = self._windows.step(self._run)
+
+    def _run(self, part: slice, state):
+        logits, state = self.session.run(self.input_ids[None, part], state)
+        return logits[0, -1], state
+
+    def state(self) -> LMState:
+        """The state after the whole history, once :attr:`done`."""
+        if not self.done:
+            raise RuntimeError(f"the history is run up to position {self._windows.start} of "
+                               f"{len(self.input_ids)}")
+        h, c = self._windows.state
+        return state_from_logits(h[:, 0], c[:, 0], self._last, len(self.input_ids) - 1)
+
+
 class Incremental:
     """Begin, step and sample hypotheses with one :class:`ModelSession` (that returns logits).
 
@@ -128,22 +162,38 @@ class Incremental:
         """The state after ``<s>``: the start of every sentence (one value, shared)."""
         return self._begin
 
+    def history_run(self, input_ids: np.ndarray, window: int) -> "HistoryRun":
+        """The state after ``input_ids`` (int32 [n], ``<s>`` first), to be computed a window
+        of at most ``window`` tokens per :meth:`HistoryRun.step` (a server runs each as a
+        turn of its compute thread)."""
+        return HistoryRun(self.session, input_ids, window)
+
     def state_after(self, input_ids: np.ndarray, window: int) -> LMState:
         """The state after ``input_ids`` (int32 [n], ``<s>`` first), run in windows of at
         most ``window`` tokens that carry the state: a long history costs memory for one
         window's logits, never for all of them."""
-        state = None
-        for start in range(0, len(input_ids), window):
-            logits, state = self.session.run(input_ids[None, start:start + window], state)
-        h, c = state
-        return state_from_logits(h[:, 0], c[:, 0], logits[0, -1], len(input_ids) - 1)
+        run = self.history_run(input_ids, window)
+        while not run.done:
+            run.step()
+        return run.state()
+
+    def history_ids(self, prefix: str) -> np.ndarray | None:
+        """int32 ``<s>`` and the ids of ``prefix``'s words, cleaned and tokenized as a
+        sentence is (:func:`~lmonnx.corpus.to_line`: a BOM and surrounding whitespace
+        dropped); None when it has no words (its state is :meth:`begin`'s)."""
+        if not isinstance(prefix, str):
+            raise ArgumentTypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        text = to_line(0, prefix, where="prefix").text
+        ids = self.vocab.encode_words(self.vocab.words(text))
+        if not len(ids):
+            return None
+        return np.concatenate([[BOS_ID], ids]).astype(np.int32)
 
     def state_after_text(self, prefix: str, window: int) -> LMState:
-        """The state after ``<s>`` and the words of ``prefix`` (tokenized as a sentence)."""
-        ids = self.vocab.encode_words(self.vocab.words(prefix))
-        if not len(ids):
-            return self._begin
-        return self.state_after(np.concatenate([[BOS_ID], ids]).astype(np.int32), window)
+        """The state after ``<s>`` and the words of ``prefix`` (cleaned and tokenized as a
+        sentence: :meth:`history_ids`)."""
+        ids = self.history_ids(prefix)
+        return self._begin if ids is None else self.state_after(ids, window)
 
     def word_id(self, word) -> int:
         """The id a word is scored as: :data:`END` is ``</s>``; a word is tokenized as
@@ -202,7 +252,10 @@ class Incremental:
     def step_ids(self, states: Sequence[LMState], ids: np.ndarray):
         """:meth:`step_batch` of checked states and token ids (:meth:`check_step`)."""
         logprobs = np.array([s.logprob(t) for s, t in zip(states, ids)], dtype=np.float64)
-        new = [LMState(s.h, s.c, s.logprobs, s.words + 1, ended=True) for s in states]
+        new: list = [None] * len(states)
+        for i in np.flatnonzero(ids == EOS_ID):  # ended here: no call, the state stays
+            s = states[i]
+            new[i] = LMState(s.h, s.c, s.logprobs, s.words + 1, ended=True)
         going_on = np.flatnonzero(ids != EOS_ID)
         for start in range(0, len(going_on), self.max_rows):
             rows = going_on[start:start + self.max_rows]
@@ -242,8 +295,6 @@ class Incremental:
         maxima); ``top_k`` keeps the k most likely tokens; the same ``seed`` gives the same
         text.  Padding and ``<s>`` are never drawn.
         """
-        if not isinstance(prefix, str):
-            raise ArgumentTypeError(f"prefix must be a str, got {type(prefix).__name__}")
         words = check_int("words", words)
         temperature = check_real("temperature", temperature, low=0)
         top_k = check_optional_int("top_k", top_k)
@@ -279,5 +330,5 @@ class Incremental:
         return int(self._candidates[rng.choice(scores.size, p=p / p.sum())])
 
 
-__all__ = ["LMState", "Incremental", "END", "EOS_TEXT", "UNK_ID", "next_token_ids",
+__all__ = ["LMState", "Incremental", "HistoryRun", "END", "EOS_TEXT", "UNK_ID", "next_token_ids",
            "state_from_logits"]

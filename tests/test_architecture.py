@@ -69,3 +69,47 @@ def test_each_row_lists_exactly_what_the_module_imports():
         if actual != table.get(name):
             wrong[name] = {"code": sorted(actual), "ARCHITECTURE.md": sorted(table.get(name, ()))}
     assert not wrong, wrong
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {name: _imports(path, known) - FREE_FOR_ALL - {name}
+            for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (``[a, b, ..., a]``), or None: a depth-first search that
+    meets a module still on its path."""
+    done, path = set(), []
+
+    def visit(node: str) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            found = visit(nxt)
+            if found:
+                return found
+        path.pop()
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        found = visit(start)
+        if found:
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_module_imports_itself_through_others():
+    """Lazy imports count too: a cycle that runs only at call time still ties two layers
+    together (the server and its OpenAI routes did, through the request models)."""
+    assert _cycle(_import_graph()) is None

@@ -25,8 +25,8 @@ import uvicorn
 
 from lmonnx import Scorer
 from lmonnx._testing import build_random_lm, make_vocab
-from lmonnx.server import create_app
-from lmonnx.service import ScoringService
+from lmonnx.serve.app import create_app
+from lmonnx.serve.service import ScoringService
 
 WORDS = [f"w{i}" for i in range(40)]
 MODEL_NAME = "tiny-lstm"

@@ -50,9 +50,9 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def lray(ray_cluster):
-    import lmonnx.ray
+    import lmonnx.distributed
 
-    return lmonnx.ray
+    return lmonnx.distributed
 
 
 @pytest.fixture(scope="module")
@@ -298,14 +298,14 @@ def test_everything_else_works_without_ray(model, tmp_path):
     code = textwrap.dedent(f"""
         import sys
         sys.modules["ray"] = None  # `import ray` now raises ImportError
-        import lmonnx, lmonnx.ray
+        import lmonnx, lmonnx.distributed
         from lmonnx.cli import main
         assert main(["evaluate", {str(corpus)!r}, "--model", {str(model)!r},
                      "--providers", "cpu"]) == 0
         lmonnx.Scorer({str(model)!r}, providers="cpu").score(["w1 w2"])
         assert main(["evaluate", {str(corpus)!r}, "--model", {str(model)!r}, "--ray"]) == 1
         try:
-            lmonnx.ray.evaluate({str(corpus)!r}, {str(model)!r})
+            lmonnx.distributed.evaluate({str(corpus)!r}, {str(model)!r})
         except ImportError as exc:
             print("API:", exc)
         print("loaded:", sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")

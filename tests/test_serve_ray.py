@@ -53,7 +53,7 @@ def local_answers(model):
     """The local single-process app's answers to REQUESTS and to a state session."""
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
-    from lmonnx.server import build_app
+    from lmonnx.serve.app import build_app
 
     app = build_app(model, providers="cpu", threads=1, watch_disconnects=False)
 
@@ -127,7 +127,7 @@ def test_cli_serves_on_ray_and_stops_on_sigterm(model):
 
 
 def test_missing_ray_serve_says_which_extra(model, monkeypatch):
-    import lmonnx.serve_ray as serve_ray
+    import lmonnx.serve.ray_deployment as serve_ray
     from lmonnx.errors import MissingDependencyError
 
     monkeypatch.setattr(serve_ray, "serve", None)
@@ -143,7 +143,7 @@ def deployed(model):
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
     httpx = pytest.importorskip("httpx")
-    from lmonnx.serve_ray import deploy
+    from lmonnx.serve.ray_deployment import deploy
 
     started = not ray.is_initialized()
     if started:

@@ -24,10 +24,10 @@ httpx = pytest.importorskip("httpx")
 
 from lmonnx import Scorer  # noqa: E402
 from lmonnx._testing import build_random_lm, make_vocab  # noqa: E402
-from lmonnx.batcher import Batcher, Draining  # noqa: E402
+from lmonnx.serve.batch_queue import Batcher, Draining  # noqa: E402
 from lmonnx.incremental import END  # noqa: E402
-from lmonnx.server import create_app  # noqa: E402
-from lmonnx.service import ARRIVING, ScoringService  # noqa: E402
+from lmonnx.serve.app import create_app  # noqa: E402
+from lmonnx.serve.service import ARRIVING, ScoringService  # noqa: E402
 from lmonnx.vocab import TokenizerOptions, Vocabulary  # noqa: E402
 
 
@@ -897,6 +897,6 @@ _JSON_VALUES = st.recursive(
 def test_json_in_pieces_is_the_same_json(value, items_per_piece):
     """A large answer encoded in pieces (so that the event loop runs between them) is the same
     bytes as in one call, NaN and infinities as null included."""
-    from lmonnx.evaluate import json_pieces, json_text
+    from lmonnx.strict_json import json_pieces, json_text
 
     assert "".join(json_pieces(value, items_per_piece)) == json_text(value)

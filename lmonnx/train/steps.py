@@ -9,6 +9,7 @@ import numpy as np
 
 from lmonnx.batching import PackedBatch, bucketed_batches
 from lmonnx.metrics import default_max_tokens
+from lmonnx.windows import CarriedWindows
 
 __all__ = ["make_train_step", "StreamStep", "evaluate_nll"]
 
@@ -127,10 +128,9 @@ class _Validator:
             if len(x) <= max_tokens:
                 short.append((key, x, y))
                 continue
-            states = self.model.zero_states(1)
-            for start in range(0, len(x), max_tokens):
-                window = slice(start, start + max_tokens)
-                loss_sum, states = self.window_step(x[None, window], y[None, window], states)
+            windows = CarriedWindows(len(x), max_tokens, self.model.zero_states(1))
+            for _, loss_sum in windows.run_all(
+                    lambda part, states: self.window_step(x[None, part], y[None, part], states)):
                 nll += float(loss_sum)
             tokens += len(x)
         for batch in bucketed_batches(short, max_tokens=max_tokens,

@@ -4,7 +4,7 @@ decoder states, as ``async`` methods an HTTP route awaits.
 Every method checks its input on the event loop (a ``ValueError`` / ``TypeError`` before any
 work is queued, so one caller's bad word never fails another caller's batch), then queues the
 work and awaits it: :meth:`ScoringService.run` owns the deadline (work not started within
-``timeout_s`` is taken off the queue: :class:`~lmonnx.batcher.NotStarted`) and the caller's
+``timeout_s`` is taken off the queue: :class:`~lmonnx.serve.batch_queue.NotStarted`) and the caller's
 disconnect (its queued work is withdrawn).  Scores are the ``Scorer``'s own code path
 (``examples`` then ``score_examples``), so a served number is ``Scorer.score``'s number.
 """
@@ -15,15 +15,15 @@ import asyncio
 import time
 from typing import Callable, Sequence
 
-from lmonnx.batcher import CALL, SCORE, STEP, Batcher, BatchStats, NotStarted
+from lmonnx.serve.batch_queue import CALL, SCORE, STEP, Batcher, BatchStats, NotStarted
 from lmonnx.errors import InvalidArgumentError
 from lmonnx.evaluate import SentenceResult
 from lmonnx.examples import Example
 from lmonnx.incremental import END, LMState
 from lmonnx.metrics import default_max_tokens
 from lmonnx.scorer import Scorer
-from lmonnx.states import StateStore, state_bytes
-from lmonnx.telemetry import ServerMetrics
+from lmonnx.serve.states import StateStore, state_bytes
+from lmonnx.serve.telemetry import ServerMetrics
 from lmonnx.validation import check_int, check_real
 
 _TOKENIZE_INLINE_CHARS = 1 << 16  # past this, text is tokenized on a worker thread

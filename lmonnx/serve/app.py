@@ -6,7 +6,7 @@
     POST /v1/states    {"prefix": ""}                             -> {"state": id, "words": n}
     POST /v1/step      {"steps": [{"state": id, "word": "cat"} | {"state": id, "end": true}]}
     DELETE /v1/states/{id}
-    GET /health, /ready, /metrics; the OpenAI / vLLM routes of :mod:`lmonnx.openai_api`
+    GET /health, /ready, /metrics; the OpenAI / vLLM routes of :mod:`lmonnx.serve.openai_routes`
 
 Log-probabilities are natural logs (nats); ``</s>`` is scored, ``<s>`` is not.  Errors are
 ``{"error": {"type": ..., "message": ...}}`` with their status: 400 a body that is not JSON or
@@ -21,39 +21,27 @@ import asyncio
 import logging
 import socket
 import time
-from typing import Optional
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
-                      ValidationError, model_validator)
+from fastapi.responses import Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmonnx.batcher import Draining, NotStarted, Overloaded, hand_over_the_gil_quickly
 from lmonnx.errors import InferenceError, LmonnxError, ProviderError
-from lmonnx.evaluate import json_pieces, json_text, token_scores
+from lmonnx.evaluate import token_scores
 from lmonnx.incremental import END, EOS_TEXT
 from lmonnx.metrics import finite_or_none
-from lmonnx.service import ADMITTED, ARRIVING, ClientGone, ScoringService
-from lmonnx.states import UnknownState
+from lmonnx.serve.batch_queue import Draining, NotStarted, Overloaded, hand_over_the_gil_quickly
+from lmonnx.serve.protocol import (ApiError, GenerateBody, PredictBody, ScoreBody, StatesBody,
+                                   StepBody, StrictJSONResponse, error_response, json_body,
+                                   validation_error)
+from lmonnx.serve.service import ADMITTED, ARRIVING, ClientGone, ScoringService
+from lmonnx.serve.states import UnknownState
 
-log = logging.getLogger("lmonnx.server")
+log = logging.getLogger("lmonnx.serve.app")
 DEFAULT_MAX_BODY_BYTES = 32 << 20  # a 1M-word sentence is ~6 MB of JSON
-
-
-class ApiError(Exception):
-    """An answer other than 200: ``status``, a machine-readable ``kind`` and one line."""
-
-    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.headers = status, kind, headers
-
-
-def error_response(status: int, kind: str, message: str, headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status,
-                        headers=headers)
 
 
 def _api_error(exc: BaseException) -> ApiError:
@@ -80,76 +68,6 @@ def _api_error(exc: BaseException) -> ApiError:
     return ApiError(500, "internal", f"{type(exc).__name__}: {exc}".splitlines()[0])
 
 
-def _validation_message(exc) -> tuple[int, str, str]:
-    """(status, type, one line) of FastAPI's or pydantic's validation errors: 400 for a body
-    that is not JSON, 422 for a value of the wrong type or out of range (the first error,
-    located)."""
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", "")
-        return 400, "invalid_json", f"the request body is not valid JSON: {detail}".rstrip(": ")
-    def located(error) -> str:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        return f"{where}: {error.get('msg', 'invalid')}"
-
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    return 422, "invalid_request", "; ".join(map(located, errors[:3])) + more
-
-
-# ---- request bodies: strict types (no "1" for 1, no 1 for "1"), unknown fields refused ----
-
-class RequestBody(BaseModel):
-    """A JSON request body: strict types, unknown fields refused, null as the default."""
-
-    # NaN and Infinity are not JSON: refused as numbers, with a message that says so.
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_the_default(cls, data):
-        """null for a field that has a default means that default, as OpenAI's API reads
-        it (clients send ``"n": null``, ``"per_token": null``); a required field stays
-        required."""
-        if not isinstance(data, dict):
-            return data
-        fields = cls.model_fields
-        return {key: value for key, value in data.items()
-                if value is not None or key not in fields or fields[key].is_required()}
-
-
-class ScoreBody(RequestBody):
-    sentences: list[StrictStr] = Field(min_length=1)
-    per_token: StrictBool = False
-
-
-class PredictBody(RequestBody):
-    prefix: StrictStr = ""
-    k: StrictInt = Field(5, ge=1)
-
-
-class GenerateBody(RequestBody):
-    prefix: StrictStr = ""
-    words: StrictInt = Field(20, ge=1, le=10_000)
-    temperature: float = Field(1.0, ge=0)
-    top_k: Optional[StrictInt] = Field(None, ge=1)
-    seed: Optional[StrictInt] = Field(None, ge=0)
-
-
-class StatesBody(RequestBody):
-    prefix: StrictStr = ""
-
-
-class StepItem(RequestBody):
-    state: StrictStr
-    word: Optional[StrictStr] = None
-    end: StrictBool = False
-
-
-class StepBody(RequestBody):
-    steps: list[StepItem] = Field(min_length=1)
-
-
 def _score_record(service: ScoringService, example, result, per_token: bool) -> dict:
     record = {"logprob": result.logprob, "tokens": result.tokens, "oovs": result.oovs,
               "perplexity": finite_or_none(result.perplexity)}
@@ -158,25 +76,6 @@ def _score_record(service: ScoringService, example, result, per_token: bool) -> 
                                 "oov": t.is_oov}
                                for t in token_scores(example, result)]
     return record
-
-
-def json_body(content) -> bytes:
-    """JSON as ``lmonnx evaluate`` writes it: NaN and infinities as null, UTF-8 as is."""
-    return json_text(content).encode("utf-8")
-
-
-def large_json_body(content) -> bytes:
-    """:func:`json_body` of a large answer, built on a worker thread: encoded in pieces
-    (:func:`~lmonnx.evaluate.json_pieces`), so that the event loop gets the GIL between
-    them."""
-    return "".join(json_pieces(content)).encode("utf-8")
-
-
-class StrictJSONResponse(JSONResponse):
-    """A response of :func:`json_body`."""
-
-    def render(self, content) -> bytes:
-        return json_body(content)
 
 
 # ---- the ASGI layer under FastAPI: body limit, UTF-8, arrivals, request metrics ---------
@@ -255,7 +154,7 @@ class _Gate:
             parsed = model.model_validate_json(body)
             return json_body(await answer(self.service, parsed, _Request(scope, receive)))
         except ValidationError as exc:
-            return error_response(*_validation_message(exc))
+            return error_response(*validation_error(exc))
         except Exception as exc:  # noqa: BLE001 - answered as FastAPI's handlers answer it
             err = _api_error(exc)
             return error_response(err.status, err.kind, str(err), err.headers)
@@ -368,7 +267,7 @@ def create_app(service: ScoringService, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.service = service
     _add_error_handlers(app)
     _add_routes(app, service)
-    from lmonnx.openai_api import add_openai_routes
+    from lmonnx.serve.openai_routes import add_openai_routes
 
     add_openai_routes(app, service)
     return _Gate(app, service, max_body_bytes)
@@ -377,7 +276,7 @@ def create_app(service: ScoringService, *, max_body_bytes: int = DEFAULT_MAX_BOD
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        return error_response(*_validation_message(exc))
+        return error_response(*validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

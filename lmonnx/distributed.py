@@ -9,7 +9,7 @@
           ─driver──────> evaluate.Totals, sentence by sentence in input order ─> EvaluationReport
                          (optional) per-sentence records ─> Parquet / JSON lines
 
-    report = lmonnx.ray.evaluate("corpus/*.txt", "model.onnx", num_actors=8, cpus_per_actor=2)
+    report = lmonnx.distributed.evaluate("corpus/*.txt", "model.onnx", num_actors=8, cpus_per_actor=2)
     lmonnx evaluate corpus/ --model model.onnx --ray auto --per-sentence scores.parquet
 
 **Bit for bit the local numbers** (for files).  A read task opens a file in binary and hands
@@ -51,9 +51,9 @@ from lmonnx.atomic import atomic_path, check_outputs, is_parquet, output_file
 from lmonnx.corpus import Line, check_errors, sentences_of_lines, to_line
 from lmonnx.errors import CorpusError, InvalidArgumentError, LmonnxError, MissingDependencyError
 from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, LOOKAHEAD, EvaluationReport, Evaluator,
-                             SentenceResult, Totals, json_line, lookahead_chunks,
-                             sentence_record)
+                             SentenceResult, Totals, lookahead_chunks, sentence_record)
 from lmonnx.examples import ExampleBuilder
+from lmonnx.strict_json import json_line
 from lmonnx.validation import check_int, check_optional_int, check_real
 
 try:

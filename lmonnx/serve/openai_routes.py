@@ -48,8 +48,8 @@ from fastapi import FastAPI, Request, Response
 from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from lmonnx.incremental import LMState, next_token_ids, state_from_logits
-from lmonnx.server import ApiError, RequestBody, large_json_body
-from lmonnx.service import ScoringService, off_loop_if_large, tokenize_off_loop
+from lmonnx.serve.protocol import ApiError, RequestBody, large_json_body
+from lmonnx.serve.service import ScoringService, off_loop_if_large, tokenize_off_loop
 from lmonnx.validation import check_real
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID, Vocabulary
 from lmonnx.xent import token_nll_and_hits

@@ -1,4 +1,4 @@
-"""``lmonnx serve MODEL --ray auto|ADDRESS --replicas N``: the HTTP API of :mod:`lmonnx.server`
+"""``lmonnx serve MODEL --ray auto|ADDRESS --replicas N``: the HTTP API of :mod:`lmonnx.serve.app`
 as a Ray Serve application.
 
     client ──HTTP──> Ray Serve proxy ──StateRouter──> replica 1 .. N
@@ -8,7 +8,7 @@ as a Ray Serve application.
                                                       UTF-8 check, metrics, routes)
 
 **The same app.**  A replica builds what ``lmonnx serve`` builds locally
-(:func:`lmonnx.server.build_app`: the ``Scorer``, the warmed-up ``ScoringService``, the
+(:func:`lmonnx.serve.app.build_app`: the ``Scorer``, the warmed-up ``ScoringService``, the
 FastAPI routes behind the body-limit / UTF-8 / metrics gate) and hands that ASGI app to Ray
 Serve (``@serve.ingress`` late-bound through ``__serve_build_asgi_app__``), so every route,
 error and number is the local server's.  ``/metrics`` is the answering replica's.
@@ -132,8 +132,8 @@ class StateRouter(RequestRouter):
 # ---- the replica ---------------------------------------------------------------------------
 
 def _tagged_store(store, tag: str):
-    """A :class:`lmonnx.states.StateStore` like ``store`` whose ids start with ``tag.``."""
-    from lmonnx.states import StateStore
+    """A :class:`lmonnx.serve.states.StateStore` like ``store`` whose ids start with ``tag.``."""
+    from lmonnx.serve.states import StateStore
 
     return StateStore(max_bytes=store.max_bytes, ttl_s=store.ttl_s, prefix=f"{tag}{_SEP}")
 
@@ -144,8 +144,8 @@ class _Replica:
 
     def __init__(self, model, *, name: str, providers: str, threads: int,
                  max_body_bytes: int, service_options: dict):
-        from lmonnx.batcher import hand_over_the_gil_quickly
-        from lmonnx.server import build_app
+        from lmonnx.serve.batch_queue import hand_over_the_gil_quickly
+        from lmonnx.serve.app import build_app
 
         hand_over_the_gil_quickly()  # the replica's process serves: its loop beside the batcher
         if isinstance(model, list):  # [ObjectRef]: the model's bytes in the object store
@@ -228,7 +228,7 @@ class _Forwarding:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not _may_hold_state_ids(scope):
             return await self.gate(scope, receive, send)
-        from lmonnx.server import read_body, replay_receive, send_error
+        from lmonnx.serve.app import read_body, replay_receive, send_error
 
         # Read the body (bounded by the gate's limit) to see which replica holds the states.
         read = await read_body(receive, self.gate.max_body_bytes)
@@ -279,7 +279,7 @@ def _deployment(*, replicas: int, cpus_per_replica: float, max_ongoing_requests:
 # ---- the driver ----------------------------------------------------------------------------
 
 def _connect(address: str | None) -> bool:
-    """Join a cluster as :func:`lmonnx.ray.connect` does (``"auto"`` or None: the one in
+    """Join a cluster as :func:`lmonnx.distributed.connect` does (``"auto"`` or None: the one in
     ``RAY_ADDRESS``, else one started on this machine, else a new local one); True when this
     call started a new local one (then ours to stop)."""
     if ray.is_initialized():
@@ -315,11 +315,11 @@ def deploy(model, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 800
     Serve application ``lmonnx`` at ``/``, ``replicas`` replicas; return its URL once every
     replica is ready.  Serve's HTTP proxy listens on ``host:port`` (port 0: a free one) unless
     Serve already runs on the cluster with its own.  ``service_options``:
-    :class:`~lmonnx.service.ScoringService`'s keywords (``watch_disconnects`` False unless
+    :class:`~lmonnx.serve.service.ScoringService`'s keywords (``watch_disconnects`` False unless
     given)."""
     _require_serve()
     try:
-        from lmonnx.server import DEFAULT_MAX_BODY_BYTES
+        from lmonnx.serve.app import DEFAULT_MAX_BODY_BYTES
     except ImportError as exc:  # FastAPI, uvicorn: the serve extra
         raise MissingDependencyError("serving on Ray needs the extra 'lmonnx[ray,serve]' "
                                      f"({exc})") from None
