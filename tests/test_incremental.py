@@ -265,6 +265,24 @@ def test_generation_is_reproducible_and_greedy_at_temperature_0(scorer):
         _, state = scorer.step(state, w)
 
 
+def test_a_generate_prefix_is_cleaned_as_predict_cleans_it(scorer):
+    """generate and predict read a prefix as a sentence (to_line): a BOM and surrounding
+    whitespace are not words (generate once tokenized the BOM as a word of its own)."""
+    clean = scorer.generate("w1 w2", words=8, temperature=0)
+    assert scorer.generate("\ufeffw1 w2 \n", words=8, temperature=0) == clean
+    assert scorer.predict_next("\ufeffw1 w2 \n", k=3) == scorer.predict_next("w1 w2", k=3)
+    with pytest.raises(TypeError, match="prefix"):
+        scorer.generate(b"w1", words=2)
+
+
+def test_step_batch_ends_only_the_hypotheses_given_end(scorer):
+    state = scorer.begin()
+    logprobs, new = scorer.step_batch([state, state, state], ["w1", END, "w2"])
+    assert [s.ended for s in new] == [False, True, False]
+    assert [s.words for s in new] == [1, 1, 1]
+    assert logprobs[1] == pytest.approx(state.logprob(3))
+
+
 @pytest.mark.parametrize("kwargs,exc", [
     (dict(words=0), ValueError), (dict(temperature=-1.0), ValueError),
     (dict(temperature=float("nan")), ValueError), (dict(top_k=0), ValueError),
