@@ -460,7 +460,6 @@ def _cmd_evaluate_ray(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    _passive_openmp()
     if args.ray is not None:
         return _cmd_evaluate_ray(args)
     for flag, value in (("--actors", args.actors), ("--cpus-per-actor", args.cpus_per_actor),
@@ -528,7 +527,6 @@ def _read_cli_prefix(prefix: str, errors: str) -> str:
 
 
 def _cmd_score(args) -> None:
-    _passive_openmp()
     from lmonnx.strict_json import json_line
     from lmonnx.scorer import Scorer
 
@@ -543,7 +541,6 @@ def _cmd_score(args) -> None:
 
 
 def _cmd_predict(args) -> None:
-    _passive_openmp()
     from lmonnx.strict_json import json_line
     from lmonnx.scorer import Scorer
 
@@ -558,7 +555,6 @@ def _cmd_predict(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    _passive_openmp()
     from lmonnx.strict_json import json_line
     from lmonnx.scorer import Scorer
 
@@ -574,7 +570,6 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_serve(args) -> int | None:
-    _passive_openmp()
     if args.replicas is not None and args.ray is None:
         raise InvalidArgumentError("--replicas needs --ray (one process serves one model "
                                    "replica; see the README's deployment notes)")
@@ -619,6 +614,10 @@ def _cmd_serve(args) -> int | None:
     os._exit(130)
 
 
+# The commands that load the loss kernel (scoring): OpenMP's wait policy is set for them
+# once, in main, before any of them imports it (:func:`_passive_openmp`).
+SCORING_COMMANDS = {"evaluate", "score", "predict", "generate", "serve"}
+
 COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export,
             "quantize": _cmd_quantize,
             "evaluate": _cmd_evaluate, "score": _cmd_score, "predict": _cmd_predict,
@@ -649,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # said by the subcommand's parser, which points at its own --help
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _show_library_messages()
+    if args.command in SCORING_COMMANDS:
+        _passive_openmp()
     try:
         status = COMMANDS[args.command](args)
     except KeyboardInterrupt:
