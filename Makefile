@@ -56,7 +56,7 @@ bench: install
 	$(PY) benchmarks/beam_table.py
 	$(PY) benchmarks/long_line.py
 	$(PY) benchmarks/ray_table.py
-	-$(PY) benchmarks/serve_table.py --corpus $(PTB)/ptb.test.txt  # a FAIL line exits 1: go on
+	-$(PY) benchmarks/serve_table.py --corpus $(PTB)/ptb.test.txt  # wrk's load (apt-get install wrk); a FAIL line exits 1: go on
 	-$(PY) benchmarks/serve_table.py --corpus $(PTB)/ptb.test.txt --client-pool aiohttp
 	$(PY) benchmarks/train_table.py --corpus all --seeds 0,1,2 --ptb $(PTB)
 	KENLM_BIN=$$(bash benchmarks/build_kenlm.sh) && $(PY) benchmarks/quality_table.py --data $(PTB) --kenlm-bin $$KENLM_BIN

@@ -1,6 +1,8 @@
-"""quality_table.py's splits and closed-vocabulary convention on tiny text (the KenLM and
-lmonnx rows need lmplz, the kenlm module and trained models: see the table's docstring)."""
+"""quality_splits.py's splits and quality_table.py's closed-vocabulary convention on tiny text
+(the KenLM and lmonnx rows need lmplz, the kenlm module and trained models: see the table's
+docstring)."""
 
+import quality_splits
 import quality_table
 
 
@@ -14,7 +16,7 @@ def test_splits_follow_the_documented_cuts(tmp_path):
     (tmp_path / "ptb.test.txt").write_text("t1\n\nt2\n")
     (tmp_path / "kjv.train.txt").write_text("".join(f"k{i}\n" for i in range(1000)))
     (tmp_path / "kjv.valid.txt").write_text("kv\n")
-    got = quality_table.splits(tmp_path)
+    got = quality_splits.splits(tmp_path)
     assert len(got["ptb"]["train"]) == 3033 and got["ptb"]["valid"][0] == "v3033"
     assert got["ptb"]["test"] == ["t1", "t2"]
     # KJV: lmonnx train --holdout 0.03's own split (seed 0), every model on the same verses

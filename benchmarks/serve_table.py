@@ -18,34 +18,41 @@ errors, the two ratios and the CPU each side burnt:
                installed).
 
 Requests: ``single`` (one sentence each) and ``nbest`` (8 hypotheses each: a PTB sentence
-and 7 copies with a word deleted, replaced or two words swapped).  Load: async httpx, one
-client per server and row holding ``C`` connections, on uvloop when installed
-(``--client-loop``), on one CPU (``--client-cpu``).  The load client shares the two cores
-with the server, so what it burns per request the server does not get; by default
-(``--client-pool transport``) each distinct request is built once as an ``httpx.Request``
-and then sent through httpx's transport (httpcore's HTTP/1.1 connection, h11) on a free
-list of connections, O(1) a request, over asyncio's streams.  Measured at C = 32 on the
-2x64 model: the client's CPU fell from 0.72 to 0.55 cores and the server's requests/s rose
-by 1.4x against ``httpx.AsyncClient.post`` on the same free list (``freelist``: URL merging,
-cookies, auth and redirects, an ``httpx.Response`` per request); httpcore's own pool
-(``httpx``) scans every connection for every request, 3x fewer requests/s at C = 32;
-``aiohttp`` (C-accelerated parser) takes less still.  Closed
-loop (C workers, each sending its next request when the last returns; a 429 is retried after
-5 ms) or, with ``--mode open``, Poisson arrivals at ``--rates`` requests/s with at most
-``--max-inflight`` in flight (arrivals past the cap are dropped, counted; latency from the
-scheduled arrival, so a stalled server is not hidden).  Each server's client warms up once a
-row (connections opened, server warm); then a row's methods run ``--repeats`` slices of
-``--seconds`` (or ``--requests``) each, in rotated order (ABC BCA CAB ...), each method's
-slices added up, so drifting load from other users hits every method alike and no method
-holds a place; while the 95% interval of batched/unbatched straddles the goal, those two run
-more rounds (``--max-repeats``).  All server processes of a model are up at once (idle
-ones cost nothing) and stopped with SIGTERM at the end; each must drain and exit 0.
+and 7 copies with a word deleted, replaced or two words swapped).
 
-CPU columns, in cores of this machine (``os.cpu_count()``): ``client`` is this process's CPU
-time over the row's wall time (the load generator; for in-process rows, the scoring itself),
-``server`` the server process's (``/proc/PID/stat``), ``others`` every other process's
-(``/proc/stat`` less the two: other users of a shared machine).  They share the same cores, so the
-client's share is capacity the server did not get.
+Load: a closed loop of C callers (each sends its next request when it has its answer), by
+``wrk`` (``--client-pool wrk``, the default; Debian's package ``wrk``): C keep-alive HTTP/1.1
+connections driven from C, one wrk thread each, all on one CPU (``--client-cpu``).  A Lua
+script written for each run gives each connection its share of the prepared ``/v1/score``
+bodies in rotation, times each answer (``CLOCK_MONOTONIC`` through LuaJIT's FFI, the clock of
+Python's ``time.monotonic``), checks it (status 200 and one ``"logprob"`` a sentence; a 429
+is counted and that caller goes on at once) and prints every answer's record as one JSON
+line from ``done()``.  A slice is the answers that came in between two instants this script
+takes: once every connection is sending, and just before it stops wrk (SIGINT), so wrk's
+start-up and stop lie outside it.  (wrk's own latency histogram is not used: it adds
+samples for coordinated omission, right for a fixed-rate load, not for a closed loop.)  The
+load client shares the two cores with the server, so what it burns per request the server
+does not get; wrk burns a fraction of what a Python client does.  Python clients on public
+APIs only, async on uvloop when installed (``--client-loop``): ``--client-pool httpx``
+(``httpx.AsyncClient``, its own pool, which scans every connection for every request: the
+client saturates first past a few connections) and ``aiohttp`` (a C-accelerated parser).
+They alone drive ``--requests`` (a fixed number per slice) and ``--mode open``: Poisson
+arrivals at ``--rates`` requests/s with at most C in flight (arrivals past the cap are
+dropped, counted; latency from the scheduled arrival, so a stalled server is not hidden).
+
+Each server gets ``--warmup`` seconds of the row's load once a row; then a row's methods run
+``--repeats`` slices of ``--seconds`` (or ``--requests``) each, in rotated order (ABC BCA
+CAB ...), each method's slices added up, so drifting load from other users hits every method
+alike and no method holds a place; while the 95% interval of batched/unbatched straddles the
+goal, those two run more rounds (``--max-repeats``).  All server processes of a model are up
+at once (idle ones cost nothing) and stopped with SIGTERM at the end; each must drain and
+exit 0.
+
+CPU columns, in cores of this machine (``os.cpu_count()``): ``client`` is the load
+generator's CPU time over the slice's wall time (wrk's process and this one; for in-process
+rows, the scoring itself), ``server`` the server process's (``/proc/PID/stat``), ``others``
+every other process's (``/proc/stat`` less the two: other users of a shared machine).  They
+share the same cores, so the client's share is capacity the server did not get.
 
 Models: ``2x200`` (V = 10,000, embedding 10, the course's PTB shape) and ``2x64``
 (V = 3,000, embedding 7), random weights over the corpus's most frequent words (speed does
@@ -75,7 +82,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `lmonnx serve` sets it: fair ceiling
@@ -96,6 +103,8 @@ GOAL_CONCURRENCY = 32
 HEADERS = {"content-type": "application/json"}
 READY_LINE = re.compile(r"lmonnx: serving .* on (http://\S+)")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CLIENT_POOLS = {"wrk": "C connections, a thread each, Lua-rotated prepared bodies",
+                "httpx": "AsyncClient, its own pool", "aiohttp": "ClientSession"}
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -226,13 +235,39 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+class CpuWindow:
+    """The CPU seconds burnt from its creation to :meth:`stop`: by the load generator (this
+    process, and ``client_pid``'s, a wrk child), by the server ``server_pid`` and by the
+    whole machine."""
+
+    def __init__(self, server_pid: int | None = None, client_pid: int | None = None):
+        self.server_pid, self.client_pid = server_pid, client_pid
+        self.start, self.end = self.read(), None
+
+    def read(self) -> tuple[float, float, float]:
+        client = own_cpu() + (process_cpu(self.client_pid) if self.client_pid else 0.0)
+        server = process_cpu(self.server_pid) if self.server_pid else math.nan
+        return client, server, machine_cpu()
+
+    def stop(self) -> "CpuWindow":
+        self.end = self.read()
+        return self
+
+    def fill(self, sample: Sample) -> Sample:
+        """``sample``'s CPU columns from this window (stopped now if it was not yet)."""
+        end = self.end or self.read()
+        sample.client_cpu, sample.server_cpu, sample.machine_cpu = (
+            b - a for a, b in zip(self.start, end))
+        return sample
+
+
 def in_process(scorer, requests: list[list[str]], batch: int, seconds: float | None,
                count: int | None) -> Sample:
     """``Scorer.score`` on the requests' sentences, ``batch`` per call, from the first one on."""
     sentences = [s for r in requests for s in r]
     per_request = len(requests[0])
     sample = Sample()
-    cpu, machine = own_cpu(), machine_cpu()
+    cpu = CpuWindow()
     start = time.perf_counter()
     stop = start + seconds if seconds is not None else math.inf
     limit = count * per_request if count is not None else math.inf
@@ -246,10 +281,217 @@ def in_process(scorer, requests: list[list[str]], batch: int, seconds: float | N
         sample.sentences += len(scored)
     sample.seconds = time.perf_counter() - start
     sample.requests = sample.sentences // per_request
-    sample.client_cpu = own_cpu() - cpu
-    sample.machine_cpu = machine_cpu() - machine
+    return cpu.fill(sample)
+
+
+# ---- the load: wrk (default) -------------------------------------------------------------------
+
+WRK_SCRIPT = r'''-- benchmarks/serve_table.py's load, written for one run of wrk.  Each wrk
+-- thread holds one connection and sends its own share of the prepared /v1/score bodies in
+-- turn; each answer is recorded (when it came, its latency, its status, its sentences if it
+-- holds one "logprob" a sentence) and done() prints the records as one JSON line.
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } serve_table_timespec;
+int clock_gettime(int clock, serve_table_timespec *now);
+]]
+local clock = ffi.new("serve_table_timespec")
+
+local function now()  -- CLOCK_MONOTONIC (1 on Linux), the clock of Python's time.monotonic
+  ffi.C.clock_gettime(1, clock)
+  return tonumber(clock.tv_sec) + tonumber(clock.tv_nsec) * 1e-9
+end
+
+local SHARES = "@SHARES@"  -- thread k reads SHARES .. k: "SENTENCES<TAB>BODY" lines
+local threads = {}
+
+function setup(thread)
+  thread:set("id", #threads)
+  threads[#threads + 1] = thread
+end
+
+function init(args)
+  bodies, sizes, turn, sent, first_sent, first_error = {}, {}, 0, 0, 0, ""
+  done_at, latency, status, sentences = {}, {}, {}, {}
+  local headers = {["Content-Type"] = "application/json"}
+  for line in io.lines(SHARES .. id) do
+    local tab = line:find("\t", 1, true)
+    sizes[#sizes + 1] = tonumber(line:sub(1, tab - 1))
+    bodies[#bodies + 1] = wrk.format("POST", nil, headers, line:sub(tab + 1))
+  end
+  io.stderr:write("ready\n")
+end
+
+function request()
+  turn = turn % #bodies + 1
+  sent = now()
+  if first_sent == 0 then first_sent = sent end
+  return bodies[turn]
+end
+
+local function logprobs(body)
+  local n, at = 0, 1
+  while true do
+    local found = body:find('"logprob"', at, true)
+    if not found then return n end
+    n, at = n + 1, found + 9
+  end
+end
+
+function response(code, headers, body)
+  local t = now()
+  local n = #done_at + 1
+  done_at[n], latency[n], status[n] = t, t - sent, code
+  sentences[n] = (code == 200 and logprobs(body) == sizes[turn]) and sizes[turn] or 0
+  if sentences[n] == 0 and code ~= 429 and first_error == "" then
+    first_error = "HTTP " .. code .. ": " .. body:sub(1, 200)
+  end
+end
+
+local function escaped(c)
+  return string.format("\\u%04x", c:byte())
+end
+
+local function quoted(text)  -- a JSON string
+  return '"' .. (text:gsub('[%c"\\]', escaped)) .. '"'
+end
+
+function done(summary, latency_histogram, rate_histogram)
+  local out = {}
+  for i, thread in ipairs(threads) do
+    out[i] = string.format(
+      '{"first_sent":%.9f,"first_error":%s,"done_at":[%s],"latency":[%s],"status":[%s],'
+      .. '"sentences":[%s]}', thread:get("first_sent"), quoted(thread:get("first_error")),
+      table.concat(thread:get("done_at"), ","), table.concat(thread:get("latency"), ","),
+      table.concat(thread:get("status"), ","), table.concat(thread:get("sentences"), ","))
+  end
+  local e = summary.errors  -- e.timeout is an answer slower than --timeout: recorded above
+  io.write(string.format('\n{"socket_errors":%d,"threads":[%s]}\n',
+                         e.connect + e.read + e.write, table.concat(out, ",")))
+end
+'''
+
+
+def wrk_path() -> str | None:
+    return shutil.which("wrk")
+
+
+def wrk_version() -> str:
+    """wrk's own first line, e.g. ``wrk debian/4.1.0-3+b2 [epoll]``."""
+    shown = subprocess.run([wrk_path(), "-v"], capture_output=True, text=True)
+    first = (shown.stdout or shown.stderr).splitlines()[0]
+    return first.split(" Copyright")[0].strip()
+
+
+def pump_lines(stream, log: deque, name: str) -> queue.Queue:
+    """Read ``stream`` line by line in a thread (a child's stderr must be read all along, or
+    a chatty child blocks on the pipe): each line into ``log`` and the queue, then None."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in stream:
+            log.append(line.rstrip())
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True, name=name).start()
+    return lines
+
+
+class WrkClient:
+    """The closed loop of ``concurrency`` callers as one wrk process per slice
+    (``--client-pool wrk``): :data:`WRK_SCRIPT` on each thread's share of the bodies, one
+    connection a thread.  Pinning: wrk inherits the calling thread's CPUs."""
+
+    SETTLE = 0.05  # after the last thread is ready: every connection is sending by then
+
+    def __init__(self, url: str, bodies: list[bytes], sizes: list[int], concurrency: int):
+        self.url, self.concurrency = url, concurrency
+        self.workdir = Path(tempfile.mkdtemp(prefix="serve-table-wrk-"))
+        shares = self.workdir / "share."
+        for k in range(concurrency):  # thread k: bodies k, k + C, ... (at least one)
+            with open(f"{shares}{k}", "wb") as out:
+                for i in range(k, max(len(bodies), k + 1), concurrency):
+                    out.write(b"%d\t%s\n" % (sizes[i % len(bodies)], bodies[i % len(bodies)]))
+        self.script = self.workdir / "load.lua"
+        self.script.write_text(WRK_SCRIPT.replace("@SHARES@", str(shares)))
+
+    def warm(self, seconds: float) -> None:
+        self.slice(seconds=seconds)
+
+    def slice(self, *, seconds: float, pid: int | None = None, mode: str = "closed",
+              count: int | None = None, rate: float = 0.0) -> Sample:
+        """``seconds`` of load: the answers that came in between the two instants."""
+        if mode != "closed" or count is not None or seconds is None:
+            raise ValueError("wrk drives a closed loop for a time: no --mode open, --requests")
+        n = str(self.concurrency)
+        proc = subprocess.Popen(
+            [wrk_path(), "-t", n, "-c", n, "-d", f"{math.ceil(seconds + self.SETTLE) + 2}s",
+             "-s", str(self.script), self.url], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+        log: deque[str] = deque(maxlen=50)
+        try:
+            self.wait_ready(proc, pump_lines(proc.stderr, log, "wrk-stderr"), log)
+            time.sleep(self.SETTLE)
+            cpu, start = CpuWindow(server_pid=pid, client_pid=proc.pid), time.monotonic()
+            time.sleep(seconds)
+            end = time.monotonic()
+            cpu.stop()
+            proc.send_signal(signal.SIGINT)  # wrk stops, prints its report, runs done()
+            output = proc.stdout.read()
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if code != 0:
+            raise RuntimeError(f"wrk exited {code}: " + "\n".join(log))
+        return cpu.fill(wrk_sample(output, start, end))
+
+    def wait_ready(self, proc, lines: queue.Queue, log: deque) -> None:
+        """Until each thread has read its bodies ("ready" on stderr)."""
+        ready, deadline = 0, time.monotonic() + 30 + 0.05 * self.concurrency
+        while ready < self.concurrency:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None or time.monotonic() > deadline:
+                raise RuntimeError(f"wrk did not start: {proc.args}\n" + "\n".join(log))
+            ready += line.strip() == "ready"
+
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def wrk_sample(output: str, start: float, end: float) -> Sample:
+    """The answers of :data:`WRK_SCRIPT`'s JSON line (the last line of wrk's output) that
+    came in between ``start`` and ``end`` (``time.monotonic``); the window starts later if a
+    connection's first request did.  Socket errors count whenever they happened."""
+    report = json.loads(output.rstrip().rsplit("\n", 1)[-1])
+    threads = report["threads"]
+    start = max([start] + [t["first_sent"] for t in threads if t["first_sent"]])
+    sample = Sample(seconds=end - start, errors=report["socket_errors"])
+    for t in threads:
+        sample.first_error = sample.first_error or t["first_error"]
+        for done, latency, status, sentences in zip(t["done_at"], t["latency"], t["status"],
+                                                    t["sentences"]):
+            if not start <= done <= end:
+                continue
+            if sentences:
+                sample.latencies.append(latency)
+                sample.requests += 1
+                sample.sentences += sentences
+            elif status == 429:
+                sample.rejected += 1
+            else:
+                sample.errors += 1
+    if report["socket_errors"] and not sample.first_error:
+        sample.first_error = f"{report['socket_errors']} socket errors (connect, read, write)"
     return sample
 
+
+# ---- the load: Python clients on public APIs (--client-pool httpx | aiohttp) -----------------
 
 class _Load:
     """The bookkeeping of one load run."""
@@ -334,110 +576,6 @@ async def open_loop(client, url, bodies, sizes, rate: float, max_inflight: int,
     return load.sample
 
 
-class AsyncioStream:
-    """An httpcore network stream on asyncio's streams: httpcore's default (anyio) opens a
-    cancel scope around every read and write, a third of the load client's CPU per request."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self._reader, self._writer = reader, writer
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        if timeout is None:
-            return await self._reader.read(max_bytes)
-        async with asyncio.timeout(timeout):
-            return await self._reader.read(max_bytes)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._writer.write(buffer)
-        if self._writer.transport.get_write_buffer_size() > 1 << 16:
-            await self._writer.drain()
-
-    async def aclose(self) -> None:
-        self._writer.close()
-
-    def get_extra_info(self, info: str):
-        if info == "is_readable":  # httpcore's check of an idle keep-alive connection
-            return self._reader.at_eof() or bool(self._reader._buffer)  # noqa: SLF001
-        return self._writer.get_extra_info(info)
-
-
-class AsyncioBackend:
-    """httpcore's network backend on asyncio (see :class:`AsyncioStream`)."""
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None, socket_options=None):
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        return AsyncioStream(reader, writer)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-class FreeListTransport:
-    """An ``httpx`` transport whose pool is a free list of at most ``size`` keep-alive
-    connections: O(1) a request.  httpcore's own pool scans every connection for every
-    queued request (``_assign_requests_to_connections``: 2.2 M ``is_idle`` calls for 900
-    requests at 32 connections), which makes the client, not the server, the bottleneck
-    past a few connections on a 2-core machine (``--client-pool httpx`` measures it)."""
-
-    def __init__(self, size: int):
-        import httpcore
-
-        self._httpcore = httpcore
-        self._backend = AsyncioBackend()
-        self._idle: list = []
-        self._slots = asyncio.Semaphore(size)
-
-    async def handle_async_request(self, request):
-        import httpx
-
-        status, headers, body = await self.exchange(core_request(request))
-        return httpx.Response(status_code=status, headers=headers, content=body)
-
-    async def exchange(self, request) -> tuple[int, list, bytes]:
-        """Send an ``httpcore.Request`` on a free connection: (status, headers, body)."""
-        httpcore = self._httpcore
-        url = request.url
-        async with self._slots:
-            connection = self._idle.pop() if self._idle else httpcore.AsyncHTTPConnection(
-                httpcore.Origin(url.scheme, url.host, url.port), keepalive_expiry=60,
-                network_backend=self._backend)
-            try:
-                response = await connection.handle_async_request(request)
-                body = await response.aread()
-                await response.aclose()
-            except BaseException:
-                await connection.aclose()
-                raise
-            if connection.is_available():
-                self._idle.append(connection)
-            else:
-                await connection.aclose()
-        return response.status, response.headers, body
-
-    async def aclose(self) -> None:
-        while self._idle:
-            await self._idle.pop().aclose()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()
-
-
-def core_request(request):
-    """The ``httpcore.Request`` an ``httpx.Request`` sends (its stream can be sent again)."""
-    import httpcore
-
-    url = request.url
-    return httpcore.Request(
-        method=request.method,
-        url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
-                         target=url.raw_path),
-        headers=request.headers.raw, content=request.stream, extensions=request.extensions)
-
-
 class _Response:
     """What the load generator reads of an answer."""
 
@@ -451,106 +589,106 @@ class _Response:
         return self.content.decode("utf-8", "replace")
 
 
-class TransportClient:
-    """The load generator's ``post`` on httpx's transport layer (``--client-pool
-    transport``, the default): each distinct request is built once as an ``httpx.Request``
-    (by an ``httpx.AsyncClient``, timeout included) and then sent again and again through
-    :class:`FreeListTransport` (httpcore and h11, as every httpx request).  What it skips
-    per request is the ``AsyncClient`` layer a load generator does not use -- URL merging,
-    the cookie jar, auth and redirect handling, building an ``httpx.Response`` -- which took
-    a third of the client's CPU at 32 callers (py-spy), CPU the server gets instead on
-    2 cores."""
-
-    def __init__(self, concurrency: int):
-        import httpx
-
-        self._transport = FreeListTransport(concurrency)
-        self._client = httpx.AsyncClient(transport=self._transport, timeout=120.0)
-        self._prepared: dict = {}
-
-    def prepare(self, url: str, bodies: list[bytes], headers: dict = HEADERS) -> None:
-        """Build the requests of ``bodies`` now, not during the timed slices."""
-        for body in bodies:
-            self._request(url, body, headers)
-
-    def _request(self, url: str, content: bytes, headers: dict):
-        key = (url, content)  # bytes cache their hash: a cheap lookup
-        request = self._prepared.get(key)
-        if request is None:
-            request = self._prepared[key] = core_request(
-                self._client.build_request("POST", url, content=content, headers=headers))
-        return request
-
-    async def post(self, url: str, content: bytes, headers: dict) -> _Response:
-        status, _, body = await self._transport.exchange(self._request(url, content, headers))
-        return _Response(status, body)
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self._client.aclose()
-
-
 class AiohttpClient:
-    """The load generator's ``post`` on an ``aiohttp`` session of ``concurrency``
-    connections (``--client-pool aiohttp``): its C-accelerated HTTP parser costs the client
-    about half the CPU per request of httpx's (h11 in Python), CPU the server gets instead
-    on a 2-core machine."""
+    """``post`` on an ``aiohttp`` session of ``concurrency`` connections (``--client-pool
+    aiohttp``): its C-accelerated HTTP parser costs the client about half the CPU per
+    request of httpx's (h11 in Python)."""
 
     def __init__(self, concurrency: int):
         import aiohttp
 
-        self._session = aiohttp.ClientSession(
+        self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=concurrency),
             timeout=aiohttp.ClientTimeout(total=120))
 
-    async def post(self, url: str, content: bytes, headers: dict):
-        async with self._session.post(url, data=content, headers=headers) as response:
+    async def post(self, url: str, content: bytes, headers: dict) -> _Response:
+        async with self.session.post(url, data=content, headers=headers) as response:
             return _Response(response.status, await response.read())
 
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self._session.close()
+    async def aclose(self) -> None:
+        await self.session.close()
 
 
-CLIENT_POOLS = {"transport": "transport, prepared requests",
-                "freelist": "AsyncClient on a free list", "httpx": "AsyncClient, its own pool",
-                "aiohttp": "aiohttp"}
-
-
-def make_client(concurrency: int, pool: str = "transport"):
-    """The load generator's client, ``concurrency`` connections: httpx's transport sent
-    prepared requests (``transport``, the default: :class:`TransportClient`), an
-    ``httpx.AsyncClient`` on the free-list transport (``freelist``) or on httpx's own pool
-    (``httpx``), or an aiohttp session (``aiohttp``)."""
-    import httpx
-
-    if pool == "transport":
-        return TransportClient(concurrency)
+async def _python_client(pool: str, concurrency: int):
+    """An ``httpx.AsyncClient`` of ``concurrency`` connections, or :class:`AiohttpClient`
+    (made on the running loop, as aiohttp wants)."""
     if pool == "aiohttp":
         return AiohttpClient(concurrency)
-    if pool == "httpx":
-        limits = httpx.Limits(max_connections=concurrency,
-                              max_keepalive_connections=concurrency)
-        return httpx.AsyncClient(limits=limits, timeout=120.0)
-    return httpx.AsyncClient(transport=FreeListTransport(concurrency), timeout=120.0)
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(limits=limits, timeout=120.0)
 
 
-def prepare(client, url: str, bodies: list[bytes]) -> None:
-    """Let a client that prepares its requests (:class:`TransportClient`) build them now."""
-    if hasattr(client, "prepare"):
-        client.prepare(url, bodies)
+class PythonClient:
+    """The load of ``--client-pool httpx`` or ``aiohttp``: one client of ``concurrency``
+    connections on an event loop of its own (uvloop's when asked and installed), kept for
+    the row; closed or open loop, for a time or a number of requests."""
+
+    def __init__(self, pool: str, url: str, bodies: list[bytes], sizes: list[int],
+                 concurrency: int, loop: str = "uvloop"):
+        factory = None
+        if loop == "uvloop" and _installed("uvloop"):
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        self.runner = asyncio.Runner(loop_factory=factory)
+        self.client = self.runner.run(_python_client(pool, concurrency))
+        self.load = (url, bodies, sizes)
+        self.concurrency = concurrency
+
+    def warm(self, seconds: float) -> None:
+        self.runner.run(closed_loop(self.client, *self.load, self.concurrency, seconds=seconds))
+
+    def slice(self, *, seconds: float | None, pid: int | None = None, mode: str = "closed",
+              count: int | None = None, rate: float = 0.0) -> Sample:
+        cpu = CpuWindow(server_pid=pid)
+        if mode == "open":
+            run = open_loop(self.client, *self.load, rate, self.concurrency, seconds, count)
+        else:
+            run = closed_loop(self.client, *self.load, self.concurrency, seconds, count)
+        return cpu.fill(self.runner.run(run))
+
+    def close(self) -> None:
+        self.runner.run(self.client.aclose())
+        self.runner.close()
+
+
+def open_client(pool: str, url: str, bodies: list[bytes], sizes: list[int], concurrency: int,
+                loop: str = "uvloop"):
+    """The load generator of one server and row: :class:`WrkClient` or :class:`PythonClient`
+    (``warm(seconds)``, ``slice(...) -> Sample``, ``close()``)."""
+    if pool == "wrk":
+        return WrkClient(url, bodies, sizes, concurrency)
+    return PythonClient(pool, url, bodies, sizes, concurrency, loop)
+
+
+def run_load(url: str, requests: list[list[str]], *, concurrency: int, seconds: float | None,
+             count: int | None = None, warmup: float = 0.0, mode: str = "closed",
+             rate: float = 0.0, pid: int | None = None, pool: str = "wrk",
+             loop: str = "uvloop") -> Sample:
+    """One load run on a client of its own: a warm-up, then one timed slice."""
+    client = open_client(pool, url, *encode(requests), concurrency, loop)
+    try:
+        if warmup > 0:
+            client.warm(warmup)
+        return client.slice(seconds=seconds, count=count, mode=mode, rate=rate, pid=pid)
+    finally:
+        client.close()
+
+
+def encode(requests: list[list[str]]) -> tuple[list[bytes], list[int]]:
+    """Each request's ``/v1/score`` body and its sentence count."""
+    return [json.dumps({"sentences": r}).encode() for r in requests], [len(r) for r in requests]
 
 
 @contextlib.contextmanager
 def pinned_to(cpu: int | None):
-    """Run this thread (the load generator) on ``cpu`` only, if given, then as before.  Left
-    free, the scheduler moves the client and the server's threads between the two cores
-    from slice to slice, and one server's C = 1 throughput drifts +-10% between slices
-    while identical servers differ; pinned, identical servers measure within 2%."""
+    """Run this thread (the load generator, and a wrk it starts) on ``cpu`` only, if given,
+    then as before.  Left free, the scheduler moves the client and the server's threads
+    between the two cores from slice to slice, and one server's C = 1 throughput drifts
+    +-10% between slices while identical servers differ; pinned, identical servers measure
+    within 2%."""
     if cpu is None or not hasattr(os, "sched_setaffinity"):
         yield
         return
@@ -560,51 +698,6 @@ def pinned_to(cpu: int | None):
         yield
     finally:
         os.sched_setaffinity(0, before)
-
-
-def run_async(coroutine, loop: str = "uvloop"):
-    """Run ``coroutine`` on a fresh event loop: uvloop's when asked and installed."""
-    if loop == "uvloop" and _installed("uvloop"):
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(coroutine)
-    return asyncio.run(coroutine)
-
-
-def encode(requests: list[list[str]]) -> tuple[list[bytes], list[int]]:
-    """Each request's ``/v1/score`` body and its sentence count."""
-    return [json.dumps({"sentences": r}).encode() for r in requests], [len(r) for r in requests]
-
-
-async def server_slice(client, url: str, bodies, sizes, *, concurrency: int, mode: str,
-                       seconds: float | None, count: int | None, rate: float = 0,
-                       pid: int | None = None) -> Sample:
-    """One timed run of load on an open client, with the CPU each side burnt."""
-    cpu, server, machine = own_cpu(), process_cpu(pid) if pid else math.nan, machine_cpu()
-    if mode == "open":
-        sample = await open_loop(client, url, bodies, sizes, rate, concurrency, seconds, count)
-    else:
-        sample = await closed_loop(client, url, bodies, sizes, concurrency, seconds, count)
-    sample.client_cpu = own_cpu() - cpu
-    sample.machine_cpu = machine_cpu() - machine
-    if pid:
-        sample.server_cpu = process_cpu(pid) - server
-    return sample
-
-
-async def run_load(url: str, requests: list[list[str]], *, concurrency: int, mode: str,
-                   seconds: float | None, count: int | None, warmup: float, rate: float = 0,
-                   pid: int | None = None, pool: str = "transport") -> Sample:
-    """One load run on its own client: a fresh client whose pool holds ``concurrency``
-    connections, a warm-up (connections opened, server warm), then the timed run."""
-    bodies, sizes = encode(requests)
-    async with make_client(concurrency, pool) as client:
-        prepare(client, url, bodies)
-        if warmup > 0:
-            await closed_loop(client, url, bodies, sizes, concurrency, seconds=warmup)
-        return await server_slice(client, url, bodies, sizes, concurrency=concurrency,
-                                  mode=mode, seconds=seconds, count=count, rate=rate, pid=pid)
 
 
 # ---- the server process ----------------------------------------------------------------------
@@ -656,15 +749,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, errors="replace")
-        lines: queue.Queue = queue.Queue()
-
-        def pump():  # stderr must be read all along, or a chatty server blocks on the pipe
-            for line in self.proc.stderr:
-                self.log.append(line.rstrip())
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=pump, daemon=True, name=f"{self.label}-stderr").start()
+        lines = pump_lines(self.proc.stderr, self.log, f"{self.label}-stderr")
         deadline = time.monotonic() + timeout
         while not self.url:
             try:
@@ -726,63 +811,69 @@ def measure_row(methods: list[Method], scorer, requests, *, concurrency: int, ar
                 rate: float = 0):
     """Every method on the same requests, ``args.repeats`` slices each, the slices of a method
     added up: ``({method: Sample}, batched/unbatched interval or None)``.  Each server gets
-    one client for the row, warmed up once; the slices then run in rotated order (ABC BCA CAB
-    ...): load that drifts during the row hits every method alike, and no method holds a
-    place in the order.  (Mirrored order, ABC CBA, ran the edge methods twice in a row at
+    one load client for the row (wrk's: its script and bodies, a wrk process a slice), warmed
+    up once; the slices then run in rotated order (ABC BCA CAB ...): load that drifts during
+    the row hits every method alike, and no method holds a place in the order.  (Mirrored order, ABC CBA, ran the edge methods twice in a row at
     every turn and the middle one never: identical servers measured 2-4% apart by their
     place.)  While the batched/unbatched interval straddles the goal, batched and unbatched
     alone run more rounds (alternating which goes first), up to ``args.max_repeats`` rounds
     in all: on 2 cores shared with other users one C = 1 slice's throughput varies by 14%
     (standard deviation between identical servers' paired slices), so 30 rounds still leave
     +-5% on the ratio."""
-    return run_async(_measure_row(methods, scorer, requests, concurrency=concurrency,
-                                  args=args, rate=rate), args.client_loop)
-
-
-async def _measure_row(methods, scorer, requests, *, concurrency, args, rate):
     bodies, sizes = encode(requests)
-    total: dict[str, Sample] = {}
-    rounds: list[dict[str, Sample]] = []
-    async with contextlib.AsyncExitStack() as stack:
-        clients = {}
+    clients = {}
+    try:
         for method in methods:
             if method.server is not None:
-                client = await stack.enter_async_context(
-                    make_client(concurrency, args.client_pool))
-                prepare(client, method.server.url + "/v1/score", bodies)
+                clients[method.name] = client = open_client(
+                    args.client_pool, method.server.url + "/v1/score", bodies, sizes,
+                    concurrency, args.client_loop)
                 if args.warmup > 0:
                     with pinned_to(args.client_cpu):
-                        await closed_loop(client, method.server.url + "/v1/score", bodies,
-                                          sizes, concurrency, seconds=args.warmup)
-                clients[method.name] = client
-        compared = [m for m in methods if m.name in ("batched", "unbatched")]
-        while True:
-            if len(rounds) < args.repeats:  # whole rotations (main makes it a multiple)
-                order = methods
-            elif (len(compared) == 2 and len(rounds) < args.max_repeats
-                  and undecided(rounds)):
-                order = compared  # settling batched/unbatched: only those two run on
-            else:
-                break
+                        client.warm(args.warmup)
+        rounds: list[dict[str, Sample]] = []
+        while order := next_order(methods, rounds, args):
             turn = len(rounds) % len(order)  # rotated; for the two, alternating
-            rounds.append({})
-            for method in order[turn:] + order[:turn]:
-                if method.server is None:
-                    sample = in_process(scorer, requests, args.inprocess_batch, args.seconds,
-                                        args.requests)
-                else:
-                    with pinned_to(args.client_cpu):
-                        sample = await server_slice(
-                            clients[method.name], method.server.url + "/v1/score", bodies,
-                            sizes, concurrency=concurrency, mode=args.mode,
-                            seconds=args.seconds, count=args.requests, rate=rate,
-                            pid=method.server.pid)
-                rounds[-1][method.name] = sample
-                if method.name in total:
-                    total[method.name] += sample
-                else:
-                    total[method.name] = sample
-    return total, paired_interval(rounds)
+            rounds.append({m.name: one_slice(m, clients, scorer, requests, args, rate)
+                           for m in order[turn:] + order[:turn]})
+    finally:
+        for client in clients.values():
+            client.close()
+    return add_up(rounds), paired_interval(rounds)
+
+
+def next_order(methods: list[Method], rounds: list[dict[str, Sample]], args) -> list[Method]:
+    """The methods of the next round: all of them for ``args.repeats`` rounds (whole
+    rotations: main makes it a multiple), then batched and unbatched alone while undecided,
+    up to ``args.max_repeats`` rounds; none when the row is done."""
+    if len(rounds) < args.repeats:
+        return methods
+    compared = [m for m in methods if m.name in ("batched", "unbatched")]
+    if len(compared) == 2 and len(rounds) < args.max_repeats and undecided(rounds):
+        return compared
+    return []
+
+
+def one_slice(method: Method, clients: dict, scorer, requests, args, rate: float) -> Sample:
+    """One slice of one method: ``Scorer.score`` in-process, or its client's load on its
+    server (the load generator pinned to ``args.client_cpu``)."""
+    if method.server is None:
+        return in_process(scorer, requests, args.inprocess_batch, args.seconds, args.requests)
+    with pinned_to(args.client_cpu):
+        return clients[method.name].slice(seconds=args.seconds, count=args.requests,
+                                          mode=args.mode, rate=rate, pid=method.server.pid)
+
+
+def add_up(rounds: list[dict[str, Sample]]) -> dict[str, Sample]:
+    """Each method's slices added up, in the order they ran."""
+    total: dict[str, Sample] = {}
+    for samples in rounds:
+        for name, sample in samples.items():
+            if name in total:
+                total[name] += sample
+            else:  # a copy: the round keeps its own slice for the paired interval
+                total[name] = replace(sample, latencies=list(sample.latencies))
+    return total
 
 
 def paired_interval(rounds: list[dict[str, Sample]]) -> tuple[float, float, int] | None:
@@ -851,8 +942,10 @@ def parse_variants(items: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# ---- the command line --------------------------------------------------------------------------
+
+def add_what_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is measured: corpus, models, loads, methods."""
     parser.add_argument("--corpus", type=Path, default=None,
                         help="PTB test text, one sentence a line (required)")
     parser.add_argument("--model", type=Path, default=None,
@@ -868,14 +961,22 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
                         help="one more server, e.g. 'wait0=--max-wait-ms 0' or "
                              "'h11=--uvicorn=asyncio:h11' (repeatable)")
-    parser.add_argument("--mode", choices=("closed", "open"), default="closed")
+    parser.add_argument("--providers", choices=("cpu", "cuda"), default="cpu",
+                        help="onnxruntime provider of the servers and of the in-process rows "
+                             "(default cpu)")
+
+
+def add_how_arguments(parser: argparse.ArgumentParser) -> None:
+    """How long and in which order: slices, repeats, warm-up, loop kind."""
+    parser.add_argument("--mode", choices=("closed", "open"), default="closed",
+                        help="open: Poisson arrivals (needs --client-pool httpx or aiohttp)")
     parser.add_argument("--rates", default="200,1000",
                         help="open loop: arrival rates, requests/s (default 200,1000)")
     parser.add_argument("--seconds", type=float, default=0.5,
                         help="per slice (method, row, repeat); default 0.5")
     parser.add_argument("--requests", type=int, default=None,
                         help="a fixed number of requests per method and row instead of "
-                             "--seconds")
+                             "--seconds (needs --client-pool httpx or aiohttp)")
     parser.add_argument("--warmup", type=float, default=0.3,
                         help="seconds of load on each server before a row's slices")
     parser.add_argument("--repeats", type=int, default=9,
@@ -887,35 +988,50 @@ def main(argv=None) -> int:
                              "the goal (default 120)")
     parser.add_argument("--inprocess-batch", type=int, default=64,
                         help="sentences per Scorer.score call in the ceiling row (default 64)")
-    parser.add_argument("--client-pool", choices=tuple(CLIENT_POOLS),
-                        default="transport",
-                        help="the load generator: httpx's transport sent prepared requests "
-                             "over a free list of connections (default), httpx.AsyncClient "
-                             "on that free list (a third more client CPU a request), "
-                             "httpx.AsyncClient on its own pool (O(connections) a request: "
-                             "the client saturates first), or aiohttp")
-    parser.add_argument("--providers", choices=("cpu", "cuda"), default="cpu",
-                        help="onnxruntime provider of the servers and of the in-process rows "
-                             "(default cpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 slices of 0.5 s (more for batched/unbatched while undecided), "
+                             "concurrency 1,32, single requests")
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load generator."""
+    parser.add_argument("--client-pool", choices=tuple(CLIENT_POOLS), default="wrk",
+                        help="the load generator: wrk, a closed loop from C (default; Debian "
+                             "package wrk), httpx.AsyncClient on its own pool (O(connections) "
+                             "a request: the client saturates first) or aiohttp")
     parser.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
-                        help="the load generator's event loop (uvloop when installed)")
+                        help="the Python load clients' event loop (uvloop when installed)")
     parser.add_argument("--client-cpu", default="last",
                         help="the CPU the load generator runs on during server rows: 'last' "
                              "(default: the highest-numbered CPU this process may use), a "
                              "number, or 'free' (the scheduler's choice); servers and "
                              "in-process rows may use every CPU")
-    parser.add_argument("--quick", action="store_true",
-                        help="3 slices of 0.5 s (more for batched/unbatched while undecided), "
-                             "concurrency 1,32, single requests")
-    args = parser.parse_args(argv)
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> str | None:
+    """What makes this run impossible, in one line, or None."""
+    if args.client_pool == "wrk" and wrk_path() is None:
+        return ("serve_table: wrk not found on PATH: apt-get install wrk (Debian), or "
+                "--client-pool httpx|aiohttp")
+    if args.client_pool == "wrk" and (args.mode == "open" or args.requests is not None):
+        return ("serve_table: wrk drives a closed loop for a time: --mode open and --requests "
+                "need --client-pool httpx or aiohttp")
     if args.client_pool == "aiohttp" and not _installed("aiohttp"):
-        print("serve_table: --client-pool aiohttp needs aiohttp (pip install aiohttp)",
-              file=sys.stderr)
-        return 2
+        return "serve_table: --client-pool aiohttp needs aiohttp (pip install aiohttp)"
     if args.corpus is None or not args.corpus.is_file():
-        print(f"serve_table: corpus not found: {args.corpus} (give --corpus PATH, e.g. PTB "
-              "test: ptb.test.txt)", file=sys.stderr)
-        return 2
+        return (f"serve_table: corpus not found: {args.corpus} (give --corpus PATH, e.g. PTB "
+                "test: ptb.test.txt)")
+    if not (_installed("httpx") and _installed("uvicorn")):
+        return ("serve_table: needs the serve extra and httpx (pip install "
+                "'lmonnx[cpu,serve]' httpx)")
+    unknown = [m for m in args.models.split(",") if m and m not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; known {list(MODELS)}")
+    return None
+
+
+def settle_args(args) -> None:
+    """``--quick``'s settings, the lists parsed, repeats a multiple of the methods."""
     if args.quick:
         args.seconds, args.repeats, args.warmup = 0.5, 3, 0.2
         if args.concurrency == ",".join(map(str, CONCURRENCIES)):
@@ -927,34 +1043,47 @@ def main(argv=None) -> int:
     args.client_cpu = client_cpu(args.client_cpu)
     methods_per_row = len(args.methods.split(",")) + len(args.variant)
     args.repeats = -(-args.repeats // methods_per_row) * methods_per_row  # each holds each place
-    models = [m for m in args.models.split(",") if m]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"--models: unknown {unknown}; known {list(MODELS)}")
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
-    kinds = [k for k in args.kinds.split(",") if k]
-    wanted = set(args.methods.split(","))
-    rates = [float(r) for r in args.rates.split(",")] if args.mode == "open" else [0.0]
-    try:
-        import httpx
-        import uvicorn
-    except ImportError as exc:
-        print(f"serve_table: needs the serve extra and httpx (pip install "
-              f"'lmonnx[cpu,serve]' httpx): {exc}", file=sys.stderr)
-        return 2
+    args.model_names = [m for m in args.models.split(",") if m]
+    args.concurrencies = [int(c) for c in args.concurrency.split(",")]
+    args.kind_list = [k for k in args.kinds.split(",") if k]
+    args.wanted = set(args.methods.split(","))
+    args.rate_list = [float(r) for r in args.rates.split(",")] if args.mode == "open" else [0.0]
 
-    from lmonnx import Scorer
 
-    lines = read_sentences(args.corpus)
-    sets = request_sets(lines, kinds)
-    tmp = Path(tempfile.mkdtemp(prefix="lmonnx-serve-bench-"))
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the random models, after the servers
+def client_cpu(choice: str) -> int | None:
+    """The CPU ``--client-cpu`` names (None: not pinned; so on a single-CPU machine)."""
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if choice == "free" or len(usable) < 2:
+        return None
+    if choice == "last":
+        return usable[-1]
+    if not choice.isdigit() or int(choice) not in usable:
+        raise SystemExit(f"serve_table: --client-cpu: {choice!r} is not one of this process's "
+                         f"CPUs {usable} (or 'last', 'free')")
+    return int(choice)
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def client_name(pool: str) -> str:
+    """The load client as the header names it."""
+    if pool == "wrk":
+        name = wrk_version()
+    elif pool == "aiohttp":
+        name = f"aiohttp {_version('aiohttp')}"
+    else:
+        name = f"httpx {_version('httpx')}"
+    return f"{name} ({CLIENT_POOLS[pool]})"
+
+
+def print_header(args, lines: list[str], argv) -> None:
+    import uvicorn
+
     cores = os.cpu_count() or 1
     loops = [m for m in ("uvloop", "httptools") if _installed(m)]
     print(f"CPU: {cpu_model()} ({cores} logical cores) | Python {platform.python_version()}, "
           f"uvicorn {uvicorn.__version__} ({' + '.join(loops) or 'asyncio + h11'}), load "
-          f"client: " + (f"aiohttp {_version('aiohttp')}" if args.client_pool == "aiohttp"
-                         else f"httpx {httpx.__version__} ({CLIENT_POOLS[args.client_pool]})"))
+          f"client: {client_name(args.client_pool)}")
     print("command: python benchmarks/serve_table.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)))
     print(f"corpus {args.corpus.name}: {len(lines)} sentences; each row: slices of "
@@ -969,70 +1098,92 @@ def main(argv=None) -> int:
           + ("any CPU" if args.client_cpu is None else f"CPU {args.client_cpu} only")
           + ", the servers and in-process rows on any")
 
-    goals: list[tuple[str, bool]] = []
-    codes: list[tuple[str, int]] = []
-    for name in models:
-        shape = MODELS[name]
-        if name == "2x200" and args.model is not None:
-            model_path = args.model
-        else:
-            model_path = random_model(tmp, lines, **shape)
-        scorer = Scorer(model_path, providers=args.providers)
-        scorer.score(lines[:64])  # warm
-        servers = []
-        if "batched" in wanted:
-            servers.append(("batched", []))
-        if "unbatched" in wanted:
-            servers.append(("unbatched", ["--max-batch-sentences", "1"]))
-        servers += parse_variants(args.variant)
-        methods = [Method("in-process")] if "inprocess" in wanted else []
-        started = []
-        try:
-            for label, flags in servers:
-                t = time.perf_counter()
-                server = ServerProcess(model_path, [*flags, "--providers", args.providers],
-                                       label).start()
-                started.append(server)
-                methods.append(Method(label, server))
-                print(f"# {name}: {label} server up in {time.perf_counter() - t:.1f} s "
-                      f"({server.url}): lmonnx serve {' '.join(flags) or '(defaults)'}")
-            if started:
-                same = agree(started[0].url, scorer, lines[:50])
-                print(f"# {name}: {model_path.name}, vocab {len(scorer.vocab):,}; served logprobs "
-                      f"{'= Scorer.score bit for bit' if same else 'DIFFER from Scorer.score'}")
-            print(HEADER)
-            print("-" * len(HEADER))
-            for kind in kinds:
-                for rate in rates:
-                    for c in concurrencies:
-                        row, interval = measure_row(methods, scorer, sets[kind],
-                                                    concurrency=c, args=args, rate=rate)
-                        inproc, unbatched = row.get("in-process"), row.get("unbatched")
-                        load = str(c) if args.mode == "closed" else f"{c}@{rate:g}"
-                        for m in methods:
-                            print(format_row(name, kind, load, m.name, row[m.name], inproc,
-                                             unbatched, cores), flush=True)
-                        batched = row.get("batched")
-                        if batched and unbatched:
-                            r = batched.sentences_per_s / max(unbatched.sentences_per_s, 1e-9)
-                            ci = ("" if interval is None else
-                                  f" (95% CI {interval[0]:.2f}-{interval[1]:.2f}, "
-                                  f"{interval[2]} slices each)")
-                            goals.append((f"{name} {kind} C={load}: batched/unbatched "
-                                          f"{r:.2f}x >= {GOAL_BATCHED_VS_UNBATCHED}{ci}",
-                                          r >= GOAL_BATCHED_VS_UNBATCHED))
-                        if (batched and inproc and kind == "single" and c == GOAL_CONCURRENCY
-                                and args.mode == "closed" and name in GOAL_SERVER_VS_INPROCESS):
-                            r = batched.sentences_per_s / max(inproc.sentences_per_s, 1e-9)
-                            goal = GOAL_SERVER_VS_INPROCESS[name]
-                            goals.append((f"{name} single C={c}: server/in-process {r:.2f}x "
-                                          f">= {goal}", r >= goal))
-                        for m in methods:
-                            if row[m.name].first_error:
-                                print(f"#   {m.name}: first error: {row[m.name].first_error}")
-        finally:
-            for server in started:
-                codes.append((f"{name} {server.label}", server.stop()))
+
+def start_methods(name: str, model_path: Path, args, started: list) -> list[Method]:
+    """The row's methods: in-process, then each server, started and added to ``started``
+    (the caller stops them whatever happens next)."""
+    servers = []
+    if "batched" in args.wanted:
+        servers.append(("batched", []))
+    if "unbatched" in args.wanted:
+        servers.append(("unbatched", ["--max-batch-sentences", "1"]))
+    servers += parse_variants(args.variant)
+    methods = [Method("in-process")] if "inprocess" in args.wanted else []
+    for label, flags in servers:
+        t = time.perf_counter()
+        server = ServerProcess(model_path, [*flags, "--providers", args.providers],
+                               label).start()
+        started.append(server)
+        methods.append(Method(label, server))
+        print(f"# {name}: {label} server up in {time.perf_counter() - t:.1f} s "
+              f"({server.url}): lmonnx serve {' '.join(flags) or '(defaults)'}")
+    return methods
+
+
+def measure_model(name: str, args, lines: list[str], sets: dict, tmp: Path,
+                  goals: list, codes: list) -> None:
+    """Every row of one model: its servers up, the rows measured and printed, the goals
+    added to ``goals``, each server's exit status after SIGTERM to ``codes``."""
+    from lmonnx import Scorer
+
+    if name == "2x200" and args.model is not None:
+        model_path = args.model
+    else:
+        model_path = random_model(tmp, lines, **MODELS[name])
+    scorer = Scorer(model_path, providers=args.providers)
+    scorer.score(lines[:64])  # warm
+    started: list[ServerProcess] = []
+    try:
+        methods = start_methods(name, model_path, args, started)
+        if started:
+            same = agree(started[0].url, scorer, lines[:50])
+            print(f"# {name}: {model_path.name}, vocab {len(scorer.vocab):,}; served logprobs "
+                  f"{'= Scorer.score bit for bit' if same else 'DIFFER from Scorer.score'}")
+        print(HEADER)
+        print("-" * len(HEADER))
+        for kind, rate, c in itertools.product(args.kind_list, args.rate_list,
+                                               args.concurrencies):
+            row, interval = measure_row(methods, scorer, sets[kind], concurrency=c, args=args,
+                                        rate=rate)
+            load = str(c) if args.mode == "closed" else f"{c}@{rate:g}"
+            print_row(name, kind, load, methods, row)
+            goals += row_goals(name, kind, load, c, row, interval, args.mode)
+    finally:
+        for server in started:
+            codes.append((f"{name} {server.label}", server.stop()))
+
+
+def print_row(name: str, kind: str, load: str, methods: list[Method], row: dict) -> None:
+    inproc, unbatched = row.get("in-process"), row.get("unbatched")
+    for m in methods:
+        print(format_row(name, kind, load, m.name, row[m.name], inproc, unbatched,
+                         os.cpu_count() or 1), flush=True)
+    for m in methods:
+        if row[m.name].first_error:
+            print(f"#   {m.name}: first error: {row[m.name].first_error}")
+
+
+def row_goals(name: str, kind: str, load: str, c: int, row: dict, interval,
+              mode: str) -> list[tuple[str, bool]]:
+    """The row's checks: batched/unbatched at every load, server/in-process at the goal's."""
+    goals = []
+    batched, unbatched, inproc = row.get("batched"), row.get("unbatched"), row.get("in-process")
+    if batched and unbatched:
+        r = batched.sentences_per_s / max(unbatched.sentences_per_s, 1e-9)
+        ci = ("" if interval is None else
+              f" (95% CI {interval[0]:.2f}-{interval[1]:.2f}, {interval[2]} slices each)")
+        goals.append((f"{name} {kind} C={load}: batched/unbatched {r:.2f}x >= "
+                      f"{GOAL_BATCHED_VS_UNBATCHED}{ci}", r >= GOAL_BATCHED_VS_UNBATCHED))
+    if (batched and inproc and kind == "single" and c == GOAL_CONCURRENCY and mode == "closed"
+            and name in GOAL_SERVER_VS_INPROCESS):
+        r = batched.sentences_per_s / max(inproc.sentences_per_s, 1e-9)
+        goal = GOAL_SERVER_VS_INPROCESS[name]
+        goals.append((f"{name} single C={c}: server/in-process {r:.2f}x >= {goal}", r >= goal))
+    return goals
+
+
+def print_verdicts(goals: list[tuple[str, bool]], codes: list[tuple[str, int]]) -> int:
+    """The PASS/FAIL lines; 0 when every one passed, else 1."""
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     for label, ok in goals:
         print(f"{'PASS' if ok else 'FAIL'}  {label}")
@@ -1041,17 +1192,27 @@ def main(argv=None) -> int:
     return 0 if all(ok for _, ok in goals) and all(c == 0 for _, c in codes) else 1
 
 
-def client_cpu(choice: str) -> int | None:
-    """The CPU ``--client-cpu`` names (None: not pinned; so on a single-CPU machine)."""
-    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if choice == "free" or len(usable) < 2:
-        return None
-    if choice == "last":
-        return usable[-1]
-    if not choice.isdigit() or int(choice) not in usable:
-        raise SystemExit(f"serve_table: --client-cpu: {choice!r} is not one of this process's "
-                         f"CPUs {usable} (or 'last', 'free')")
-    return int(choice)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_what_arguments(parser)
+    add_how_arguments(parser)
+    add_client_arguments(parser)
+    args = parser.parse_args(argv)
+    problem = check_args(parser, args)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    settle_args(args)
+    lines = read_sentences(args.corpus)
+    sets = request_sets(lines, args.kind_list)
+    tmp = Path(tempfile.mkdtemp(prefix="lmonnx-serve-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the random models, after the servers
+    print_header(args, lines, argv)
+    goals: list[tuple[str, bool]] = []
+    codes: list[tuple[str, int]] = []
+    for name in args.model_names:
+        measure_model(name, args, lines, sets, tmp, goals, codes)
+    return print_verdicts(goals, codes)
 
 
 def _version(module: str) -> str:

@@ -10,12 +10,12 @@ whose validation loss did not improve; the training text as one stream of words 
 ``<eos>`` after each sentence, cut into 20 columns and windows of 35 steps, the state carried
 from window to window (truncated backpropagation through time).
 
-Scored under quality_table's convention: the same splits and closed vocabulary (a test word
-outside the training words is ``<unk>``), each test sentence from a zero state, input
-``<eos> w1 .. wn`` and targets ``w1 .. wn <eos>`` (``<eos>`` is the stream's sentence
-boundary, so it plays ``<s>`` and ``</s>``), n+1 tokens, perplexity = exp(NLL / tokens).
-Prints one row: test perplexity, epochs, training seconds, scoring words/s.  Torch threads:
-all cores.
+Scored under quality_table's convention: the same splits (``quality_splits.py``) and closed
+vocabulary (a test word outside the training words is ``<unk>``), each test sentence from a
+zero state, input ``<eos> w1 .. wn`` and targets ``w1 .. wn <eos>`` (``<eos>`` is the
+stream's sentence boundary, so it plays ``<s>`` and ``</s>``), n+1 tokens, perplexity =
+exp(NLL / tokens).  Prints one row: test perplexity, epochs, training seconds, scoring
+words/s.  Torch threads: all cores.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import quality_table
 from machine import cpu_model
+from quality_splits import print_table, splits
 
 EOS, UNK = "<eos>", "<unk>"
 
@@ -146,10 +146,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1111)
     args = parser.parse_args()
     print(f"CPU: {cpu_model()}; {args.corpus}")
-    row = torch_row(quality_table.splits(args.data)[args.corpus], epochs=args.epochs,
+    row = torch_row(splits(args.data)[args.corpus], epochs=args.epochs,
                     minutes=args.minutes, seed=args.seed,
                     log=lambda line: print(line, flush=True))
-    quality_table.print_table(args.corpus, [row])
+    print_table(args.corpus, [row])
 
 
 if __name__ == "__main__":
