@@ -29,7 +29,9 @@ from lmonnx.train import LanguageModel  # noqa: E402
 from lmonnx.errors import RunDirError, TrainingError  # noqa: E402
 from lmonnx.train import trainer  # noqa: E402
 from lmonnx.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from lmonnx.train.steps import evaluate_nll, make_train_step  # noqa: E402
+from lmonnx.train.steps import (BatchStep, PackedModel, RecipeModel, StreamModel,  # noqa: E402
+                                StreamStep, TrainStep, Validator, evaluate_nll)
+from lmonnx.train.tied import TiedLanguageModel  # noqa: E402
 from lmonnx.train.trainer import TrainConfig, train  # noqa: E402
 from lmonnx.vocab import TokenizerOptions, Vocabulary  # noqa: E402
 from lmonnx.xent import masked_cross_entropy  # noqa: E402
@@ -390,7 +392,8 @@ def test_cli_train_without_validation(synth, tmp_path, capsys, said):
             "--epochs", "1", "--batch-size", "64"]
     assert main(args) == 0
     printed = said()
-    assert "epoch 1/1" in printed and "no validation set" in printed
+    assert "epoch 1/1: sgd at learning rate 20, train loss" in printed
+    assert "no validation set" in printed and "usual range" not in printed
     history = json.loads((out / "history.json").read_text())
     assert history["epochs"][0]["valid_perplexity"] is None and history["best_epoch"] == 1
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 20
@@ -632,11 +635,15 @@ def test_diverging_run_stops_with_one_line_and_strict_json(synth, tmp_path, caps
     with pytest.raises(TrainingError):
         train({**TINY, "learning_rate": 1e30, "clipnorm": 0, "epochs": 1}, synth / "train.txt",
               out_dir=tmp_path / "api")
-    # The advice works: resumed with the default rate given explicitly, the run trains (the
-    # flag used to be ignored because it equals the default, and the run diverged again).
+    # The advice works: resumed with a lower rate and clipping, the run trains (a rate
+    # given on resume used to be ignored when it equalled the default, and the run diverged
+    # again).  0.01 is far below SGD's usual rates, which the resume says once.
+    capsys.readouterr()
     assert main(["train", str(synth / "train.txt"), "--valid", str(synth / "valid.txt"),
                  "--out", str(out), "--resume", "--learning-rate", "0.01", "--clipnorm", "5",
                  "--epochs", "1"]) == 0
+    assert [line for line in capsys.readouterr().err.splitlines()
+            if "usual range" in line] == [UNUSUAL_SGD]
     cfg = strict_json(out / "config.json")["train"]
     assert (cfg["learning_rate"], cfg["clipnorm"], cfg["epochs"]) == (0.01, 5.0, 1)
     history = strict_json(out / "history.json")
@@ -844,7 +851,7 @@ def test_packed_steps_follow_the_padded_steps_trajectory():
         keras.utils.set_random_seed(9)
         model = LanguageModel(V, 10, 8, 2, embedding_dim=5)
         model.build()
-        step = make_train_step(model, keras.optimizers.Adam(1e-2, global_clipnorm=5.0))
+        step = BatchStep(model, keras.optimizers.Adam(1e-2, global_clipnorm=5.0))
         for pairs in batches:
             batch = pack_rows(pairs) if pack else pad_batch(pairs)
             step(batch, np.float32(batch.tokens))
@@ -867,7 +874,7 @@ def test_packed_training_with_dropout_draws_fresh_masks_per_call(tmp_path):
     assert all(getattr(cell, "_dropout_mask", None) is None for cell in model.cells)
     c = model.run_lstm_packed(packed.inputs, packed.carry)[0].numpy()
     np.testing.assert_array_equal(c, model.run_lstm_packed(packed.inputs, packed.carry)[0].numpy())
-    step = make_train_step(model, keras.optimizers.Adam(1e-2))
+    step = BatchStep(model, keras.optimizers.Adam(1e-2))
     for n in (3, 7):  # two traces of different shapes under tf.function
         batch = pack_rows([make_pair(np.arange(4, 4 + k)) for k in range(1, n)])
         loss, tokens = step(batch, np.float32(batch.tokens))
@@ -1072,3 +1079,116 @@ def test_train_in_a_fresh_process_keeps_tensorflows_start_up_lines_off_stderr(tm
              if "oneDNN" in line or "cuda" in line.lower() or "cpu_feature_guard" in line]
     assert noise == []
     assert "best epoch 1" in result.stderr
+
+
+# ---- the training contracts (lmonnx.train.steps) -------------------------------------------------
+
+def protocol_members(*protocols) -> set:
+    """The names a protocol declares: its methods and annotated attributes, its bases' too."""
+    names = set()
+    for protocol in protocols:
+        for cls in protocol.__mro__:
+            if cls.__module__ == "lmonnx.train.steps":
+                names |= {n for n in (*vars(cls), *cls.__dict__.get("__annotations__", {}))
+                          if not n.startswith("_")}
+    return names
+
+
+def called_on_a_model(module) -> set:
+    """``X`` of every ``model.X``, ``self.model.X`` and ``training.model.X`` in ``module``'s
+    code (not its strings)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and (
+        (isinstance(node.value, ast.Name) and node.value.id == "model")
+        or (isinstance(node.value, ast.Attribute) and node.value.attr == "model"))}
+
+
+def test_the_model_protocols_declare_what_training_calls_on_a_model():
+    """RecipeModel (+ PackedModel, StreamModel) is exactly what the steps, the validator, the
+    checkpoint and the trainer call on a model: nothing called is undeclared, nothing
+    declared is unused."""
+    from lmonnx.train import checkpoint, steps
+
+    called = set().union(*(called_on_a_model(m) for m in (steps, checkpoint, trainer)))
+    assert called == protocol_members(PackedModel, StreamModel)
+    assert protocol_members(PackedModel) - protocol_members(RecipeModel) == {"run_lstm_packed"}
+    assert protocol_members(StreamModel) - protocol_members(RecipeModel) == {"run_stream"}
+    assert protocol_members(TrainStep) == {"start_epoch"}  # and __call__
+
+
+@pytest.mark.parametrize("recipe", ["course", "tied"])
+def test_both_recipes_steps_and_models_meet_the_training_contracts(recipe):
+    """The trainer's step and model of each recipe satisfy the protocols it relies on, as
+    classes (no attribute patched onto a function), and the validator takes either model."""
+    keras.utils.set_random_seed(1)
+    if recipe == "course":
+        model, kind, other = LanguageModel(V, 10, 8, 2, embedding_dim=5), PackedModel, StreamModel
+        step_class, optimizer = BatchStep, keras.optimizers.Adam(1e-2)
+    else:
+        model, kind, other = TiedLanguageModel(V, 10, 8, 2), StreamModel, PackedModel
+        step_class, optimizer = StreamStep, keras.optimizers.SGD(20.0)
+    model.build()
+    assert isinstance(model, RecipeModel) and isinstance(model, kind)
+    assert not isinstance(model, other)
+    step = step_class(model, optimizer)
+    assert isinstance(step, TrainStep)
+    assert "start_epoch" in vars(step_class) and "__call__" in vars(step_class)
+    assert "start_epoch" not in vars(step)
+    step.start_epoch()
+    pairs = [make_pair(np.arange(4, 4 + n) % (V - 4) + 4) for n in (3, 5)]
+    nll, tokens = Validator(model).nll([(i, x, y) for i, (x, y) in enumerate(pairs)], 64, 8)
+    assert tokens == 4 + 6 and math.isfinite(nll)
+    assert not isinstance(lambda batch, loss_scale: None, TrainStep)  # the old form
+
+
+# ---- the learning rate and its optimizer ---------------------------------------------------------
+
+UNUSUAL_SGD = ("--learning-rate 0.01 is 100x below the usual range of the tied recipe's "
+               "optimizer, sgd (1 to 40, default 20): SGD at so low a rate learns little; 0.01 "
+               "is a rate for --optimizer adam (0.0001 to 0.01)")
+
+
+@pytest.mark.parametrize("settings, notice", [
+    (dict(learning_rate=0.01), UNUSUAL_SGD),
+    (dict(recipe="course", learning_rate=20.0),
+     "--learning-rate 20 is 2,000x above the usual range of the course recipe's optimizer, "
+     "adam (0.0001 to 0.01, default 0.01): Adam at so high a rate diverges or stalls; 20 is a "
+     "rate for --optimizer sgd (1 to 40)"),
+    (dict(optimizer="adam", learning_rate=1.0), "--learning-rate 1 is 100x above the usual "
+     "range of --optimizer adam (0.0001 to 0.01, default 0.01): Adam at so high a rate "
+     "diverges or stalls; 1 is a rate for --optimizer sgd (1 to 40)"),
+    (dict(learning_rate=1e30), "--learning-rate 1e+30 is 2.5e+28x above the usual range of the "
+     "tied recipe's optimizer, sgd (1 to 40, default 20): SGD at so high a rate diverges or "
+     "stalls; drop --learning-rate for sgd's 20"),
+], ids=["sgd-0.01", "adam-20", "adam-1", "sgd-1e30"])
+def test_a_learning_rate_far_from_its_optimizers_range_is_named(settings, notice):
+    assert TrainConfig(**settings).resolved().unusual_learning_rate() == notice
+
+
+@pytest.mark.parametrize("settings", [
+    {}, dict(recipe="course"), dict(optimizer="adam"), dict(recipe="course", optimizer="sgd"),
+    dict(learning_rate=1.0), dict(learning_rate=40.0), dict(recipe="course", learning_rate=1e-4),
+])
+def test_the_defaults_and_usual_rates_say_nothing(settings):
+    from lmonnx.train.config import OPTIMIZER_RATES, USUAL_RATES
+
+    assert TrainConfig(**settings).resolved().unusual_learning_rate() is None
+    assert all(low <= OPTIMIZER_RATES[o] <= high for o, (low, high) in USUAL_RATES.items())
+
+
+def test_cli_warns_once_about_sgd_at_adams_rate_and_names_the_optimizer_per_epoch(
+        synth, tmp_path, capsys):
+    """The new user's run: ``--learning-rate 0.01`` (the course's Adam rate) with the default
+    tied recipe ran SGD at 0.01 silently.  One line on stderr says so before training, and
+    every epoch's line names the optimizer and its rate."""
+    capsys.readouterr()
+    assert cli_train(synth / "train.txt", tmp_path / "run", "--epochs", "1",
+                     "--learning-rate", "0.01") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "learning-rate" in line or "usual" in line] == [UNUSUAL_SGD]
+    assert err.index(UNUSUAL_SGD) == 0
+    assert any(line.startswith("epoch 1/1: sgd at learning rate 0.01, train loss")
+               for line in err), err

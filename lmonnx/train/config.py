@@ -17,7 +17,7 @@ from lmonnx.vocab import PRESETS
 
 RECIPES: dict[str, dict[str, Any]] = {
     # Zaremba et al. (2014) and pytorch's word_language_model, tied and with locked dropout:
-    # chosen by measurement on KJV and PTB (README, "Training quality").
+    # chosen by measurement on KJV and PTB (README, Benchmarks, "Model quality against KenLM").
     "tied": dict(dropout=0.2, epochs=40, batch_size=20, clipnorm=0.25, optimizer="sgd",
                  patience=5),
     # The course's LanguageModel as it was taught (its slips fixed): today's model.
@@ -29,6 +29,18 @@ RECIPES: dict[str, dict[str, Any]] = {
 OPTIMIZER_RATES = {"sgd": 20.0, "adam": 1e-2}
 """The learning rate of each optimizer when none is given: the tied recipe's SGD and the
 course's Adam (so ``--optimizer adam`` alone never runs Adam at SGD's rate)."""
+
+_OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam"}
+
+USUAL_RATES = {"sgd": (1.0, 40.0), "adam": (1e-4, 1e-2)}
+"""The learning rates each optimizer is run at on these models (the loss a per-token mean),
+its default (:data:`OPTIMIZER_RATES`) included: plain SGD from Zaremba et al.'s 1 to twice
+the tied recipe's 20 (pytorch's word_language_model's); Adam from 1e-4 to the course
+recipe's 1e-2 (Keras' own default, 1e-3, between).  A given rate outside its optimizer's
+range is one line of warning (:meth:`TrainConfig.unusual_learning_rate`): SGD at Adam's 0.01
+learns little (``make demo``'s training with ``--learning-rate 0.01``: validation perplexity
+5.1x the true one after 10 epochs, 1.14x at the default 20), Adam at SGD's 20 diverges or
+stalls."""
 
 RECIPE_HELP = ("tied (the default): embedding = output layer (units wide), locked dropout on "
                "embeddings, between layers and before the output, the text as one stream "
@@ -140,6 +152,29 @@ class TrainConfig:
                                            "course only")
             values["embedding_dim"] = self.num_lstm_units
         return dataclasses.replace(self, **values)
+
+    def unusual_learning_rate(self) -> str | None:
+        """One line naming the learning rate, how far it lies outside its optimizer's usual
+        range (:data:`USUAL_RATES`) and what to do; None inside it.  For a resolved config."""
+        rate, optimizer = self.learning_rate, self.optimizer
+        low, high = USUAL_RATES[optimizer]
+        if low <= rate <= high:
+            return None
+        below = rate < low
+        factor = low / rate if below else rate / high
+        times = f"{factor:.2g}x" if factor < 10 or factor >= 1e6 else f"{factor:,.0f}x"
+        whose = (f"the {self.recipe} recipe's optimizer, {optimizer}"
+                 if RECIPES[self.recipe]["optimizer"] == optimizer else f"--optimizer {optimizer}")
+        effect = "so low a rate learns little" if below else "so high a rate diverges or stalls"
+        other = next(o for o in USUAL_RATES if o != optimizer)
+        other_low, other_high = USUAL_RATES[other]
+        advice = (f"{rate:g} is a rate for --optimizer {other} ({other_low:g} to "
+                  f"{other_high:g})" if other_low <= rate <= other_high else
+                  f"drop --learning-rate for {optimizer}'s {OPTIMIZER_RATES[optimizer]:g}")
+        return (f"--learning-rate {rate:g} is {times} {'below' if below else 'above'} the "
+                f"usual range of {whose} ({low:g} to {high:g}, default "
+                f"{OPTIMIZER_RATES[optimizer]:g}): {_OPTIMIZER_NAMES[optimizer]} at {effect}; "
+                f"{advice}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

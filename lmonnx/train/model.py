@@ -92,7 +92,8 @@ class ModelSettings:
 @keras.saving.register_keras_serializable(package="lmonnx")
 class LanguageModel(ModelSettings, keras.Model):
     """Stacked-LSTM word language model mapping int32 ids [batch, time] to float32 logits
-    [batch, time, vocab_size].
+    [batch, time, vocab_size].  What training calls on it is declared by
+    :class:`lmonnx.train.steps.PackedModel` (``BatchStep`` trains it).
 
     Parameters
     ----------

@@ -1,9 +1,22 @@
-"""The TensorFlow steps of training and validation: one optimizer step on a batch (padded or
-packed), and the validation NLL of whole sentences, windowed so that memory stays bounded."""
+"""The TensorFlow steps of training and validation, and the contracts between them, the
+trainer and the recipes' models (``typing.Protocol``: nothing inherits them, a class
+satisfies one by having its members; ``tests/test_train.py`` checks both recipes' steps and
+models against them):
+
+    TrainStep    what the trainer calls: ``start_epoch()`` before an epoch's first batch,
+                 ``step(batch, loss_scale) -> (summed NLL, tokens)`` on each batch in order;
+                 ``BatchStep`` (random batches, padded or packed: the course recipe) and
+                 ``StreamStep`` (one stream, the state carried: the tied recipe)
+    RecipeModel  what the steps, the ``Validator``, the checkpoint and the trainer call on a
+                 model: ``LanguageModel`` (course) and ``TiedLanguageModel`` (tied);
+                 ``PackedModel`` adds what ``BatchStep`` needs (``run_lstm_packed``),
+                 ``StreamModel`` what ``StreamStep`` needs (``run_stream``)
+    Validator    the validation NLL of whole sentences, windowed so that memory stays bounded
+"""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -11,48 +24,130 @@ from lmonnx.batching import PackedBatch, bucketed_batches
 from lmonnx.metrics import default_max_tokens
 from lmonnx.windows import CarriedWindows
 
-__all__ = ["make_train_step", "StreamStep", "evaluate_nll"]
+__all__ = ["TrainStep", "RecipeModel", "PackedModel", "StreamModel", "BatchStep",
+           "StreamStep", "Validator", "evaluate_nll"]
 
 
-def make_train_step(model, optimizer):
+# ---- the contracts ---------------------------------------------------------------------------
+
+@runtime_checkable
+class TrainStep(Protocol):
+    """One recipe's optimizer step as the trainer drives it, an epoch at a time."""
+
+    def start_epoch(self) -> None:
+        """Called before the first batch of every epoch (a new stream starts from zero
+        states; random batches carry nothing over)."""
+
+    def __call__(self, batch: Any, loss_scale: np.float32) -> tuple[Any, Any]:
+        """One optimizer step on ``batch`` (the epoch's next one) with its summed loss divided
+        by ``loss_scale``; (summed NLL in nats, tokens), as scalar tensors."""
+
+
+@runtime_checkable
+class RecipeModel(Protocol):
+    """What training calls on a recipe's model.  The settings (``ModelSettings``), the
+    Keras members (``trainable_variables``, ``variables``, ``name``, ``build``,
+    ``count_params``, ``save``) and the model's own: ``run_lstm`` / ``calculate_loss``
+    (validation's batches; the course's step), ``run_lstm_carrying`` / ``zero_states``
+    (validation's windows of a long sentence), ``seeded_layers`` (the checkpoint's keys)."""
+
+    vocab_size: int
+    num_lstm_units: int
+    num_lstm_layers: int
+    embedding_dim: int
+    epoch: int | None
+    name: str
+    trainable_variables: list
+    variables: list
+
+    def build(self, input_shape=(None, None)) -> None: ...
+
+    def count_params(self) -> int: ...
+
+    def save(self, filepath, *args, **kwargs) -> None: ...
+
+    def run_lstm(self, input_sequences, training: bool = False) -> tuple:
+        """(outputs [batch, time, units], int32 mask ``sign(inputs)``) of right-padded
+        sentences from the zero state."""
+
+    def run_lstm_carrying(self, input_sequences, states=None) -> tuple:
+        """(outputs, mask, states after the last position) of unpadded rows from ``states``
+        (None: zeros), no dropout."""
+
+    def zero_states(self, batch_size) -> list:
+        """A sentence start's states, in the form ``run_lstm_carrying`` takes."""
+
+    def calculate_loss(self, lstm_outputs, binary_sequences, output_sequences):
+        """Summed masked NLL in nats."""
+
+    def seeded_layers(self) -> list:
+        """(unique name, layer) of every layer drawing dropout masks."""
+
+
+@runtime_checkable
+class PackedModel(RecipeModel, Protocol):
+    """A model ``BatchStep`` trains (``LanguageModel``)."""
+
+    def run_lstm_packed(self, input_sequences, carry, training: bool = False) -> tuple:
+        """``run_lstm`` of rows holding windows end to end, the state reset where ``carry``
+        is 0."""
+
+
+@runtime_checkable
+class StreamModel(RecipeModel, Protocol):
+    """A model ``StreamStep`` trains (``TiedLanguageModel``)."""
+
+    def run_stream(self, input_ids, states, training: bool = False, mask=None) -> tuple:
+        """(outputs, new states) of the stack from ``states`` (``[h, c]`` per layer)."""
+
+
+# ---- the steps -------------------------------------------------------------------------------
+
+class BatchStep:
     """``step(batch, loss_scale) -> (summed NLL, tokens)``: one optimizer step on a ``Batch``
-    or a ``PackedBatch`` (the same windows' summed loss and gradient either way)."""
-    import tensorflow as tf
+    or a ``PackedBatch`` (the same windows' summed loss and gradient either way).  Random
+    batches: nothing carries over from one to the next, so ``start_epoch`` does nothing."""
 
-    spec = tf.TensorSpec((None, None), tf.int32)
-    scale = tf.TensorSpec((), tf.float32)
+    def __init__(self, model: PackedModel, optimizer):
+        import tensorflow as tf
 
-    def descend(run_lstm, lstm_inputs, targets, loss_scale):
-        """One optimizer step on ``run_lstm(*lstm_inputs)``'s summed loss; (its NLL, tokens)."""
-        with tf.GradientTape() as tape:
-            lstm_outputs, binary_sequences = run_lstm(*lstm_inputs, training=True)
-            loss_sum = model.calculate_loss(lstm_outputs, binary_sequences, targets)
-            tokens = tf.math.reduce_sum(tf.cast(binary_sequences, tf.float32))
-            # The course minimised the sum; dividing it by the batch's tokens gives every
-            # token the same weight with the step size (and clipping threshold) of a mean.
-            loss = loss_sum / loss_scale
-        variables = model.trainable_variables
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(grads, variables))
-        return loss_sum, tokens
+        spec = tf.TensorSpec((None, None), tf.int32)
+        scale = tf.TensorSpec((), tf.float32)
 
-    @tf.function(input_signature=(spec, spec, scale))
-    def train_step(inputs, targets, loss_scale):
-        return descend(model.run_lstm, (inputs,), targets, loss_scale)
+        def descend(run_lstm, lstm_inputs, targets, loss_scale):
+            """One optimizer step on ``run_lstm(*lstm_inputs)``'s summed loss; (its NLL, tokens)."""
+            with tf.GradientTape() as tape:
+                lstm_outputs, binary_sequences = run_lstm(*lstm_inputs, training=True)
+                loss_sum = model.calculate_loss(lstm_outputs, binary_sequences, targets)
+                tokens = tf.math.reduce_sum(tf.cast(binary_sequences, tf.float32))
+                # The course minimised the sum; dividing it by the batch's tokens gives every
+                # token the same weight with the step size (and clipping threshold) of a mean.
+                loss = loss_sum / loss_scale
+            variables = model.trainable_variables
+            grads = tape.gradient(loss, variables)
+            optimizer.apply_gradients(zip(grads, variables))
+            return loss_sum, tokens
 
-    @tf.function(input_signature=(spec, spec, tf.TensorSpec((None, None), tf.float32), scale))
-    def packed_train_step(inputs, targets, carry, loss_scale):
-        # Packed rows: the same summed loss of the same windows, so the same gradient as
-        # their padded batch, in fewer rows (lmonnx.batching.pack_rows).
-        return descend(model.run_lstm_packed, (inputs, carry), targets, loss_scale)
+        @tf.function(input_signature=(spec, spec, scale))
+        def train_step(inputs, targets, loss_scale):
+            return descend(model.run_lstm, (inputs,), targets, loss_scale)
 
-    def step(batch, loss_scale):
+        @tf.function(input_signature=(spec, spec, tf.TensorSpec((None, None), tf.float32),
+                                      scale))
+        def packed_train_step(inputs, targets, carry, loss_scale):
+            # Packed rows: the same summed loss of the same windows, so the same gradient as
+            # their padded batch, in fewer rows (lmonnx.batching.pack_rows).
+            return descend(model.run_lstm_packed, (inputs, carry), targets, loss_scale)
+
+        self._step, self._packed_step = train_step, packed_train_step
+
+    def start_epoch(self) -> None:
+        """Nothing to reset: no state carries over between random batches."""
+
+    def __call__(self, batch, loss_scale):
         if isinstance(batch, PackedBatch):
-            return packed_train_step(batch.inputs, batch.targets, batch.carry, loss_scale)
-        return train_step(batch.inputs, batch.targets, loss_scale)
-
-    step.start_epoch = lambda: None  # random batches: nothing carries over (cf. StreamStep)
-    return step
+            return self._packed_step(batch.inputs, batch.targets, batch.carry, loss_scale)
+        return self._step(batch.inputs, batch.targets, loss_scale)
 
 
 class StreamStep:
@@ -61,7 +156,7 @@ class StreamStep:
     window ended in (truncated backpropagation: no gradient flows back across windows).
     ``start_epoch`` starts a new stream from zero states."""
 
-    def __init__(self, model, optimizer):
+    def __init__(self, model: StreamModel, optimizer):
         import tensorflow as tf
 
         self.model, self.states = model, None
@@ -85,6 +180,7 @@ class StreamStep:
         self._step = step
 
     def start_epoch(self) -> None:
+        """A new stream: the next window starts from zero states."""
         self.states = None
 
     def __call__(self, window, loss_scale):
@@ -96,10 +192,12 @@ class StreamStep:
         return loss_sum, tokens
 
 
-class _Validator:
+# ---- validation ------------------------------------------------------------------------------
+
+class Validator:
     """The evaluation steps of one model, traced once and kept for every epoch."""
 
-    def __init__(self, model):
+    def __init__(self, model: RecipeModel):
         import tensorflow as tf
 
         spec = tf.TensorSpec((None, None), tf.int32)
@@ -141,8 +239,8 @@ class _Validator:
         return nll, tokens
 
 
-def evaluate_nll(model, pairs: Iterable, *, max_tokens: int | None = None,
-                 max_batch_size: int = 128, validator: _Validator | None = None
+def evaluate_nll(model: RecipeModel, pairs: Iterable, *, max_tokens: int | None = None,
+                 max_batch_size: int = 128, validator: Validator | None = None
                  ) -> tuple[float, int]:
     """Total NLL (nats, float64) and scored tokens of ``(key, inputs, targets)`` pairs of
     whole sentences; perplexity is ``exp(nll / tokens)``.
@@ -153,6 +251,6 @@ def evaluate_nll(model, pairs: Iterable, *, max_tokens: int | None = None,
     """
     if max_tokens is None:
         max_tokens = default_max_tokens(model.vocab_size)  # the same budget as evaluation
-    validator = validator if validator is not None else _Validator(model)
+    validator = validator if validator is not None else Validator(model)
     pairs = ((k, np.asarray(x, np.int32), np.asarray(y, np.int32)) for k, x, y in pairs)
     return validator.nll(pairs, max_tokens, max_batch_size)

@@ -12,7 +12,8 @@
           v
     logits           float32 [batch, time, vocab_size]
 
-Why each piece (DESIGN: "Training quality"; README, "Recipes"):
+Why each piece (the recipe: README, "``lmonnx train CORPUS``"; what it gains: README,
+Benchmarks, "Model quality against KenLM"):
 
 * Weight tying (Press & Wolf 2017; Inan et al. 2017): the output layer's [vocab, units]
   matrix is the embedding.  It halves the parameters of a 10k-word 2x200 model and is the
@@ -25,7 +26,7 @@ Why each piece (DESIGN: "Training quality"; README, "Recipes"):
   is what training on a carried stream needs (``run_stream``) and what export converts
   (``inference_model`` reuses these very layers).
 
-Training (``lmonnx.train.steps.make_stream_step``) runs the text as one stream, carrying the
+Training (``lmonnx.train.steps.StreamStep``) runs the text as one stream, carrying the
 state from window to window; evaluation and the exported graph start every sentence from the
 zero state, as ``LanguageModel`` does.  The loss is the course's: masked sparse softmax
 cross-entropy, summed, in nats (:func:`lmonnx.train.model.masked_nll`).
@@ -70,7 +71,9 @@ class TiedOutput(keras.layers.Layer):
 class TiedLanguageModel(ModelSettings, keras.Model):
     """Stacked-LSTM word LM with tied input and output embeddings, int32 ids [batch, time]
     -> float32 logits [batch, time, vocab_size].  The same methods as
-    :class:`lmonnx.train.model.LanguageModel` that training, validation and export call.
+    :class:`lmonnx.train.model.LanguageModel` that training, validation and export call;
+    training's are declared by :class:`lmonnx.train.steps.StreamModel` (``StreamStep`` trains
+    it).
 
     Parameters
     ----------

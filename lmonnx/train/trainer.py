@@ -10,7 +10,8 @@
            cut into batches of batch_size windows (the plain loop's batches, in its order),
            each packed end to end in fewer rows with the state restarting at every window
            [--no-pack: padded_batches, the same windows padded to the longest]; Adam
-           --> (summed masked NLL / the batch's tokens), global-norm clipping --> weights
+           (BatchStep) --> (summed masked NLL / the batch's tokens), global-norm clipping
+           --> weights
            --validate: whole sentences from the zero state (a long one in windows that carry
            the LSTM state), token-weighted exp(sum NLL / tokens)
            --end_epoch: best so far -> model.keras; no improvement: learning rate / lr_decay;
@@ -18,18 +19,19 @@
            history.json, curve
 
 Why the tied recipe is the default: on the same text it beats a KenLM 5-gram, which the
-course's model does not (README, "Model quality"): tying, locked dropout and SGD on a carried
-stream are what Zaremba et al. (2014), Press & Wolf (2017) and pytorch's word_language_model
-do at this scale.  Its stream has no padding, so packing is the course recipe's alone.
+course's model does not (README, Benchmarks, "Model quality against KenLM"): tying, locked
+dropout and SGD on a carried stream are what Zaremba et al. (2014), Press & Wolf (2017) and
+pytorch's word_language_model do at this scale.  Its stream has no padding, so packing is the
+course recipe's alone.
 
-Convergence and speed of the course recipe (README, "Batches").  Sorting batches by length
-saves the LSTM's padded steps but gives every step a biased sample, and on real text that
-costs convergence (``benchmarks/train_table.py --sort-pool`` measures it).  So the batches are those of the plain
-loop, and the speed comes from not computing padding: each batch's windows are laid end to
-end in as few rows as first-fit decreasing finds, the LSTM state zeroed at the first position
-of every window (``LanguageModel.run_lstm_packed``), so the summed loss and gradient are the
-padded batch's (tested to float32 round-off, step by step); the output layer runs at real
-positions only (``LanguageModel.calculate_loss``).
+Convergence and speed of the course recipe (README, "Batches (course recipe)").  Sorting batches
+by length saves the LSTM's padded steps but gives every step a biased sample, and on real text
+that costs convergence (``benchmarks/train_table.py --sort-pool`` measures it).  So the batches
+are those of the plain loop, and the speed comes from not computing padding: each batch's
+windows are laid end to end in as few rows as first-fit decreasing finds, the LSTM state zeroed
+at the first position of every window (``LanguageModel.run_lstm_packed``), so the summed loss
+and gradient are the padded batch's (tested to float32 round-off, step by step); the output
+layer runs at real positions only (``LanguageModel.calculate_loss``).
 
 Schedule and stopping.  After each epoch the selection loss (validation NLL per token; the
 training loss without a validation set) either improves on the best so far -- the epoch is
@@ -82,7 +84,8 @@ from lmonnx.rundir import (CONFIG_FILE, CURVE_FILE, MODEL_FILE, RUN_FORMAT, STDI
                            VOCAB_FILE, EpochRecord, History, RunDir, checkpoint_name,
                            finite_or_none, load_run_config, sentences_sha256)
 from lmonnx.train.config import SEED_MAX, TrainConfig, flag_of, resumed_config
-from lmonnx.train.steps import evaluate_nll
+from lmonnx.train.steps import (BatchStep, RecipeModel, StreamStep, TrainStep, Validator,
+                                evaluate_nll)
 from lmonnx.vocab import SPECIAL_TOKENS, TokenizerOptions, Vocabulary
 
 log = logging.getLogger("lmonnx")
@@ -200,19 +203,18 @@ class TrainingRun:
 
     ``fit`` is the epoch loop: ``train_epoch`` (one pass over the epoch's batches),
     ``validate`` (the validation NLL into the record), ``end_epoch`` (best model, schedule,
-    stopping, checkpoint, history, curve)."""
+    stopping, checkpoint, history, curve).  The recipe's model, its step and the validator
+    meet the contracts of :mod:`lmonnx.train.steps` (``RecipeModel``, ``TrainStep``)."""
 
     def __init__(self, run: RunDir, config: TrainConfig, vocab: Vocabulary, items: list,
                  valid_items: list | None, history: History):
-        from lmonnx.train.steps import StreamStep, _Validator, make_train_step
-
         self.run, self.config, self.vocab = run, config, vocab
         self.items, self.valid_items, self.history = items, valid_items, history
-        self.model = _build_model(config, len(vocab))
+        self.model: RecipeModel = _build_model(config, len(vocab))
         self.optimizer = _make_optimizer(config)
-        make_step = StreamStep if config.recipe == "tied" else make_train_step
-        self.step = make_step(self.model, self.optimizer)
-        self.validator = _Validator(self.model)
+        step_kind = StreamStep if config.recipe == "tied" else BatchStep
+        self.step: TrainStep = step_kind(self.model, self.optimizer)
+        self.validator = Validator(self.model)
 
     def fit(self, on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
         """Train epochs ``len(history) + 1 .. config.epochs`` (fewer when patience runs out)."""
@@ -338,7 +340,8 @@ class TrainingRun:
         after = ("  *best" if improved else
                  f"  (no improvement; learning rate now {self.history.learning_rate:.3g})"
                  if self.config.lr_decay != 1 else "  (no improvement)")
-        log.info(f"epoch {record.epoch}/{self.config.epochs}: train loss "
+        log.info(f"epoch {record.epoch}/{self.config.epochs}: {self.config.optimizer} at "
+                 f"learning rate {record.learning_rate:.3g}, train loss "
                  f"{record.train_loss:.4f} (ppl {_ppl(record.train_perplexity)}), {valid}, "
                  f"{record.train_seconds:.1f} s ({record.tokens_per_second:.0f} tokens/s)"
                  + after)
@@ -352,7 +355,7 @@ class TrainingRun:
                      "(a larger --max-minutes with --resume goes on)")
 
 
-def _build_model(config: TrainConfig, vocab_size: int):
+def _build_model(config: TrainConfig, vocab_size: int) -> RecipeModel:
     from lmonnx.train.model import LanguageModel  # first: TensorFlow's start-up, quiet
 
     import keras
@@ -449,6 +452,7 @@ def _start(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir, e
            force: bool) -> TrainingRun:
     """A new run: everything read and built first, then the run directory written."""
     run.check_new(force)
+    _warn_unusual_rate(config)
     source = _read_source(corpus, errors)
     valid_source = _read_source(valid, errors) if valid is not None else None
     lines, valid_lines = _split(config, source, valid_source)
@@ -470,6 +474,14 @@ def _start(config: TrainConfig, corpus: Path, valid: Path | None, run: RunDir, e
              f"({sum(len(x) for _, x, _ in training.items)} tokens), vocabulary {len(vocab)}, "
              f"{training.model.count_params()} parameters")
     return training
+
+
+def _warn_unusual_rate(config: TrainConfig) -> None:
+    """A warning (one line) when the learning rate is outside its optimizer's usual range:
+    SGD at Adam's rate learns almost nothing, and nothing else would say so."""
+    notice = config.unusual_learning_rate()
+    if notice is not None:
+        log.warning(notice)
 
 
 def _split(config: TrainConfig, source: _Source, valid_source: _Source | None
@@ -544,6 +556,8 @@ def _resume(given: dict, corpus: Path, valid: Path | None, run: RunDir,
         log.info(f"resuming {run.path} with " + ", ".join(
             f"{flag_of(k)} {new} (was {'unset' if old is None else old})"
             for k, (old, new) in changed.items()))
+        if "learning_rate" in changed:
+            _warn_unusual_rate(config)
     history.status = "running"
     run.write_history(history)
     log.info(f"resuming {run.path} after epoch {done} of {config.epochs}")
