@@ -73,6 +73,7 @@ def main(argv=None) -> int:
 
     import lmonnx.distributed as lray
     from lmonnx import Scorer
+    from lmonnx.cluster import connect
 
     tmp = Path(tempfile.mkdtemp(prefix="lmonnx-ray-bench-"))
     model = args.model or bench_model(tmp, args.corpus)
@@ -82,8 +83,7 @@ def main(argv=None) -> int:
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-job news
     start = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False)
+    connect(None, num_cpus=cpus)  # ray.init with lmonnx's quiet defaults
     cluster_s = time.perf_counter() - start
     scorer = Scorer(model, providers="cpu")
     configs = ray_configs(cpus, lray.READ_CPUS)

@@ -440,9 +440,10 @@ def _cmd_evaluate_ray(args) -> None:
 
     if args.per_token is not None:
         raise InvalidArgumentError("--per-token is not available with --ray; use --per-sentence")
-    files = [path for corpus in args.corpus
-             for path, _ in check_sources(str(corpus), args.errors)[0]]
-    check_outputs({"--per-sentence": args.per_sentence}, [*files, args.model], force=args.force)
+    corpora = [check_sources(str(corpus), args.errors) for corpus in args.corpus]  # listed once
+    check_outputs({"--per-sentence": args.per_sentence},
+                  [*(path for sources in corpora for path, _ in sources.files), args.model],
+                  force=args.force)
     if not args.debug:  # errors are ours to report, in one line; Ray Data's news is not
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     sizes = {k: v for k, v in (("cpus_per_actor", args.cpus_per_actor),
@@ -452,8 +453,8 @@ def _cmd_evaluate_ray(args) -> None:
                           max_tokens=args.max_tokens, address=args.ray)
     reports, stream = [], _summary_stream(args.per_sentence)
     with sentence_sink(args.per_sentence, "--per-sentence") as sink:
-        for corpus in args.corpus:
-            reports.append(runner.evaluate(str(corpus), errors=args.errors, sink=sink))
+        for sources in corpora:
+            reports.append(runner.evaluate(sources, errors=args.errors, sink=sink))
             if not args.json:
                 print(reports[-1].format_table(), end="\n\n", file=stream, flush=True)
     _print_reports(reports, args.json, stream)
@@ -581,13 +582,7 @@ def _cmd_serve(args) -> int | None:
         max_queue=args.max_queue, timeout_s=args.timeout_s, state_ttl_s=args.state_ttl_s,
         state_max_bytes=args.state_memory_mib << 20)
     if args.ray is not None:
-        from lmonnx.serve.ray_deployment import serve_on_ray
-
-        serve_on_ray(args.model, address=args.ray, replicas=args.replicas or 1,
-                     host=args.host, port=args.port, providers=args.providers,
-                     threads=args.threads, max_body_bytes=args.max_body_bytes,
-                     service_options=service_options)
-        return
+        return _serve_on_ray(args, service_options)
     try:
         from lmonnx.serve.app import build_app, listening_socket, serve
     except ImportError as exc:
@@ -612,6 +607,40 @@ def _cmd_serve(args) -> int | None:
     # onnxruntime, and tearing the runtime down under it aborts the process (status 134).
     sys.stdout.flush()
     os._exit(130)
+
+
+def _serve_on_ray(args, service_options: dict) -> int:
+    """``serve --ray``: deploy, say the URL, serve until SIGINT/SIGTERM; then delete the app
+    (Ray Serve drains it: accepted requests are answered), stop what this process started,
+    and exit 0."""
+    import signal
+    import threading
+
+    from lmonnx.serve.ray_deployment import RayServer
+
+    replicas = args.replicas or 1
+    server = RayServer(args.model, address=args.ray, replicas=replicas, host=args.host,
+                       port=args.port, providers=args.providers, threads=args.threads,
+                       max_body_bytes=args.max_body_bytes, service_options=service_options)
+    stop, previous = threading.Event(), {}
+    try:
+        server.connect()
+        # After ray.init, which installs its own SIGTERM handler (it would end the process at
+        # once, exit status 15).
+        previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        url = server.deploy()
+        print(f"lmonnx: serving {args.model} on {url} (Ray Serve, {replicas} "
+              f"{'replica' if replicas == 1 else 'replicas'})", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
+        server.close()  # a second signal meanwhile changes nothing: the drain goes on
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.close()  # after an error too (twice is fine)
+    print("lmonnx: drained and stopped", file=sys.stderr, flush=True)
+    return 0
 
 
 # The commands that load the loss kernel (scoring): OpenMP's wait policy is set for them

@@ -31,8 +31,10 @@ order and makes each chunk a block, so chunks spread over the actors.  A retried
 actor that died, a lost node) replaces its output: nothing is counted twice or lost.
 
 **The model** travels as bytes through the object store (``model_is_shared=True`` sends the
-path instead, for a file every node can read).  Ray is optional (``pip install
-'lmonnx[ray]'``): this module imports without it, and its functions say which extra to install.
+path instead, for a file every node can read).  Joining the cluster, the model's check and its
+trip through the object store are :mod:`lmonnx.cluster`'s, shared with serving on Ray.  Ray is
+optional (``pip install 'lmonnx[ray]'``): this module imports without it, and its functions say
+which extra to install.
 """
 
 from __future__ import annotations
@@ -41,32 +43,26 @@ import contextlib
 import functools
 import glob
 import io
-import math
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from lmonnx.atomic import atomic_path, check_outputs, is_parquet, output_file
+from lmonnx.cluster import (check_fits, checked_model, connect, optional_modules, require,
+                            share_model, shared_model, threads_for)
 from lmonnx.corpus import Line, check_errors, sentences_of_lines, to_line
-from lmonnx.errors import CorpusError, InvalidArgumentError, LmonnxError, MissingDependencyError
+from lmonnx.errors import CorpusError, InvalidArgumentError, LmonnxError
 from lmonnx.evaluate import (DEFAULT_BATCH_SIZE, LOOKAHEAD, EvaluationReport, Evaluator,
                              SentenceResult, Totals, lookahead_chunks, sentence_record)
 from lmonnx.examples import ExampleBuilder
 from lmonnx.strict_json import json_line
 from lmonnx.validation import check_int, check_optional_int, check_real
 
-try:
-    import pyarrow as pa
-    import ray
-    import ray.data
-except ImportError as exc:  # everything else in lmonnx works without Ray
-    ray = pa = None
-    _MISSING = f"{exc}"
-else:
-    _MISSING = ""
+# Everything else in lmonnx works without Ray: these are None then, and _MISSING says why.
+(ray, _, pa), _MISSING = optional_modules("ray", "ray.data", "pyarrow")
 
-__all__ = ["evaluate", "RayEvaluator", "connect", "check_sources", "sentence_sink",
+__all__ = ["evaluate", "RayEvaluator", "connect", "check_sources", "Sources", "sentence_sink",
            "sentence_record", "READ_CPUS"]
 
 READ_CPUS = 0.25
@@ -76,9 +72,7 @@ full CPU per read task would leave 2-CPU nodes too few for the actors (a read ta
 
 
 def _require_ray() -> None:
-    if ray is None:
-        raise MissingDependencyError("evaluating on Ray needs Ray Data: install the extra "
-                                     f"'lmonnx[ray]' ({_MISSING})")
+    require(_MISSING, "evaluating on Ray needs Ray Data", "lmonnx[ray]")
 
 
 @functools.cache
@@ -180,11 +174,21 @@ def _sentences(path: str, name: str, errors: str) -> Iterator[Line]:
         yield from sentences_of_lines(f, errors, name)
 
 
-def check_sources(sources, errors: str = "strict") -> tuple[list[tuple[str, str]], str]:
-    """Resolve ``sources`` (paths, globs, directories, URIs: one corpus) to ``[(path, corpus
-    name)]`` and the report's label; fail now, in one line, as local evaluation would, for a
-    missing or unreadable file, an undecodable line before the first sentence, or a corpus
-    without any sentence.  Reads only until the first sentence."""
+class Sources(NamedTuple):
+    """A corpus resolved and checked by :func:`check_sources`: hand it to
+    :meth:`RayEvaluator.evaluate` as it is, and nothing is listed or checked again."""
+
+    files: list[tuple[str, str]]
+    """``(path or URI, corpus name)`` of every file, in input order."""
+    label: str
+    """The report's corpus: the sources as the user gave them."""
+
+
+def check_sources(sources, errors: str = "strict") -> Sources:
+    """Resolve ``sources`` (paths, globs, directories, URIs: one corpus) to its files, each
+    listed once; fail now, in one line, as local evaluation would, for a missing or
+    unreadable file, an undecodable line before the first sentence, or a corpus without any
+    sentence.  Reads only until the first sentence."""
     _require_ray()
     check_errors(errors)
     if isinstance(sources, (str, os.PathLike)):
@@ -199,7 +203,7 @@ def check_sources(sources, errors: str = "strict") -> tuple[list[tuple[str, str]
     label = ", ".join(sources)
     if not any(next(_sentences(path, name, errors), None) for path, name in files.items()):
         raise CorpusError(f"{label}: no sentences (the input is empty or blank)")
-    return list(files.items()), label
+    return Sources(list(files.items()), label)
 
 
 # ---- reading: chunks of sentences, one row each ----------------------------------------------
@@ -243,42 +247,22 @@ def _rows_as_chunks(batch: "pa.Table", *, errors: str, corpus: str) -> Iterator[
 
 # ---- scoring: a pool of actors, each with one onnxruntime session ----------------------------
 
-def _crash_once(marker: str) -> None:
-    """The fault-injection hook of the tests: the first actor call that creates ``marker``
-    (a path every actor can see) kills its process without any cleanup, as a lost node would."""
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.write(fd, f"{os.getpid()}\n".encode())
-    os.close(fd)
-    os._exit(17)
-
-
 class _ChunkScorer:
     """A Ray Data actor: one model session; one scored row per chunk (see :func:`_schemas`)."""
 
     def __init__(self, model, *, name: str, providers: str, num_threads: int, batch_size: int,
-                 max_tokens: int | None, crash_marker: str | None = None):
+                 max_tokens: int | None):
         from lmonnx.runtime import ModelSession
 
-        if isinstance(model, list):  # [ObjectRef]: the model's bytes in the object store
-            model = ray.get(model[0])
-        self.session = ModelSession(model, providers=providers, num_threads=num_threads,
-                                    name=name)
+        self.session = ModelSession(shared_model(model), providers=providers,
+                                    num_threads=num_threads, name=name)
         self.builder = ExampleBuilder(self.session.vocab)
         self.settings = dict(batch_size=batch_size, max_tokens=max_tokens,
                              num_threads=num_threads)
-        self.crash_marker = crash_marker
-        self.calls = 0
 
     def __call__(self, batch: "pa.Table") -> Iterator["pa.Table"]:
         for chunk in batch.to_pylist():
-            self.calls += 1
-            scored = self._score(chunk)
-            if self.crash_marker and self.calls > 1:
-                _crash_once(self.crash_marker)  # mid-run: this chunk is never returned
-            yield pa.Table.from_pylist([scored], _schemas()["scored"])
+            yield pa.Table.from_pylist([self._score(chunk)], _schemas()["scored"])
 
     def _score(self, chunk: dict) -> dict:
         """The chunk scored as local evaluation scores one look-ahead window."""
@@ -409,33 +393,6 @@ def _user_error(exc: BaseException) -> BaseException | None:
 
 # ---- the public API --------------------------------------------------------------------------
 
-def connect(address: str | None = "auto", **init_kwargs) -> None:
-    """Join a Ray cluster unless this process already has: ``"auto"`` (or None) the one in
-    ``RAY_ADDRESS``, else one started on this machine (``ray start``), else a new local one;
-    any other value is a cluster address (``head:6379``, ``ray://head:10001``)."""
-    _require_ray()
-    if ray.is_initialized():
-        return
-    kwargs = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    kwargs.update(init_kwargs)
-    ray.init(address=None if address in (None, "auto") else address, **kwargs)
-
-
-def _checked_model(model, model_is_shared: bool) -> tuple[str, bytes | None]:
-    """The model's name and bytes (None when shared by path), checked on the driver so that a
-    missing or foreign file fails at once, in one line, with the local message."""
-    from lmonnx.runtime import ModelSession
-
-    if isinstance(model, (bytes, bytearray)):
-        if model_is_shared:
-            raise InvalidArgumentError("model_is_shared needs a path, not bytes")
-        ModelSession(bytes(model), providers="cpu", num_threads=1)
-        return "<model bytes>", bytes(model)
-    name = os.fspath(model)
-    ModelSession(name, providers="cpu", num_threads=1)
-    return name, None if model_is_shared else Path(name).read_bytes()
-
-
 class RayEvaluator:
     """Evaluates corpora on a Ray cluster with one model; each :meth:`evaluate` is one Ray
     Data job (read tasks, a pool of up to ``num_actors`` scoring actors) and returns the
@@ -453,42 +410,29 @@ class RayEvaluator:
                  gpus_per_actor: float = 0, providers: str = "auto",
                  num_threads: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  max_tokens: int | None = None, model_is_shared: bool = False,
-                 address: str | None = "auto", progress: bool | None = None,
-                 _crash_marker: str | None = None):
+                 address: str | None = "auto", progress: bool | None = None):
         _require_ray()
         num_actors = check_optional_int("num_actors", num_actors)
         self.cpus_per_actor = check_real("cpus_per_actor", cpus_per_actor, low=0,
                                          low_open=True)
         self.gpus_per_actor = check_real("gpus_per_actor", gpus_per_actor, low=0)
         self.num_threads = (check_int("num_threads", num_threads) if num_threads is not None
-                            else max(1, math.ceil(self.cpus_per_actor - 1e-9)))
+                            else threads_for(self.cpus_per_actor))
         self.batch_size = check_int("batch_size", batch_size)
         self.max_tokens = check_optional_int("max_tokens", max_tokens)
         self.providers = providers
         self.progress = progress
-        self._crash_marker = _crash_marker
-        self.model_name, data = _checked_model(model, model_is_shared)
+        self.model_name, data = checked_model(model, shared=model_is_shared)
         connect(address)
-        # In a list: the actor fetches the bytes itself, and Ray keeps them alive meanwhile.
-        self._model = os.path.abspath(self.model_name) if data is None else [ray.put(data)]
+        self._model = share_model(self.model_name, data)
         self.num_actors = num_actors or self._default_actors()
-        self._check_fits()
+        actors = f"{self.num_actors} actor(s)"
+        check_fits("CPU", self.num_actors * self.cpus_per_actor + READ_CPUS,
+                   f"{actors} x {self.cpus_per_actor:g} CPU plus {READ_CPUS:g} for reading",
+                   "lower --actors or --cpus-per-actor (fractions allowed)")
+        check_fits("GPU", self.num_actors * self.gpus_per_actor,
+                   f"{actors} x {self.gpus_per_actor:g} GPU")
         self.actor_seconds = 0.0
-
-    def _check_fits(self) -> None:
-        """Ray waits forever for resources that never come: say so now, in one line."""
-        resources = ray.cluster_resources()
-        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-        need_cpus = self.num_actors * self.cpus_per_actor + READ_CPUS
-        if need_cpus > cpus + 1e-9:
-            raise InvalidArgumentError(
-                f"{self.num_actors} actor(s) x {self.cpus_per_actor:g} CPU plus {READ_CPUS:g} "
-                f"for reading need {need_cpus:g} CPUs, the cluster has {cpus:g}; lower "
-                "--actors or --cpus-per-actor (fractions allowed)")
-        need_gpus = self.num_actors * self.gpus_per_actor
-        if need_gpus > gpus + 1e-9:
-            raise InvalidArgumentError(f"{self.num_actors} actor(s) x {self.gpus_per_actor:g} "
-                                       f"GPU need {need_gpus:g} GPUs, the cluster has {gpus:g}")
 
     def _default_actors(self) -> int:
         resources = ray.cluster_resources()
@@ -528,19 +472,22 @@ class RayEvaluator:
             fn_constructor_kwargs=dict(
                 model=self._model, name=self.model_name, providers=self.providers,
                 num_threads=self.num_threads, batch_size=self.batch_size,
-                max_tokens=self.max_tokens, crash_marker=self._crash_marker))
+                max_tokens=self.max_tokens))
 
     def evaluate(self, source, *, corpus: str | None = None, errors: str = "strict",
                  sink=None) -> EvaluationReport:
-        """Evaluate ``source`` (paths, globs, directories, URIs: one corpus; or a Ray Dataset
-        with a ``text`` column) and return its report; ``sink``: from :func:`sentence_sink`."""
+        """Evaluate ``source`` (paths, globs, directories, URIs: one corpus; :class:`Sources`
+        that :func:`check_sources` gave, not listed again; or a Ray Dataset with a ``text``
+        column) and return its report; ``sink``: from :func:`sentence_sink`."""
         check_errors(errors)
         if isinstance(source, ray.data.Dataset):
             label = corpus or "<dataset>"
             chunks = self._dataset_chunks(source, errors, label)
         else:
-            files, label = check_sources(source, errors)
-            chunks = self._file_chunks(files, errors)
+            if not isinstance(source, Sources):
+                source = check_sources(source, errors)
+            label = source.label
+            chunks = self._file_chunks(source.files, errors)
         collector = _Collector(sink)
         start = time.perf_counter()
         try:
@@ -575,7 +522,8 @@ def evaluate(dataset_or_paths, model, *, num_actors: int | None = None,
     _require_ray()
     inputs = [] if isinstance(model, (bytes, bytearray)) else [model]
     if not isinstance(dataset_or_paths, ray.data.Dataset):
-        inputs += [path for path, _ in check_sources(dataset_or_paths, errors)[0]]
+        dataset_or_paths = check_sources(dataset_or_paths, errors)  # listed here, once
+        inputs += [path for path, _ in dataset_or_paths.files]
     if not hasattr(per_sentence, "write"):
         check_outputs({"per_sentence": per_sentence}, inputs, force=force)
     runner = RayEvaluator(model, num_actors=num_actors, cpus_per_actor=cpus_per_actor,

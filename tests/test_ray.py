@@ -5,16 +5,19 @@ each, so that a read task and both actors fit on 2 CPUs.  Compared with local ev
 ``==``: PTB test, files with byte-order marks, CRLF, blank lines and a line longer than the
 token budget (scored in windows), globs, directories and ``file://`` URIs, an existing Ray
 Dataset, per-sentence rows (Parquet and JSON lines), an actor killed mid-run.  Only
-``seconds`` and ``tokens_per_second`` (wall time) may differ.  Bad input fails in one line,
-and before Ray starts.  The last tests run without a cluster.
+``seconds`` and ``tokens_per_second`` (wall time) may differ.  Every source is listed once.
+Bad input fails in one line, and before Ray starts.  The last tests run without a cluster.
 """
 
+import ast
 import json
+import os
 import random
 import subprocess
 import sys
 import textwrap
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,7 @@ from lmonnx import Scorer
 from lmonnx._testing import build_random_lm, make_vocab
 from lmonnx.cli import main
 from lmonnx.corpus import read_sentences
+from lmonnx.distributed import _ChunkScorer
 from lmonnx.evaluate import LOOKAHEAD, LOOKAHEAD_BYTES, Evaluator, Totals, lookahead_chunks
 from lmonnx.examples import ExampleBuilder
 from lmonnx.runtime import ModelSession
@@ -143,6 +147,18 @@ def cli_json(capsys, *args):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.fixture
+def listed(lray, monkeypatch):
+    """The sources the driver lists (local files, directories and globs; URIs), in order."""
+    calls = []
+    for name in ("_local_files", "_remote_files"):
+        def spy(source, _list=getattr(lray, name)):
+            calls.append(str(source))
+            return _list(source)
+        monkeypatch.setattr(lray, name, spy)
+    return calls
+
+
 # ---- equal to local evaluation ---------------------------------------------------------------
 
 def test_ptb_test_totals_and_parquet_rows_equal_local(lray, ptb_model, ptb_dir, tmp_path):
@@ -159,11 +175,12 @@ def test_ptb_test_totals_and_parquet_rows_equal_local(lray, ptb_model, ptb_dir, 
     assert list(rows[0]) == ["corpus", "line", "tokens", "oovs", "nll", "perplexity", "hits"]
 
 
-def test_cli_messy_files_equal_local(ray_cluster, model, messy, tmp_path, capsys):
+def test_cli_messy_files_equal_local(ray_cluster, model, messy, tmp_path, capsys, listed):
     a, b = messy
     args = [a, b, "--model", model, "--max-tokens", "256", "--batch-size", "16"]
     local = cli_json(capsys, *args, "--per-sentence", tmp_path / "local.jsonl")
     remote = cli_json(capsys, *args, *CLI_RAY, "--per-sentence", tmp_path / "ray.jsonl")
+    assert listed == [str(a), str(b)]  # each corpus listed and checked once, before Ray
     assert [r["corpus"] for r in remote] == [str(a), str(b)]
     for r, l in zip(remote, local):
         assert_same_report(r, l)
@@ -174,15 +191,19 @@ def test_cli_messy_files_equal_local(ray_cluster, model, messy, tmp_path, capsys
     assert rows[3]["tokens"] == 1501
 
 
-def test_globs_directories_and_errors_replace(lray, model, messy, tmp_path):
+def test_globs_directories_and_errors_replace(lray, model, messy, tmp_path, listed):
     a, b = messy
     (tmp_path / "bad.txt").write_bytes(b"w1 \xff w2\n\nw3\n")
     files = [a, b, tmp_path / "bad.txt"]
     local = local_report(model, files, errors="replace")
     for source in (str(tmp_path / "*.txt"), tmp_path, [str(f) for f in files],
                    f"file://{tmp_path}"):
+        listed.clear()
         report = lray.evaluate(source, model, errors="replace", **RAY).to_dict()
         assert_same_report(report, local, ignore=("corpus",))
+        # every source listed once (a URI's listing is a request to its file system)
+        assert listed == ([str(f) for f in source] if isinstance(source, list)
+                          else [str(source)])
 
 
 def test_an_existing_dataset_and_a_model_only_in_the_object_store(lray, ray_cluster, model,
@@ -222,15 +243,59 @@ def test_chunks_cut_by_the_byte_bound_equal_local(lray, model, tmp_path):
 
 # ---- faults ----------------------------------------------------------------------------------
 
-def test_an_actor_killed_mid_run_is_retried_and_counted_once(lray, model, big, tmp_path):
+def _crash_once(marker: str) -> None:
+    """The first call that creates ``marker`` (a path every local actor sees) kills its
+    process without any cleanup, as a lost node would."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    os._exit(17)
+
+
+class CrashingChunkScorer(_ChunkScorer):
+    """The scoring actor, with a fault injected here and not in lmonnx: the first actor to
+    score its second chunk dies after scoring it and before returning it."""
+
+    marker = ""  # set by the fixture
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunks = 0
+
+    def __call__(self, batch):
+        for table in super().__call__(batch):
+            self.chunks += 1
+            if self.chunks > 1:
+                _crash_once(self.marker)  # mid-run: this chunk is never returned
+            yield table
+
+
+@pytest.fixture
+def crashing_actors(lray, monkeypatch, tmp_path):
+    """Ray Data's actors are CrashingChunkScorer; the marker path says whether one died.
+    The actors' processes cannot import this test module: Ray ships its classes by value."""
+    from ray import cloudpickle
+
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    monkeypatch.setattr(CrashingChunkScorer, "marker", str(tmp_path / "crashed"))
+    monkeypatch.setattr(lray, "_ChunkScorer", CrashingChunkScorer)
+    yield tmp_path / "crashed"
+    cloudpickle.unregister_pickle_by_value(module)
+
+
+def test_an_actor_killed_mid_run_is_retried_and_counted_once(lray, model, big, tmp_path,
+                                                              crashing_actors):
     import pyarrow.parquet as pq
 
     local = Scorer(model, providers="cpu").evaluate(big, per_sentence=tmp_path / "l.jsonl")
-    marker = tmp_path / "crashed"
-    runner = lray.RayEvaluator(model, _crash_marker=str(marker), **RAY)
+    runner = lray.RayEvaluator(model, **RAY)
     with lray.sentence_sink(tmp_path / "rows.parquet") as sink:
         report = runner.evaluate(big, sink=sink).to_dict()
-    assert marker.exists()  # one actor did os._exit after scoring a chunk, before returning it
+    assert crashing_actors.exists()  # an actor did os._exit after scoring a chunk
     assert_same_report(report, local.to_dict())
     # nothing twice, nothing lost, in input order
     assert pq.read_table(tmp_path / "rows.parquet").to_pylist() == read_jsonl(tmp_path / "l.jsonl")
@@ -317,3 +382,29 @@ def test_everything_else_works_without_ray(model, tmp_path):
     assert "lmonnx: error:" in result.stderr and "lmonnx[ray]" in result.stderr
     assert "API:" in result.stdout and "lmonnx[ray]" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "loaded: []"
+
+
+RAY_MODULES = ["lmonnx/cluster.py", "lmonnx/distributed.py", "lmonnx/serve/ray_deployment.py"]
+
+
+@pytest.mark.parametrize("module", RAY_MODULES)
+def test_public_ray_only_and_no_prints_or_signal_handlers(module):
+    """Ray's private modules change without notice; the library reports through return
+    values and the ``lmonnx`` logger, and leaves the process's signals to the CLI."""
+    tree = ast.parse((Path(__file__).resolve().parents[1] / module).read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] + [a.name for a in node.names]
+        elif isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value] if node.value.startswith("ray.") else []
+        else:
+            names = []
+        found += [n for n in names if "_private" in n.split(".") or n == "signal"]
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+            found.append("print")
+    assert not found, found

@@ -4,8 +4,9 @@ One local cluster for the module (``ray.init(num_cpus=2)``), two replicas of hal
 each.  Every answer (score with and without per-token, predict, seeded generate, decoder
 steps) is compared with ``==`` to the local single-process app's (``httpx.ASGITransport``),
 requests spread over both replicas, and a state session works whether its calls carry the
-session header (routed to the state's replica) or not (forwarded there).  The CLI runs
-first, in a subprocess with a cluster of its own, and stops with exit status 0 on SIGTERM.
+session header (routed to the state's replica, also when many arrive at once) or not
+(forwarded there).  The CLI runs first, in a subprocess with a cluster of its own, and stops
+with exit status 0 on SIGTERM.
 """
 
 import asyncio
@@ -130,10 +131,43 @@ def test_missing_ray_serve_says_which_extra(model, monkeypatch):
     import lmonnx.serve.ray_deployment as serve_ray
     from lmonnx.errors import MissingDependencyError
 
-    monkeypatch.setattr(serve_ray, "serve", None)
     monkeypatch.setattr(serve_ray, "_MISSING", "No module named 'ray.serve'")
-    with pytest.raises(MissingDependencyError, match=r"lmonnx\[ray,serve\]"):
-        serve_ray.serve_on_ray(model, replicas=2)
+    for start in (lambda: serve_ray.RayServer(model, replicas=2),
+                  lambda: serve_ray.deploy(model, replicas=2)):
+        with pytest.raises(MissingDependencyError, match=r"lmonnx\[ray,serve\]"):
+            start()
+
+
+def test_the_driver_checks_the_model_once_before_joining(model, tmp_path, monkeypatch):
+    """One check session on the driver, before any cluster; a foreign file fails there."""
+    pytest.importorskip("ray.serve")
+    import lmonnx.runtime
+    import lmonnx.serve.ray_deployment as serve_ray
+    from lmonnx.errors import LmonnxError
+
+    opened, steps = [], []
+
+    class Counted(lmonnx.runtime.ModelSession):
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lmonnx.runtime, "ModelSession", Counted)
+    monkeypatch.setattr(serve_ray, "connect", lambda address: steps.append("join") or True)
+    monkeypatch.setattr(serve_ray, "_serve_running", lambda: False)
+    monkeypatch.setattr(serve_ray, "_deploy", lambda name, data, **kw: steps.append(
+        ("deploy", name, len(data))) or "http://here")
+    server = serve_ray.RayServer(model, replicas=2)
+    assert opened == [str(model)] and steps == []
+    server.connect()
+    assert server.deploy() == "http://here"
+    assert opened == [str(model)]
+    assert steps == ["join", ("deploy", str(model), model.stat().st_size)]
+    foreign = tmp_path / "foreign.onnx"
+    foreign.write_bytes(b"not a model")
+    with pytest.raises(LmonnxError):
+        serve_ray.RayServer(foreign)
+    assert steps == ["join", ("deploy", str(model), model.stat().st_size)]  # nothing joined
 
 
 # ---- one deployment for the rest -----------------------------------------------------------
@@ -163,11 +197,14 @@ def _tag(state_id: str) -> str:
     return state_id.split(".", 1)[0]
 
 
-def _replica_tags(client, n: int = 16) -> list[str]:
-    """Both replicas' tags, from the ids of new states (routed at random)."""
+@pytest.fixture(scope="module")
+def replica_tags(deployed) -> list[str]:
+    """Both replicas' tags, from the ids of new states routed at random (power of two
+    choices), found once, on the new deployment: after a burst, Serve's cached queue lengths
+    may steer a few sequential requests to one replica."""
     tags = []
-    for _ in range(n):
-        state = client.post("/v1/states", json={}).json()["state"]
+    for _ in range(64):
+        state = deployed.post("/v1/states", json={}).json()["state"]
         if _tag(state) not in tags:
             tags.append(_tag(state))
         if len(tags) == 2:
@@ -183,8 +220,8 @@ def test_answers_equal_the_local_app(deployed, local_answers):
             assert (r.status_code, r.json()) == (status, local), path
 
 
-def test_requests_spread_over_both_replicas(deployed):
-    tags = _replica_tags(deployed)
+def test_requests_spread_over_both_replicas(deployed, replica_tags):
+    tags = replica_tags
     assert len(tags) == 2, tags
     for tag in tags:  # the session header names the replica: StateRouter routes by it
         for _ in range(4):
@@ -207,12 +244,12 @@ def test_requests_spread_over_both_replicas(deployed):
 
 
 @pytest.mark.parametrize("routing", ["session_header", "forwarded", "no_header"])
-def test_state_session(deployed, local_answers, routing):
+def test_state_session(deployed, local_answers, replica_tags, routing):
     """Steps reach the state's replica: by the session header, by a header that names the
     other replica (forwarded in one hop), or without a header (either)."""
     httpx = pytest.importorskip("httpx")
     _, local_steps = local_answers
-    tags = _replica_tags(deployed)
+    tags = replica_tags
 
     def header(state):
         if routing == "session_header":
@@ -229,8 +266,8 @@ def test_state_session(deployed, local_answers, routing):
     assert asyncio.run(run()) == local_steps
 
 
-def test_states_of_another_replica_are_forwarded_and_deleted(deployed):
-    tags = _replica_tags(deployed)
+def test_states_of_another_replica_are_forwarded_and_deleted(deployed, replica_tags):
+    tags = replica_tags
     assert len(tags) == 2
     states = {}
     while len(states) < 2:
@@ -258,3 +295,20 @@ def test_states_of_another_replica_are_forwarded_and_deleted(deployed):
     assert r.status_code == 404
     assert deployed.post("/v1/step", json={"steps": [{"state": b, "end": True}]}).json()[
         "results"][0]["ended"] is True
+
+
+def test_many_session_requests_at_once_each_reach_their_replica(deployed, replica_tags):
+    """A burst of requests of both replicas' sessions, all in flight at once: each is routed
+    to the replica its session header names, none to the other."""
+    httpx = pytest.importorskip("httpx")
+    tags = replica_tags
+    assert len(tags) == 2
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=str(deployed.base_url), timeout=60) as client:
+            asks = [client.post("/v1/states", headers={"x-session-id": f"{tags[i % 2]}.s{i}"},
+                                json={"prefix": "w1 w2"}) for i in range(64)]
+            return [r.json()["state"] for r in await asyncio.gather(*asks)]
+
+    states = asyncio.run(burst())
+    assert [_tag(s) for s in states] == [tags[i % 2] for i in range(64)]

@@ -14,8 +14,10 @@ Serve (``@serve.ingress`` late-bound through ``__serve_build_asgi_app__``), so e
 error and number is the local server's.  ``/metrics`` is the answering replica's.
 
 **The model** travels as bytes through the object store (``ray.put`` on the driver, checked
-there first): replicas on any node load it, no shared file system needed.  The driver
-(``lmonnx serve --ray``) owns that object and lives as long as the application.
+there first, with one session): replicas on any node load it, no shared file system needed.
+The driver (``lmonnx serve --ray``) owns that object and lives as long as the application.
+Joining the cluster, the model's check and its trip through the object store are
+:mod:`lmonnx.cluster`'s, shared with evaluation on Ray.
 
 **Decoder states are per replica** (``/v1/states``, ``/v1/step``, ``DELETE /v1/states/ID``).
 A state id starts with its replica's tag (``TAG.secret``; Ray Serve's replica unique id),
@@ -27,43 +29,39 @@ and the deployment routes with :class:`StateRouter`, a Ray Serve request router:
 - a state request without it reaches any replica, which forwards it, in one hop, to the
   replica its state ids name (a deployment-handle call routed by the same router), so a
   client that knows nothing of Ray still works: the header only saves the hop;
-- everything else goes to the less loaded of two random replicas (power of two choices).
+- everything else goes to the less loaded of two random replicas (power of two choices),
+  those on the router's own node first (Ray's ``LocalityMixin``, as Ray's default router).
 
 States of different replicas cannot be stepped together (404, saying so); a replica that is
 gone takes its states with it (404, as an expired state).  ``watch_disconnects`` is off by
 default: Ray Serve itself cancels a request whose client went away.
 
-Ray Serve is optional (``pip install 'lmonnx[ray,serve]'``): this module imports without it.
+**The driver** is :class:`RayServer`, in steps (check, connect, deploy, close) so that the
+CLI can install its signal handlers between them: the library prints nothing and installs no
+handler.  Public Ray APIs only (``ray.serve``, ``ray.serve.request_router``,
+``ray.serve.config.RequestRouterConfig``).  Ray Serve is optional (``pip install
+'lmonnx[ray,serve]'``): this module imports without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import random
-import signal
 import socket
-import sys
-import threading
 from pathlib import Path
 
-from lmonnx.errors import InvalidArgumentError, MissingDependencyError
+from lmonnx.cluster import (check_fits, checked_model, connect, optional_modules, require,
+                            share_model, shared_model, threads_for)
+from lmonnx.errors import InvalidArgumentError
 from lmonnx.validation import check_int, check_real
 
-try:
-    import ray
-    from ray import serve
-    from ray.serve.request_router import RequestRouter
-except ImportError as exc:  # everything else in lmonnx works without Ray Serve
-    ray = serve = None
-    RequestRouter = object
-    _MISSING = f"{exc}"
-else:
-    _MISSING = ""
+# Everything else in lmonnx works without Ray Serve: these are None then, and _MISSING says why.
+(ray, serve, request_router), _MISSING = optional_modules("ray", "ray.serve",
+                                                          "ray.serve.request_router")
 
-__all__ = ["serve_on_ray", "deploy", "StateRouter", "APP_NAME", "SESSION_HEADER",
+__all__ = ["RayServer", "deploy", "StateRouter", "APP_NAME", "SESSION_HEADER",
            "DEFAULT_CPUS_PER_REPLICA"]
 
 APP_NAME = "lmonnx"
@@ -80,22 +78,15 @@ _SEP = "."
 
 
 def _require_serve() -> None:
-    if serve is None:
-        raise MissingDependencyError("serving on Ray needs Ray Serve: install the extra "
-                                     f"'lmonnx[ray,serve]' ({_MISSING})")
+    require(_MISSING, "serving on Ray needs Ray Serve", "lmonnx[ray,serve]")
 
 
-def _session_header() -> str:
-    if serve is None:
-        return "x-session-id"
-    from ray.serve._private.constants import SERVE_SESSION_ID
-
-    return SERVE_SESSION_ID
-
-
-SESSION_HEADER = _session_header()
+SESSION_HEADER = os.environ.get("RAY_SERVE_SESSION_ID_HEADER_KEY", "x-session-id")
 """The HTTP header Ray Serve reads a session id from (``x-session-id`` unless the cluster
-sets ``RAY_SERVE_SESSION_ID_HEADER_KEY``): send a state id in it to reach its replica."""
+sets ``RAY_SERVE_SESSION_ID_HEADER_KEY``): send a state id in it to reach its replica.  Ray
+keeps its own copy of the name in a private module only, so this reads the same documented
+variable, the same way; requests carry the id to :class:`StateRouter` as the public
+``PendingRequest.metadata.session_id``."""
 
 
 def replica_of(state_id: str) -> str:
@@ -106,17 +97,24 @@ def replica_of(state_id: str) -> str:
 
 # ---- routing ------------------------------------------------------------------------------
 
-class StateRouter(RequestRouter):
-    """Ray Serve request router: a request whose session id (the session header, or a
-    handle's ``session_id`` option) starts with a live replica's tag goes to that replica
-    only; any other request to the less loaded of two random replicas."""
+_ROUTER_BASES = ((request_router.LocalityMixin, request_router.RequestRouter)
+                 if request_router is not None else (object,))
 
-    def initialize_state(self, **kwargs) -> None:
-        pass
+
+class StateRouter(*_ROUTER_BASES):
+    """Ray Serve request router (``ray.serve.request_router``): a request whose session id
+    (the session header, or a handle's ``session_id`` option) starts with a live replica's
+    tag goes to that replica only; any other request to the less loaded of two random
+    replicas (Serve's own probe picks between them), those on the router's node first
+    (``LocalityMixin``'s ``apply_locality_routing``, as Serve's default router does).
+
+    Not ``FIFOMixin``: it hands the replica found for one request to the oldest request
+    waiting, whatever that one's session, so a state's request could land on another replica
+    (one hop more); without it Serve gives each request the replica chosen for it, which is
+    what routing by session needs (Ray's docs: FIFO suits policies that do not depend on the
+    request).  Nor ``MultiplexMixin``: no replica loads multiplexed models."""
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
-        if not candidate_replicas:
-            return []
         session = pending_request.metadata.session_id if pending_request is not None else ""
         tag = replica_of(session) if session else ""
         if tag:
@@ -124,9 +122,9 @@ class StateRouter(RequestRouter):
                 if replica.replica_id.unique_id == tag:
                     return [[replica]]
             # A replica that is gone: any other answers 404 (its states went with it).
-        if len(candidate_replicas) <= 2:
-            return [random.sample(list(candidate_replicas), len(candidate_replicas))]
-        return [random.sample(list(candidate_replicas), 2)]
+        replicas = self.curr_replicas
+        ids = [i for i in self.apply_locality_routing(pending_request) if i in replicas]
+        return [[replicas[i] for i in random.sample(ids, min(2, len(ids)))]] if ids else []
 
 
 # ---- the replica ---------------------------------------------------------------------------
@@ -148,8 +146,7 @@ class _Replica:
         from lmonnx.serve.app import build_app
 
         hand_over_the_gil_quickly()  # the replica's process serves: its loop beside the batcher
-        if isinstance(model, list):  # [ObjectRef]: the model's bytes in the object store
-            model = ray.get(model[0])
+        model = shared_model(model)
         context = serve.get_replica_context()
         self.tag = context.replica_id.unique_id
         self.app_name, self.deployment = context.app_name, context.deployment
@@ -173,9 +170,6 @@ class _Replica:
         """A request another replica received for a state of this one: answered here by the
         app, never forwarded again; ``(status, headers, body)``."""
         return await _call_asgi(self.gate, scope, body)
-
-    async def whoami(self) -> str:
-        return self.tag
 
 
 async def _call_asgi(app, scope: dict, body: bytes) -> tuple[int, list, bytes]:
@@ -243,7 +237,7 @@ class _Forwarding:
                 send, 404, "not_found", "these states are held by different replicas "
                 f"({', '.join(sorted(tags))}); step states of one /v1/states session "
                 "per request")
-        if foreign and "" not in foreign:
+        if foreign:  # one other replica holds them all
             first = next(i for i in ids if replica_of(i) in foreign)
             plain = {k: scope[k] for k in _PLAIN_SCOPE if k in scope}
             status, headers, answer = await self.replica._peer(first).remote(plain, body)
@@ -278,32 +272,49 @@ def _deployment(*, replicas: int, cpus_per_replica: float, max_ongoing_requests:
 
 # ---- the driver ----------------------------------------------------------------------------
 
-def _connect(address: str | None) -> bool:
-    """Join a cluster as :func:`lmonnx.distributed.connect` does (``"auto"`` or None: the one in
-    ``RAY_ADDRESS``, else one started on this machine, else a new local one); True when this
-    call started a new local one (then ours to stop)."""
-    if ray.is_initialized():
-        return False
-    ray.init(address=None if address in (None, "auto") else address,
-             include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    node = getattr(ray._private.worker, "_global_node", None)
-    return bool(getattr(node, "head", False))
-
-
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def _read_model(model) -> tuple[str, bytes]:
-    """The model's name and bytes, checked on the driver (a missing or foreign file fails
-    now, in one line, with the local message)."""
-    from lmonnx.runtime import ModelSession
+def _serve_extra() -> int:
+    """The local server's default body limit; importing it checks the serve extra."""
+    try:
+        from lmonnx.serve.app import DEFAULT_MAX_BODY_BYTES
+    except ImportError as exc:  # FastAPI, uvicorn: the serve extra
+        require(str(exc), "serving on Ray needs the server", "lmonnx[ray,serve]")
+    return DEFAULT_MAX_BODY_BYTES
 
-    name = os.fspath(model)
-    ModelSession(name, providers="cpu", num_threads=1)
-    return name, Path(name).read_bytes()
+
+def _checked_sizes(replicas: int, cpus_per_replica: float,
+                   max_ongoing_requests: int) -> tuple[int, float, int]:
+    return (check_int("replicas", replicas),
+            check_real("cpus_per_replica", cpus_per_replica, low=0, low_open=True),
+            check_int("max_ongoing_requests", max_ongoing_requests))
+
+
+def _deploy(name: str, data: bytes, *, replicas: int, host: str, port: int, providers: str,
+            threads: int | None, max_body_bytes: int | None, service_options: dict | None,
+            cpus_per_replica: float, max_ongoing_requests: int) -> str:
+    """:func:`deploy` of a model already checked: ``name`` and its bytes ``data``."""
+    if not ray.is_initialized():
+        raise InvalidArgumentError("deploy() needs a Ray cluster: call ray.init() first")
+    check_fits("CPU", replicas * cpus_per_replica,
+               f"{replicas} replica(s) x {cpus_per_replica:g} CPU", "lower --replicas")
+    options = dict(service_options or {})
+    options.setdefault("watch_disconnects", False)
+    options.setdefault("name", Path(name).stem)
+    port = port or _free_port(host)
+    serve.start(http_options={"host": host, "port": port})
+    app = _deployment(replicas=replicas, cpus_per_replica=cpus_per_replica,
+                      max_ongoing_requests=max_ongoing_requests,
+                      drain_s=float(options.get("timeout_s", 30.0)) + 60.0).bind(
+        share_model(name, data), name=name, providers=providers,
+        threads=threads or threads_for(cpus_per_replica),
+        max_body_bytes=max_body_bytes or _serve_extra(), service_options=options)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
 
 
 def deploy(model, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 8000,
@@ -318,75 +329,86 @@ def deploy(model, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 800
     :class:`~lmonnx.serve.service.ScoringService`'s keywords (``watch_disconnects`` False unless
     given)."""
     _require_serve()
-    try:
-        from lmonnx.serve.app import DEFAULT_MAX_BODY_BYTES
-    except ImportError as exc:  # FastAPI, uvicorn: the serve extra
-        raise MissingDependencyError("serving on Ray needs the extra 'lmonnx[ray,serve]' "
-                                     f"({exc})") from None
-
-    replicas = check_int("replicas", replicas)
-    cpus_per_replica = check_real("cpus_per_replica", cpus_per_replica, low=0, low_open=True)
-    max_ongoing_requests = check_int("max_ongoing_requests", max_ongoing_requests)
-    if not ray.is_initialized():
-        raise InvalidArgumentError("deploy() needs a Ray cluster: call ray.init() first")
-    name, data = _read_model(model)
-    cpus = ray.cluster_resources().get("CPU", 0.0)
-    if replicas * cpus_per_replica > cpus + 1e-9:
-        raise InvalidArgumentError(
-            f"{replicas} replica(s) x {cpus_per_replica:g} CPU need "
-            f"{replicas * cpus_per_replica:g} CPUs, the cluster has {cpus:g}; lower --replicas")
-    options = dict(service_options or {})
-    options.setdefault("watch_disconnects", False)
-    options.setdefault("name", Path(name).stem)
-    port = port or _free_port(host)
-    serve.start(http_options={"host": host, "port": port})
-    app = _deployment(replicas=replicas, cpus_per_replica=cpus_per_replica,
-                      max_ongoing_requests=max_ongoing_requests,
-                      drain_s=float(options.get("timeout_s", 30.0)) + 60.0).bind(
-        [ray.put(data)], name=name, providers=providers,
-        threads=threads or max(1, math.ceil(cpus_per_replica - 1e-9)),
-        max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, service_options=options)
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    return f"http://{host}:{port}"
+    _serve_extra()
+    replicas, cpus_per_replica, max_ongoing_requests = _checked_sizes(
+        replicas, cpus_per_replica, max_ongoing_requests)
+    name, data = checked_model(model)
+    return _deploy(name, data, replicas=replicas, host=host, port=port, providers=providers,
+                   threads=threads, max_body_bytes=max_body_bytes,
+                   service_options=service_options, cpus_per_replica=cpus_per_replica,
+                   max_ongoing_requests=max_ongoing_requests)
 
 
-def serve_on_ray(model, *, address: str | None = "auto", replicas: int = 1,
+class RayServer:
+    """``lmonnx serve --ray``, step by step, for a caller that serves until told to stop::
+
+        server = RayServer("model.onnx", address="auto", replicas=2)  # the model checked
+        server.connect()    # joins the cluster (ray.init sets its own SIGTERM handler)
+        url = server.deploy()   # every replica ready
+        ...                 # serve until a signal
+        server.close()      # delete the app (Serve drains it: accepted requests answered)
+
+    The model is checked when this is made, with one session, before any cluster starts.
+    ``close`` (also on leaving a ``with`` block; twice is fine) shuts Serve down when this
+    started it and leaves the cluster when this joined it (a local cluster that the join
+    started stops).  The rest as :func:`deploy`; ``address`` as :func:`lmonnx.cluster.connect`.
+    """
+
+    def __init__(self, model, *, address: str | None = "auto", replicas: int = 1,
                  host: str = "127.0.0.1", port: int = 8000, providers: str = "auto",
                  threads: int | None = None, max_body_bytes: int | None = None,
                  service_options: dict | None = None,
-                 cpus_per_replica: float = DEFAULT_CPUS_PER_REPLICA) -> None:
-    """``lmonnx serve --ray``: join the cluster (``"auto"``: ``RAY_ADDRESS``, else one on this
-    machine, else a new local one), deploy (:func:`deploy`), say the URL on stderr, and
-    serve until SIGINT/SIGTERM; then delete the application (Serve drains it: accepted
-    requests are answered), shut Serve down when this process started the cluster or Serve,
-    and return (exit status 0)."""
-    _require_serve()
-    _read_model(model)  # before any cluster starts
-    started_ray = _connect(address)
-    # After ray.init, which installs its own SIGTERM handler (it would end the process at
-    # once, exit status 15).
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        serve_was_running = _serve_running()
-        url = deploy(model, replicas=replicas, host=host, port=port, providers=providers,
-                     threads=threads, max_body_bytes=max_body_bytes,
-                     service_options=service_options, cpus_per_replica=cpus_per_replica)
-        plural = "replica" if replicas == 1 else "replicas"
-        print(f"lmonnx: serving {model} on {url} (Ray Serve, {replicas} {plural})",
-              file=sys.stderr, flush=True)
-        while not stop.wait(0.5):
-            pass
-        serve.delete(APP_NAME)
-        if started_ray or not serve_was_running:
-            serve.shutdown()
-        print("lmonnx: drained and stopped", file=sys.stderr, flush=True)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if started_ray:
-            ray.shutdown()
+                 cpus_per_replica: float = DEFAULT_CPUS_PER_REPLICA,
+                 max_ongoing_requests: int = DEFAULT_MAX_ONGOING):
+        _require_serve()
+        _serve_extra()
+        replicas, cpus_per_replica, max_ongoing_requests = _checked_sizes(
+            replicas, cpus_per_replica, max_ongoing_requests)
+        self.address = address
+        self.name, self._data = checked_model(model)
+        self._settings = dict(replicas=replicas, host=host, port=port, providers=providers,
+                              threads=threads, max_body_bytes=max_body_bytes,
+                              service_options=service_options,
+                              cpus_per_replica=cpus_per_replica,
+                              max_ongoing_requests=max_ongoing_requests)
+        self.url: str | None = None
+        self._connected = False
+        self._joined = False  # this process's ray.init: ours to leave
+        self._started_serve = False  # Serve was not running before: ours to shut down
+
+    def connect(self) -> None:
+        """Join the cluster (:func:`lmonnx.cluster.connect`) unless this process has."""
+        self._joined = connect(self.address) or self._joined
+        self._started_serve = not _serve_running()
+        self._connected = True
+
+    def deploy(self) -> str:
+        """Deploy the application (after :meth:`connect`, called here if it was not) and
+        return its URL once every replica is ready."""
+        if not self._connected:
+            self.connect()
+        self.url = _deploy(self.name, self._data, **self._settings)
+        return self.url
+
+    def close(self) -> None:
+        """Delete the application, shut Serve down if this started it, leave the cluster if
+        this joined it."""
+        url, started_serve, joined = self.url, self._started_serve, self._joined
+        self.url, self._started_serve, self._joined, self._connected = None, False, False, False
+        try:
+            if url is not None:
+                serve.delete(APP_NAME)  # Serve drains it: accepted requests are answered
+            if started_serve:
+                serve.shutdown()
+        finally:
+            if joined:
+                ray.shutdown()
+
+    def __enter__(self) -> "RayServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _serve_running() -> bool:
