@@ -584,10 +584,12 @@ def _cmd_serve(args) -> int | None:
     if args.ray is not None:
         return _serve_on_ray(args, service_options)
     try:
-        from lmonnx.serve.app import build_app, listening_socket, serve
+        from lmonnx.serve.app import DrainingServer, build_app, listening_socket
     except ImportError as exc:
         raise MissingDependencyError("lmonnx serve needs the extra 'lmonnx[serve]' (pip install "
                                      f"'lmonnx[cpu,serve]'): {exc}") from None
+    import signal
+
     sock = listening_socket(args.host, args.port)  # a port in use fails before the model loads
     app = build_app(args.model, providers=args.providers, threads=args.threads,
                     max_body_bytes=args.max_body_bytes, **service_options)
@@ -598,7 +600,22 @@ def _cmd_serve(args) -> int | None:
               f"{len(service.vocab)}) on http://{args.host}:{sock.getsockname()[1]}",
               file=sys.stderr, flush=True)
 
-    if serve(app, sock, log_level=args.log_level, on_ready=announce):
+    server = DrainingServer(app, sock, log_level=args.log_level, on_ready=announce)
+
+    def on_signal(signum, frame) -> None:
+        # The first SIGINT / SIGTERM drains (exit 0); a second stops at once (exit 130).
+        if server.draining:
+            server.stop_now()
+        else:
+            server.drain()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        drained = server.run_until_stopped()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if drained:
         print("lmonnx: drained and stopped", file=sys.stderr)
         return 0
     print("lmonnx: stopped at a second signal: requests still running were cut off",

@@ -34,17 +34,24 @@ SENTENCES = ["w1 w2 w3 w4", "w7 zebra w7 w9 w10 w11", "w3", "w0 w0 w0 w5 w6 w7 w
 
 
 @pytest.fixture(scope="module")
-def scorer(tmp_path_factory):
+def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("openai") / "model.onnx"
     build_random_lm(path, make_vocab(WORDS), units=16, layers=2, seed=5)
-    return Scorer(path, providers="cpu", num_threads=1)
+    return path
 
 
 @pytest.fixture(scope="module")
-def server_url(scorer):
+def scorer(model_path):
+    return Scorer(model_path, providers="cpu", num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def server_url(model_path):
     """A real server (the openai client and lm-eval need a URL), in a thread.  A small
-    token budget makes every longer prompt run in several windows."""
-    service = ScoringService(scorer, name=MODEL_NAME, max_batch_tokens=4)
+    token budget (the served scorer's window) makes every longer prompt run in several
+    windows."""
+    served = Scorer(model_path, providers="cpu", num_threads=1, max_tokens=4)
+    service = ScoringService(served, name=MODEL_NAME)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -203,23 +210,54 @@ def test_stop_strings_cut_the_text(openai_client, scorer):
     assert free.stop_reason is None and free.text == unstopped.split(" </s>")[0]
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"prompt": "w1", "best_of": 3}, "best_of=3"),
-    ({"prompt": "w1", "suffix": "x"}, "suffix"),
-    ({"prompt": "w1", "stream": True}, "stream"),
-    ({"prompt": "w1", "top_p": 0.5}, "top_p"),
-    ({"prompt": [4, 2, 5]}, "<s> may only be the first token"),
-    ({"prompt": [4, 0]}, "padding"),
-    ({"prompt": [[4, 999]]}, "outside the vocabulary"),
-    ({"prompt": 3}, "prompt must be"),
-    ({"prompt": "w1", "logprobs": 21}, "logprobs"),
-    ({"prompt": "w1", "temperature": -1}, "temperature"),
+@pytest.mark.parametrize("body, message, param", [
+    ({"prompt": "w1", "best_of": 3}, "best_of=3", "best_of"),
+    ({"prompt": "w1", "suffix": "x"}, "suffix", "suffix"),
+    ({"prompt": "w1", "stream": True}, "stream", "stream"),
+    ({"prompt": "w1", "top_p": 0.5}, "top_p", "top_p"),
+    ({"prompt": [4, 2, 5]}, "<s> may only be the first token", "prompt"),
+    ({"prompt": [4, 0]}, "padding", "prompt"),
+    ({"prompt": [[4, 999]]}, "outside the vocabulary", "prompt"),
+    ({"prompt": 3}, "prompt: must be a string, a non-empty list", "prompt"),
+    ({"prompt": []}, "prompt: must be a string, a non-empty list", "prompt"),
+    ({"prompt": [{"text": "w1"}]}, "prompt: must be a string, a non-empty list", "prompt"),
+    ({"prompt": ["w1", 4]}, "prompt.texts.1: Input should be a valid string", "prompt.texts.1"),
+    ({"prompt": [4, "w1"]}, "prompt.ids.1: Input should be a valid integer", "prompt.ids.1"),
+    ({"prompt": [True, 4]}, "prompt.ids.0: Input should be a valid integer", "prompt.ids.0"),
+    ({"prompt": [[4], ["5"]]}, "prompt.id_lists.1.0", "prompt.id_lists.1.0"),
+    ({"prompt": "w1", "n": "2"}, "n: Input should be a valid integer", "n"),
+    ({"prompt": "w1", "logprobs": 21}, "logprobs", "logprobs"),
+    ({"prompt": "w1", "temperature": -1}, "temperature", "temperature"),
 ])
-def test_refused_requests_say_why(http, body, message):
+def test_refused_requests_say_why(http, body, message, param):
+    """A malformed OpenAI request is 400 invalid_request_error naming the field, as OpenAI
+    and vLLM answer it (lmonnx's own routes answer 422)."""
     response = http.post("/v1/completions", json={"model": MODEL_NAME, **body})
-    assert response.status_code == 422
+    assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["type"] == "invalid_request" and message in error["message"]
+    assert error["type"] == "invalid_request_error" and message in error["message"], error
+    assert error["param"] == param and error["code"] is None
+    assert "\n" not in error["message"]
+
+
+def test_openai_routes_answer_400_where_lmonnx_routes_answer_422(http):
+    """The same kind of mistake, each route in its own dialect: a body that is not JSON is
+    400 everywhere; a value of the wrong type 400 on the OpenAI routes, 422 on lmonnx's."""
+    for path in ("/v1/completions", "/tokenize", "/detokenize"):
+        response = http.post(path, content=b"{")
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    wrong_type = [("/v1/completions", {"prompt": "w1", "echo": "yes"}, "echo"),
+                  ("/tokenize", {"prompt": 4}, "prompt"),
+                  ("/detokenize", {"tokens": ["w1"]}, "tokens.0")]
+    for path, body, param in wrong_type:
+        response = http.post(path, json=body)
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["param"] == param
+    for path, body in [("/v1/score", {"sentences": "w1"}), ("/v1/states", {"prefix": 4})]:
+        response = http.post(path, json=body)
+        assert response.status_code == 422 and set(response.json()["error"]) == {
+            "type", "message"}
 
 
 def test_unknown_model_and_harmless_extras(http):
@@ -242,7 +280,7 @@ def test_null_optional_fields_mean_their_defaults(http):
     assert http.post("/tokenize", json={"prompt": "w1", "add_special_tokens": None}
                      ).json()["tokens"] == [5]
     response = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": None})
-    assert response.status_code == 422 and "prompt" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "prompt" in response.json()["error"]["message"]
 
 
 def test_a_long_completion_lets_other_callers_through(server_url, http):
@@ -279,11 +317,11 @@ def test_tokenize_detokenize_round_trip(http):
                      ).json()["tokens"] == [2, 5]
     assert http.post("/detokenize", json={"tokens": [3, 5, 1, 6]}).json() == {
         "prompt": "</s> w1 <unk> w2"}
-    assert http.post("/detokenize", json={"tokens": [99]}).status_code == 422
+    assert http.post("/detokenize", json={"tokens": [99]}).status_code == 400
     for body, message in [({}, "prompt: Field required"),
                           ({"messages": [{"role": "user", "content": "w1"}]}, "chat")]:
         refused = http.post("/tokenize", json=body)
-        assert refused.status_code == 422 and message in refused.json()["error"]["message"]
+        assert refused.status_code == 400 and message in refused.json()["error"]["message"]
 
 
 def test_a_long_text_tokenizes_on_a_worker_thread_alike(http):
@@ -295,7 +333,7 @@ def test_a_long_text_tokenizes_on_a_worker_thread_alike(http):
     assert http.post("/detokenize", json={"tokens": answer["tokens"]}).json() == {
         "prompt": words}
     refused = http.post("/detokenize", json={"tokens": answer["tokens"] + [999]})
-    assert refused.status_code == 422 and "position 30000" in refused.json()["error"]["message"]
+    assert refused.status_code == 400 and "position 30000" in refused.json()["error"]["message"]
 
 
 def test_lm_eval_remote_tokenizer_reads_the_specials(server_url):

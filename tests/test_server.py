@@ -26,7 +26,8 @@ from lmonnx import Scorer  # noqa: E402
 from lmonnx._testing import build_random_lm, make_vocab  # noqa: E402
 from lmonnx.serve.batch_queue import Batcher, Draining  # noqa: E402
 from lmonnx.incremental import END  # noqa: E402
-from lmonnx.serve.app import create_app  # noqa: E402
+from lmonnx.runtime import ModelSession  # noqa: E402
+from lmonnx.serve.app import DrainingServer, build_app, create_app  # noqa: E402
 from lmonnx.serve.service import ARRIVING, ScoringService  # noqa: E402
 from lmonnx.vocab import TokenizerOptions, Vocabulary  # noqa: E402
 
@@ -63,6 +64,24 @@ def _client(app) -> "httpx.AsyncClient":
 
 def run(coroutine):
     return asyncio.run(coroutine)
+
+
+@pytest.fixture
+def batchers():
+    """``make(*args, **kwargs)``: a :class:`Batcher`; at the end each must be idle, its compute
+    thread (if started) parked waiting for work, not inside a batch (the product has no
+    ``close``: a server's compute thread lives as long as its process)."""
+    made = []
+
+    def make(*args, **kwargs) -> Batcher:
+        made.append(Batcher(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for batcher in made:
+        assert batcher.idle and not batcher._queue
+        if batcher._thread is not None:
+            assert batcher._thread.is_alive()
 
 
 # ---- a real server process --------------------------------------------------------------
@@ -308,43 +327,103 @@ def test_long_sentences_are_scored_a_window_per_turn_with_the_same_numbers(tmp_p
                                if n + 1 > 8)  # ceil(tokens / 8) turns for each long one
 
 
-def test_a_short_request_is_answered_between_a_long_sentences_windows(tmp_path):
-    """A million-word sentence is hundreds of turns of the compute thread, not one: a short
-    request sent while its windows run is answered while many of them are still to come."""
+@pytest.mark.parametrize("path, long_body, short_body", [
+    ("/v1/score", lambda text: {"sentences": [text]}, {"sentences": ["w1 w2"]}),
+    ("/v1/completions", lambda text: {"prompt": text, "max_tokens": 1, "temperature": 0},
+     {"prompt": "w1 w2", "max_tokens": 0, "echo": True, "logprobs": 0}),
+], ids=["score", "completions"])
+def test_a_short_request_is_answered_between_a_long_inputs_windows(tmp_path, path, long_body,
+                                                                   short_body):
+    """A million-word sentence (or completion prompt) is hundreds of turns of the compute
+    thread, a window each, not one: a short request sent while its windows run is answered
+    while many of them are still to come."""
     vocab = make_vocab([f"w{i}" for i in range(50)])
-    path = tmp_path / "tiny.onnx"
-    build_random_lm(path, vocab, units=8, layers=1, embedding_dim=4, seed=1)
-    tiny = Scorer(path, providers="cpu", max_tokens=2048)
+    model_path = tmp_path / "tiny.onnx"
+    build_random_lm(model_path, vocab, units=8, layers=1, embedding_dim=4, seed=1)
+    tiny = Scorer(model_path, providers="cpu", max_tokens=2048)
     long = " ".join(f"w{i % 50}" for i in range(1_000_000))
     service = _service(tiny)
-    turns_done = []
+    turns = []  # (when it ended, whose step it was)
     real_call = service.call
 
     async def counted_call(function, request=None):
         result = await real_call(function, request)
-        turns_done.append(time.perf_counter())
+        turns.append((time.perf_counter(), getattr(function, "__self__", None)))
         return result
 
     service.call = counted_call
 
     async def short_once_windows_run(client):
         deadline = time.perf_counter() + 60
-        while not turns_done:  # the long sentence's first window has been scored
-            assert time.perf_counter() < deadline, "the long sentence ran in no turn"
+        while not turns:  # the long input's first window has been scored
+            assert time.perf_counter() < deadline, "the long input ran in no turn"
             await asyncio.sleep(0.005)
-        response = await client.post("/v1/score", json={"sentences": ["w1 w2"]})
+        response = await client.post(path, json=short_body)
         assert response.status_code == 200, response.text
         return time.perf_counter()
 
     async def main():
         async with _client(create_app(service)) as client:
-            long_request = client.post("/v1/score", json={"sentences": [long]}, timeout=300)
+            long_request = client.post(path, json=long_body(long), timeout=300)
             return await asyncio.gather(long_request, short_once_windows_run(client))
 
     long_response, short_answered = run(main())
-    assert long_response.status_code == 200
-    assert len(turns_done) == -(-1_000_001 // 2048)
-    assert sum(t > short_answered for t in turns_done) > len(turns_done) // 4
+    assert long_response.status_code == 200, long_response.text
+    long_turns = [t for t, owner in turns if owner is turns[0][1]]
+    assert len(long_turns) == -(-1_000_001 // 2048)  # <s> or </s>, and the words: a window each
+    assert sum(t > short_answered for t in long_turns) > len(long_turns) // 4
+
+
+@pytest.fixture
+def onnxruntime_calls(monkeypatch):
+    """The input_ids shape of every onnxruntime call of every session, as it is made."""
+    shapes = []
+    real = ModelSession._run
+
+    def recorded(self, ids, *args, **kwargs):
+        shapes.append(ids.shape)
+        return real(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(ModelSession, "_run", recorded)
+    return shapes
+
+
+def test_max_batch_tokens_bounds_every_onnxruntime_call_of_every_route(tmp_path,
+                                                                        onnxruntime_calls):
+    """One token budget (--max-batch-tokens, the scorer's window): no onnxruntime call of
+    /v1/score, /v1/states, /v1/step, /v1/completions, /v1/predict or /v1/generate holds more
+    positions, for sentences, prefixes and prompts shorter than the default budget but
+    longer than the flag, and many short sentences at once."""
+    vocab = make_vocab([f"w{i}" for i in range(30)])
+    path = tmp_path / "tiny.onnx"
+    build_random_lm(path, vocab, units=8, layers=2, embedding_dim=4, seed=4)
+    budget = 16
+    app = build_app(path, providers="cpu", max_batch_tokens=budget)
+    words = [f"w{i % 30}" for i in range(45)]
+    text = " ".join(words)
+
+    async def main():
+        async with _client(app) as client:
+            onnxruntime_calls.clear()  # warming up is not a route
+            answers = [
+                await client.post("/v1/score", json={
+                    "sentences": [text, " ".join(words[:20]), *(["w1 w2 w3"] * 12)],
+                    "per_token": True}),
+                state := await client.post("/v1/states", json={"prefix": text}),
+                await client.post("/v1/step", json={"steps": [
+                    {"state": state.json()["state"], "word": "w3"}] * 20}),
+                await client.post("/v1/completions", json={
+                    "prompt": [f"<s> {text} </s> {text}", " ".join(words[:20])], "echo": True,
+                    "logprobs": 3, "max_tokens": 3, "temperature": 0}),
+                await client.post("/v1/predict", json={"prefix": text}),
+                await client.post("/v1/generate", json={"prefix": text, "words": 3})]
+        return answers
+
+    for response in run(main()):
+        assert response.status_code == 200, response.text
+    positions = [int(np.prod(shape)) for shape in onnxruntime_calls]
+    assert max(positions) <= budget, sorted(set(onnxruntime_calls))
+    assert max(positions) == budget  # long inputs did run in full windows
 
 
 # ---- bad requests: each its status and message --------------------------------------------
@@ -390,6 +469,34 @@ def test_a_bad_request_gets_its_status_and_one_clear_message(scorer, method, pat
     error = r.json()["error"]
     assert error["type"] == kind and words in error["message"], error
     assert "\n" not in error["message"]
+
+
+def test_the_direct_routes_are_documented_from_their_body_models(scorer):
+    """/v1/score and /v1/step are answered by the gate alone (FastAPI has no route for them
+    that a request could never reach); /docs' OpenAPI schema describes them all the same,
+    from their body models."""
+    from lmonnx.serve.app import DIRECT_ROUTES
+    from lmonnx.serve.protocol import ScoreBody, StepBody
+
+    gate = create_app(_service(scorer))
+    assert not {getattr(route, "path", None) for route in gate.app.routes} & set(DIRECT_ROUTES)
+
+    async def main():
+        async with _client(gate) as client:
+            return (await client.get("/openapi.json")).json(), await client.get("/docs")
+
+    schema, docs = run(main())
+    assert docs.status_code == 200
+    for path, model in [("/v1/score", ScoreBody), ("/v1/step", StepBody)]:
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        name = body["schema"]["$ref"].rsplit("/", 1)[1]
+        assert name == model.__name__
+        assert set(schema["components"]["schemas"][name]["properties"]) == \
+            set(model.model_fields)
+    step_items = schema["components"]["schemas"]["StepBody"]["properties"]["steps"]["items"]
+    assert schema["components"]["schemas"][step_items["$ref"].rsplit("/", 1)[1]]["required"] \
+        == ["state"]
+    assert set(schema["paths"]) >= {"/v1/predict", "/v1/completions", "/tokenize"}
 
 
 def test_null_fields_mean_their_defaults(scorer):
@@ -582,7 +689,7 @@ def test_answers_given_while_draining_close_their_connection(scorer):
     assert accepted.json() == before.json()
 
 
-def test_a_slow_batch_waits_only_for_requests_being_read():
+def test_a_slow_batch_waits_only_for_requests_being_read(batchers):
     """max_wait holds a slow model's batch for a request the server is reading, so the two
     share one batch; a lone caller with nothing arriving never waits."""
     batches = []
@@ -593,7 +700,7 @@ def test_a_slow_batch_waits_only_for_requests_being_read():
         return [0] * len(examples)
 
     async def main():
-        batcher = Batcher(compute, None, max_wait_s=0.04)
+        batcher = batchers(compute, None, max_wait_s=0.04)
         await batcher.submit("score", (["first"], False)).future  # measures the compute time
         sent = time.perf_counter()
         await batcher.submit("score", (["alone"], False)).future
@@ -604,7 +711,6 @@ def test_a_slow_batch_waits_only_for_requests_being_read():
         batcher.arriving(-1)  # ... and queues its work
         y = batcher.submit("score", (["y"], False))
         await asyncio.gather(x.future, y.future)
-        batcher.close()
         return alone_waited
 
     alone_waited = run(main())
@@ -612,12 +718,12 @@ def test_a_slow_batch_waits_only_for_requests_being_read():
     assert batches[-1][1] == ["x", "y"]  # x waited for y: one batch
 
 
-def test_a_batch_answers_each_caller_on_its_own_loop_even_if_the_first_loop_closed():
+def test_a_batch_answers_each_caller_on_its_own_loop_even_if_the_first_loop_closed(batchers):
     """The compute thread hands answers back to each caller's event loop: a batch whose
     first caller's loop has closed (a test client's, a cancelled job's) still answers the
-    others, and a closed batcher refuses new work instead of queueing it for no thread."""
-    batcher = Batcher(lambda examples, **kw: [f"scored {e}" for e in examples], None,
-                      max_wait_s=0)
+    others."""
+    batcher = batchers(lambda examples, **kw: [f"scored {e}" for e in examples], None,
+                       max_wait_s=0)
 
     async def first_loop():  # holds the compute thread, queues x, and leaves (loop closes)
         batcher.submit("call", lambda: time.sleep(0.3))
@@ -625,11 +731,7 @@ def test_a_batch_answers_each_caller_on_its_own_loop_even_if_the_first_loop_clos
 
     async def second_loop():
         y = batcher.submit("score", (["y"], False))
-        answer = await asyncio.wait_for(y.future, 5)
-        batcher.close()
-        with pytest.raises(Draining):
-            batcher.submit("score", (["z"], False))
-        return answer
+        return await asyncio.wait_for(y.future, 5)
 
     asyncio.run(first_loop())
     assert asyncio.run(second_loop()) == ["scored y"]
@@ -662,6 +764,89 @@ def test_draining_answers_every_prompt_of_an_accepted_request(scorer):
         return first, second
 
     assert run(main()) == ("first", "second")
+
+
+def test_a_drain_is_woken_by_the_last_work_never_polling(batchers, monkeypatch):
+    """drain() returns once nothing is queued, running or accepted: woken on its loop by the
+    compute thread when the last work ends and by the last accepted request's answer, never
+    by polling (a sleep with a delay fails the test)."""
+    real_sleep = asyncio.sleep
+
+    def no_polling(delay, *args, **kwargs):
+        assert delay == 0, f"drain polls: asyncio.sleep({delay})"
+        return real_sleep(delay, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "sleep", no_polling)
+    batcher = batchers(None, None, max_wait_s=0)
+
+    async def yield_to_the_loop():
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def main():
+        # Running work only: the compute thread's end of it wakes the drain.
+        release = threading.Event()
+        running = batcher.submit("call", lambda: release.wait(5))
+        drain = asyncio.ensure_future(batcher.drain())
+        await yield_to_the_loop()
+        assert not drain.done()
+        release.set()
+        await asyncio.wait_for(drain, 5)
+        assert running.future.done() or await running.future
+        # An accepted request still being answered: its answer wakes the drain.
+        batcher.admit(+1)
+        drain = asyncio.ensure_future(batcher.drain())
+        await yield_to_the_loop()
+        assert not drain.done()
+        batcher.admit(-1)
+        await asyncio.wait_for(drain, 5)
+        await batcher.drain()  # idle: returns at once
+
+    run(main())
+
+
+def test_the_server_installs_no_signal_handler_and_drains_when_told(scorer):
+    """DrainingServer (uvicorn underneath) serves without touching the process's signal
+    handlers (the CLI installs them); drain() from another thread stops it after answering
+    what it accepted, and keeps its drain task referenced."""
+    import socket
+
+    app = create_app(_service(scorer))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    def program_handler(signum, frame):  # what a program (the CLI) installs
+        raise AssertionError("no signal is sent in this test")
+
+    handlers = {sig: program_handler for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen = {}
+
+    def client(server):
+        with httpx.Client(base_url=url, timeout=30) as http:
+            seen["before"] = http.post("/v1/score", json={"sentences": ["the cat"]})
+        seen["handlers"] = {sig: signal.getsignal(sig) for sig in handlers}
+        server.drain()
+        deadline = time.monotonic() + 10
+        while server._drain_task is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["task"] = server._drain_task
+
+    def on_ready(server):
+        threading.Thread(target=client, args=(server,), daemon=True).start()
+
+    server = DrainingServer(app, sock, on_ready=on_ready)
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        assert server.run_until_stopped() is True  # drained, not forced
+        assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert seen["before"].status_code == 200
+    assert seen["handlers"] == handlers  # while serving: the process's own
+    assert isinstance(seen["task"], asyncio.Task) and seen["task"].done()
+    assert not app.state.service.ready
 
 
 def test_a_state_memory_smaller_than_one_state_is_refused(scorer):

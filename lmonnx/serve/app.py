@@ -10,14 +10,22 @@
 
 Log-probabilities are natural logs (nats); ``</s>`` is scored, ``<s>`` is not.  Errors are
 ``{"error": {"type": ..., "message": ...}}`` with their status: 400 a body that is not JSON or
-not UTF-8, 404 an unknown or expired state, 413 a body over ``max_body_bytes``, 422 a value of
-the wrong type or out of range, 429 a full queue (``Retry-After``), 503 while draining, 504
-a request not started within ``timeout_s``.
+not UTF-8, 404 an unknown or expired state, 405 a method a route does not take, 413 a body
+over ``max_body_bytes``, 422 a value of the wrong type or out of range, 429 a full queue
+(``Retry-After``), 503 while draining, 504 a request not started within ``timeout_s``.  The
+OpenAI routes answer errors as OpenAI does (a malformed request: 400
+``invalid_request_error``).
+
+Every onnxruntime call of every route holds at most the one token budget, the scorer's
+window (``max_batch_tokens``: ``lmonnx serve --max-batch-tokens``).  This module neither
+prints nor installs signal handlers: :class:`DrainingServer` drains or stops when told
+(``lmonnx serve``'s signal handlers tell it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -27,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmonnx.errors import InferenceError, LmonnxError, ProviderError
@@ -34,9 +43,10 @@ from lmonnx.evaluate import token_scores
 from lmonnx.incremental import END, EOS_TEXT
 from lmonnx.metrics import finite_or_none
 from lmonnx.serve.batch_queue import Draining, NotStarted, Overloaded, hand_over_the_gil_quickly
+from lmonnx.serve.openai_routes import OpenAIRoute, add_openai_routes
 from lmonnx.serve.protocol import (ApiError, GenerateBody, PredictBody, ScoreBody, StatesBody,
                                    StepBody, StrictJSONResponse, error_response, json_body,
-                                   validation_error)
+                                   openai_error_response, validation_error)
 from lmonnx.serve.service import ADMITTED, ARRIVING, ClientGone, ScoringService
 from lmonnx.serve.states import UnknownState
 
@@ -68,7 +78,7 @@ def _api_error(exc: BaseException) -> ApiError:
     return ApiError(500, "internal", f"{type(exc).__name__}: {exc}".splitlines()[0])
 
 
-def _score_record(service: ScoringService, example, result, per_token: bool) -> dict:
+def _score_record(example, result, per_token: bool) -> dict:
     record = {"logprob": result.logprob, "tokens": result.tokens, "oovs": result.oovs,
               "perplexity": finite_or_none(result.perplexity)}
     if per_token:
@@ -108,10 +118,14 @@ class _Gate:
         batcher.arriving(+1)
         scope[ARRIVING] = True
         try:
+            direct = DIRECT_ROUTES.get(scope["path"])
+            if direct is not None and scope["method"] != "POST":
+                await error_response(405, "method_not_allowed", "Method Not Allowed",
+                                     {"Allow": "POST"})(scope, receive, send_timed)
+                return
             body = await self._read_body(scope, receive, send_timed)
             if body is None:
                 return
-            direct = DIRECT_ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
             if direct is not None:
                 answer = await self._answer_directly(direct, body, scope, receive)
                 if isinstance(answer, bytes):  # 200: sent as is, no Response object to build
@@ -154,10 +168,9 @@ class _Gate:
             parsed = model.model_validate_json(body)
             return json_body(await answer(self.service, parsed, _Request(scope, receive)))
         except ValidationError as exc:
-            return error_response(*validation_error(exc))
+            return _response(validation_error(exc))
         except Exception as exc:  # noqa: BLE001 - answered as FastAPI's handlers answer it
-            err = _api_error(exc)
-            return error_response(err.status, err.kind, str(err), err.headers)
+            return _response(_api_error(exc))
 
     async def _read_body(self, scope, receive, send) -> bytes | None:
         headers = dict(scope.get("headers") or ())
@@ -249,12 +262,16 @@ _REASONS = {400: "invalid_body", 413: "too_large", 429: "queue_full", 503: "drai
 
 
 def build_app(model, *, providers: str = "auto", threads: int | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **service_options):
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_batch_tokens: int | None = None,
+              **service_options):
     """The app of one model file: a :class:`~lmonnx.scorer.Scorer`, its service (warmed
-    up), the routes.  ``service_options``: :class:`ScoringService`'s keywords."""
+    up), the routes.  ``max_batch_tokens``: the one token budget of every onnxruntime call
+    (the scorer's window; None: its logits budget).  ``service_options``:
+    :class:`ScoringService`'s keywords."""
     from lmonnx.scorer import Scorer
 
-    scorer = Scorer(model, providers=providers, num_threads=threads)
+    scorer = Scorer(model, providers=providers, num_threads=threads,
+                    max_tokens=max_batch_tokens)
     return create_app(ScoringService(scorer, **service_options), max_body_bytes=max_body_bytes)
 
 
@@ -267,26 +284,31 @@ def create_app(service: ScoringService, *, max_body_bytes: int = DEFAULT_MAX_BOD
     app.state.service = service
     _add_error_handlers(app)
     _add_routes(app, service)
-    from lmonnx.serve.openai_routes import add_openai_routes
-
     add_openai_routes(app, service)
+    _document_direct_routes(app)
     return _Gate(app, service, max_body_bytes)
+
+
+def _response(err: ApiError, request: Request | None = None):
+    """The error answer of ``err``: OpenAI's shape on an OpenAI route, lmonnx's elsewhere."""
+    if request is not None and isinstance(request.scope.get("route"), OpenAIRoute):
+        return openai_error_response(err)
+    return error_response(err.status, err.kind, str(err), err.headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        return error_response(*validation_error(exc))
+        return _response(validation_error(exc), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, kind, str(exc.detail),
-                              getattr(exc, "headers", None))  # 405: Allow
+        return _response(ApiError(exc.status_code, kind, str(exc.detail),
+                                  getattr(exc, "headers", None)), request)  # 405: Allow
 
     async def answer(request: Request, exc: Exception):
-        err = _api_error(exc)
-        return error_response(err.status, err.kind, str(err), err.headers)
+        return _response(_api_error(exc), request)
 
     # Named classes are answered by Starlette's exception middleware; only what is left (a
     # bug) reaches the catch-all, which answers 500 and lets the server log the traceback.
@@ -310,10 +332,6 @@ def _add_routes(app: FastAPI, service: ScoringService) -> None:
     async def metrics():
         service.refresh_gauges()
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
-
-    @app.post("/v1/score")
-    async def score(body: ScoreBody, request: Request):
-        return await score_answer(service, body, request)
 
     @app.post("/v1/predict")
     async def predict(body: PredictBody, request: Request):
@@ -339,19 +357,19 @@ def _add_routes(app: FastAPI, service: ScoringService) -> None:
         service.forget(state_id)
         return {"deleted": state_id}
 
-    @app.post("/v1/step")
-    async def step(body: StepBody, request: Request):
-        return await step_answer(service, body, request)
-
 
 async def score_answer(service: ScoringService, body: ScoreBody, request) -> dict:
-    """``POST /v1/score``'s answer."""
+    """Score sentences: each one's log-probability (nats, ``</s>`` included), tokens, OOVs
+    and perplexity, with ``per_token`` each token's word, id, log-probability and OOV flag
+    (``POST /v1/score``'s answer)."""
     scored = await service.score(body.sentences, per_token=body.per_token, request=request)
-    return {"results": [_score_record(service, e, r, body.per_token) for e, r in scored]}
+    return {"results": [_score_record(e, r, body.per_token) for e, r in scored]}
 
 
 async def step_answer(service: ScoringService, body: StepBody, request) -> dict:
-    """``POST /v1/step``'s answer."""
+    """Advance kept decoder states by one word each, or end them (``"end": true`` scores
+    ``</s>``): each step's log-probability and its new state's id (``POST /v1/step``'s
+    answer)."""
     words = []
     for i, item in enumerate(body.steps):
         if item.end == (item.word is not None):
@@ -364,11 +382,44 @@ async def step_answer(service: ScoringService, body: StepBody, request) -> dict:
 
 
 # The hot routes, answered by the gate without FastAPI's layers (routing, dependency
-# injection, its middleware): the same body models and answer functions, pydantic's JSON
-# parser (its messages say "array", "object"), about a quarter less event-loop CPU per
-# request -- which is what caps throughput for small models (benchmarks/serve_table.py).
-# FastAPI declares them too, for /docs and the OpenAPI schema; requests never reach those.
+# injection, its middleware): pydantic's JSON parser (its messages say "array", "object"),
+# about a quarter less event-loop CPU per request -- which is what caps throughput for small
+# models (benchmarks/serve_table.py).  FastAPI has no route for them (it would never be
+# reached); /docs and the OpenAPI schema describe them from their body models
+# (_document_direct_routes).
 DIRECT_ROUTES = {"/v1/score": (ScoreBody, score_answer), "/v1/step": (StepBody, step_answer)}
+
+
+def _document_direct_routes(app: FastAPI) -> None:
+    """Add the gate's :data:`DIRECT_ROUTES` to ``app``'s OpenAPI schema (``/docs``,
+    ``/openapi.json``): ``POST`` with their body models' JSON schemas, their answers'
+    docstrings, and lmonnx's error answers."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        refs, defs = models_json_schema(
+            [(model, "validation") for model, _ in DIRECT_ROUTES.values()],
+            ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        error = {"description": "lmonnx's error: {\"error\": {\"type\", \"message\"}} (400, "
+                                "404, 413, 422, 429, 503, 504)"}
+        for path, (model, answer) in DIRECT_ROUTES.items():
+            schema["paths"][path] = {"post": {
+                "summary": answer.__doc__.split(":")[0],
+                "description": " ".join(answer.__doc__.split()),
+                "operationId": f"{answer.__name__}_post",
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": refs[(model, "validation")]}}},
+                "responses": {"200": {"description": "Successful Response",
+                                      "content": {"application/json": {"schema": {}}}},
+                              "default": error}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
 
 
 # ---- running it --------------------------------------------------------------------------
@@ -390,52 +441,81 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app, sock: socket.socket, *, log_level: str = "warning", on_ready=None) -> bool:
-    """Run ``app`` on uvicorn over ``sock`` until SIGINT/SIGTERM.  The first signal drains:
-    ``/ready`` answers 503, new work 503, every accepted request is answered, then uvicorn
-    stops; True.  A second signal stops at once, cutting off what runs: False."""
-    host, port = sock.getsockname()[:2]
-    hand_over_the_gil_quickly()
-    # Keep-alive longer than clients' pools keep idle connections (httpx: 5 s), so that the
-    # server never closes a connection a client is reusing at that moment (a failed request).
-    # The access log (and the X-Forwarded-For it would name) only where it is printed:
-    # uvicorn formats each line's client and path before the logger drops it.
-    access_log = log_level in ("info", "debug")
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_keep_alive=65, lifespan="off", access_log=access_log,
-                            proxy_headers=access_log)
-    server = _DrainingServer(config, app.state.service, on_ready)
-    server.run(sockets=[sock])
-    return not server.forced
+class DrainingServer(uvicorn.Server):
+    """uvicorn serving ``app`` (:func:`create_app`'s) over the listening socket ``sock``,
+    until told to stop: :meth:`drain` (``/ready`` and new work answer 503, every accepted
+    request is answered, then it stops) or :meth:`stop_now` (cutting off what runs).
 
+    It installs no signal handler (uvicorn's ``Server`` would: a library must not change
+    its process): ``lmonnx serve`` installs its own, which call these two.  ``on_ready(self)``
+    is called once it accepts connections.
+    """
 
-class _DrainingServer(uvicorn.Server):
-    def __init__(self, config, service: ScoringService, on_ready=None):
-        super().__init__(config)
-        self.service = service
+    def __init__(self, app, sock: socket.socket, *, log_level: str = "warning", on_ready=None):
+        host, port = sock.getsockname()[:2]
+        # Keep-alive longer than clients' pools keep idle connections (httpx: 5 s), so that
+        # the server never closes a connection a client is reusing at that moment (a failed
+        # request).  The access log (and the X-Forwarded-For it would name) only where it is
+        # printed: uvicorn formats each line's client and path before the logger drops it.
+        access_log = log_level in ("info", "debug")
+        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                        timeout_keep_alive=65, lifespan="off",
+                                        access_log=access_log, proxy_headers=access_log))
+        self.sock = sock
+        self.service: ScoringService = app.state.service
         self._on_ready = on_ready
-        self._draining = False
+        self.draining = False
         self.forced = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """No signal handlers (uvicorn installs its own here): the program's to install."""
+        yield
+
+    def run_until_stopped(self) -> bool:
+        """Serve until :meth:`drain` or :meth:`stop_now`: True when drained, False when
+        stopped at once."""
+        hand_over_the_gil_quickly()
+        self.run(sockets=[self.sock])
+        return not self.forced
 
     async def startup(self, sockets=None):
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self._on_ready is not None:
             self._on_ready(self)
 
-    def handle_exit(self, sig, frame):
-        # Not uvicorn's handler: it would stop reading at once and re-raise the signal at
-        # the end (exit 143); a drained server exits 0.
-        if self._draining:  # the second signal: stop now
-            self.should_exit = self.force_exit = self.forced = True
+    def drain(self) -> None:
+        """Take nothing new, answer every accepted request, then stop (exit 0 for a CLI);
+        from any thread or a signal handler; once (a second call does nothing).  Not
+        uvicorn's exit, which stops reading at once."""
+        if self.draining:
             return
-        self._draining = True
+        self.draining = True
         self.service.batcher.draining = True
-        loop = asyncio.get_event_loop()
-        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit()))
+        if self._loop is None:  # not serving yet: nothing was accepted
+            self.should_exit = True
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._start_draining)
+        except RuntimeError:  # the loop has closed: the server has stopped already
+            pass
 
-    async def _drain_then_exit(self):
+    def _start_draining(self) -> None:
+        # The task is kept: the loop holds only a weak reference to a task, which could be
+        # garbage-collected mid-drain.
+        self._drain_task = self._loop.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
         await self.service.batcher.drain()
         self.should_exit = True  # uvicorn answers the requests it is writing, then returns
 
+    def stop_now(self) -> None:
+        """Stop at once, cutting off the requests that run (exit 130 for a CLI)."""
+        self.should_exit = self.force_exit = self.forced = True
 
-__all__ = ["create_app", "serve", "ScoreBody", "StepBody", "ApiError", "error_response"]
+
+__all__ = ["create_app", "build_app", "DrainingServer", "listening_socket", "ScoreBody",
+           "StepBody", "ApiError", "error_response"]

@@ -27,6 +27,8 @@ Limits are answered at once, never by a slowly growing latency: past ``max_queue
 sentences :meth:`Batcher.submit` raises :class:`Overloaded` (with a ``retry_after`` estimate);
 while draining it raises :class:`Draining`.  A request that was not started within its
 deadline, or whose caller went away, is taken off the queue (:meth:`Batcher.withdraw`).
+:meth:`Batcher.drain` returns once every accepted request is answered, woken by the last
+one (never polling).  The compute thread lives as long as its process.
 """
 
 from __future__ import annotations
@@ -127,7 +129,6 @@ class Batcher:
         self.queued_sentences = 0
         self._running = 0
         self._arriving = 0
-        self._in_compute: set[Work] = set()
         self.admitted_requests = 0
         self._last_compute_s = 0.0
         self._rate = 0.0  # sentences per second of compute, smoothed: Retry-After
@@ -139,7 +140,8 @@ class Batcher:
         # _rate is the loop's (Retry-After).
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._closed = False
+        # drain()'s waiters, (loop, event): set once nothing is queued, running or admitted.
+        self._drained: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     # ---- the request side --------------------------------------------------------------
 
@@ -161,8 +163,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         work = Work(kind, payload, sentences, tokens, loop.create_future())
         with self._lock:
-            if self._closed:
-                raise Draining("the server stopped")
             self._queue.append(work)
             self.queued_sentences += sentences
             self._lock.notify()
@@ -191,6 +191,7 @@ class Batcher:
             self.queued_sentences -= work.sentences
             work.status = WITHDRAWN
             self._lock.notify()
+            self._wake_drains()
         if not work.future.done():
             if reason is None:
                 work.future.cancel()
@@ -210,31 +211,39 @@ class Batcher:
         answered (-1): :meth:`drain` waits for them, not only for queued work."""
         with self._lock:
             self.admitted_requests += delta
+            self._wake_drains()
 
     @property
     def idle(self) -> bool:
         with self._lock:
-            return not self._queue and not self._running and not self.admitted_requests
+            return self._idle()
+
+    def _idle(self) -> bool:
+        """Under the lock: nothing queued, running or accepted and still being answered."""
+        return not self._queue and not self._running and not self.admitted_requests
 
     async def drain(self) -> None:
-        """Take nothing new; return when every accepted request has been answered."""
+        """Take nothing new; return when every accepted request has been answered (woken by
+        the last of them, never polling)."""
         self.draining = True
-        while not self.idle:
-            await asyncio.sleep(0.01)
-
-    def close(self) -> None:
-        """Stop: queued and running work is answered with :class:`Draining` on its callers'
-        loops (no caller is left waiting), nothing more is taken; the compute thread ends
-        after the batch it runs (whose answers then find their callers answered)."""
+        event = asyncio.Event()
         with self._lock:
-            self._closed = True
-            pending = self._queue + list(self._in_compute)
-            for work in self._queue:
-                work.status = WITHDRAWN
-            self._queue.clear()
-            self.queued_sentences = 0
-            self._lock.notify_all()
-        self._hand_back(pending, [Draining("the server stopped")] * len(pending))
+            if self._idle():
+                return
+            self._drained.append((asyncio.get_running_loop(), event))
+        await event.wait()
+
+    def _wake_drains(self) -> None:
+        """Under the lock, from either thread: once idle, wake every :meth:`drain` on its
+        own loop."""
+        if not self._drained or not self._idle():
+            return
+        for loop, event in self._drained:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed: nobody waits there any more
+                pass
+        self._drained.clear()
 
     # ---- the compute side --------------------------------------------------------------
 
@@ -244,8 +253,6 @@ class Batcher:
         while True:
             with self._lock:
                 works = self._next_batch()
-            if works is None:
-                return
             started = time.perf_counter()
             try:
                 results = self._compute(works)
@@ -256,37 +263,33 @@ class Batcher:
                 self._last_compute_s = seconds
             with self._lock:
                 self._running -= 1
-                self._in_compute.difference_update(works)
                 for work in works:
                     work.status = DONE
+                self._wake_drains()
             self._hand_back(works, results, (works, started, seconds))
 
-    def _hand_back(self, works: list[Work], results: list, batch: tuple | None = None) -> None:
+    def _hand_back(self, works: list[Work], results: list, batch: tuple) -> None:
         """Post each caller's answer to its own event loop (one loop in a server; a test
         client may run one per request), and ``batch`` (works, started, seconds) for the
-        metrics to the first caller's; from any thread."""
+        metrics to the first caller's; from the compute thread."""
         by_loop: dict = {}
         for work, result in zip(works, results):
             by_loop.setdefault(work.future.get_loop(), []).append((work.future, result))
-        for loop, answers in by_loop.items():
+        for i, (loop, answers) in enumerate(by_loop.items()):
             try:
-                loop.call_soon_threadsafe(self._finish, answers, batch)
+                loop.call_soon_threadsafe(self._finish, answers, None if i else batch)
             except RuntimeError:  # that loop is closed: nobody is left to answer there
                 pass
-            batch = None
 
-    def _next_batch(self) -> list[Work] | None:
-        """Under the lock: wait for work (and, if it pays, for more of it); the batch to run,
-        or None once closed."""
+    def _next_batch(self) -> list[Work]:
+        """Under the lock: wait for work (and, if it pays, for more of it); the batch to run."""
         while True:
-            while not self._queue and not self._closed:
+            while not self._queue:
                 self._lock.wait()
-            if self._closed:
-                return None
             first = self._queue[0]
             if self.max_wait_s and first.kind != CALL:
                 self._fill(first)
-                if not self._queue or self._closed:
+                if not self._queue:
                     continue
             return self._take()
 
@@ -304,8 +307,7 @@ class Batcher:
         if self._last_compute_s < WAIT_AGAINST_COMPUTE * self.max_wait_s:
             return  # a fast model: the wait would cost more than the batch it fills
         deadline = first.enqueued + self.max_wait_s
-        while (self._arriving > 0 and not self._full(first.kind) and first.status == QUEUED
-               and not self._closed):
+        while self._arriving > 0 and not self._full(first.kind) and first.status == QUEUED:
             left = deadline - time.perf_counter()
             if left <= 0:
                 return
@@ -332,7 +334,6 @@ class Batcher:
             self.queued_sentences -= work.sentences
             work.status = RUNNING
         self._running += 1
-        self._in_compute.update(taken)
         return taken
 
     def _finish(self, answers: list, batch: tuple | None) -> None:

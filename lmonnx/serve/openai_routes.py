@@ -30,9 +30,13 @@ How a prompt is scored (log-probabilities in nats; the LM always starts from ``<
   with ``</s>`` therefore generates a new sentence.
 
 So ``"<s> the cat </s>"`` with echo, logprobs and max_tokens 0 gives, after the null, exactly
-``Scorer.full_scores("the cat")``.  All onnxruntime work runs on the service's compute thread
-(``ScoringService.call``), one prompt per call; long prompts run in windows of the batcher's
-token budget that carry the LSTM state.
+``Scorer.full_scores("the cat")``.  All onnxruntime work runs on the service's compute thread:
+a prompt one window of one sentence per turn (:class:`PromptRun`, windows of the service's one
+token budget that carry the LSTM state), each choice's generation a turn of its own.
+
+Errors are OpenAI's: ``{"error": {"message", "type", "param", "code"}}``; a malformed request
+(a value of the wrong type, an unsupported field, a bad token id, a body that is not JSON) is
+400 ``invalid_request_error``, as OpenAI and vLLM answer it; another ``model`` 404.
 """
 
 from __future__ import annotations
@@ -41,17 +45,19 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Annotated, Optional, Union
 
 import numpy as np
-from fastapi import FastAPI, Request, Response
-from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.routing import APIRoute
+from pydantic import ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag
 
-from lmonnx.incremental import LMState, next_token_ids, state_from_logits
-from lmonnx.serve.protocol import ApiError, RequestBody, large_json_body
+from lmonnx.incremental import Incremental, LMState, next_token_ids, state_from_logits
+from lmonnx.serve.protocol import OPENAI_INVALID, ApiError, RequestBody, large_json_body
 from lmonnx.serve.service import ScoringService, off_loop_if_large, tokenize_off_loop
 from lmonnx.validation import check_real
 from lmonnx.vocab import BOS_ID, EOS_ID, PAD_ID, Vocabulary
+from lmonnx.windows import CarriedWindows
 from lmonnx.xent import token_nll_and_hits
 
 MAX_MODEL_LEN = 1 << 20
@@ -64,8 +70,14 @@ _SPECIAL_SPLIT = re.compile(r"(<s>|</s>)")
 _BOUNDARIES = (BOS_ID, EOS_ID)
 
 
-def invalid(message: str) -> ApiError:
-    return ApiError(422, "invalid_request", message)
+def invalid(message: str, param: str | None = None) -> ApiError:
+    """A malformed request: 400 ``invalid_request_error``, as OpenAI and vLLM answer it."""
+    return ApiError(400, OPENAI_INVALID, message, param=param)
+
+
+class OpenAIRoute(APIRoute):
+    """A route of the OpenAI dialect: the app answers its errors in OpenAI's shape, a
+    malformed request with 400 (:func:`~lmonnx.serve.protocol.openai_error_response`)."""
 
 
 # ---- tokenizer: text <-> token ids -------------------------------------------------------
@@ -86,17 +98,18 @@ def tokenize(vocab: Vocabulary, text: str, add_special_tokens: bool = False) -> 
 
 
 def check_token_ids(vocab: Vocabulary, ids: list[int], what: str = "prompt") -> None:
-    """422 for an id outside the vocabulary, padding anywhere, ``<s>`` anywhere but first."""
+    """400 for an id outside the vocabulary, padding anywhere, ``<s>`` anywhere but first."""
     for i, token in enumerate(ids):
         if not 0 <= token < len(vocab):
             raise invalid(f"{what}: token id {token} at position {i} is outside the "
-                          f"vocabulary [0, {len(vocab)})")
+                          f"vocabulary [0, {len(vocab)})", "prompt")
         if token == PAD_ID:
             raise invalid(f"{what}: token id 0 (padding) at position {i} is never part of a "
-                          "text")
+                          "text", "prompt")
         if token == BOS_ID and i > 0:
             raise invalid(f"{what}: token id {BOS_ID} (<s>) at position {i}: <s> may only be "
-                          "the first token (</s> ends a sentence and starts the next)")
+                          "the first token (</s> ends a sentence and starts the next)",
+                          "prompt")
 
 
 def detokenize(vocab: Vocabulary, ids: list[int]) -> str:
@@ -104,29 +117,51 @@ def detokenize(vocab: Vocabulary, ids: list[int]) -> str:
     for i, token in enumerate(ids):
         if not 0 <= token < len(vocab):
             raise invalid(f"tokens: token id {token} at position {i} is outside the "
-                          f"vocabulary [0, {len(vocab)})")
+                          f"vocabulary [0, {len(vocab)})", "tokens")
     return " ".join(vocab.decode(ids)) if ids else ""
 
 
-def prompt_token_lists(vocab: Vocabulary, prompt: Any, add_special_tokens: bool,
-                       ) -> list[list[int]]:
-    """The prompts of a completion request as token-id lists: ``prompt`` is a text, a list
-    of texts, a list of token ids or a list of token-id lists (OpenAI's four forms)."""
-    def is_ids(value) -> bool:
-        return isinstance(value, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in value)
+def _prompt_form(value) -> str | None:
+    """Which of OpenAI's four prompt forms ``value`` is meant to be (pydantic then checks it
+    strictly as that form); None: none of them."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and value:
+        first = value[0]
+        if isinstance(first, str):
+            return "texts"
+        if isinstance(first, int):  # a bool is refused by StrictInt, located
+            return "ids"
+        if isinstance(first, list):
+            return "id_lists"
+    return None
 
+
+Prompt = Annotated[
+    Union[Annotated[StrictStr, Tag("text")],
+          Annotated[list[StrictStr], Tag("texts")],
+          Annotated[list[StrictInt], Tag("ids")],
+          Annotated[list[list[StrictInt]], Tag("id_lists")]],
+    Discriminator(_prompt_form, custom_error_type="invalid_prompt",
+                  custom_error_message="must be a string, a non-empty list of strings, a list "
+                                       "of token ids or a list of token-id lists")]
+"""OpenAI's (and vLLM's) prompt: ``str | list[str] | list[int] | list[list[int]]``, strict
+(no ``"1"`` for 1, no ``true`` for 1); a list is not empty."""
+
+
+def prompt_token_lists(vocab: Vocabulary, prompt: Prompt, add_special_tokens: bool,
+                       ) -> list[list[int]]:
+    """The prompts of a completion request as token-id lists, checked (:func:`check_token_ids`):
+    ``prompt`` is a text, a list of texts, a list of token ids or a list of token-id lists
+    (validated as :data:`Prompt`)."""
     if isinstance(prompt, str):
         prompts = [tokenize(vocab, prompt, add_special_tokens)]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+    elif isinstance(prompt[0], str):
         prompts = [tokenize(vocab, p, add_special_tokens) for p in prompt]
-    elif isinstance(prompt, list) and prompt and is_ids(prompt):
+    elif isinstance(prompt[0], int):
         prompts = [list(prompt)]
-    elif isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
-        prompts = [list(p) for p in prompt]
     else:
-        raise invalid("prompt must be a string, a non-empty list of strings, a list of token "
-                      "ids or a list of token-id lists")
+        prompts = [list(p) for p in prompt]
     for i, ids in enumerate(prompts):
         check_token_ids(vocab, ids, "prompt" if len(prompts) == 1 else f"prompt {i}")
     return prompts
@@ -176,55 +211,79 @@ def _top_of_rows(logits: np.ndarray, lse: np.ndarray, k: int, candidates: np.nda
     return rows
 
 
-def _run_sentence(session, inputs: np.ndarray, targets: np.ndarray, window: int,
-                  top_k: int | None, candidates: np.ndarray):
-    """Run ``<s> w1..wk`` in windows carrying the LSTM state: ``(logprobs float64 of the
-    targets, top rows or None, the state after the last input)``.  Target log-probabilities
-    come from the evaluator's kernel (``Scorer.full_scores``'s numbers)."""
-    logprobs, tops, state = [], [], None
-    for start in range(0, len(inputs), window):
-        logits, state = session.run(inputs[None, start:start + window], state)
-        rows = logits[0, :max(0, min(len(targets) - start, window))]
+class PromptRun:
+    """A prompt scored one window of one sentence per :meth:`step` (one onnxruntime call),
+    the LSTM state carried from window to window within a sentence
+    (:class:`~lmonnx.windows.CarriedWindows`): a server runs each step as a turn of its
+    compute thread (``ScoringService.run_steps``), so a long prompt never holds the other
+    callers.  Target log-probabilities come from the evaluator's kernel
+    (``Scorer.full_scores``'s numbers); :meth:`scored` once :attr:`done` (see the module's
+    docstring for the conventions)."""
+
+    def __init__(self, incremental: Incremental, ids: list[int], window: int,
+                 top_k: int | None):
+        self.session, self.window, self.top_k = incremental.session, window, top_k
+        self._candidates = next_token_ids(len(incremental.vocab))
+        self.logprobs: list = [None] * len(ids)
+        self.top: list | None = [None] * len(ids) if top_k is not None else None
+        self._nonempty = bool(ids)
+        # An empty open last sentence is the state after <s>: shared, already computed.
+        self._state = incremental.begin()
+        self._sentences = _sentences(ids)  # the last one is open: it sets the state
+        self._next = 0  # the next sentence's index
+        self._windows: CarriedWindows | None = None
+        self._next_sentence()
+
+    def _next_sentence(self) -> None:
+        """Start the next sentence that needs onnxruntime (one with a target), if any."""
+        self._windows = None
+        while self._next < len(self._sentences):
+            self._first, words, ended = self._sentences[self._next]
+            self._next += 1
+            if ended or words:
+                self._inputs = np.array([BOS_ID, *words], np.int32)
+                self._targets = np.array([*words, *([EOS_ID] if ended else [])], np.int32)
+                self._windows = CarriedWindows(len(self._inputs), self.window)
+                return
+
+    @property
+    def done(self) -> bool:
+        return self._windows is None
+
+    def step(self) -> None:
+        """Run the next window (onnxruntime and the kernel)."""
+        _, last = self._windows.step(self._run)
+        if self._windows.done:
+            if self._next == len(self._sentences):  # the last, open one: generation goes on
+                h, c = self._windows.state
+                self._state = state_from_logits(h[:, 0], c[:, 0], last, len(self._inputs) - 1)
+            self._next_sentence()
+
+    def _run(self, part: slice, state):
+        """One window: its targets' log-probabilities (and top rows) stored, ``(the last
+        position's logits, the state after the window)`` returned."""
+        logits, state = self.session.run(self._inputs[None, part], state)
+        rows = logits[0, :max(0, min(len(self._targets), part.stop) - part.start)]
         if len(rows):
-            labels = targets[start:start + len(rows)]
+            labels = self._targets[part.start:part.start + len(rows)]
             nll, _ = token_nll_and_hits(rows, labels)
-            logprobs.append(-nll)
-            if top_k is not None:
+            at = self._first + part.start
+            self.logprobs[at:at + len(rows)] = (-nll).tolist()
+            if self.top is not None:
                 lse = nll + rows[np.arange(len(rows)), labels].astype(np.float64)
-                tops.extend(_top_of_rows(rows, lse, top_k, candidates))
-        last = logits[0, -1]
-    h, c = state
-    end = state_from_logits(h[:, 0], c[:, 0], last, len(inputs) - 1)
-    scored = np.concatenate(logprobs) if logprobs else np.empty(0)
-    return scored, (tops if top_k is not None else None), end
+                self.top[at:at + len(rows)] = _top_of_rows(rows, lse, self.top_k,
+                                                           self._candidates)
+        return logits[0, -1], state
 
-
-def score_prompt(service: ScoringService, ids: list[int], top_k: int | None) -> ScoredPrompt:
-    """Per-token log-probabilities (nats) of a prompt, and its last sentence's state (see
-    the module's docstring for the conventions).  Runs onnxruntime: call it through
-    ``service.call``."""
-    incremental = service.scorer.incremental
-    candidates = next_token_ids(len(service.vocab))
-    logprobs: list = [None] * len(ids)
-    top: list | None = [None] * len(ids) if top_k is not None else None
-    for first, words, ended in _sentences(ids):  # the last one is open: it sets state
-        inputs = np.array([BOS_ID, *words], np.int32)
-        targets = np.array([*words, *([EOS_ID] if ended else [])], np.int32)
-        if ended or words:
-            scored, rows, state = _run_sentence(incremental.session, inputs, targets,
-                                                service.batcher.max_batch_tokens, top_k,
-                                                candidates)
-        else:  # an empty open sentence: the state after <s>, shared and already computed
-            scored, rows, state = np.empty(0), [], incremental.begin()
-        for j, value in enumerate(scored):
-            logprobs[first + j] = float(value)
-            if top is not None:
-                top[first + j] = rows[j]
-    if ids:  # the first token has no context: no log-probability, as OpenAI answers
-        logprobs[0] = None
-        if top is not None:
-            top[0] = None
-    return ScoredPrompt(logprobs, top, state)
+    def scored(self) -> ScoredPrompt:
+        """The prompt's log-probabilities, top rows and its last sentence's state."""
+        if not self.done:
+            raise RuntimeError("the prompt is not scored yet")
+        if self._nonempty:  # the first token has no context: no log-probability, as OpenAI
+            self.logprobs[0] = None
+            if self.top is not None:
+                self.top[0] = None
+        return ScoredPrompt(self.logprobs, self.top, self._state)
 
 
 # ---- generating (on the compute thread) -----------------------------------------------------
@@ -302,12 +361,12 @@ def generate_after(service: ScoringService, state: LMState, sampling: Sampling,
 async def complete_prompt(service: ScoringService, ids: list[int], sampling: Sampling, n: int,
                           seed: int | None, request=None) -> tuple[ScoredPrompt, list[Generated]]:
     """A prompt scored and ``n`` completions drawn after it, with one random generator
-    seeded by ``seed`` (so a prompt gives the same choices whatever its batch-mates).  The
-    scoring and each completion are a turn of their own on the compute thread: other
-    callers' batches run in between, so ``n`` x ``max_tokens`` steps never hold the server
-    (up to 128 x 10,000 onnxruntime calls)."""
-    scored = await service.call(lambda: score_prompt(service, ids, sampling.logprobs),
-                                request=request)
+    seeded by ``seed`` (so a prompt gives the same choices whatever its batch-mates).  Each
+    window of the prompt (:class:`PromptRun`) and each completion is a turn of its own on the
+    compute thread: other callers' batches run in between, so neither a long prompt nor
+    ``n`` x ``max_tokens`` steps hold the server (up to 128 x 10,000 onnxruntime calls)."""
+    run = PromptRun(service.scorer.incremental, ids, service.window, sampling.logprobs)
+    scored = (await service.run_steps(run, request)).scored()
     rng = np.random.default_rng(seed)
     completions = []
     for _ in range(n):  # in turn: the generator's draws follow one another as before
@@ -327,7 +386,7 @@ class _OpenAIBody(RequestBody):
 
 class CompletionBody(_OpenAIBody):
     model: Optional[StrictStr] = None
-    prompt: Any
+    prompt: Prompt
     max_tokens: Optional[StrictInt] = Field(16, ge=0, le=MAX_COMPLETION_TOKENS)
     temperature: Optional[float] = Field(1.0, ge=0)
     top_k: Optional[StrictInt] = None
@@ -362,7 +421,7 @@ class DetokenizeBody(_OpenAIBody):
 
 
 def _refuse_unsupported(body: CompletionBody) -> None:
-    """422 for a field that would change the answer and is not implemented."""
+    """400 for a field that would change the answer and is not implemented."""
     unsupported = [
         ("suffix", body.suffix, body.suffix not in (None, "")),
         ("stream", body.stream, bool(body.stream)),
@@ -378,7 +437,7 @@ def _refuse_unsupported(body: CompletionBody) -> None:
     for name, value, given in unsupported:
         if given:
             raise invalid(f"{name}={value!r} is not supported by this server (it samples with "
-                          "temperature, top_k, seed, stop and n only)")
+                          "temperature, top_k, seed, stop and n only)", name)
 
 
 def _sampling(body: CompletionBody) -> Sampling:
@@ -450,11 +509,12 @@ def _model_card(service: ScoringService) -> dict:
 
 
 async def _prompt_token_lists(service: ScoringService, body: CompletionBody) -> list[list[int]]:
-    """The request's prompts as token ids, tokenized on a worker thread when they are long
-    (a 1M-word text would hold the event loop, and every other caller, for a while)."""
-    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    return await tokenize_off_loop(texts if isinstance(texts, list) else [],
-                                   prompt_token_lists, service.vocab, body.prompt,
+    """The request's prompts as token ids, tokenized and checked on a worker thread when
+    they are long (a 1M-word text would hold the event loop, and every other caller, for a
+    while)."""
+    items = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    size = sum(len(p) if isinstance(p, (str, list)) else 1 for p in items)
+    return await off_loop_if_large(size, prompt_token_lists, service.vocab, body.prompt,
                                    body.add_special_tokens)
 
 
@@ -467,7 +527,7 @@ async def _complete(service: ScoringService, body: CompletionBody, request: Requ
     for i, ids in enumerate(prompts):
         if len(ids) + sampling.max_tokens > MAX_MODEL_LEN:
             raise invalid(f"prompt {i}: {len(ids)} tokens plus max_tokens "
-                          f"{sampling.max_tokens} exceed max_model_len {MAX_MODEL_LEN}")
+                          f"{sampling.max_tokens} exceed max_model_len {MAX_MODEL_LEN}", "prompt")
     done = []
     for ids in prompts:  # one prompt after another: their turns interleave with other callers
         done.append((ids, *await complete_prompt(service, ids, sampling, body.n, body.seed,
@@ -503,32 +563,34 @@ def _tokenizer_info(service: ScoringService) -> dict:
 
 
 def add_openai_routes(app: FastAPI, service: ScoringService) -> None:
-    """The OpenAI / vLLM routes of the module's docstring, on ``app``."""
+    """The OpenAI / vLLM routes of the module's docstring, on ``app``, each an
+    :class:`OpenAIRoute` (its errors are OpenAI's)."""
+    router = APIRouter(route_class=OpenAIRoute)
 
-    @app.get("/v1/models")
+    @router.get("/v1/models")
     async def models():
         return {"object": "list", "data": [_model_card(service)]}
 
-    @app.get("/v1/models/{model_id}")
+    @router.get("/v1/models/{model_id}")
     async def model(model_id: str):
         _check_model(service, model_id)
         return _model_card(service)
 
-    @app.post("/v1/completions")
+    @router.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         return _json(await _complete(service, body, request))
 
-    @app.get("/tokenizer_info")
+    @router.get("/tokenizer_info")
     async def tokenizer_info():
         return _tokenizer_info(service)
 
-    @app.post("/tokenize")
+    @router.post("/tokenize")
     async def tokenize_text(body: TokenizeBody):
         _check_model(service, body.model)
         if body.prompt is None:
             raise invalid("chat \"messages\" are not supported (this model has no chat "
                           "template): give \"prompt\", a text" if body.messages is not None
-                          else "prompt: Field required (a text)")
+                          else "prompt: Field required (a text)", "prompt")
 
         def answer() -> bytes:
             ids = tokenize(service.vocab, body.prompt, body.add_special_tokens)
@@ -540,17 +602,19 @@ def add_openai_routes(app: FastAPI, service: ScoringService) -> None:
         # A long text's ids and their JSON on a worker thread, not on the event loop.
         return _json(await tokenize_off_loop([body.prompt], answer))
 
-    @app.post("/detokenize")
+    @router.post("/detokenize")
     async def detokenize_tokens(body: DetokenizeBody):
         _check_model(service, body.model)
         return _json(await off_loop_if_large(
             len(body.tokens), lambda: large_json_body({"prompt": detokenize(service.vocab,
                                                                             body.tokens)})))
 
+    app.include_router(router)
+
 
 def _json(body: bytes) -> Response:
     return Response(body, media_type="application/json")
 
 
-__all__ = ["add_openai_routes", "tokenize", "detokenize", "score_prompt", "generate_after",
-           "MAX_MODEL_LEN"]
+__all__ = ["add_openai_routes", "OpenAIRoute", "Prompt", "PromptRun", "tokenize", "detokenize",
+           "generate_after", "MAX_MODEL_LEN"]

@@ -1,9 +1,11 @@
 """What ``lmonnx serve`` speaks: its request bodies, its error answers and its JSON.
 
 Imports nothing of the HTTP app or its routes (vLLM's ``protocol.py``), so the app
-(:mod:`lmonnx.serve.app`) and the OpenAI routes (:mod:`lmonnx.serve.openai_routes`) both build
-on it without importing each other.  Errors are ``{"error": {"type": ..., "message": ...}}``
-with their status; JSON is strict (NaN and infinities as ``null``, UTF-8 as is).
+(:mod:`lmonnx.serve.app`) and the OpenAI routes (:mod:`lmonnx.serve.openai_routes`) build on
+it.  lmonnx's errors are ``{"error": {"type": ..., "message": ...}}`` with their status (a
+malformed body: 400 when it is not JSON, 422 for a value of the wrong type or out of range);
+the OpenAI routes answer in OpenAI's shape (:func:`openai_error_response`).  JSON is strict
+(NaN and infinities as ``null``, UTF-8 as is).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from lmonnx.strict_json import json_pieces, json_text
 
 
 class ApiError(Exception):
-    """An answer other than 200: ``status``, a machine-readable ``kind`` and one line."""
+    """An answer other than 200: ``status``, a machine-readable ``kind`` and one line;
+    ``param``: the request field at fault, where known (OpenAI's answers name it)."""
 
-    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None, *,
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.kind, self.headers = status, kind, headers
+        self.status, self.kind, self.headers, self.param = status, kind, headers, param
 
 
 def error_response(status: int, kind: str, message: str, headers=None) -> JSONResponse:
@@ -30,21 +34,38 @@ def error_response(status: int, kind: str, message: str, headers=None) -> JSONRe
                         headers=headers)
 
 
-def validation_error(exc) -> tuple[int, str, str]:
-    """(status, type, one line) of FastAPI's or pydantic's validation errors: 400 for a body
-    that is not JSON, 422 for a value of the wrong type or out of range (the first error,
-    located)."""
+OPENAI_INVALID = "invalid_request_error"
+"""OpenAI's error type for a malformed request (status 400, as OpenAI and vLLM answer it)."""
+
+
+def openai_error_response(err: ApiError) -> JSONResponse:
+    """``err`` as OpenAI answers errors: ``{"error": {"message", "type", "param", "code"}}``;
+    a malformed request (400 or 422 here) is 400 ``invalid_request_error``, as OpenAI and
+    vLLM answer it."""
+    status, kind = err.status, err.kind
+    if status in (400, 422):
+        status, kind = 400, OPENAI_INVALID
+    return JSONResponse({"error": {"message": str(err), "type": kind, "param": err.param,
+                                   "code": None}}, status_code=status, headers=err.headers)
+
+
+def validation_error(exc) -> ApiError:
+    """FastAPI's or pydantic's validation errors as one answer: 400 for a body that is not
+    JSON, 422 for a value of the wrong type or out of range (the first errors, located)."""
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
-        return 400, "invalid_json", f"the request body is not valid JSON: {detail}".rstrip(": ")
-    def located(error) -> str:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        return f"{where}: {error.get('msg', 'invalid')}"
+        return ApiError(400, "invalid_json",
+                        f"the request body is not valid JSON: {detail}".rstrip(": "))
+
+    def where(error) -> str:
+        return ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
 
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    return 422, "invalid_request", "; ".join(map(located, errors[:3])) + more
+    return ApiError(422, "invalid_request", "; ".join(
+        f"{where(e)}: {e.get('msg', 'invalid')}" for e in errors[:3]) + more,
+        param=where(first) if errors else None)
 
 
 # ---- request bodies: strict types (no "1" for 1, no 1 for "1"), unknown fields refused ----
@@ -107,7 +128,7 @@ def json_body(content) -> bytes:
 
 def large_json_body(content) -> bytes:
     """:func:`json_body` of a large answer, built on a worker thread: encoded in pieces
-    (:func:`~lmonnx.evaluate.json_pieces`), so that the event loop gets the GIL between
+    (:func:`~lmonnx.strict_json.json_pieces`), so that the event loop gets the GIL between
     them."""
     return "".join(json_pieces(content)).encode("utf-8")
 
@@ -119,6 +140,7 @@ class StrictJSONResponse(JSONResponse):
         return json_body(content)
 
 
-__all__ = ["ApiError", "error_response", "validation_error", "RequestBody",
+__all__ = ["ApiError", "error_response", "openai_error_response", "OPENAI_INVALID",
+           "validation_error", "RequestBody",
            "ScoreBody", "PredictBody", "GenerateBody", "StatesBody", "StepItem", "StepBody",
            "json_body", "large_json_body", "StrictJSONResponse"]

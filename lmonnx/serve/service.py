@@ -4,23 +4,24 @@ decoder states, as ``async`` methods an HTTP route awaits.
 Every method checks its input on the event loop (a ``ValueError`` / ``TypeError`` before any
 work is queued, so one caller's bad word never fails another caller's batch), then queues the
 work and awaits it: :meth:`ScoringService.run` owns the deadline (work not started within
-``timeout_s`` is taken off the queue: :class:`~lmonnx.serve.batch_queue.NotStarted`) and the caller's
-disconnect (its queued work is withdrawn).  Scores are the ``Scorer``'s own code path
-(``examples`` then ``score_examples``), so a served number is ``Scorer.score``'s number.
+``timeout_s`` is taken off the queue: :class:`~lmonnx.serve.batch_queue.NotStarted`) and the
+caller's disconnect (its queued work is withdrawn).  Scores are the ``Scorer``'s own code path
+(``examples`` then ``score_examples``), so a served number is ``Scorer.score``'s number.  What
+is longer than one onnxruntime call (a sentence, a prefix, a prompt) runs a window per turn
+of the compute thread (:meth:`ScoringService.run_steps`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from lmonnx.serve.batch_queue import CALL, SCORE, STEP, Batcher, BatchStats, NotStarted
 from lmonnx.errors import InvalidArgumentError
 from lmonnx.evaluate import SentenceResult
 from lmonnx.examples import Example
 from lmonnx.incremental import END, LMState
-from lmonnx.metrics import default_max_tokens
 from lmonnx.scorer import Scorer
 from lmonnx.serve.states import StateStore, state_bytes
 from lmonnx.serve.telemetry import ServerMetrics
@@ -38,29 +39,41 @@ class ClientGone(Exception):
     """The caller disconnected before its work ran; nothing is left queued for it."""
 
 
-class ScoringService:
-    """One model served: ``score``, ``step``, ``begin``, ``call`` (anything else, in turn).
+class Stepper(Protocol):
+    """A computation in steps of one onnxruntime call each (a
+    :class:`~lmonnx.windows.CarriedWindows` underneath): ``WindowedRow``, ``HistoryRun``, the
+    OpenAI routes' ``PromptRun``."""
 
-    ``max_batch_tokens`` None: the scorer's logits budget (what one onnxruntime call holds).
-    ``timeout_s``: the longest a request waits to start.  States: at most
-    ``state_max_bytes``, each kept ``state_ttl_s`` after its last use.
+    @property
+    def done(self) -> bool: ...
+
+    def step(self) -> None: ...
+
+
+class ScoringService:
+    """One model served: ``score``, ``step``, ``begin``, ``call`` (anything else, in turn),
+    ``run_steps`` (a long computation, a turn per step).
+
+    One token budget, the scorer's :attr:`~lmonnx.scorer.Scorer.window` (``Scorer(...,
+    max_tokens=...)``; ``lmonnx serve --max-batch-tokens``): no onnxruntime call of any route
+    holds more positions -- a batch of short sentences or decoder steps, a window of a long
+    sentence, prefix or prompt.  ``timeout_s``: the longest a request waits to start.
+    States: at most ``state_max_bytes``, each kept ``state_ttl_s`` after its last use.
     """
 
     def __init__(self, scorer: Scorer, *, name: str = "lmonnx", max_wait_ms: float = 2.0,
-                 max_batch_sentences: int = 64, max_batch_tokens: int | None = None,
-                 max_queue: int = 1024, timeout_s: float = 30.0,
+                 max_batch_sentences: int = 64, max_queue: int = 1024, timeout_s: float = 30.0,
                  state_ttl_s: float = 600.0, state_max_bytes: int = 512 << 20,
                  watch_disconnects: bool = True):
         self.scorer = scorer
         self.name = name
         self.timeout_s = check_real("timeout_s", timeout_s, low=0, low_open=True)
         self.metrics = ServerMetrics()
-        budget = max_batch_tokens or scorer.max_tokens or default_max_tokens(len(scorer.vocab))
         self.batcher = Batcher(
             scorer.score_examples, scorer.incremental.step_ids,
             max_wait_s=check_real("max_wait_ms", max_wait_ms, low=0) / 1000,
             max_batch_sentences=check_int("max_batch_sentences", max_batch_sentences),
-            max_batch_tokens=check_int("max_batch_tokens", budget), max_queue=max_queue,
+            max_batch_tokens=scorer.window, max_queue=max_queue,
             on_batch=self._observe)
         self.states = StateStore(max_bytes=state_max_bytes, ttl_s=state_ttl_s)
         one = state_bytes(scorer.begin())
@@ -80,6 +93,11 @@ class ScoringService:
     @property
     def vocab(self):
         return self.scorer.vocab
+
+    @property
+    def window(self) -> int:
+        """Positions per onnxruntime call, on every route: the scorer's window."""
+        return self.scorer.window
 
     @property
     def ready(self) -> bool:
@@ -153,6 +171,15 @@ class ScoringService:
         """``function()`` on the compute thread, in turn with the batches."""
         return await self.run(CALL, function, request=request)
 
+    async def run_steps(self, stepper: Stepper, request=None) -> Stepper:
+        """Run ``stepper`` to its end, one ``step()`` (one onnxruntime call's work) per turn
+        of the compute thread: other callers' batches run between its steps, so a long
+        sentence, prefix or prompt never holds the server (a million words held it for
+        seconds in one turn).  A step's numbers do not depend on the turns around it."""
+        while not stepper.done:
+            await self.call(stepper.step, request=request)
+        return stepper
+
     # ---- what the routes ask -----------------------------------------------------------
 
     async def examples(self, sentences: Sequence) -> list[Example]:
@@ -164,7 +191,7 @@ class ScoringService:
         """``(example, result)`` per sentence, in order: ``Scorer.score``'s numbers."""
         self.batcher.check_room(len(sentences))
         examples = await self.examples(sentences)
-        long = [e.tokens > self.scorer.window for e in examples]
+        long = [e.tokens > self.window for e in examples]
         short = [e for e, is_long in zip(examples, long) if not is_long]
         batched = iter(await self.run(SCORE, (short, per_token), sentences=len(short),
                                       tokens=sum(e.tokens for e in short), request=request)
@@ -177,26 +204,21 @@ class ScoringService:
 
     async def _score_long(self, example: Example, per_token: bool, request) -> SentenceResult:
         """A sentence longer than one onnxruntime call, a window per turn of the compute
-        thread: other callers' batches run between its windows (a million words held them
-        for seconds in one turn).  The same numbers as scoring it in one turn."""
-        row = self.scorer.windowed(example)
-        while not row.done:
-            await self.call(row.step, request=request)
+        thread (:meth:`run_steps`): the same numbers as scoring it in one turn."""
+        row = await self.run_steps(self.scorer.windowed(example), request)
         self.metrics.tokens_scored.inc(example.tokens)  # calls are not counted as scoring
         return row.results(per_token)[0]
 
     async def begin(self, prefix: str = "", request=None) -> tuple[str, LMState]:
-        """A new state id after ``<s>`` and ``prefix`` (the prefix runs on the compute
-        thread; the empty prefix is the shared start state)."""
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a string, got {type(prefix).__name__}")
+        """A new state id after ``<s>`` and ``prefix`` (cleaned and tokenized as a sentence;
+        run a window per turn of the compute thread; no words: the shared start state)."""
         incremental = self.scorer.incremental
-        if prefix.strip():
-            state = await self.call(
-                lambda: incremental.state_after_text(prefix, self.batcher.max_batch_tokens),
-                request=request)
-        else:
+        ids = await tokenize_off_loop([prefix], incremental.history_ids, prefix)
+        if ids is None:
             state = incremental.begin()
+        else:
+            run = await self.run_steps(incremental.history_run(ids, self.window), request)
+            state = run.state()
         return self.states.put(state), state
 
     async def step(self, state_ids: Sequence[str], words: Sequence, request=None,
