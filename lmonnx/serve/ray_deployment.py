@@ -326,8 +326,9 @@ def deploy(model, *, replicas: int = 1, host: str = "127.0.0.1", port: int = 800
     Serve application ``lmonnx`` at ``/``, ``replicas`` replicas; return its URL once every
     replica is ready.  Serve's HTTP proxy listens on ``host:port`` (port 0: a free one) unless
     Serve already runs on the cluster with its own.  ``service_options``:
-    :class:`~lmonnx.serve.service.ScoringService`'s keywords (``watch_disconnects`` False unless
-    given)."""
+    :func:`~lmonnx.serve.app.build_app`'s keywords past the model (``max_batch_tokens``, the
+    one token budget, and :class:`~lmonnx.serve.service.ScoringService`'s; ``watch_disconnects``
+    False unless given)."""
     _require_serve()
     _serve_extra()
     replicas, cpus_per_replica, max_ongoing_requests = _checked_sizes(
