@@ -104,18 +104,9 @@ class MissingDependencyError(LmonnxError, ImportError):
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when it has none): what a
-    one-line error quotes from a foreign library's multi-line message.  Past ``limit``
-    characters the middle gives way to " ... ": a foreign library's message often names
-    its source location first and the cause last (onnxruntime: "model.cc:256 ...
-    Unsupported model IR version: 14"), and the cause is what the user needs."""
+    one-line error quotes from a foreign library's multi-line message."""
     text = str(exc).strip()
-    if not text:
-        return type(exc).__name__
-    line = text.splitlines()[0]
-    if len(line) <= limit:
-        return line
-    head = max(0, limit // 3)
-    return line[:head] + " ... " + line[len(line) - (limit - head - 5):]
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 __all__ = ["LmonnxError", "InvalidArgumentError", "ArgumentTypeError", "CorpusError",
