@@ -1,6 +1,7 @@
 """The exported artifact's contract: names, metadata keys and their JSON payloads.
 
-One ``.onnx`` file (ARCHITECTURE.md, "The artifact"), format 2:
+One ``.onnx`` file (ARCHITECTURE.md, "The artifact"), format 2 (format 3, the factored
+softmax's, below at ``FACTORED_FORMAT``):
 
   input_ids int32 [batch, time], state_h, state_c float32 [layers, batch, units] (zeros: the
   start of a sentence) -> logits float32 [batch, time, vocab], state_h_out, state_c_out (the
@@ -30,10 +31,18 @@ from lmonnx.errors import ArtifactError
 from lmonnx.vocab import TokenizerOptions, Vocabulary
 
 FORMAT_VERSION = "2"
-"""What ``lmonnx export`` writes."""
-READABLE_FORMATS = (FORMAT_VERSION,)
+"""What ``lmonnx export`` writes for a full-softmax model."""
+FACTORED_FORMAT = "3"
+"""What it writes for a factored (``--softmax adaptive``) model: the outputs ``head_logits``
+float32 [batch, time, c_0 + clusters] and ``hidden`` float32 [batch, time, units] replace
+``logits``; the tail clusters' weights are initializers of the file named by
+``lmonnx.factored.tail_names``, computed outside the graph for the positions that need them;
+the config adds ``softmax: "adaptive"`` and ``cutoffs`` ``[c_0, ..., vocab_size]``."""
+READABLE_FORMATS = (FORMAT_VERSION, FACTORED_FORMAT)
 INPUT_NAME = "input_ids"
 OUTPUT_NAME = "logits"
+HEAD_OUTPUT = "head_logits"
+HIDDEN_OUTPUT = "hidden"
 STATE_INPUTS = ("state_h", "state_c")
 STATE_OUTPUTS = ("state_h_out", "state_c_out")
 
@@ -134,6 +143,18 @@ def _check_config(config, source: str) -> None:
         raise ArtifactError(f"{source}: {KEY_CONFIG} has no 'tokenizer'; re-export this model")
 
 
+def _check_factored_config(config, source: str) -> None:
+    cutoffs = config.get("cutoffs")
+    if (config.get("softmax") != "adaptive" or not isinstance(cutoffs, list) or len(cutoffs) < 2
+            or not all(isinstance(c, int) and not isinstance(c, bool) for c in cutoffs)
+            or any(b <= a for a, b in zip(cutoffs, cutoffs[1:]))
+            or cutoffs[-1] != config["vocab_size"]):
+        raise ArtifactError(f"{source}: a format-{FACTORED_FORMAT} model needs {KEY_CONFIG} "
+                            "softmax 'adaptive' and increasing integer cutoffs ending at "
+                            f"vocab_size, got softmax {config.get('softmax')!r}, cutoffs "
+                            f"{cutoffs!r}; re-export this model")
+
+
 def parse_metadata(props: Mapping[str, str], source: str) -> ArtifactMetadata:
     """Read ``metadata_props`` back; ``ArtifactError`` naming ``source`` when they are unusable."""
     _check_format(props, source)
@@ -149,6 +170,8 @@ def parse_metadata(props: Mapping[str, str], source: str) -> ArtifactMetadata:
         vocab = Vocabulary(tokens, TokenizerOptions.from_dict(config["tokenizer"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{source} has corrupt lmonnx metadata: {exc}") from None
+    if props[KEY_FORMAT] == FACTORED_FORMAT:
+        _check_factored_config(config, source)
     if config["vocab_size"] != len(vocab):
         raise ArtifactError(
             f"{source}: config says vocab_size={config['vocab_size']} but the vocabulary "

@@ -63,6 +63,14 @@ def _int_arg(low: int | None = 1, high: int | None = None, why: str = ""):
     return _flag_type(int, "an integer", check_int, low=low, high=high, why=why)
 
 
+def _ints_arg(low: int | None = 1, why: str = ""):
+    """Comma-separated integers, each at least ``low`` (``--cutoffs 2000,10000``)."""
+    def check_all(name, values, **bounds):
+        return tuple(check_int(name, v, **bounds) for v in values)
+    return _flag_type(lambda text: [int(part) for part in text.split(",")],
+                      "comma-separated integers", check_all, low=low, why=why)
+
+
 def _real_arg(low: float | None = None, high: float | None = None, *, low_open: bool = False,
               high_open: bool = False, why: str = ""):
     """A finite-number flag within the bounds (``*_open``: the bound itself excluded)."""
@@ -326,7 +334,7 @@ def _add_train_settings(p: argparse.ArgumentParser) -> None:
             p.add_argument(meta["flag"], dest=f.name, action="store_const", const=not f.default,
                            default=None, help=meta["help"])
             continue
-        kind = {"int": _int_arg, "real": _real_arg}.get(meta["kind"])
+        kind = {"int": _int_arg, "real": _real_arg, "ints": _ints_arg}.get(meta["kind"])
         p.add_argument(meta["flag"], dest=f.name, type=kind and kind(**bounds), default=None,
                        choices=meta["bounds"].get("choices"),
                        metavar=None if kind is None else meta["flag"][2:].upper().replace("-", "_"),

@@ -178,6 +178,8 @@ def _token_scores(session: ModelSession, inputs, targets, mask, state, num_threa
         real = mask != 0
         nll = np.where(real, -logprob.astype(np.float64), 0.0)
         return nll, hit & real & ~np.isnan(logprob), state  # NaN rows are never hits
+    if session.factored:  # the head and, per position, its target's cluster only
+        return session.score_targets(inputs, targets, mask, state, num_threads=num_threads)
     logits, state = session.run(inputs, state)
     nll, hits = token_nll_and_hits(logits, targets, mask, num_threads=num_threads)
     return nll, hits, state

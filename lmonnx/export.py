@@ -31,14 +31,15 @@ from typing import Callable
 
 import numpy as np
 
-from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS,
+from lmonnx.artifact import (FACTORED_FORMAT, FORMAT_VERSION, HEAD_OUTPUT, HIDDEN_OUTPUT,
+                             INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS,
                              metadata_props, write_metadata)
 from lmonnx.atomic import check_outputs, output_file
 from lmonnx.corpus import read_sentences, to_line
 from lmonnx.errors import ExportError, InvalidArgumentError, OutputError
 from lmonnx.examples import ExampleBuilder
-from lmonnx.graph import (check_graph, name_dynamic_axes, op_counts, tie_output_matrix,
-                          wire_sequence_lengths)
+from lmonnx.graph import (add_tail_weights, check_graph, name_dynamic_axes, op_counts,
+                          tie_output_matrix, wire_sequence_lengths)
 from lmonnx.rundir import MODEL_FILE, STDIN_CORPUS, VOCAB_FILE, RunDir, is_run_file_name
 from lmonnx.verify import (LOGIT_ATOL, LOSS_RTOL, ParityReport, StateReport, check_parity,
                            check_state)
@@ -127,7 +128,9 @@ def _load_run(run: RunDir):
 def convert(model, opset: int = DEFAULT_OPSET):
     """tf2onnx ModelProto of ``model.inference_model()`` in format 2: inputs ``input_ids``
     int32 [batch, time], ``state_h``/``state_c`` float32 [layers, batch, units]; outputs
-    ``logits`` float32 [batch, time, vocab_size], ``state_h_out``/``state_c_out``."""
+    ``logits`` float32 [batch, time, vocab_size], ``state_h_out``/``state_c_out``.  A factored
+    model's is format 3: ``head_logits`` and ``hidden`` instead of ``logits``, and the tail
+    clusters' weights as initializers (``lmonnx.artifact.FACTORED_FORMAT``)."""
     import tensorflow as tf
     import tf2onnx
 
@@ -137,20 +140,31 @@ def convert(model, opset: int = DEFAULT_OPSET):
             tf.TensorSpec(state, tf.float32, name=STATE_INPUTS[0]),
             tf.TensorSpec(state, tf.float32, name=STATE_INPUTS[1]))
 
+    factored = is_factored(model)
+    scores = (HEAD_OUTPUT, HIDDEN_OUTPUT) if factored else (OUTPUT_NAME,)
+
     @tf.function(input_signature=spec)
     def lm(input_ids, state_h, state_c):
         # Keras holds the state [batch, layers, units]; the artifact [layers, batch, units],
         # the layout of the ONNX LSTM's own initial_h / Y_h.
-        logits, h, c = inference([input_ids, tf.transpose(state_h, [1, 0, 2]),
-                                  tf.transpose(state_c, [1, 0, 2])], training=False)
-        return {OUTPUT_NAME: logits, STATE_OUTPUTS[0]: tf.transpose(h, [1, 0, 2]),
+        *outputs, h, c = inference([input_ids, tf.transpose(state_h, [1, 0, 2]),
+                                    tf.transpose(state_c, [1, 0, 2])], training=False)
+        return {**dict(zip(scores, outputs)), STATE_OUTPUTS[0]: tf.transpose(h, [1, 0, 2]),
                 STATE_OUTPUTS[1]: tf.transpose(c, [1, 0, 2])}
 
     proto, _ = tf2onnx.convert.from_function(lm, input_signature=spec, opset=opset)
     wire_sequence_lengths(proto)
     name_dynamic_axes(proto)
-    tie_output_matrix(proto)
+    if factored:
+        add_tail_weights(proto, model.output_layer.tail_weights())
+    else:
+        tie_output_matrix(proto)
     return proto
+
+
+def is_factored(model) -> bool:
+    """Whether a Keras model has the factored output layer (exported as format 3)."""
+    return getattr(model, "softmax", "full") == "adaptive"
 
 
 def _corpus_paths(config: dict) -> list[Path]:
@@ -213,11 +227,15 @@ def _converted(model, run: RunDir, config: dict, vocab: Vocabulary, opset: int):
     """(serialized checked model with its metadata, op counts, metadata props)."""
     proto = convert(model, opset)
     counts = check_graph(proto, model.num_lstm_layers)
-    props = metadata_props(vocab, {k: config[k] for k in MODEL_CONFIG_KEYS},
-                           run.training_record(config))
+    shape = {k: config[k] for k in MODEL_CONFIG_KEYS}
+    if is_factored(model):
+        shape.update(softmax="adaptive", cutoffs=list(model.cutoffs))
+    props = metadata_props(vocab, shape, run.training_record(config),
+                           FACTORED_FORMAT if is_factored(model) else FORMAT_VERSION)
     write_metadata(proto, props)
+    outputs = "head_logits, hidden" if is_factored(model) else "logits"
     proto.doc_string = ("lmonnx stacked-LSTM word language model (input_ids, state_h, state_c "
-                        "-> logits, state_h_out, state_c_out)")
+                        f"-> {outputs}, state_h_out, state_c_out)")
     return proto.SerializeToString(), counts, props
 
 

@@ -34,8 +34,8 @@ from collections import Counter
 
 import numpy as np
 
-from lmonnx.artifact import (FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, STATE_INPUTS,
-                             STATE_OUTPUTS)
+from lmonnx.artifact import (HEAD_OUTPUT, HIDDEN_OUTPUT, INPUT_NAME, OUTPUT_NAME,
+                             STATE_INPUTS, STATE_OUTPUTS)
 from lmonnx.errors import ExportError, MissingDependencyError
 
 TARGETS = "target_ids"
@@ -45,10 +45,12 @@ LENGTHS = "lmonnx_sequence_lens"
 FORBIDDEN_OPS = ("Loop", "Scan")
 
 
-def add_loss_head(model: bytes) -> tuple[bytes, int | None]:
+def add_loss_head(model: bytes) -> tuple[bytes, int | None] | None:
     """The serialized model with the head appended: input ``target_ids`` int32 [batch, time]
     added, output ``logits`` replaced by ``token_logprob`` and ``token_hit``.  Also returns
-    the declared logits width (None when symbolic), which the head hides from the session."""
+    the declared logits width (None when symbolic), which the head hides from the session.
+    None for a graph without ``logits`` (format 3: its head and hidden states are small, and
+    the tails are computed on the host)."""
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper
@@ -57,7 +59,10 @@ def add_loss_head(model: bytes) -> tuple[bytes, int | None]:
                           "install lmonnx[gpu]") from None
     proto = onnx.load_from_string(model)
     graph = proto.graph
-    (logits,) = [o for o in graph.output if o.name == OUTPUT_NAME]
+    found = [o for o in graph.output if o.name == OUTPUT_NAME]
+    if not found:
+        return None
+    (logits,) = found
     dims = logits.type.tensor_type.shape.dim
     width = dims[2].dim_value if len(dims) == 3 and dims[2].HasField("dim_value") else None
     prefix = "lmonnx_head_"
@@ -117,10 +122,12 @@ def _dynamic_axis_names(graph) -> dict[str, str]:
     """tf2onnx's ``unk__N`` -> ``batch`` / ``time``, read off the graph's inputs and outputs."""
     inputs = {v.name: v for v in graph.input}
     outputs = {v.name: v for v in graph.output}
-    if set(inputs) != {INPUT_NAME, *STATE_INPUTS} or set(outputs) != {OUTPUT_NAME, *STATE_OUTPUTS}:
+    scores = {OUTPUT_NAME} if OUTPUT_NAME in outputs else {HEAD_OUTPUT, HIDDEN_OUTPUT}
+    if set(inputs) != {INPUT_NAME, *STATE_INPUTS} or set(outputs) != {*scores, *STATE_OUTPUTS}:
         raise ExportError(f"tf2onnx named the graph's inputs {sorted(inputs)} and outputs "
-                          f"{sorted(outputs)}, not the lmonnx format {FORMAT_VERSION} names")
-    axes = {INPUT_NAME: ("batch", "time"), OUTPUT_NAME: ("batch", "time")}
+                          f"{sorted(outputs)}, not the lmonnx format's names")
+    axes = {INPUT_NAME: ("batch", "time"),
+            **{name: ("batch", "time") for name in (OUTPUT_NAME, HEAD_OUTPUT, HIDDEN_OUTPUT)}}
     axes.update({name: (None, "batch") for name in (*STATE_INPUTS, *STATE_OUTPUTS)})
     rename = {}
     for name, value in {**inputs, **outputs}.items():
@@ -207,6 +214,29 @@ def untie_output_matrix(proto) -> None:
             graph.node.insert(index, helper.make_node("MatMul", [node.input[0], name],
                                                       list(node.output)))
             return
+
+
+def add_tail_weights(proto, tails) -> None:
+    """Store a factored model's tail clusters in the file: ``tails`` is a list of
+    (projection [units, dim], kernel [dim, size], bias [size]) float32 arrays, one per cluster,
+    named by ``lmonnx.factored.tail_names``.  No node reads them: scoring computes a cluster
+    outside the graph, for the positions whose target (or best word) lies in it."""
+    from onnx import numpy_helper
+
+    from lmonnx.factored import tail_names
+
+    for k, weights in enumerate(tails):
+        for name, array in zip(tail_names(k), weights):
+            proto.graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(array, np.float32), name))
+
+
+def copy_tail_weights(target, source) -> None:
+    """Put ``source``'s tail initializers back into ``target`` where a rewrite (the int8
+    quantizer drops initializers no node reads) left them out."""
+    have = {i.name for i in target.graph.initializer}
+    target.graph.initializer.extend(i for i in source.graph.initializer
+                                    if i.name.startswith("lmonnx_tail_") and i.name not in have)
 
 
 def op_counts(proto) -> dict[str, int]:

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 from lmonnx.artifact import model_props, write_metadata
 from lmonnx.errors import InvalidArgumentError, MissingDependencyError, QuantizationError
-from lmonnx.graph import untie_output_matrix
+from lmonnx.graph import copy_tail_weights, untie_output_matrix
 from lmonnx.examples import Example
 from lmonnx.validation import check_real
 
@@ -95,6 +95,7 @@ def quantize_bytes(model: bytes, *, per_channel: bool = PER_CHANNEL,
             quantize_dynamic(src, dst, per_channel=per_channel, reduce_range=reduce_range,
                              weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM", "MatMul"])
         proto = onnx.load(str(dst))
+    copy_tail_weights(proto, fp32)  # a factored model's tails: fp32, read outside the graph
     write_metadata(proto, model_props(onnx.load_from_string(model)))
     return proto.SerializeToString()
 

@@ -39,8 +39,10 @@ except ImportError:  # both onnxruntime and onnxruntime-gpu provide the module
         "scoring needs an ONNX Runtime: install exactly one of the extras 'lmonnx[cpu]' "
         "(onnxruntime) or 'lmonnx[gpu]' (onnxruntime-gpu, also runs on CPU)") from None
 
-from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS,
-                             ArtifactMetadata, format_1_refused, parse_metadata)
+from lmonnx.artifact import (HEAD_OUTPUT, HIDDEN_OUTPUT, INPUT_NAME, OUTPUT_NAME,
+                             STATE_INPUTS, STATE_OUTPUTS, ArtifactMetadata, format_1_refused,
+                             parse_metadata)
+from lmonnx.factored import TailLayers, tail_names
 from lmonnx.graph import TARGETS, TOKEN_HIT, TOKEN_LOGPROB, add_loss_head
 
 log = logging.getLogger("lmonnx")
@@ -145,7 +147,11 @@ class ModelSession:
         if self.provider_note:
             log.debug("%s: %s; running on CPU", self.name, self.provider_note)
         self._check_state_shape()
-        self._check_vocab_width()
+        self.tails: TailLayers | None = None
+        if self.factored:
+            self.tails = self._read_tails()
+        else:
+            self._check_vocab_width()
 
     def _graph(self) -> bytes | str:
         """What onnxruntime opens: the file (its path) or bytes, the loss head added if asked."""
@@ -154,7 +160,11 @@ class ModelSession:
             return self.source if isinstance(self.source, bytes) else str(self.source)
         raw = self.source if isinstance(self.source, bytes) else self.source.read_bytes()
         try:
-            graph, self._declared_width = add_loss_head(raw)
+            headed = add_loss_head(raw)
+            if headed is None:  # format 3: no logits to reduce on the device
+                self.loss_head = False
+                return self.source if isinstance(self.source, bytes) else str(self.source)
+            graph, self._declared_width = headed
         except ImportError:  # onnx missing: say which extra, not "unreadable model"
             raise
         except Exception as exc:  # a file onnx cannot parse: the session would say so too
@@ -185,7 +195,9 @@ class ModelSession:
         """Names, dtypes and ranks of the graph's inputs and outputs, at load."""
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = {o.name: o for o in self._session.get_outputs()}
-        scores = [TOKEN_LOGPROB, TOKEN_HIT] if self.loss_head else [OUTPUT_NAME]
+        self.factored = HEAD_OUTPUT in outputs
+        scores = ([TOKEN_LOGPROB, TOKEN_HIT] if self.loss_head else
+                  [HEAD_OUTPUT, HIDDEN_OUTPUT] if self.factored else [OUTPUT_NAME])
         extra = [TARGETS] if self.loss_head else []
         if sorted(inputs) == sorted([INPUT_NAME, *extra]):
             raise ArtifactError(format_1_refused(self.name))
@@ -198,6 +210,7 @@ class ModelSession:
                 f"{sorted(outputs)}")
         expected = {INPUT_NAME: ("tensor(int32)", 2), TARGETS: ("tensor(int32)", 2),
                     OUTPUT_NAME: ("tensor(float)", 3), TOKEN_LOGPROB: ("tensor(float)", 2),
+                    HEAD_OUTPUT: ("tensor(float)", 3), HIDDEN_OUTPUT: ("tensor(float)", 3),
                     **{n: ("tensor(float)", 3) for n in (*STATE_INPUTS, *STATE_OUTPUTS)}}
         for arg in [*inputs.values(), *(outputs[n] for n in (*scores, *STATE_OUTPUTS))]:
             dtype, rank = expected.get(arg.name, (arg.type, None))
@@ -220,6 +233,39 @@ class ModelSession:
                 raise ArtifactError(
                     f"{self.name}: state inputs are {shape} but the config says "
                     f"{self.num_layers} layers of {self.num_units} units")
+
+    def _read_tails(self) -> TailLayers:
+        """A format-3 model's tail clusters, read from the file's initializers (onnxruntime
+        has no API for them; the ``onnx`` package reads them, without the external data
+        that lmonnx files never have)."""
+        try:
+            import onnx
+            from onnx import numpy_helper
+        except ImportError:
+            raise MissingDependencyError("a factored (format 3) model's tail clusters are read "
+                                         "with the onnx package: pip install onnx") from None
+        source = self.source
+        proto = (onnx.load_from_string(source) if isinstance(source, bytes)
+                 else onnx.load(str(source)))
+        inits = {i.name: i for i in proto.graph.initializer if i.name.startswith("lmonnx_tail_")}
+        cutoffs = tuple(self.metadata.config["cutoffs"])
+        weights = []
+        for k in range(len(cutoffs) - 1):
+            names = tail_names(k)
+            missing = [n for n in names if n not in inits]
+            if missing:
+                raise ArtifactError(f"{self.name}: a format-3 model without its tail cluster "
+                                    f"{k} ({', '.join(missing)}); re-export this model")
+            weights.append([numpy_helper.to_array(inits[n]).astype(np.float32) for n in names])
+        tails = TailLayers(cutoffs, *(tuple(w[i] for w in weights) for i in range(3)))
+        for k, (projection, kernel, bias) in enumerate(weights):
+            size = cutoffs[k + 1] - cutoffs[k]
+            if (projection.shape[0] != self.num_units or kernel.shape != (projection.shape[1], size)
+                    or bias.shape != (size,)):
+                raise ArtifactError(f"{self.name}: tail cluster {k}'s weights {projection.shape}, "
+                                    f"{kernel.shape}, {bias.shape} do not fit {self.num_units} "
+                                    f"units and {size} words; re-export this model")
+        return tails
 
     def zero_state(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """(h, c) float32 [layers, batch, units] of zeros: the start of a sentence."""
@@ -262,12 +308,17 @@ class ModelSession:
 
         ``state``: None (zeros: every row starts a sentence) or ``(h, c)`` float32
         [layers, batch, units], the state before the first position.  ``state_out``:
-        ``(h, c)`` after each row's last real position.
+        ``(h, c)`` after each row's last real position.  A factored (format 3) model's
+        "logits" are its log-probabilities over every word, every tail cluster computed: the
+        same distribution (use :meth:`score_targets` to score known targets, much cheaper).
         """
         if self.loss_head:
             raise InvalidArgumentError(f"{self.name} was opened with the loss head: it returns "
                                        "per-token log-probabilities (run_head), not logits")
         ids = self._ids(input_ids)
+        if self.factored:
+            (head, hidden), state_out = self._run(ids, {}, [HEAD_OUTPUT, HIDDEN_OUTPUT], state)
+            return self.tails.log_probs(head, hidden), state_out
         (logits,), state_out = self._run(ids, {}, [OUTPUT_NAME], state)
         if logits.shape[-1] != len(self.vocab):
             raise ArtifactError(self._width_mismatch(logits.shape[-1]))
@@ -286,6 +337,19 @@ class ModelSession:
         (logprob, hit), state_out = self._run(ids, {TARGETS: targets},
                                               [TOKEN_LOGPROB, TOKEN_HIT], state)
         return logprob, hit, state_out
+
+    def score_targets(self, input_ids: np.ndarray, targets: np.ndarray, mask: np.ndarray,
+                      state: tuple | None = None, num_threads: int | None = None):
+        """``(nll float64 [B, T] in nats, 0 where ``mask`` is 0; top-1 hits bool [B, T];
+        state_out)`` of a factored model: the head from onnxruntime, each tail cluster only
+        for the positions that need it (``TailLayers.target_scores``)."""
+        if not self.factored:
+            raise InvalidArgumentError(f"{self.name} is not a factored model: score its logits")
+        ids = self._ids(input_ids)
+        (head, hidden), state_out = self._run(ids, {}, [HEAD_OUTPUT, HIDDEN_OUTPUT], state)
+        nll, hits = self.tails.target_scores(head, hidden, targets, mask,
+                                             num_threads=num_threads)
+        return nll, hits, state_out
 
     @staticmethod
     def _ids(input_ids) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from lmonnx.errors import InvalidArgumentError, RunDirError
+from lmonnx.factored import SOFTMAX_CHOICES
 from lmonnx.validation import check_bool, check_choice, check_int, check_real
 from lmonnx.vocab import PRESETS
 
@@ -47,6 +48,9 @@ RECIPE_HELP = ("tied (the default): embedding = output layer (units wide), locke
                "carrying the LSTM state over windows of --max-length, SGD with plateau decay; "
                "course: the course's LanguageModel (V**0.25-wide embedding, separate output "
                "layer, Adam, random windows packed end to end)")
+
+ADDED_SETTINGS = {"softmax": "full", "cutoffs": None}
+"""Settings newer than some run directories, with the value that reproduces those runs."""
 
 SEED_MAX = 2**32 - 1
 """The largest seed NumPy's legacy generator (which ``keras.utils.set_random_seed`` seeds) takes."""
@@ -116,6 +120,16 @@ class TrainConfig:
                                          "the last one that fits runs at the rate divided by "
                                          "--lr-decay", "real", low=0.0, low_open=True)
 
+    softmax: str = _setting("full", "--softmax", "tied recipe's output layer: full (logits "
+                            "over every word) or adaptive (a head over the frequent words and "
+                            "tail clusters computed only for their targets: exact, normalized "
+                            "and several times cheaper for a large vocabulary)", "choice",
+                            choices=SOFTMAX_CHOICES)
+    cutoffs: tuple[int, ...] | None = _setting(None, "--cutoffs", "--softmax adaptive: the "
+                                               "head's size and the clusters' boundaries, "
+                                               "comma-separated ids (default: 2000,10000,50000,"
+                                               "... below the vocabulary size)", "ints", low=5)
+
     def validate(self) -> None:
         """``InvalidArgumentError`` / ``ArgumentTypeError`` naming the flag of the first
         setting out of range."""
@@ -132,6 +146,9 @@ class TrainConfig:
                 check_choice(meta["flag"], value, bounds["choices"])
             elif meta["kind"] == "bool":
                 check_bool(f.name, value)
+            elif meta["kind"] == "ints":
+                for item in value:
+                    check_int(meta["flag"], item, **bounds)
 
     def resolved(self) -> "TrainConfig":
         """This config with every None setting replaced by its recipe's value; a tied model
@@ -151,6 +168,13 @@ class TrainConfig:
                                            "with no padding to pack; it applies to --recipe "
                                            "course only")
             values["embedding_dim"] = self.num_lstm_units
+        elif self.softmax != "full":
+            raise InvalidArgumentError(f"--softmax {self.softmax}: the factored output is "
+                                       "the tied recipe's; --recipe course has a full Dense "
+                                       "output")
+        if self.cutoffs is not None and self.softmax != "adaptive":
+            raise InvalidArgumentError("--cutoffs splits the adaptive softmax's vocabulary: "
+                                       "it needs --softmax adaptive")
         return dataclasses.replace(self, **values)
 
     def unusual_learning_rate(self) -> str | None:
@@ -192,6 +216,9 @@ class TrainConfig:
         """The settings stored in the run's config.json at ``path``; ``RunDirError`` when one
         is missing or unknown (a run from another lmonnx version)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {**ADDED_SETTINGS, **d}
+        if d.get("cutoffs") is not None:
+            d["cutoffs"] = tuple(d["cutoffs"])  # JSON gave a list
         missing, unknown = sorted(names - set(d)), sorted(set(d) - names)
         if missing or unknown:
             what = "lacks " + ", ".join(missing) if missing else "has unknown " + ", ".join(

@@ -40,7 +40,9 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from lmonnx.errors import InvalidArgumentError  # noqa: E402
+from lmonnx.factored import SOFTMAX_CHOICES, check_cutoffs, tail_dims  # noqa: E402
 from lmonnx.train.model import ModelSettings, masked_nll  # noqa: E402
+from lmonnx.validation import check_choice  # noqa: E402
 
 __all__ = ["TiedLanguageModel"]
 
@@ -67,6 +69,106 @@ class TiedOutput(keras.layers.Layer):
         return tf.matmul(h, self.embedding.embeddings, transpose_b=True) + self.bias
 
 
+class AdaptiveTiedOutput(keras.layers.Layer):
+    """The factored output layer (:mod:`lmonnx.factored`): a head over the ``c_0`` most
+    frequent ids, tied to the embedding's first ``c_0`` rows, plus one token per tail cluster
+    (untied rows of its own); tail cluster k projects h to ``units / 4**(k+1)`` and scores its
+    words with a matrix and bias of its own.
+
+    ``call(h)`` gives log-probabilities float32 [..., vocab] over every word (exact and
+    normalized: what export checks and ``model(ids)`` returns); :meth:`nll` gives each
+    target's NLL computing only the clusters some target needs (training's loss).
+    """
+
+    def __init__(self, embedding: keras.layers.Embedding, cutoffs, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+        self.cutoffs = [int(c) for c in cutoffs]
+        self.supports_masking = True
+
+    @property
+    def head_size(self) -> int:
+        return self.cutoffs[0]
+
+    @property
+    def clusters(self) -> int:
+        return len(self.cutoffs) - 1
+
+    def build(self, input_shape=None):
+        units = self.embedding.output_dim
+        c0 = self.head_size
+        self.head_bias = self.add_weight(shape=(c0,), initializer="zeros", name="head_bias")
+        init = keras.initializers.RandomUniform(-EMBEDDING_INIT, EMBEDDING_INIT)
+        self.cluster_kernel = self.add_weight(shape=(self.clusters, units), initializer=init,
+                                              name="cluster_kernel")
+        self.cluster_bias = self.add_weight(shape=(self.clusters,), initializer="zeros",
+                                            name="cluster_bias")
+        self.projections, self.tail_kernels, self.tail_biases = [], [], []
+        for k, dim in enumerate(tail_dims(units, self.clusters)):
+            size = self.cutoffs[k + 1] - self.cutoffs[k]
+            self.projections.append(self.add_weight(
+                shape=(units, dim), initializer="glorot_uniform", name=f"tail_{k}_projection"))
+            self.tail_kernels.append(self.add_weight(
+                shape=(dim, size), initializer="glorot_uniform", name=f"tail_{k}_kernel"))
+            self.tail_biases.append(self.add_weight(shape=(size,), initializer="zeros",
+                                                    name=f"tail_{k}_bias"))
+        self.built = True
+
+    def head_logits(self, h):
+        """float32 [..., c_0 + clusters]: the head words' logits (tied), then the clusters'."""
+        kernel = tf.concat([self.embedding.embeddings[:self.head_size], self.cluster_kernel], 0)
+        bias = tf.concat([self.head_bias, self.cluster_bias], 0)
+        return tf.matmul(h, kernel, transpose_b=True) + bias
+
+    def tail_logits(self, k: int, h):
+        """float32 [..., size_k] logits of cluster ``k``'s words."""
+        return tf.matmul(tf.matmul(h, self.projections[k]), self.tail_kernels[k]) \
+            + self.tail_biases[k]
+
+    def call(self, h, head_only: bool = False):
+        if head_only:  # the export graph's head (a layer call, which Keras's functional API needs)
+            return self.head_logits(h)
+        head = tf.nn.log_softmax(self.head_logits(h), axis=-1)
+        c0 = self.head_size
+        parts = [head[..., :c0]]
+        for k in range(self.clusters):
+            parts.append(head[..., c0 + k:c0 + k + 1]
+                         + tf.nn.log_softmax(self.tail_logits(k, h), axis=-1))
+        return tf.concat(parts, axis=-1)
+
+    def nll(self, h, targets):
+        """float32 [n] NLL in nats of int targets [n] given h float32 [n, units]: the head's
+        cross-entropy (label: the word, or its cluster's token) plus, for the rows whose
+        target lies in cluster k, cluster k's over its gathered rows only."""
+        targets = tf.cast(targets, tf.int32)
+        c0 = self.head_size
+        cluster = tf.searchsorted(tf.constant(self.cutoffs[:-1], tf.int32), targets,
+                                  side="right") - 1
+        labels = tf.where(cluster < 0, targets, c0 + cluster)
+        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels,
+                                                             logits=self.head_logits(h))
+        for k in range(self.clusters):
+            rows = tf.where(tf.equal(cluster, k))  # [m, 1]
+            tail = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tf.gather_nd(targets, rows) - self.cutoffs[k],
+                logits=self.tail_logits(k, tf.gather_nd(h, rows)))
+            nll = tf.tensor_scatter_nd_add(nll, rows, tail)
+        return nll
+
+    def tail_weights(self) -> list[tuple]:
+        """(projection [units, dim], kernel [dim, size], bias [size]) arrays per cluster."""
+        return [(p.numpy(), w.numpy(), b.numpy())
+                for p, w, b in zip(self.projections, self.tail_kernels, self.tail_biases)]
+
+
+def adaptive_nll(output: AdaptiveTiedOutput, lstm_outputs, binary_sequences, output_sequences):
+    """:func:`masked_nll` for the factored output: the summed NLL in nats of the real
+    positions, each cluster computed only for the targets in it."""
+    real = tf.math.not_equal(binary_sequences, 0)
+    nll = output.nll(tf.boolean_mask(lstm_outputs, real), tf.boolean_mask(output_sequences, real))
+    return tf.math.reduce_sum(nll)
+
+
 @keras.saving.register_keras_serializable(package="lmonnx")
 class TiedLanguageModel(ModelSettings, keras.Model):
     """Stacked-LSTM word LM with tied input and output embeddings, int32 ids [batch, time]
@@ -83,17 +185,24 @@ class TiedLanguageModel(ModelSettings, keras.Model):
     dropout : locked-dropout rate in [0, 1) on embeddings, between layers and before the
         output, only while training.
     epoch : the epoch the weights are from (set by the trainer before saving).
+    softmax : ``"full"`` (logits over every word, ``h @ E^T + bias``) or ``"adaptive"`` (the
+        factored output of :mod:`lmonnx.factored`: ``model(ids)`` then returns
+        log-probabilities, which are also logits of the same distribution).
+    cutoffs : the adaptive head/cluster boundaries (None: ``factored.default_cutoffs``).
     """
 
     def __init__(self, vocab_size: int, max_length: int, num_lstm_units: int,
                  num_lstm_layers: int, *, dropout: float = 0.0, epoch: int | None = None,
-                 embedding_dim: int | None = None, **kwargs):
+                 embedding_dim: int | None = None, softmax: str = "full", cutoffs=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if embedding_dim not in (None, num_lstm_units):
             raise InvalidArgumentError(f"a tied model's embedding is num_lstm_units "
                                        f"({num_lstm_units}) wide, not {embedding_dim}")
         self.set_settings(vocab_size, max_length, num_lstm_units, num_lstm_layers,
                           num_lstm_units, dropout, epoch)
+        self.softmax = check_choice("softmax", softmax, SOFTMAX_CHOICES)
+        self.cutoffs = check_cutoffs(cutoffs, vocab_size) if softmax == "adaptive" else None
         self.embedding = keras.layers.Embedding(
             vocab_size, num_lstm_units, name="embedding",
             embeddings_initializer=keras.initializers.RandomUniform(-EMBEDDING_INIT,
@@ -105,7 +214,11 @@ class TiedLanguageModel(ModelSettings, keras.Model):
         self.drops = [keras.layers.Dropout(dropout, noise_shape=(None, 1, num_lstm_units),
                                            name=f"locked_dropout_{i}")
                       for i in range(num_lstm_layers + 1)]
-        self.output_layer = TiedOutput(self.embedding, name="tied_output")
+        if self.softmax == "adaptive":
+            self.output_layer = AdaptiveTiedOutput(self.embedding, self.cutoffs,
+                                                   name="adaptive_output")
+        else:
+            self.output_layer = TiedOutput(self.embedding, name="tied_output")
 
     # ---- the methods training, validation and export call --------------------------------
 
@@ -145,12 +258,22 @@ class TiedLanguageModel(ModelSettings, keras.Model):
         return [[zeros, zeros] for _ in range(self.num_lstm_layers)]
 
     def get_logits(self, lstm_outputs):
-        """float32 [..., vocab_size] = outputs @ E^T + output_bias."""
+        """float32 [..., vocab_size] = outputs @ E^T + output_bias (full softmax), or the
+        log-probabilities of every word (adaptive)."""
         return self.output_layer(lstm_outputs)
 
     def calculate_loss(self, lstm_outputs, binary_sequences, output_sequences):
-        """Summed masked NLL in nats (the course's loss; :func:`masked_nll`)."""
+        """Summed masked NLL in nats (the course's loss; :func:`masked_nll`; adaptive: the
+        same sum, each tail cluster computed only for its targets)."""
+        if self.softmax == "adaptive":
+            return adaptive_nll(self.output_layer, lstm_outputs, binary_sequences,
+                                output_sequences)
         return masked_nll(self.get_logits, lstm_outputs, binary_sequences, output_sequences)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(softmax=self.softmax, cutoffs=self.cutoffs)
+        return config
 
     # ---- Keras plumbing ------------------------------------------------------------------
 
@@ -195,7 +318,12 @@ class TiedLanguageModel(ModelSettings, keras.Model):
             x, h, c = lstm(x, initial_state=[state_h[:, i], state_c[:, i]])
             hs.append(h)
             cs.append(c)
+        states = [keras.ops.stack(hs, axis=1), keras.ops.stack(cs, axis=1)]
+        if self.softmax == "adaptive":
+            # format 3: the head and the hidden states; the tails run outside the graph,
+            # for the positions that need them (lmonnx.factored)
+            return keras.Model([ids, state_h, state_c],
+                               [self.output_layer(x, head_only=True), x, *states],
+                               name="lmonnx_inference")
         logits = self.output_layer(x)
-        return keras.Model([ids, state_h, state_c],
-                           [logits, keras.ops.stack(hs, axis=1), keras.ops.stack(cs, axis=1)],
-                           name="lmonnx_inference")
+        return keras.Model([ids, state_h, state_c], [logits, *states], name="lmonnx_inference")

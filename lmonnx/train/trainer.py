@@ -369,7 +369,8 @@ def _build_model(config: TrainConfig, vocab_size: int) -> RecipeModel:
             from lmonnx.train.tied import TiedLanguageModel
 
             model = TiedLanguageModel(vocab_size, config.max_length, config.num_lstm_units,
-                                      config.num_lstm_layers, dropout=config.dropout)
+                                      config.num_lstm_layers, dropout=config.dropout,
+                                      softmax=config.softmax, cutoffs=config.cutoffs)
         else:
             model = LanguageModel(vocab_size, config.max_length, config.num_lstm_units,
                                   config.num_lstm_layers, embedding_dim=config.embedding_dim,
