@@ -12,8 +12,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lmonnx.artifact import (INPUT_NAME, OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS,
-                             metadata_props)
+from lmonnx.artifact import (FACTORED_FORMAT, HEAD_OUTPUT, HIDDEN_OUTPUT, INPUT_NAME,
+                             OUTPUT_NAME, STATE_INPUTS, STATE_OUTPUTS, metadata_props)
+from lmonnx.factored import check_cutoffs, tail_dims, tail_names
 from lmonnx.vocab import TokenizerOptions, Vocabulary
 
 
@@ -48,11 +49,18 @@ def _lstm_layers(rng, nodes: list, init: list, *, units: int, layers: int, size:
     return inp
 
 
-def _signature(nodes: list, vocab_size: int, *, units: int, layers: int, stateful: bool):
-    """The graph's inputs and outputs (and, for format 2, the Concat of the layers' states)."""
+def _signature(nodes: list, vocab_size: int, *, units: int, layers: int, stateful: bool,
+               head_size: int | None = None):
+    """The graph's inputs and outputs (and, for format 2, the Concat of the layers' states);
+    ``head_size``: format 3's ``head_logits`` [.., head_size] and ``hidden`` [.., units]."""
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.INT32, ["batch", "time"])]
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
                                              ["batch", "time", vocab_size])]
+    if head_size is not None:
+        outputs = [helper.make_tensor_value_info(HEAD_OUTPUT, TensorProto.FLOAT,
+                                                 ["batch", "time", head_size]),
+                   helper.make_tensor_value_info(HIDDEN_OUTPUT, TensorProto.FLOAT,
+                                                 ["batch", "time", units])]
     if stateful:
         state_shape = [layers, "batch", units]
         inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, state_shape)
@@ -66,11 +74,13 @@ def _signature(nodes: list, vocab_size: int, *, units: int, layers: int, statefu
 
 
 def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_dim=4, seed=0,
-                    scale=1.0, stateful: bool = True) -> None:
+                    scale=1.0, stateful: bool = True, cutoffs=None) -> None:
     """Write a random-weight lmonnx model with ``layers`` fused LSTMs of ``units`` to ``path``.
 
     ``stateful``: format 2 (state inputs and outputs, ``sequence_lens`` computed in the graph
-    from ``input_ids != 0``), else format 1 (only to test that it is refused).
+    from ``input_ids != 0``), else format 1 (only to test that it is refused).  ``cutoffs``
+    (the boundaries below the vocabulary size, e.g. ``[20, 60]``): format 3, the factored
+    softmax (``lmonnx.factored``), with random tail clusters.
     """
     rng = np.random.default_rng(seed)
     V = len(vocab)
@@ -90,22 +100,38 @@ def build_random_lm(path, vocab: Vocabulary, *, units=16, layers=2, embedding_di
         ]
     last = _lstm_layers(rng, nodes, init, units=units, layers=layers, size=embedding_dim,
                         scale=scale, stateful=stateful)
-    init += [numpy_helper.from_array((rng.standard_normal((units, V)) * scale * 2 / np.sqrt(units))
-                                     .astype(np.float32), "dense_w"),
-             numpy_helper.from_array((rng.standard_normal(V) * 0.5).astype(np.float32), "dense_b")]
+    full = check_cutoffs(cutoffs, V) if cutoffs is not None else None
+    width = V if full is None else full[0] + len(full) - 1  # the head: words and clusters
+    init += [numpy_helper.from_array((rng.standard_normal((units, width)) * scale * 2
+                                      / np.sqrt(units)).astype(np.float32), "dense_w"),
+             numpy_helper.from_array((rng.standard_normal(width) * 0.5).astype(np.float32),
+                                     "dense_b")]
+    logits = OUTPUT_NAME if full is None else HEAD_OUTPUT
     nodes += [
-        helper.make_node("Transpose", [last], ["bth"], perm=[1, 0, 2]),
-        helper.make_node("MatMul", ["bth", "dense_w"], ["proj"]),
-        helper.make_node("Add", ["proj", "dense_b"], [OUTPUT_NAME]),
+        helper.make_node("Transpose", [last], ["bth" if full is None else HIDDEN_OUTPUT],
+                         perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["bth" if full is None else HIDDEN_OUTPUT, "dense_w"],
+                         ["proj"]),
+        helper.make_node("Add", ["proj", "dense_b"], [logits]),
     ]
-    inputs, outputs = _signature(nodes, V, units=units, layers=layers, stateful=stateful)
+    config = dict(vocab_size=V, max_length=35, num_lstm_units=units, num_lstm_layers=layers,
+                  embedding_dim=embedding_dim, dropout=0.0)
+    if full is not None:
+        for k, dim in enumerate(tail_dims(units, len(full) - 1)):
+            size = full[k + 1] - full[k]
+            arrays = (rng.standard_normal((units, dim)) * scale / np.sqrt(units),
+                      rng.standard_normal((dim, size)) * scale * 2 / np.sqrt(dim),
+                      rng.standard_normal(size) * 0.5)
+            init += [numpy_helper.from_array(a.astype(np.float32), name)
+                     for a, name in zip(arrays, tail_names(k))]
+        config.update(softmax="adaptive", cutoffs=full)
+    inputs, outputs = _signature(nodes, V, units=units, layers=layers, stateful=stateful,
+                                 head_size=None if full is None else width)
     model = helper.make_model(helper.make_graph(nodes, "random_lm", inputs, outputs, init),
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    config = dict(vocab_size=V, max_length=35, num_lstm_units=units, num_lstm_layers=layers,
-                  embedding_dim=embedding_dim, dropout=0.0)
-    props = metadata_props(vocab, config, {"corpus": "random"},
-                           format_version="2" if stateful else "1")
+    version = "1" if not stateful else "2" if full is None else FACTORED_FORMAT
+    props = metadata_props(vocab, config, {"corpus": "random"}, format_version=version)
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -123,11 +149,27 @@ def edit_logits(src, dst, *, nan: bool = False, float16: bool = False) -> None:
         (bias,) = [t for t in graph.initializer if t.name == "dense_b"]
         values = np.full(numpy_helper.to_array(bias).shape, np.nan, np.float32)
         bias.CopyFrom(numpy_helper.from_array(values, "dense_b"))
-    if float16:
-        (add,) = [n for n in graph.node if OUTPUT_NAME in n.output]
+    if float16:  # the logits, or a factored model's head
+        name = OUTPUT_NAME if any(o.name == OUTPUT_NAME for o in graph.output) else HEAD_OUTPUT
+        (add,) = [n for n in graph.node if name in n.output]
         add.output[0] = "logits_float32"
-        graph.node.append(helper.make_node("Cast", ["logits_float32"], [OUTPUT_NAME],
+        graph.node.append(helper.make_node("Cast", ["logits_float32"], [name],
                                            to=TensorProto.FLOAT16))
-        (out,) = [o for o in graph.output if o.name == OUTPUT_NAME]
+        (out,) = [o for o in graph.output if o.name == name]
         out.type.tensor_type.elem_type = TensorProto.FLOAT16
     onnx.save(model, str(dst))
+
+
+SOFTMAXES = ("full", "factored")
+"""The output layers a test fixture is built with (``params=SOFTMAXES``): every scoring test
+that runs on both holds for format 2 and format 3 models alike."""
+
+
+def random_cutoffs(softmax: str, vocab_size: int) -> list[int] | None:
+    """``build_random_lm``'s ``cutoffs`` for a fixture's ``softmax``: None (full), or a head
+    of a quarter of the vocabulary and two tail clusters."""
+    if softmax == "full":
+        return None
+    head = max(5, vocab_size // 4)
+    middle = max(head + 1, vocab_size // 2)
+    return [head, middle] if middle < vocab_size else [head]

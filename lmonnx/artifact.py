@@ -147,12 +147,15 @@ def _check_factored_config(config, source: str) -> None:
     cutoffs = config.get("cutoffs")
     if (config.get("softmax") != "adaptive" or not isinstance(cutoffs, list) or len(cutoffs) < 2
             or not all(isinstance(c, int) and not isinstance(c, bool) for c in cutoffs)
-            or any(b <= a for a, b in zip(cutoffs, cutoffs[1:]))
-            or cutoffs[-1] != config["vocab_size"]):
+            or any(b <= a for a, b in zip(cutoffs, cutoffs[1:]))):
         raise ArtifactError(f"{source}: a format-{FACTORED_FORMAT} model needs {KEY_CONFIG} "
-                            "softmax 'adaptive' and increasing integer cutoffs ending at "
-                            f"vocab_size, got softmax {config.get('softmax')!r}, cutoffs "
-                            f"{cutoffs!r}; re-export this model")
+                            "softmax 'adaptive' and increasing integer cutoffs, got softmax "
+                            f"{config.get('softmax')!r}, cutoffs {cutoffs!r}; re-export this "
+                            "model")
+    if cutoffs[-1] != config["vocab_size"]:
+        raise ArtifactError(f"{source}: the cutoffs end at {cutoffs[-1]} entries but its "
+                            f"lmonnx.vocab metadata holds {config['vocab_size']} tokens; the "
+                            "metadata does not belong to this graph (re-export the model)")
 
 
 def parse_metadata(props: Mapping[str, str], source: str) -> ArtifactMetadata:

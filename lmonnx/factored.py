@@ -24,8 +24,8 @@ gathered cluster is the C kernel's (:func:`lmonnx.xent.token_nll_and_hits`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -98,6 +98,11 @@ class TailLayers:
     projections: tuple[np.ndarray, ...]
     kernels: tuple[np.ndarray, ...]
     biases: tuple[np.ndarray, ...]
+    runner: Callable[[int, np.ndarray], np.ndarray] | None = field(default=None, compare=False)
+    """What computes ``tail_logits`` (runtime: an onnxruntime session per cluster, whose
+    numbers for a row do not depend on the other rows of the call -- numpy's BLAS picks
+    other kernels for one row than for many, which would make a sentence's score depend on
+    its batch); None: numpy."""
 
     @property
     def head_size(self) -> int:
@@ -113,6 +118,8 @@ class TailLayers:
 
     def tail_logits(self, k: int, hidden: np.ndarray) -> np.ndarray:
         """float32 [n, size_k] logits of cluster ``k`` for hidden rows [n, units]."""
+        if self.runner is not None:
+            return self.runner(k, np.ascontiguousarray(hidden, np.float32))
         return (hidden @ self.projections[k]) @ self.kernels[k] + self.biases[k]
 
     def cluster_of(self, ids: np.ndarray) -> np.ndarray:

@@ -257,7 +257,14 @@ class ModelSession:
                 raise ArtifactError(f"{self.name}: a format-3 model without its tail cluster "
                                     f"{k} ({', '.join(missing)}); re-export this model")
             weights.append([numpy_helper.to_array(inits[n]).astype(np.float32) for n in names])
-        tails = TailLayers(cutoffs, *(tuple(w[i] for w in weights) for i in range(3)))
+        (head,) = [o for o in self._session.get_outputs() if o.name == HEAD_OUTPUT]
+        width = head.shape[-1] if head.shape else None
+        if isinstance(width, int) and width != cutoffs[0] + len(weights):
+            raise ArtifactError(f"{self.name}: head_logits has {width} entries per position but "
+                                f"the cutoffs {list(cutoffs)} make a head of {cutoffs[0]} words "
+                                f"and {len(weights)} clusters; re-export this model")
+        tails = TailLayers(cutoffs, *(tuple(w[i] for w in weights) for i in range(3)),
+                           runner=self._tail_runner(weights))
         for k, (projection, kernel, bias) in enumerate(weights):
             size = cutoffs[k + 1] - cutoffs[k]
             if (projection.shape[0] != self.num_units or kernel.shape != (projection.shape[1], size)
@@ -266,6 +273,39 @@ class ModelSession:
                                     f"{kernel.shape}, {bias.shape} do not fit {self.num_units} "
                                     f"units and {size} words; re-export this model")
         return tails
+
+    def _tail_runner(self, weights):
+        """``run(k, hidden [n, units]) -> logits [n, size_k]``: one small onnxruntime session
+        per tail cluster (``MatMul -> MatMul -> Add``), on the CPU (the rows are gathered on
+        the host), with this session's options."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        sessions = []
+        for k, (projection, kernel, bias) in enumerate(weights):
+            graph = helper.make_graph(
+                [helper.make_node("MatMul", ["hidden", "projection"], ["projected"]),
+                 helper.make_node("MatMul", ["projected", "kernel"], ["product"]),
+                 helper.make_node("Add", ["product", "bias"], ["logits"])],
+                f"lmonnx_tail_{k}",
+                [helper.make_tensor_value_info("hidden", TensorProto.FLOAT,
+                                               ["rows", projection.shape[0]])],
+                [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                               ["rows", kernel.shape[1]])],
+                [numpy_helper.from_array(a, n) for a, n in
+                 ((projection, "projection"), (kernel, "kernel"), (bias, "bias"))])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            model.ir_version = 8  # what every onnxruntime >= 1.18 reads
+            sessions.append(ort.InferenceSession(model.SerializeToString(), sess_options=
+                                                 _session_options(self.num_threads),
+                                                 providers=[CPU]))
+
+        def run(k: int, hidden: np.ndarray) -> np.ndarray:
+            try:
+                return sessions[k].run(["logits"], {"hidden": hidden})[0]
+            except Exception as exc:  # onnxruntime's own types
+                raise InferenceError(f"onnxruntime failed on tail cluster {k} for "
+                                     f"{hidden.shape[0]} rows: {first_line(exc, 300)}") from exc
+        return run
 
     def zero_state(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """(h, c) float32 [layers, batch, units] of zeros: the start of a sentence."""

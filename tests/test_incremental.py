@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from lmonnx._testing import build_random_lm, make_vocab
+from lmonnx._testing import SOFTMAXES, build_random_lm, make_vocab, random_cutoffs
 
 from lmonnx import Scorer
 from lmonnx.artifact import ArtifactError
@@ -25,10 +25,11 @@ RNG = np.random.default_rng(11)
 SENTENCES = [" ".join(RNG.choice(WORDS + ["zebra"], size=RNG.integers(0, 20))) for _ in range(50)]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+@pytest.fixture(scope="module", params=SOFTMAXES)
+def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("stateful") / "model.onnx"
-    build_random_lm(path, make_vocab(WORDS), units=24, layers=2, seed=2)
+    build_random_lm(path, make_vocab(WORDS), units=24, layers=2, seed=2,
+                    cutoffs=random_cutoffs(request.param, len(WORDS) + 4))
     return path
 
 

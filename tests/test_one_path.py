@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import onnx
 import pytest
-from lmonnx._testing import build_random_lm, make_vocab
+from lmonnx._testing import SOFTMAXES, build_random_lm, make_vocab, random_cutoffs
 
 from lmonnx import Scorer
 from lmonnx.artifact import KEY_CONFIG, KEY_VOCAB, ArtifactError
@@ -24,10 +24,11 @@ from lmonnx.runtime import ModelSession
 WORDS = [f"w{i}" for i in range(100)]  # a 104-token vocabulary, as in the bug reports
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+@pytest.fixture(scope="module", params=SOFTMAXES)
+def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("one_path") / "model.onnx"
-    build_random_lm(path, make_vocab(WORDS), units=16, layers=2, seed=5)
+    build_random_lm(path, make_vocab(WORDS), units=16, layers=2, seed=5,
+                    cutoffs=random_cutoffs(request.param, len(WORDS) + 4))
     return path
 
 
@@ -147,7 +148,8 @@ def _with_metadata(src, dst, vocab_tokens=None, symbolic_width=False):
 def test_a_vocabulary_shorter_than_the_logits_is_refused(model, tmp_path, capsys):
     tokens = json.loads({p.key: p.value for p in onnx.load(str(model)).metadata_props}[KEY_VOCAB])
     short = _with_metadata(model, tmp_path / "short.onnx", tokens[:100])
-    with pytest.raises(ArtifactError, match="logits have 104 entries .* holds 100 tokens"):
+    with pytest.raises(ArtifactError,
+                       match="(logits have|cutoffs end at) 104 entries .* holds 100 tokens"):
         ModelSession(short, providers="cpu")
     assert main(["score", "w1 w2 w97", "--model", str(short)]) == 1
     assert "holds 100 tokens" in one_error_line(capsys)

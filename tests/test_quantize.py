@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from lmonnx._testing import build_random_lm, make_vocab
+from lmonnx._testing import SOFTMAXES, build_random_lm, make_vocab, random_cutoffs
 from output_checks import bytes_through_fifo, run_to_dev_stdout
 
 pytest.importorskip("onnx")
@@ -22,10 +22,11 @@ from lmonnx.runtime import ModelSession  # noqa: E402
 WORDS = [f"w{i}" for i in range(200)]
 
 
-@pytest.fixture(scope="module")
-def fp32(tmp_path_factory):
+@pytest.fixture(scope="module", params=SOFTMAXES)
+def fp32(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("quant") / "fp32.onnx"
-    build_random_lm(path, make_vocab(WORDS), units=32, layers=2, seed=1)
+    build_random_lm(path, make_vocab(WORDS), units=32, layers=2, seed=1,
+                    cutoffs=random_cutoffs(request.param, len(WORDS) + 4))
     return path
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from lmonnx import Scorer
-from lmonnx._testing import build_random_lm, make_vocab
+from lmonnx._testing import SOFTMAXES, build_random_lm, make_vocab, random_cutoffs
 from lmonnx.cli import main
 from lmonnx.corpus import read_sentences
 from lmonnx.distributed import _ChunkScorer
@@ -59,10 +59,11 @@ def lray(ray_cluster):
     return lmonnx.distributed
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+@pytest.fixture(scope="module", params=SOFTMAXES)
+def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("ray_model") / "m.onnx"
-    build_random_lm(path, make_vocab(WORDS[:40]), units=16, layers=2)
+    build_random_lm(path, make_vocab(WORDS[:40]), units=16, layers=2,
+                    cutoffs=random_cutoffs(request.param, 44))
     return path
 
 

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from lmonnx._testing import build_random_lm, make_vocab
+from lmonnx._testing import SOFTMAXES, build_random_lm, make_vocab, random_cutoffs
 
 WORDS = [f"w{i}" for i in range(60)]
 SENTENCES = ["w1 w2 w3", "w4 zz w5 w6 w7 w8", "w9", "w10 w11 w12 w13 w14 w15 w16 w17 w18"]
@@ -42,10 +42,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+@pytest.fixture(scope="module", params=SOFTMAXES)
+def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("serve_ray") / "m.onnx"
-    build_random_lm(path, make_vocab(WORDS[:40]), units=16, layers=2)
+    build_random_lm(path, make_vocab(WORDS[:40]), units=16, layers=2,
+                    cutoffs=random_cutoffs(request.param, 44))
     return path
 
 

@@ -23,7 +23,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from lmonnx import Scorer  # noqa: E402
-from lmonnx._testing import build_random_lm, make_vocab  # noqa: E402
+from lmonnx._testing import SOFTMAXES, build_random_lm, make_vocab, random_cutoffs  # noqa: E402
 from lmonnx.serve.batch_queue import Batcher, Draining  # noqa: E402
 from lmonnx.incremental import END  # noqa: E402
 from lmonnx.runtime import ModelSession  # noqa: E402
@@ -38,14 +38,15 @@ def ptb_sentences(ptb_dir):
     return [line for line in lines if line.strip()][:500]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, ptb_dir) -> Path:
+@pytest.fixture(scope="module", params=SOFTMAXES)
+def model(request, tmp_path_factory, ptb_dir) -> Path:
     """A random 2-layer model over PTB's 2000 most frequent words (scores need not be good,
     only equal)."""
     lines = (ptb_dir / "ptb.valid.txt").read_text().splitlines()
     vocab = Vocabulary.fit(lines, 2004, TokenizerOptions.from_preset("whitespace"))
     path = tmp_path_factory.mktemp("serve") / "ptb-random.onnx"
-    build_random_lm(path, vocab, units=32, layers=2, embedding_dim=16, seed=3)
+    build_random_lm(path, vocab, units=32, layers=2, embedding_dim=16, seed=3,
+                    cutoffs=random_cutoffs(request.param, len(vocab)))
     return path
 
 
