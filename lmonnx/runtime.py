@@ -3,8 +3,10 @@
 No TensorFlow here.  Every onnxruntime session lmonnx makes -- for scoring, evaluation and
 export's self-check -- is built by :class:`ModelSession` from a path or from the model's bytes,
 with the same options and the same signature and metadata checks, all at load: a foreign graph
-(other dtypes or ranks, no LSTM state) is refused before the first batch.  Only format 2 (the
-LSTM state in and out) is read; a format-1 file is refused with "re-export this model".
+(other dtypes or ranks, no LSTM state) is refused before the first batch.  Formats 2 (the
+LSTM state in and out, logits) and 3 (the factored softmax: head logits and hidden states, the
+tail clusters run as small sessions of their own, ``lmonnx.factored``) are read; a format-1
+file is refused with "re-export this model".
 Provider choice is never silent:
 
   ``"auto"``  CUDA when onnxruntime-gpu can really use a GPU, else CPU; the reason for a CPU
@@ -111,7 +113,7 @@ def _type_text(arg) -> str:
 
 
 class ModelSession:
-    """An lmonnx model (format 2) opened in onnxruntime.
+    """An lmonnx model (format 2 or 3) opened in onnxruntime.
 
     Attributes: ``path`` (None when opened from bytes), ``source`` (the path or the bytes),
     ``name``, ``metadata`` (vocabulary, config, training record), ``vocab``,
