@@ -196,10 +196,13 @@ class TailLayers:
         if not len(rows):
             return hits
         lse = head[rows, head_labels[rows]].astype(np.float64) + head_nll[rows]
-        words = head[rows, :c0]
-        best = words.argmax(axis=1)
-        best_logp = words[np.arange(len(rows)), best] - lse
-        ok = np.where(is_head[rows], best == targets[rows], logp[rows] > best_logp)
+        best = head[:, :c0].max(axis=1)[rows]  # a pass over a view: no copy, no argmax
+        ok = np.where(is_head[rows], head[rows, np.where(is_head[rows], targets[rows], 0)] >= best,
+                      logp[rows] > best - lse)
+        # a head target equal to the best must also be its first: argmax on those rows only
+        tied = np.flatnonzero(ok & is_head[rows])
+        if len(tied):
+            ok[tied] = head[rows[tied], :c0].argmax(axis=1) == targets[rows[tied]]
         cluster_logp = head[rows, c0:] - lse[:, None]  # [n, clusters]
         for k in range(self.clusters):
             need = ok & (cluster[rows] != k) & (cluster_logp[:, k] >= logp[rows])
