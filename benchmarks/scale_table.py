@@ -36,6 +36,11 @@ would hold under half the tokens instead of two thirds), and drawing a 100k-word
 Every measurement is interleaved (each repeat runs every method once, in the same order), the
 best of ``--repeat`` kept; only the ratios within one run are meant to carry over to other
 machines.  Threads: onnxruntime, the kernel and TensorFlow all get ``--threads``.
+
+At the defaults it takes about 4 minutes on 2 cores (Intel Xeon, a quiet machine) and needs
+about 11 GiB of memory at its peak: tf2onnx converts a V=100k model in ~40 s and ~9 GiB.
+A busy machine slows the adaptive scoring far more than the full one (the kernel's OpenMP
+threads on small cluster arrays wait for a core): compare on a quiet machine.
 """
 
 from __future__ import annotations
