@@ -359,8 +359,8 @@ def call_cost_positions(session: ModelSession) -> int | None:
     launches cost more than padding (not measured here: the cut as before)."""
     if session.provider == CUDA:
         return None
-    units, vocab = session.num_units, session.vocab_size
-    per_position = 8 * session.num_layers * units * units + (units + 1) * vocab
+    units = session.num_units
+    per_position = 8 * session.num_layers * units * units + session.output_macs
     positions = CALL_COST_MACS // max(per_position, 1)
     if positions > CALL_BOUND_POSITIONS:
         return None  # a tiny model: its calls' fixed costs dominate, the fewest calls win
@@ -385,7 +385,7 @@ class Evaluator:
         self.session = session
         self.corpus = corpus
         self.batch_size = check_int("batch_size", batch_size)
-        self.max_tokens = (default_max_tokens(session.vocab_size) if max_tokens is None
+        self.max_tokens = (default_max_tokens(session.scored_width) if max_tokens is None
                            else check_int("max_tokens", max_tokens))
         self.num_threads = num_threads
         self.call_cost = call_cost_positions(session)

@@ -340,6 +340,24 @@ class ModelSession:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
+    @property
+    def scored_width(self) -> int:
+        """float32 values per position that scoring a known text holds: the logits (V) of a
+        full-softmax model; a factored model's head logits and hidden state (c_0 + clusters +
+        units), its tail clusters coming only for the targets in them.  What the batch budget
+        (:func:`lmonnx.metrics.default_max_tokens`) is sized by."""
+        if self.factored:
+            return self.tails.head_size + self.tails.clusters + self.num_units
+        return self.vocab_size
+
+    @property
+    def output_macs(self) -> int:
+        """Multiply-adds of the output layer at one padded position when scoring a known
+        text: (units + 1) x V for a full softmax; the head alone for a factored model (its
+        tail clusters run on the gathered real targets, never on padding)."""
+        width = self.tails.head_size + self.tails.clusters if self.factored else self.vocab_size
+        return (self.num_units + 1) * width
+
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """float32 [batch, time, vocab_size] logits of int32 ids [batch, time] (0 = padding),
         every row from the start of a sentence: ``run(input_ids)[0]``."""

@@ -128,7 +128,7 @@ class Scorer:
     def window(self) -> int:
         """Positions per onnxruntime call (the batch budget): a longer sentence or history
         is run in windows that carry the LSTM state (:meth:`windowed`)."""
-        return self.max_tokens or default_max_tokens(len(self.vocab))
+        return self.max_tokens or default_max_tokens(self._session.scored_width)
 
     def _evaluator(self, corpus: str = "<lines>", *, keep_tokens: bool = False,
                    writers=()) -> Evaluator:

@@ -126,6 +126,27 @@ def test_a_sentence_scores_the_same_alone_and_in_any_batch(factored):
         assert scorer.score([line])[0].logprob == score.logprob
 
 
+def test_the_batch_budget_counts_what_scoring_holds_not_every_word(tmp_path):
+    """A factored model's scoring holds the head and the hidden state per position, not V
+    logits: its default budget (the Scorer's window, the Evaluator's batches) is sized by
+    that, and its call cost by the head alone (tails never run on padding)."""
+    from lmonnx import Scorer
+    from lmonnx.evaluate import Evaluator
+    from lmonnx.metrics import default_max_tokens
+
+    words = [f"w{i}" for i in range(3000)]
+    full, factored = tmp_path / "full.onnx", tmp_path / "factored.onnx"
+    build_random_lm(full, make_vocab(words), units=8, layers=1, seed=1)
+    build_random_lm(factored, make_vocab(words), units=8, layers=1, seed=1, cutoffs=[100])
+    wide, narrow = ModelSession(full, providers="cpu"), ModelSession(factored, providers="cpu")
+    assert (wide.scored_width, narrow.scored_width) == (3004, 100 + 1 + 8)
+    assert (wide.output_macs, narrow.output_macs) == (9 * 3004, 9 * 101)
+    assert Evaluator(narrow).max_tokens == default_max_tokens(109) > Evaluator(wide).max_tokens
+    for path in (full, factored):
+        scorer = Scorer(path, providers="cpu")
+        assert scorer.window == scorer._evaluator().max_tokens
+
+
 def test_a_factored_file_without_its_tails_is_refused(factored, tmp_path):
     import onnx
 
