@@ -2,7 +2,10 @@
 
     python benchmarks/quality_table.py --data DIR [--kenlm-bin DIR] [--orders 5,3]
         [--model ptb=runs/ptb-small.onnx --model kjv=runs/kjv.onnx]
-        [--run ptb=runs/ptb-small --run kjv=runs/kjv] [--torch-minutes 30]
+        [--run ptb=runs/ptb-small --run kjv=runs/kjv] [--torch-minutes 30] [--repeats 3]
+
+``--model`` may name several models of one corpus (full and adaptive softmax, say): each
+gets its fp32 and int8 rows, scored in turn for ``--repeats`` passes (the best counts).
 
 Corpora and their train/valid/test splits: see ``quality_splits.py`` (shared with
 ``torch_lm.py``).
@@ -21,7 +24,7 @@ quantized here from it), their training time read from ``--run``'s history.json;
 ``--torch-minutes M``, the same-size model in PyTorch trained here by pytorch/examples'
 word_language_model recipe (``torch_lm.py``, up to 40 epochs or M minutes).  Scoring
 speed is words (tokens) per second of one process on this machine, scoring the test text
-sentence by sentence (KenLM) or with ``Scorer.evaluate`` (lmonnx).  Rows that cannot run say
+sentence by sentence (KenLM) or with ``Scorer.evaluate`` (lmonnx, best of ``--repeats``).  Rows that cannot run say
 why in one line.
 """
 
@@ -77,36 +80,52 @@ def kenlm_row(bin_dir: Path, order: int, split: dict, workdir: Path) -> dict:
             "train_seconds": train_seconds, "words_per_second": tokens / seconds}
 
 
-def lmonnx_rows(model: Path, run: Path | None, split: dict, workdir: Path) -> list[dict]:
-    """The fp32 model and its int8 form, scored on ``split["test"]`` with the same closed
-    vocabulary (the model's own: words outside it are <unk>, as it was trained)."""
+def lmonnx_rows(models: list[tuple[Path, Path | None]], split: dict, workdir: Path,
+                repeats: int = 3) -> list[dict]:
+    """Each (fp32 model, its run directory or None) and its int8 form, scored on
+    ``split["test"]`` with the same closed vocabulary (the model's own: words outside it are
+    <unk>, as it was trained).  Speed: the best of ``repeats`` passes, the models taken in
+    turn (round-robin), so that every row saw the same machine."""
     from lmonnx import Scorer
     from lmonnx.quantize import quantize_file
 
     test = workdir / "test.txt"
     test.write_text("\n".join(split["test"]) + "\n", encoding="utf-8")
-    train_seconds = None
-    if run is not None and (run / "history.json").is_file():
-        epochs = json.loads((run / "history.json").read_text())["epochs"]
-        train_seconds = sum(e["train_seconds"] + (e.get("valid_seconds") or 0) for e in epochs)
-    int8 = workdir / "int8.onnx"
-    quantize_file(model, int8, sample=test, force=True)
-    rows = []
-    for name, path in (("lmonnx fp32", model), ("lmonnx int8", int8)):
-        report = Scorer(path, providers="cpu").evaluate(test)
-        rows.append({"method": f"{name} ({path.name})", "perplexity": report.perplexity,
-                     "tokens": report.tokens, "train_seconds": train_seconds,
-                     "words_per_second": report.tokens_per_second})
-    return rows
+    entries = []
+    for i, (model, run) in enumerate(models):
+        int8 = workdir / f"int8-{i}.onnx"
+        quantize_file(model, int8, sample=test, force=True)
+        for kind, path in (("fp32", model), ("int8", int8)):
+            scorer = Scorer(path, providers="cpu")
+            softmax = scorer.config.get("softmax", "full")
+            entries.append({"method": f"lmonnx {kind}, {softmax} softmax ({model.name})",
+                            "scorer": scorer, "train_seconds": _train_seconds(run),
+                            "words_per_second": 0.0})
+    for _ in range(repeats):
+        for entry in entries:
+            report = entry["scorer"].evaluate(test)
+            entry.update(perplexity=report.perplexity, tokens=report.tokens,
+                         words_per_second=max(entry["words_per_second"],
+                                              report.tokens_per_second))
+    return [{k: v for k, v in e.items() if k != "scorer"} for e in entries]
 
 
-def _pairs(values: list[str], flag: str) -> dict[str, Path]:
-    pairs = {}
+def _train_seconds(run: Path | None) -> float | None:
+    """Training plus validation seconds from a run's history.json (None: not given)."""
+    if run is None or not (run / "history.json").is_file():
+        return None
+    epochs = json.loads((run / "history.json").read_text())["epochs"]
+    return sum(e["train_seconds"] + (e.get("valid_seconds") or 0) for e in epochs)
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, list[Path]]:
+    """CORPUS=PATH values, grouped by corpus in the order given."""
+    pairs: dict[str, list[Path]] = {}
     for value in values:
         corpus, sep, path = value.partition("=")
         if not sep or corpus not in ("ptb", "kjv"):
             sys.exit(f"{flag} takes CORPUS=PATH with CORPUS ptb or kjv, got {value!r}")
-        pairs[corpus] = Path(path)
+        pairs.setdefault(corpus, []).append(Path(path))
     return pairs
 
 
@@ -117,12 +136,26 @@ def main() -> None:
     parser.add_argument("--kenlm-bin", type=Path, default=None,
                         help="lmplz and build_binary (default: benchmarks/build_kenlm.sh's)")
     parser.add_argument("--orders", default="5,3")
-    parser.add_argument("--model", action="append", default=[], metavar="CORPUS=ONNX")
-    parser.add_argument("--run", action="append", default=[], metavar="CORPUS=RUN_DIR")
+    parser.add_argument("--model", action="append", default=[], metavar="CORPUS=ONNX",
+                        help="an lmonnx model of a corpus (repeat it to compare several "
+                             "side by side, e.g. full and adaptive softmax)")
+    parser.add_argument("--run", action="append", default=[], metavar="CORPUS=RUN_DIR",
+                        help="the run directory of the corpus's model given in the same "
+                             "place (the k-th --run of a corpus goes with its k-th --model): "
+                             "its training time")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="lmonnx scoring passes per model, taken in turn; the best "
+                             "counts (default 3)")
     parser.add_argument("--torch-minutes", type=float, default=None,
                         help="add the PyTorch peer, trained here for at most this long")
     args = parser.parse_args()
     models, runs = _pairs(args.model, "--model"), _pairs(args.run, "--run")
+    for corpus, dirs in runs.items():
+        if len(dirs) > len(models.get(corpus, [])):
+            sys.exit(f"--run {corpus}=... given {len(dirs)} times for "
+                     f"{len(models.get(corpus, []))} --model {corpus}=...")
+    if args.repeats < 1:
+        sys.exit(f"--repeats must be at least 1, got {args.repeats}")
     bin_dir = args.kenlm_bin or Path(__file__).resolve().parents[1] / ".kenlm" / "bin"
     print(f"CPU: {cpu_model()}; 1 process; kenlm bin {bin_dir}")
     for corpus, split in splits(args.data).items():
@@ -138,7 +171,10 @@ def main() -> None:
                 else:
                     rows.append(kenlm_row(bin_dir, order, split, Path(tmp)))
             if corpus in models:
-                rows += lmonnx_rows(models[corpus], runs.get(corpus), split, Path(tmp))
+                given = runs.get(corpus, [])
+                pairs = [(m, given[i] if i < len(given) else None)
+                         for i, m in enumerate(models[corpus])]
+                rows += lmonnx_rows(pairs, split, Path(tmp), args.repeats)
             else:
                 rows.append({"method": "lmonnx", "skipped": f"no --model {corpus}=PATH given"})
             if args.torch_minutes is not None:

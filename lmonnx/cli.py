@@ -164,7 +164,8 @@ def _arguments_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_int_arg(1), default=64,
                    help="sentences per batch at most")
     p.add_argument("--max-tokens", type=_int_arg(1), default=None,
-                   help="padded tokens per batch at most (default: a batch's logits <= 64 MiB)")
+                   help="padded tokens per batch at most (default: a batch's logits, or a "
+                        "factored model's head and hidden states, <= 64 MiB)")
     p.add_argument("--per-sentence", type=_path, default=None,
                    help="JSON lines per sentence (a file, FIFO or /dev/stdout)")
     p.add_argument("--per-token", type=_path, default=None, help="JSON lines per token")
@@ -229,8 +230,8 @@ def _arguments_serve(p: argparse.ArgumentParser) -> None:
                    help="sentences (or decoder hypotheses) per batch at most (default 64; "
                         "1: one per onnxruntime call, the unbatched baseline)")
     p.add_argument("--max-batch-tokens", type=_int_arg(1), default=None,
-                   help="scored positions per batch at most (default: a batch's logits "
-                        "<= 64 MiB)")
+                   help="scored positions per batch at most (default: a batch's logits, or a "
+                        "factored model's head and hidden states, <= 64 MiB)")
     p.add_argument("--max-queue", type=_int_arg(1), default=1024,
                    help="sentences waiting at most: a request that would pass it gets 429 "
                         "with Retry-After (one larger than the whole queue is taken when the "

@@ -376,7 +376,8 @@ class Evaluator:
     self-check all score through this class, so they cannot disagree on a number.
 
     ``batch_size`` bounds sentences per batch, ``max_tokens`` padded positions per batch
-    (None: a batch's logits stay under 64 MiB); both are checked here, at construction.
+    (None: what a batch holds stays under 64 MiB: its logits, or a factored model's head and
+    hidden states, :attr:`ModelSession.scored_width`); both are checked here, at construction.
     """
 
     def __init__(self, session: ModelSession, *, corpus: str = "<lines>",

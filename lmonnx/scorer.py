@@ -67,8 +67,9 @@ class Scorer:
 
     Parameters: ``path`` of the model; ``providers`` "auto" | "cpu" | "cuda"; ``num_threads``
     for onnxruntime's intra-op pool (None: one per core); ``batch_size`` and ``max_tokens`` bound
-    the batches of ``score`` and ``evaluate`` (``max_tokens=None``: a batch's logits stay
-    under 64 MiB).  Every argument is checked here, not at the first call, and everything is
+    the batches of ``score`` and ``evaluate`` (``max_tokens=None``: a batch's logits -- a
+    factored model's head and hidden states -- stay under 64 MiB; decoder steps, which return
+    every word's log-probability, under 64 MiB of those).  Every argument is checked here, not at the first call, and everything is
     built here but what only incremental scoring and predictions need (the state after
     ``<s>``; on CUDA a second session that returns logits), which is built once, on first
     use, under a lock.
