@@ -210,7 +210,10 @@ class TailLayers:
                 continue
             sub = rows[need]
             tail = self.tail_logits(k, hidden[sub])
-            tail_max = cluster_logp[need, k] + tail.max(axis=1) - _logsumexp(tail)
+            # log p of the cluster's best word: the kernel's NLL at its argmax (one pass in
+            # C, float64 sums) rather than a float64 copy of the rows for a log-sum-exp
+            best_nll, _ = token_nll_and_hits(tail, tail.argmax(axis=1), num_threads=1)
+            tail_max = cluster_logp[need, k] - best_nll
             # Cluster k's words come after the target (a tie goes to the target) when the
             # target is in the head or in an earlier cluster; before it otherwise.
             after = cluster[sub] < k
@@ -218,10 +221,3 @@ class TailLayers:
             ok[np.flatnonzero(need)[beats]] = False
         hits[rows] = ok
         return hits
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    """float64 [n] log-sum-exp of float32 rows [n, m]."""
-    x = x.astype(np.float64)
-    top = x.max(axis=1)
-    return top + np.log(np.exp(x - top[:, None]).sum(axis=1))
