@@ -37,7 +37,8 @@ DEFAULT_CUTOFFS = (2000, 10000, 50000, 200000)
 """The head holds the 2,000 most frequent words (Grave et al.'s choice for text8 and
 Europarl); each further cluster is about five times the one before it."""
 TAIL_SHRINK = 4
-"""Cluster k's projection is ``units // 4**(k+1)`` wide (at least 1)."""
+"""The default divisor of the tails' widths: cluster k's projection is ``units // 4**(k+1)``
+wide (at least 1), PyTorch's ``div_value``."""
 SPECIALS = 4
 
 
@@ -70,9 +71,9 @@ def check_cutoffs(cutoffs: Sequence[int] | None, vocab_size: int) -> list[int]:
     return [int(c) for c in cuts] + [vocab_size]
 
 
-def tail_dims(units: int, clusters: int) -> list[int]:
-    """Each cluster's projection width: ``units // 4**(k+1)``, at least 1."""
-    return [max(1, units // TAIL_SHRINK ** (k + 1)) for k in range(clusters)]
+def tail_dims(units: int, clusters: int, div: int = TAIL_SHRINK) -> list[int]:
+    """Each cluster's projection width: ``units // div**(k+1)``, at least 1."""
+    return [max(1, units // div ** (k + 1)) for k in range(clusters)]
 
 
 def tail_names(k: int) -> tuple[str, str, str]:

@@ -194,7 +194,7 @@ def adaptive_run(tmp_path_factory):
     write_corpus(d, seed=1, words=30, train_sentences=400, valid_sentences=60,
                  test_sentences=30)
     result = train(TrainConfig(**TINY, epochs=2, holdout=0.1, softmax="adaptive",
-                               cutoffs=(10, 20)), d / "train.txt", out_dir=d / "run")
+                               cutoffs=(10, 20), tail_div=2), d / "train.txt", out_dir=d / "run")
     return d, result
 
 
@@ -207,6 +207,8 @@ def test_the_adaptive_model_learns_and_its_loss_is_its_distributions(adaptive_ru
     assert last.valid_perplexity < first.valid_perplexity < 34
     model = keras.saving.load_model(d / "run" / "model.keras")
     assert model.softmax == "adaptive" and model.cutoffs == [10, 20, 34]
+    # --tail-div 2: projections 12 / 2 and 12 / 4 wide (the default 4 would give 3 and 1)
+    assert [tuple(p.shape) for p in model.output_layer.projections] == [(12, 6), (12, 3)]
     ids = np.array([[2, 5, 12, 30, 7, 0]], np.int32)
     targets = np.array([[5, 12, 30, 7, 3, 0]], np.int32)
     outputs, binary = model.run_lstm(ids)
@@ -255,12 +257,15 @@ def test_export_writes_format_3_equal_to_keras_per_target(adaptive_run):
     (["--softmax", "adaptive", "--cutoffs", "10,5"], "--cutoffs 10,5: increasing"),
     (["--softmax", "adaptive", "--cutoffs", "10,x"], "comma-separated integers"),
     (["--softmax", "adaptive", "--cutoffs", "500"], "below the vocabulary's"),
+    (["--tail-div", "2"], "--tail-div sets the adaptive softmax's tail widths"),
+    (["--softmax", "adaptive", "--tail-div", "0"], "--tail-div"),
 ])
 def test_bad_softmax_flags_are_one_line_errors(adaptive_run, flags, message, tmp_path, capsys):
     from lmonnx.cli import main
 
     d, _ = adaptive_run
-    with pytest.raises(SystemExit) if "comma" in message else nullcontext():
+    with pytest.raises(SystemExit) if message in ("comma-separated integers", "--tail-div") \
+            else nullcontext():
         code = main(["train", str(d / "train.txt"), "--tokenizer", "whitespace", "--epochs", "1",
                      "--out", str(tmp_path / "run"), *flags])
         assert code != 0

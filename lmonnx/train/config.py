@@ -49,7 +49,7 @@ RECIPE_HELP = ("tied (the default): embedding = output layer (units wide), locke
                "course: the course's LanguageModel (V**0.25-wide embedding, separate output "
                "layer, Adam, random windows packed end to end)")
 
-ADDED_SETTINGS = {"softmax": "full", "cutoffs": None}
+ADDED_SETTINGS = {"softmax": "full", "cutoffs": None, "tail_div": None}
 """Settings newer than some run directories, with the value that reproduces those runs."""
 
 SEED_MAX = 2**32 - 1
@@ -129,6 +129,10 @@ class TrainConfig:
                                                "head's size and the clusters' boundaries, "
                                                "comma-separated ids (default: 2000,10000,50000,"
                                                "... below the vocabulary size)", "ints", low=5)
+    tail_div: int | None = _setting(None, "--tail-div", "--softmax adaptive: tail cluster k "
+                                    "is scored from a projection --units / DIV**(k+1) wide "
+                                    "(default: 4, PyTorch's div_value; 1: as wide as the "
+                                    "LSTM)", "int", low=1)
 
     def validate(self) -> None:
         """``InvalidArgumentError`` / ``ArgumentTypeError`` naming the flag of the first
@@ -174,6 +178,9 @@ class TrainConfig:
                                        "output")
         if self.cutoffs is not None and self.softmax != "adaptive":
             raise InvalidArgumentError("--cutoffs splits the adaptive softmax's vocabulary: "
+                                       "it needs --softmax adaptive")
+        if self.tail_div is not None and self.softmax != "adaptive":
+            raise InvalidArgumentError("--tail-div sets the adaptive softmax's tail widths: "
                                        "it needs --softmax adaptive")
         return dataclasses.replace(self, **values)
 

@@ -40,7 +40,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from lmonnx.errors import InvalidArgumentError  # noqa: E402
-from lmonnx.factored import SOFTMAX_CHOICES, check_cutoffs, tail_dims  # noqa: E402
+from lmonnx.factored import SOFTMAX_CHOICES, TAIL_SHRINK, check_cutoffs, tail_dims  # noqa: E402
 from lmonnx.train.model import ModelSettings, masked_nll  # noqa: E402
 from lmonnx.validation import check_choice  # noqa: E402
 
@@ -80,10 +80,12 @@ class AdaptiveTiedOutput(keras.layers.Layer):
     target's NLL computing only the clusters some target needs (training's loss).
     """
 
-    def __init__(self, embedding: keras.layers.Embedding, cutoffs, **kwargs):
+    def __init__(self, embedding: keras.layers.Embedding, cutoffs, tail_div: int = TAIL_SHRINK,
+                 **kwargs):
         super().__init__(**kwargs)
         self.embedding = embedding
         self.cutoffs = [int(c) for c in cutoffs]
+        self.tail_div = int(tail_div)
         self.supports_masking = True
 
     @property
@@ -104,7 +106,7 @@ class AdaptiveTiedOutput(keras.layers.Layer):
         self.cluster_bias = self.add_weight(shape=(self.clusters,), initializer="zeros",
                                             name="cluster_bias")
         self.projections, self.tail_kernels, self.tail_biases = [], [], []
-        for k, dim in enumerate(tail_dims(units, self.clusters)):
+        for k, dim in enumerate(tail_dims(units, self.clusters, self.tail_div)):
             size = self.cutoffs[k + 1] - self.cutoffs[k]
             self.projections.append(self.add_weight(
                 shape=(units, dim), initializer="glorot_uniform", name=f"tail_{k}_projection"))
@@ -189,12 +191,14 @@ class TiedLanguageModel(ModelSettings, keras.Model):
         factored output of :mod:`lmonnx.factored`: ``model(ids)`` then returns
         log-probabilities, which are also logits of the same distribution).
     cutoffs : the adaptive head/cluster boundaries (None: ``factored.default_cutoffs``).
+    tail_div : the adaptive tails' width divisor (cluster k: ``units // tail_div**(k+1)``;
+        None: ``factored.TAIL_SHRINK``).
     """
 
     def __init__(self, vocab_size: int, max_length: int, num_lstm_units: int,
                  num_lstm_layers: int, *, dropout: float = 0.0, epoch: int | None = None,
                  embedding_dim: int | None = None, softmax: str = "full", cutoffs=None,
-                 **kwargs):
+                 tail_div: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if embedding_dim not in (None, num_lstm_units):
             raise InvalidArgumentError(f"a tied model's embedding is num_lstm_units "
@@ -203,6 +207,7 @@ class TiedLanguageModel(ModelSettings, keras.Model):
                           num_lstm_units, dropout, epoch)
         self.softmax = check_choice("softmax", softmax, SOFTMAX_CHOICES)
         self.cutoffs = check_cutoffs(cutoffs, vocab_size) if softmax == "adaptive" else None
+        self.tail_div = (int(tail_div or TAIL_SHRINK) if softmax == "adaptive" else None)
         self.embedding = keras.layers.Embedding(
             vocab_size, num_lstm_units, name="embedding",
             embeddings_initializer=keras.initializers.RandomUniform(-EMBEDDING_INIT,
@@ -215,7 +220,7 @@ class TiedLanguageModel(ModelSettings, keras.Model):
                                            name=f"locked_dropout_{i}")
                       for i in range(num_lstm_layers + 1)]
         if self.softmax == "adaptive":
-            self.output_layer = AdaptiveTiedOutput(self.embedding, self.cutoffs,
+            self.output_layer = AdaptiveTiedOutput(self.embedding, self.cutoffs, self.tail_div,
                                                    name="adaptive_output")
         else:
             self.output_layer = TiedOutput(self.embedding, name="tied_output")
@@ -272,7 +277,7 @@ class TiedLanguageModel(ModelSettings, keras.Model):
 
     def get_config(self):
         config = super().get_config()
-        config.update(softmax=self.softmax, cutoffs=self.cutoffs)
+        config.update(softmax=self.softmax, cutoffs=self.cutoffs, tail_div=self.tail_div)
         return config
 
     # ---- Keras plumbing ------------------------------------------------------------------

@@ -370,7 +370,8 @@ def _build_model(config: TrainConfig, vocab_size: int) -> RecipeModel:
 
             model = TiedLanguageModel(vocab_size, config.max_length, config.num_lstm_units,
                                       config.num_lstm_layers, dropout=config.dropout,
-                                      softmax=config.softmax, cutoffs=config.cutoffs)
+                                      softmax=config.softmax, cutoffs=config.cutoffs,
+                                      tail_div=config.tail_div)
         else:
             model = LanguageModel(vocab_size, config.max_length, config.num_lstm_units,
                                   config.num_lstm_layers, embedding_dim=config.embedding_dim,
