@@ -183,6 +183,16 @@ def _arguments_evaluate(p: argparse.ArgumentParser) -> None:
                         "threads, rounded up, unless --threads; default 1)")
     p.add_argument("--gpus-per-actor", type=_real_arg(0), default=None,
                    help="with --ray: GPUs per actor (default 0)")
+    p.add_argument("--mix", type=_path, default=None, metavar="KENLM",
+                   help="also interpolate per token with this KenLM model (ARPA or binary; "
+                        "extra lmonnx[mix]): p = L * p_lmonnx + (1 - L) * p_kenlm, and report "
+                        "lmonnx alone, KenLM alone and the mix")
+    p.add_argument("--mix-weight", default=None, metavar="L|auto",
+                   help="with --mix: lmonnx's share L in [0, 1] (default 0.5), or auto: L "
+                        "fitted by EM on --mix-fit")
+    p.add_argument("--mix-fit", type=_path, default=None, metavar="HELDOUT",
+                   help="with --mix-weight auto: the held-out text L is fitted on (never the "
+                        "evaluated text: fitting on it flatters the mix)")
 
 
 def _arguments_score(p: argparse.ArgumentParser) -> None:
@@ -469,7 +479,59 @@ def _cmd_evaluate_ray(args) -> None:
     _print_reports(reports, args.json, stream)
 
 
+def _mix_weight_arg(value: str | None) -> float | str:
+    """``--mix-weight``: a real, or ``auto`` (checked in range by lmonnx.mix)."""
+    if value is None or value == "auto":
+        return value or 0.5
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = None
+    if weight is None or not 0.0 <= weight <= 1.0:  # NaN fails both comparisons
+        raise InvalidArgumentError(f"--mix-weight takes a number in [0, 1] or auto, "
+                                   f"got {value!r}")
+    return weight
+
+
+def _cmd_evaluate_mixed(args) -> None:
+    """``evaluate --mix``: lmonnx, KenLM and their per-token mix on each corpus (lmonnx.mix)."""
+    from lmonnx.corpus import check_corpora
+    from lmonnx.mix import MixedScorer, check_mix_weight, load_kenlm
+    from lmonnx.scorer import Scorer
+
+    for flag, value in (("--ray", args.ray), ("--per-sentence", args.per_sentence),
+                        ("--per-token", args.per_token)):
+        if value is not None:
+            raise InvalidArgumentError(f"{flag} is not available with --mix")
+    weight = check_mix_weight(_mix_weight_arg(args.mix_weight))
+    if (weight == "auto") != (args.mix_fit is not None):
+        raise InvalidArgumentError("--mix-weight auto fits L on --mix-fit HELDOUT: give both, "
+                                   "or a number without --mix-fit")
+    check_corpora([*args.corpus, *([args.mix_fit] if args.mix_fit else [])], args.errors)
+    kenlm_model = load_kenlm(args.mix)
+    scorer = Scorer(args.model, providers=args.providers, num_threads=args.threads,
+                    batch_size=args.batch_size, max_tokens=args.max_tokens)
+    mixed = MixedScorer(scorer, kenlm_model, weight, fit_on=args.mix_fit)
+    reports = []
+    for corpus in args.corpus:
+        reports.append(mixed.evaluate(corpus, errors=args.errors))
+        if not args.json:
+            r = reports[-1]
+            print(f"{r.corpus}: {r.sentences} sentences, {r.tokens} tokens (</s> included), "
+                  f"L = {r.weight:.4f}{' (fitted on ' + str(args.mix_fit) + ')' if args.mix_fit else ''}\n"
+                  f"  lmonnx perplexity  {r.lm_perplexity:.3f}\n"
+                  f"  KenLM perplexity   {r.kenlm_perplexity:.3f}"
+                  f"{f'  ({r.kenlm_unknown} tokens KenLM does not know: q = 0)' if r.kenlm_unknown else ''}\n"
+                  f"  mixed perplexity   {r.mixed_perplexity:.3f}", flush=True)
+    _print_reports(reports, args.json, sys.stdout)
+
+
 def _cmd_evaluate(args) -> None:
+    if args.mix is not None:
+        return _cmd_evaluate_mixed(args)
+    for flag, value in (("--mix-weight", args.mix_weight), ("--mix-fit", args.mix_fit)):
+        if value is not None:
+            raise InvalidArgumentError(f"{flag} weighs the KenLM mix: it needs --mix KENLM")
     if args.ray is not None:
         return _cmd_evaluate_ray(args)
     for flag, value in (("--actors", args.actors), ("--cpus-per-actor", args.cpus_per_actor),
