@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The design names onnxruntime-gpu (it also runs on CPU) on Linux x86-64; plain onnxruntime
 # elsewhere.  Never both in one env: they install the same `onnxruntime` module.
-EXTRAS ?= $(shell if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ]; then echo gpu,train,dev,ray,serve,mix; else echo cpu,train,dev,ray,serve,mix; fi)
+EXTRAS ?= $(shell if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ]; then echo gpu,train,dev,ray,serve,mix,asr; else echo cpu,train,dev,ray,serve,mix,asr; fi)
 STAMP := $(VENV)/.lmonnx-installed
 SOURCES := pyproject.toml setup.py lmonnx/_xent.pyx $(wildcard csrc/*.c csrc/*.h)
 

@@ -220,6 +220,73 @@ def _arguments_generate(p: argparse.ArgumentParser) -> None:
     _add_encoding_errors(p)
 
 
+def _reals_arg(low: float | None = None):
+    """Comma-separated finite numbers, each at least ``low`` (``--alpha-grid 0,0.5,1``)."""
+    def check_all(name, values, **bounds):
+        return tuple(check_real(name, v, **bounds) for v in values)
+    return _flag_type(lambda text: [float(part) for part in text.split(",")],
+                      "comma-separated numbers", check_all, low=low)
+
+
+_RESCORE_DESCRIPTION = (
+    "Rescore a first-pass decoder's n-best lists (ASR, OCR): each hypothesis gets score = "
+    "am + alpha * lm + beta * words (NeMo's n-best rescoring formula), and the best of "
+    "each utterance is written (ties: the earlier hypothesis).  am is the decoder's "
+    "score; lm is the hypothesis's log-probability under the model (its words, then "
+    "</s>) in nats (natural log), as lmonnx reports everywhere (NeMo's and KenLM's "
+    "scripts use log10 or natural logs by tool: alpha absorbs the base); words is its "
+    "whitespace-separated word count.  The first-pass best is the highest am score.")
+
+
+def _arguments_rescore(p: argparse.ArgumentParser) -> None:
+    p.description = _RESCORE_DESCRIPTION
+    p.add_argument("nbest", type=_path, metavar="NBEST",
+                   help="the n-best lists (- reads stdin, with --format): NeMo's TSV "
+                        "(text<TAB>am_score, --beam-size lines per utterance) or JSON lines "
+                        '({"utterance": ID, "text": ..., "am_score": ...}, an utterance\'s '
+                        "hypotheses on consecutive lines)")
+    p.add_argument("--format", choices=("tsv", "jsonl"), default=None,
+                   help="the input's format (default: from the extension, .tsv or .jsonl); "
+                        "the output has the same")
+    p.add_argument("--beam-size", type=_int_arg(1), default=None, metavar="N",
+                   help="TSV: lines per utterance (required; the line count must be a "
+                        "multiple)")
+    p.add_argument("--alpha", type=_real_arg(0), default=None,
+                   help="weight of lm, a log-probability in nats (default 0.5)")
+    p.add_argument("--beta", type=_real_arg(), default=None,
+                   help="reward per word, negative for a penalty (default 0)")
+    p.add_argument("-o", "--output", type=_path, default=None,
+                   help="where to write (default: stdout): the best hypothesis per utterance, "
+                        "one line each; TSV input: its text; JSON lines: {utterance, text, "
+                        "am_score, lm_logprob, score, rank (its 0-based index in the n-best)}")
+    p.add_argument("--force", action="store_true", help="overwrite an existing -o file")
+    p.add_argument("--all", dest="all_hypotheses", action="store_true",
+                   help="write every hypothesis with its new score instead (TSV: "
+                        "text<TAB>score; JSON lines: plus best: true/false)")
+    p.add_argument("--references", type=_path, default=None, metavar="REFS",
+                   help="one reference transcript per utterance, in order: print the WER of "
+                        "the first pass (the highest am score) and of the rescored best "
+                        "(jiwer; extra lmonnx[asr])")
+    p.add_argument("--tune", action="store_true",
+                   help="with --references: choose alpha and beta on the grids by WER (the "
+                        "model runs once), print the best settings and rescore with the best "
+                        "(ties: the smallest alpha, then the smallest |beta|)")
+    p.add_argument("--alpha-grid", type=_reals_arg(0), default=None, metavar="A1,A2,...",
+                   help="with --tune: the alphas (default 0,0.1,...,2)")
+    p.add_argument("--beta-grid", type=_reals_arg(), default=None, metavar="B1,B2,...",
+                   help="with --tune: the betas (default -2,-1.5,...,2)")
+    p.add_argument("--mix", type=_path, default=None, metavar="KENLM",
+                   help="lm from lmonnx mixed per token with this KenLM model (ARPA or binary; "
+                        "extra lmonnx[mix]), as evaluate --mix does")
+    p.add_argument("--mix-weight", type=_real_arg(0, 1), default=None, metavar="L",
+                   help="with --mix: lmonnx's share L in [0, 1] (default 0.5)")
+    p.add_argument("--threads", type=_int_arg(1), default=None,
+                   help="onnxruntime intra-op threads")
+    p.add_argument("--batch-size", type=_int_arg(1), default=64,
+                   help="sentences per batch at most")
+    _add_encoding_errors(p)
+
+
 def _arguments_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=_path, help="an lmonnx .onnx file")
     p.add_argument("--providers", choices=("auto", "cpu", "cuda"), default="auto",
@@ -277,6 +344,8 @@ _SUBCOMMANDS = (  # name, help, whether it runs a model (--model/--providers/--j
     ("predict", "top-k next words after a prefix", True, _arguments_predict),
     ("generate", "sample text after a prefix by stepping the LSTM state", True,
      _arguments_generate),
+    ("rescore", "rescore n-best lists (ASR/OCR): am + alpha * lm + beta * words; tune on WER",
+     True, _arguments_rescore),
     ("serve", "score over HTTP, batched across callers (extra lmonnx[serve]; OpenAI-compatible)",
      False, _arguments_serve),
 )
@@ -641,6 +710,106 @@ def _cmd_generate(args) -> None:
         print(" ".join(w for w in [prefix.strip(), *words] if w))
 
 
+def _check_rescore_flags(args) -> None:
+    """The flags of ``rescore`` that only make sense with another one."""
+    if args.tune and args.references is None:
+        raise InvalidArgumentError("--tune chooses alpha and beta by WER: it needs "
+                                   "--references REFS")
+    if args.tune and (args.alpha is not None or args.beta is not None):
+        raise InvalidArgumentError("--tune chooses alpha and beta: drop --alpha and --beta "
+                                   "(a one-value --alpha-grid or --beta-grid fixes one)")
+    for flag, value in (("--alpha-grid", args.alpha_grid), ("--beta-grid", args.beta_grid)):
+        if value is not None and not args.tune:
+            raise InvalidArgumentError(f"{flag} is the grid of --tune: it needs --tune")
+    if args.mix_weight is not None and args.mix is None:
+        raise InvalidArgumentError("--mix-weight weighs the KenLM mix: it needs --mix KENLM")
+
+
+def _rescore_model(args):
+    """``rescore``'s LM: the Scorer, or with --mix the MixedScorer (KenLM loaded first)."""
+    from lmonnx.scorer import Scorer
+
+    kenlm_model = None
+    if args.mix is not None:
+        from lmonnx.mix import load_kenlm
+        kenlm_model = load_kenlm(args.mix)
+    scorer = Scorer(args.model, providers=args.providers, num_threads=args.threads,
+                    batch_size=args.batch_size)
+    if kenlm_model is None:
+        return scorer
+    from lmonnx.mix import MixedScorer
+    return MixedScorer(scorer, kenlm_model, 0.5 if args.mix_weight is None else args.mix_weight)
+
+
+def _print_rescore_summary(args, summary: dict, tuned, stream) -> None:
+    """WERs (and --tune's table) as text, or everything as one JSON object with --json."""
+    from lmonnx.strict_json import json_text
+
+    if args.json:
+        payload = {**summary, "tune": None if tuned is None else tuned.to_dict()}
+        print(json_text(payload, indent=2), file=stream)
+        return
+    if tuned is not None:
+        print(f"tuned on {len(tuned.rows)} settings; the best {min(10, len(tuned.rows))}:",
+              file=stream)
+        print(tuned.format_table(10), file=stream)
+    if summary.get("wer") is not None:
+        print(f"first-pass WER {summary['first_pass_wer'] * 100:.2f}% (the highest am score)\n"
+              f"rescored WER   {summary['wer'] * 100:.2f}% (alpha {summary['alpha']:g}, beta "
+              f"{summary['beta']:g}{', tuned' if tuned else ''})", file=stream)
+
+
+def _cmd_rescore(args) -> None:
+    """``rescore``: every input, flag and output checked, then the n-best read, before the
+    model loads; the LM runs once, even for --tune (lmonnx.rescore)."""
+    import contextlib
+
+    from lmonnx import rescore
+    from lmonnx.atomic import check_outputs, output_file
+    from lmonnx.corpus import check_corpora
+
+    _check_rescore_flags(args)
+    check_corpora([p for p in (args.nbest, args.references) if p is not None], args.errors)
+    inputs = [p for p in (args.nbest, args.references, args.model, args.mix) if p is not None]
+    check_outputs({"-o": args.output}, inputs, force=args.force)
+    format = rescore.nbest_format(args.nbest, args.format)
+    utterances = rescore.read_nbest(args.nbest, beam_size=args.beam_size, format=format,
+                                    errors=args.errors)
+    summary = {"utterances": len(utterances),
+               "hypotheses": sum(len(u.hypotheses) for u in utterances)}
+    references = None
+    if args.references is not None:  # read and jiwer checked before the model loads
+        references = rescore.read_references(args.references, args.errors)
+        if len(references) != len(utterances):
+            raise InvalidArgumentError(f"--references {args.references}: {len(references)} "
+                                       f"references for {len(utterances)} utterances in "
+                                       f"{args.nbest}")
+        summary["first_pass_wer"] = rescore.word_error_rate(references, [
+            u.hypotheses[i] for u, i in zip(utterances, rescore.first_pass(utterances))])
+    lm = rescore.lm_scores(_rescore_model(args), utterances)
+    alpha = rescore.DEFAULT_ALPHA if args.alpha is None else args.alpha
+    beta = rescore.DEFAULT_BETA if args.beta is None else args.beta
+    tuned = None
+    if args.tune:
+        tuned = rescore.tune(utterances, lm, references,
+                             args.alpha_grid or rescore.DEFAULT_ALPHAS,
+                             args.beta_grid or rescore.DEFAULT_BETAS)
+        alpha, beta = tuned.best.alpha, tuned.best.beta
+    summary.update(alpha=alpha, beta=beta)
+    if references is not None:
+        summary["wer"] = rescore.word_error_rate(references, [
+            u.hypotheses[i] for u, i in zip(utterances, rescore.rescore(utterances, lm,
+                                                                        alpha, beta))])
+    target = (contextlib.nullcontext(sys.stdout) if args.output is None
+              else output_file(args.output, "-o"))
+    with target as out:
+        for line in rescore.output_lines(utterances, lm, alpha, beta, format=format,
+                                         all_hypotheses=args.all_hypotheses):
+            out.write(line + "\n")
+    if references is not None or args.json:
+        _print_rescore_summary(args, summary, tuned, _summary_stream(args.output or "-"))
+
+
 def _cmd_serve(args) -> int | None:
     if args.replicas is not None and args.ray is None:
         raise InvalidArgumentError("--replicas needs --ray (one process serves one model "
@@ -733,12 +902,12 @@ def _serve_on_ray(args, service_options: dict) -> int:
 
 # The commands that load the loss kernel (scoring): OpenMP's wait policy is set for them
 # once, in main, before any of them imports it (:func:`_passive_openmp`).
-SCORING_COMMANDS = {"evaluate", "score", "predict", "generate", "serve"}
+SCORING_COMMANDS = {"evaluate", "score", "predict", "generate", "rescore", "serve"}
 
 COMMANDS = {"synth": _cmd_synth, "train": _cmd_train, "export": _cmd_export,
             "quantize": _cmd_quantize,
             "evaluate": _cmd_evaluate, "score": _cmd_score, "predict": _cmd_predict,
-            "generate": _cmd_generate, "serve": _cmd_serve}
+            "generate": _cmd_generate, "rescore": _cmd_rescore, "serve": _cmd_serve}
 
 
 class _MessageHandler(logging.Handler):
