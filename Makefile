@@ -16,6 +16,10 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	# pyctcdecode (lmonnx.ctc_decoding) pins numpy<2 in its metadata only (upstream PRs
+	# #116/#118 open); it runs on numpy 2, so it goes in without its pins. Its other needs:
+	# pygtrie, hypothesis (dev extra).
+	$(PY) -m pip install --quiet --no-deps "pyctcdecode==0.5.0" "pygtrie>=2.1,<3"
 	touch $@
 
 test: install
