@@ -549,7 +549,7 @@ def _cmd_evaluate_ray(args) -> None:
 
 
 def _mix_weight_arg(value: str | None) -> float | str:
-    """``--mix-weight``: a real, or ``auto`` (checked in range by lmonnx.mix)."""
+    """``--mix-weight``: a real in [0, 1], or ``auto``; refused in one line naming the flag."""
     if value is None or value == "auto":
         return value or 0.5
     try:
@@ -565,14 +565,14 @@ def _mix_weight_arg(value: str | None) -> float | str:
 def _cmd_evaluate_mixed(args) -> None:
     """``evaluate --mix``: lmonnx, KenLM and their per-token mix on each corpus (lmonnx.mix)."""
     from lmonnx.corpus import check_corpora
-    from lmonnx.mix import MixedScorer, check_mix_weight, load_kenlm
+    from lmonnx.mix import MixedScorer, load_kenlm
     from lmonnx.scorer import Scorer
 
     for flag, value in (("--ray", args.ray), ("--per-sentence", args.per_sentence),
                         ("--per-token", args.per_token)):
         if value is not None:
             raise InvalidArgumentError(f"{flag} is not available with --mix")
-    weight = check_mix_weight(_mix_weight_arg(args.mix_weight))
+    weight = _mix_weight_arg(args.mix_weight)
     if (weight == "auto") != (args.mix_fit is not None):
         raise InvalidArgumentError("--mix-weight auto fits L on --mix-fit HELDOUT: give both, "
                                    "or a number without --mix-fit")

@@ -56,7 +56,7 @@ from lmonnx.errors import (ArgumentTypeError, ArtifactError, CorpusError, Invali
 from lmonnx.evaluate import lookahead_chunks
 from lmonnx.examples import Example, ExampleBuilder
 from lmonnx.metrics import perplexity_of
-from lmonnx.scorer import Scorer
+from lmonnx.scorer import Scorer, SentenceScore
 from lmonnx.validation import check_int, check_real
 from lmonnx.vocab import UNK_ID
 
@@ -333,6 +333,21 @@ class MixedScorer:
             results = self.scorer.score_examples(chunk, keep_tokens=True)
             for example, result in zip(chunk, results):
                 yield self._tokens(example, -result.token_nll)
+
+    def score(self, sentences: Iterable) -> list[SentenceScore]:
+        """One :class:`~lmonnx.scorer.SentenceScore` per sentence (``str`` or UTF-8
+        ``bytes``), in order, as ``Scorer.score`` gives it (an empty sentence scores ``</s>``
+        alone), its ``logprob`` the mix's (nats): lmonnx scores them in one batched call,
+        KenLM sentence by sentence."""
+        examples = self.scorer.examples(sentences)
+        results = self.scorer.score_examples(examples, keep_tokens=True)
+        scores = []
+        for example, result in zip(examples, results):
+            tokens = self._tokens(example, -result.token_nll)
+            scores.append(SentenceScore(logprob=float(_mix(tokens.lm, tokens.kenlm,
+                                                           self.weight).sum()),
+                                        tokens=result.tokens, oovs=result.oovs))
+        return scores
 
     def full_scores(self, sentence) -> list[MixedTokenScore]:
         """Per-token scores of one sentence (``str`` or UTF-8 ``bytes``): its words as

@@ -268,27 +268,8 @@ def _chunks(utterances: Sequence[Utterance], hypotheses: int) -> Iterator[list[U
         yield chunk
 
 
-def _mixed_logprobs(mixed, texts: list[str]) -> list[float]:
-    """Each text's log-probability under the mix: lmonnx's tokens in one batched call, KenLM's
-    per sentence, mixed per token (lmonnx.mix's rule) and summed, in nats."""
-    from lmonnx.mix import kenlm_logprobs, mix_token_logprobs
-    from lmonnx.vocab import UNK_ID
-
-    examples = mixed.scorer.examples(texts)
-    results = mixed.scorer.score_examples(examples, keep_tokens=True)
-    logprobs = []
-    for example, result in zip(examples, results):
-        kenlm, _ = kenlm_logprobs(mixed.kenlm, example.words, example.targets == UNK_ID)
-        logprobs.append(float(mix_token_logprobs(-result.token_nll, kenlm, mixed.weight).sum()))
-    return logprobs
-
-
 def _logprobs(lm, texts: list[str]) -> list[float]:
-    from lmonnx.mix import MixedScorer
-
-    if isinstance(lm, MixedScorer):
-        return _mixed_logprobs(lm, texts)
-    return [score.logprob for score in lm.score(texts)]
+    return [score.logprob for score in lm.score(texts)]  # a Scorer's or a MixedScorer's
 
 
 def lm_scores(lm, utterances: Sequence[Utterance], *,
