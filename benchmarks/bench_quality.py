@@ -41,3 +41,44 @@ def test_torch_peer_scores_each_sentence_from_a_zero_state():
     total, tokens = torch_lm.sentence_nll(model, ["the cat", "a dog ran"], vocab)
     alone = sum(torch_lm.sentence_nll(model, [s], vocab)[0] for s in ["the cat", "a dog ran"])
     assert tokens == 3 + 4 and abs(total - alone) < 1e-4 * abs(alone)
+
+
+def _flat_arpa(path, words):
+    """A KenLM model giving every word (and </s>) the same probability (KenLM needs a
+    bigram section)."""
+    import math
+
+    entries = ["<s>", "</s>", "<unk>", *words]
+    logprob = math.log10(1 / (len(entries) - 1))
+    path.write_text(f"\\data\\\nngram 1={len(entries)}\nngram 2=1\n\n\\1-grams:\n"
+                    + "".join(f"{-99 if w == '<s>' else logprob:.6f}\t{w}\t0\n" for w in entries)
+                    + f"\n\\2-grams:\n{logprob:.6f}\t<s> {words[0]}\n\n\\end\\\n")
+    return path
+
+
+def test_mixed_row_at_weight_one_is_the_models_own_row(tmp_path):
+    """Renaming KenLM's unknown words (for the KenLM side) leaves lmonnx's tokens alone: at
+    L = 1 the mixed perplexity is the lmonnx row's, and at L = 0.5 it differs."""
+    import pytest
+
+    pytest.importorskip("kenlm")
+    from lmonnx import Scorer
+    from lmonnx._testing import build_random_lm, make_vocab
+
+    train = ["the cat sat", "the dog ran far", "a cat ran"]
+    split = {"train": train, "valid": ["the cat ran"],
+             "test": ["the cat sat far", "a dog <unk> zebra ran", "the"]}
+    model = tmp_path / "m.onnx"
+    build_random_lm(model, make_vocab(["the", "cat", "dog", "ran"]), units=8, seed=2)
+    arpa = _flat_arpa(tmp_path / "flat.arpa",
+                      sorted({w for s in train for w in s.split()} | {quality_table.KENLM_UNK}))
+    test = tmp_path / "test.txt"
+    test.write_text("\n".join(split["test"]) + "\n")
+    own = Scorer(model, providers="cpu").evaluate(test)
+    (alone,) = quality_table.mixed_rows([model], arpa, 2, split, "1")
+    assert alone["tokens"] == own.tokens
+    assert abs(alone["perplexity"] - own.perplexity) < 1e-9 * own.perplexity
+    (half,) = quality_table.mixed_rows([model], arpa, 2, split, "0.5")
+    assert "L=0.5" in half["method"] and half["perplexity"] != alone["perplexity"]
+    (fitted,) = quality_table.mixed_rows([model], arpa, 2, split, "auto")
+    assert "by EM on valid" in fitted["method"]

@@ -1,4 +1,5 @@
-"""CTC beam search with pyctcdecode: no LM, a KenLM 5-gram, and an lmonnx model, side by side.
+"""CTC beam search with no LM, a KenLM 5-gram and an lmonnx model, side by side, in two
+decoders: pyctcdecode and flashlight-text's lexicon decoder (torchaudio's ``ctc_decoder``).
 
     python benchmarks/ctc_table.py --model kjv.onnx [--sentences 200] [--beam-width 32]
     python benchmarks/ctc_table.py --random-model --sentences 5      # a smoke run
@@ -15,6 +16,12 @@ KenLM: ``lmplz -o 5`` (``--lmplz-dir``, default ``.kenlm/bin``) on ``kjv.train.t
 same way, ``<unk>`` renamed ``<rare>`` (lmplz refuses the literal token; the decoder cannot
 spell it), wrapped by pyctcdecode's own ``LanguageModel`` with the training words as unigrams.
 
+flashlight: one lexicon for its three rows (the model's vocabulary words the labels spell),
+flashlight's own KenLM over the same binary, lmonnx through :mod:`lmonnx.flashlight_decoding`
+with states computed lazily (one call per history the beam extends) and batched over the last
+``--batch-frames`` frames' pending children; its
+``lm_weight`` is ``alpha * ln 10`` (it takes log10 LM scores) and ``word_score`` is ``beta``.
+
 lmonnx: ``--model`` (an ``.onnx`` file) through :mod:`lmonnx.ctc_decoding`.  The decoder spells
 lowercase words; the KJV and PTB files are lowercase already (PTB's ``N`` aside), so a model
 trained on them matches decoder words exactly.  For a model with capitalised words pass
@@ -27,6 +34,7 @@ builds a random-weight model over the training vocabulary instead (runtime only:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import string
@@ -34,7 +42,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -139,8 +149,10 @@ def simulate_emissions(sentence: str, rng: np.random.Generator, *, p_sub: float 
 
 def emissions_for(sentences: list[str], seed: int, p_sub: float) -> list[np.ndarray]:
     """One emission matrix per sentence, sentence ``i`` drawn from seed ``(seed, i)``: the
-    same whatever the number of sentences."""
-    return [simulate_emissions(s, np.random.default_rng((seed, i)), p_sub=p_sub)
+    same whatever the number of sentences.  Each ends with a word boundary (a space), as a
+    CTC model's output ends the last word (wav2vec2's ``|``): a lexicon decoder only ends a
+    word there."""
+    return [simulate_emissions(s + " ", np.random.default_rng((seed, i)), p_sub=p_sub)
             for i, s in enumerate(sentences)]
 
 
@@ -184,42 +196,96 @@ def random_model(data: Path, path: Path) -> Path:
 
 
 WARM_UP = "in the beginning"
-"""Decoded once by each decoder before timing (not a test sentence: the lmonnx cache starts
+"""Decoded once by each decoder before timing (not a test sentence: the lmonnx states start
 without the test sentences' prefixes)."""
 
 
-def warm_up(decoder, beam_width: int) -> None:
-    decoder.decode(simulate_emissions(WARM_UP, np.random.default_rng(2**31)),
-                   beam_width=beam_width)
+@dataclass
+class Row:
+    """One decoder with one language model: ``decode`` maps an emission matrix (posteriors)
+    to text; ``stats`` reports the lmonnx LM's work since the last ``reset``."""
+
+    decoder: str
+    lm: str
+    decode: Callable[[np.ndarray], str]
+    stats: Callable[[], dict] | None = None
+    note: str = ""
 
 
-def decode_all(decoder, emissions, beam_width: int) -> tuple[list[str], float]:
-    """Decoded texts and decoding seconds per utterance."""
-    texts, start = [], time.perf_counter()
-    for matrix in emissions:
-        texts.append(decoder.decode(matrix, beam_width=beam_width))
-    return texts, (time.perf_counter() - start) / max(len(emissions), 1)
+def _flashlight_log_probs(matrix: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(matrix, 1e-30, 1.0)).astype(np.float32)
 
 
-def build_decoders(args, work: Path) -> dict:
-    """{row name: (decoder, lmonnx language model or None, note)}: no LM, KenLM, lmonnx."""
+def pyctcdecode_rows(args, kenlm: tuple | None, model: Path) -> list[Row]:
+    """pyctcdecode: no LM, its KenLM ``LanguageModel`` (the training words as unigrams),
+    lmonnx (:mod:`lmonnx.ctc_decoding`)."""
     import pyctcdecode
 
     from lmonnx.ctc_decoding import build_ctcdecoder
 
-    decoders = {"no LM": (pyctcdecode.build_ctcdecoder(LABELS), None, "")}
-    if not args.no_kenlm:
-        binary, unigrams = build_kenlm(args.data, args.lmplz_dir, work)
-        decoders["KenLM 5-gram"] = (pyctcdecode.build_ctcdecoder(
+    def beam(decoder):
+        return lambda matrix: decoder.decode(matrix, beam_width=args.beam_width)
+
+    rows = [Row("pyctcdecode", "no LM", beam(pyctcdecode.build_ctcdecoder(LABELS)))]
+    if kenlm is not None:
+        binary, unigrams = kenlm
+        rows.append(Row("pyctcdecode", "KenLM 5-gram", beam(pyctcdecode.build_ctcdecoder(
             LABELS, str(binary), unigrams, alpha=args.alpha, beta=args.beta,
-            unk_score_offset=args.unk_offset), None, f"{len(unigrams)} unigrams")
-    model = random_model(args.data, work / "random.onnx") if args.random_model else args.model
+            unk_score_offset=args.unk_offset)), note=f"{len(unigrams)} unigrams"))
     decoder = build_ctcdecoder(LABELS, model, alpha=args.alpha, beta=args.beta,
                                unk_score_offset=args.unk_offset, case_fold=args.case_fold,
                                num_threads=args.threads)
-    name = "lmonnx (random weights)" if args.random_model else f"lmonnx {Path(model).name}"
-    decoders[name] = (decoder, decoder._language_model, "")  # pyctcdecode keeps it there
-    return decoders
+    lm = decoder._language_model  # pyctcdecode keeps it there
+
+    def stats():
+        info = lm.cache_info()
+        return dict(calls=info["steps"], hits=info["hits"])
+
+    rows.append(Row("pyctcdecode", f"lmonnx {model.name}", beam(decoder), stats))
+    return rows
+
+
+def flashlight_rows(args, kenlm: tuple | None, model: Path) -> list[Row]:
+    """flashlight-text's LexiconDecoder (torchaudio's ``ctc_decoder``) over one lexicon, the
+    model's vocabulary words the labels spell: no LM, flashlight's KenLM, lmonnx with pending
+    states batched and lazy (:mod:`lmonnx.flashlight_decoding`).  ``lm_weight`` = alpha * ln 10
+    (its LM scores are log10) and ``word_score`` = beta: pyctcdecode's weights."""
+    from flashlight.lib.text.decoder.kenlm import KenLM
+    from flashlight.lib.text.dictionary import Dictionary
+
+    from lmonnx import Scorer
+    from lmonnx.flashlight_decoding import LexiconCTCDecoder, LmonnxFlashlightLM
+
+    scorer = Scorer(model, providers="cpu", num_threads=args.threads)
+    words = LexiconCTCDecoder.spellable(scorer.vocab.tokens, " ", args.case_fold, LABELS)
+    options = dict(beam_size=args.beam_width, lm_weight=args.alpha * math.log(10),
+                   word_score=args.beta)
+
+    def words_of(decoder):
+        return lambda matrix: " ".join(decoder.decode(_flashlight_log_probs(matrix)))
+
+    note = f"{len(words)}-word lexicon"
+    rows = [Row("flashlight", "no LM", words_of(LexiconCTCDecoder(
+        LABELS, None, words=words, beam_size=args.beam_width, word_score=args.beta)), note=note)]
+    if kenlm is not None:
+        rows.append(Row("flashlight", "KenLM 5-gram", words_of(LexiconCTCDecoder(
+            LABELS, KenLM(str(kenlm[0]), Dictionary(words)), words=words, **options)), note=note))
+    for frames in [None, *args.batch_frames]:
+        lm = LmonnxFlashlightLM(scorer, words, case_fold=args.case_fold, batch_frames=frames)
+        decoder = LexiconCTCDecoder(LABELS, lm, words=words, **options)
+        how = "lazy" if frames is None else f"batch {frames} frames"
+        rows.append(Row("flashlight", f"lmonnx {model.name} ({how})",
+                        words_of(decoder), lambda lm=lm: dict(
+                            calls=lm.stats.calls, rows=lm.stats.computed, used=lm.stats.used)))
+    return rows
+
+
+def decode_all(row: Row, emissions) -> tuple[list[str], float]:
+    """Decoded texts and decoding seconds per utterance."""
+    texts, start = [], time.perf_counter()
+    for matrix in emissions:
+        texts.append(row.decode(matrix))
+    return texts, (time.perf_counter() - start) / max(len(emissions), 1)
 
 
 def parse_args(argv=None):
@@ -241,6 +307,12 @@ def parse_args(argv=None):
     parser.add_argument("--case-fold", action="store_true",
                         help="match decoder words to the model's tokens case-insensitively")
     parser.add_argument("--no-kenlm", action="store_true")
+    parser.add_argument("--batch-frames", type=lambda v: [int(x) for x in v.split(",") if x],
+                        default=[4, 16], metavar="W1,W2,...",
+                        help="flashlight rows with pending states batched over these many "
+                             "frames (besides the lazy row)")
+    parser.add_argument("--decoders", default="pyctcdecode,flashlight",
+                        help="comma-separated: pyctcdecode, flashlight")
     parser.add_argument("--lmplz-dir", type=Path, default=REPO / ".kenlm" / "bin")
     return parser.parse_args(argv)
 
@@ -249,27 +321,42 @@ def main(argv=None) -> None:
     import jiwer
 
     args = parse_args(argv)
+    chosen = [d for d in args.decoders.split(",") if d]
+    if not chosen or set(chosen) - {"pyctcdecode", "flashlight"}:
+        raise SystemExit(f"--decoders: choose from pyctcdecode, flashlight (got {args.decoders!r})")
     sentences = read_sentences(args.data / CORPORA[args.corpus], args.sentences)
     emissions = emissions_for(sentences, args.seed, args.p_sub)
     frames = sum(len(e) for e in emissions)
-    print(f"CTC beam search (pyctcdecode), {len(sentences)} sentences of "
-          f"{CORPORA[args.corpus]} ({frames} frames), beam width {args.beam_width}, "
-          f"alpha {args.alpha}, beta {args.beta}, unk offset {args.unk_offset} (log10), "
-          f"p_sub {args.p_sub}, seed {args.seed}")
+    print(f"CTC beam search, {len(sentences)} sentences of {CORPORA[args.corpus]} ({frames} "
+          f"frames), beam {args.beam_width}, alpha {args.alpha} (flashlight lm_weight "
+          f"{args.alpha * math.log(10):.3f} per log10), beta {args.beta}, unk offset "
+          f"{args.unk_offset} (log10), p_sub {args.p_sub}, seed {args.seed}")
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; onnxruntime threads {args.threads}")
     with tempfile.TemporaryDirectory() as tmp:
-        decoders = build_decoders(args, Path(tmp))
-        print(f"\n{'language model':<28} {'WER':>7} {'s/utt':>8}  notes")
-        for name, (decoder, lm, note) in decoders.items():
-            warm_up(decoder, args.beam_width)
-            before = lm.cache_info() if lm is not None else None
-            texts, seconds = decode_all(decoder, emissions, args.beam_width)
-            if lm is not None:  # the counts of the timed decodes (after the warm-up)
-                info = {k: v - before[k] for k, v in lm.cache_info().items()}
-                note = (f"{info['steps'] / len(sentences):.0f} onnxruntime steps/utt, "
-                        f"{info['hits'] / len(sentences):.0f} cache hits/utt")
-            wer = jiwer.wer(sentences, texts)
-            print(f"{name:<28} {wer:>7.2%} {seconds:>8.3f}  {note}")
+        work = Path(tmp)
+        kenlm = None if args.no_kenlm else build_kenlm(args.data, args.lmplz_dir, work)
+        model = random_model(args.data, work / "random.onnx") if args.random_model else args.model
+        rows = []
+        if "pyctcdecode" in chosen:
+            rows += pyctcdecode_rows(args, kenlm, model)
+        if "flashlight" in chosen:
+            rows += flashlight_rows(args, kenlm, model)
+        print(f"\n{'decoder':<12} {'language model':<34} {'WER':>7} {'s/utt':>8}  notes")
+        for row in rows:
+            row.decode(warm_up_emissions())
+            before = row.stats() if row.stats else None
+            texts, seconds = decode_all(row, emissions)
+            note = row.note
+            if before is not None:  # the timed decodes' counts, per utterance
+                after = row.stats()
+                note = ", ".join(f"{(after[k] - before[k]) / len(sentences):.0f} {k}/utt"
+                                 for k in after) + (f"; {note}" if note else "")
+            wer = jiwer.wer(sentences, [t.strip() for t in texts])
+            print(f"{row.decoder:<12} {row.lm:<34} {wer:>7.2%} {seconds:>8.3f}  {note}")
+
+
+def warm_up_emissions() -> np.ndarray:
+    return simulate_emissions(WARM_UP + " ", np.random.default_rng(2**31))
 
 
 if __name__ == "__main__":

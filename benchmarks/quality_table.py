@@ -3,6 +3,7 @@
     python benchmarks/quality_table.py --data DIR [--kenlm-bin DIR] [--orders 5,3]
         [--model ptb=runs/ptb-small.onnx --model kjv=runs/kjv.onnx]
         [--run ptb=runs/ptb-small --run kjv=runs/kjv] [--torch-minutes 30] [--repeats 3]
+        [--mix-weight 0.5|auto|none]
 
 ``--model`` may name several models of one corpus (full and adaptive softmax, say): each
 gets its fp32 and int8 rows, scored in turn for ``--repeats`` passes (the best counts).
@@ -22,7 +23,8 @@ Rows: KenLM's lmplz (modified Kneser-Ney) of each order, built by
 kenlm``, or the ``bench`` extra); lmonnx models given with ``--model`` (fp32, and int8
 quantized here from it), their training time read from ``--run``'s history.json; with
 ``--torch-minutes M``, the same-size model in PyTorch trained here by pytorch/examples'
-word_language_model recipe (``torch_lm.py``, up to 40 epochs or M minutes).  Scoring
+word_language_model recipe (``torch_lm.py``, up to 40 epochs or M minutes); each fp32
+model mixed per token with the first order's KenLM (``--mix-weight``, :mod:`lmonnx.mix`).  Scoring
 speed is words (tokens) per second of one process on this machine, scoring the test text
 sentence by sentence (KenLM) or with ``Scorer.evaluate`` (lmonnx, best of ``--repeats``).  Rows that cannot run say
 why in one line.
@@ -110,6 +112,34 @@ def lmonnx_rows(models: list[tuple[Path, Path | None]], split: dict, workdir: Pa
     return [{k: v for k, v in e.items() if k != "scorer"} for e in entries]
 
 
+def mixed_rows(models: list[Path], kenlm_binary: Path, order: int, split: dict,
+               weight: str) -> list[dict]:
+    """Each fp32 model mixed per token with the KenLM ``order``-gram (:mod:`lmonnx.mix`) at
+    lmonnx's weight ``weight`` (a number, or ``auto``: EM on ``split["valid"]``).  The test
+    text goes in as the KenLM row reads it (a word outside KenLM's training words, ``<unk>``
+    included, renamed ``unk_token``); lmonnx never knows those words either, so its tokens
+    and numbers are its own row's."""
+    from lmonnx import Scorer
+    from lmonnx.mix import MixedScorer
+
+    vocabulary = {w for s in split["train"] for w in s.split()}
+    fit_on = closed(split["valid"], vocabulary, KENLM_UNK) if weight == "auto" else None
+    test = closed(split["test"], vocabulary, KENLM_UNK)
+    rows = []
+    for model in models:
+        mixer = MixedScorer(Scorer(model, providers="cpu"), str(kenlm_binary),
+                            weight if weight == "auto" else float(weight), fit_on=fit_on)
+        start = time.perf_counter()
+        report = mixer.evaluate(test)
+        seconds = time.perf_counter() - start
+        fitted = " by EM on valid" if weight == "auto" else ""
+        rows.append({"method": f"lmonnx fp32 + KenLM {order}-gram, L={mixer.weight:.3g}{fitted} "
+                               f"({model.name})",
+                     "perplexity": report.mixed_perplexity, "tokens": report.tokens,
+                     "train_seconds": None, "words_per_second": report.tokens / seconds})
+    return rows
+
+
 def _train_seconds(run: Path | None) -> float | None:
     """Training plus validation seconds from a run's history.json (None: not given)."""
     if run is None or not (run / "history.json").is_file():
@@ -146,6 +176,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="lmonnx scoring passes per model, taken in turn; the best "
                              "counts (default 3)")
+    parser.add_argument("--mix-weight", default="0.5", metavar="L|auto|none",
+                        help="add each fp32 model mixed per token with the first --orders "
+                             "KenLM at lmonnx's weight L (auto: fitted by EM on the "
+                             "validation split; none: no mixed rows) (default 0.5)")
     parser.add_argument("--torch-minutes", type=float, default=None,
                         help="add the PyTorch peer, trained here for at most this long")
     args = parser.parse_args()
@@ -154,6 +188,12 @@ def main() -> None:
         if len(dirs) > len(models.get(corpus, [])):
             sys.exit(f"--run {corpus}=... given {len(dirs)} times for "
                      f"{len(models.get(corpus, []))} --model {corpus}=...")
+    if args.mix_weight not in ("auto", "none"):
+        try:
+            if not 0.0 <= float(args.mix_weight) <= 1.0:
+                raise ValueError
+        except ValueError:
+            sys.exit(f"--mix-weight takes a number in [0, 1], auto or none, got {args.mix_weight!r}")
     if args.repeats < 1:
         sys.exit(f"--repeats must be at least 1, got {args.repeats}")
     bin_dir = args.kenlm_bin or Path(__file__).resolve().parents[1] / ".kenlm" / "bin"
@@ -175,6 +215,10 @@ def main() -> None:
                 pairs = [(m, given[i] if i < len(given) else None)
                          for i, m in enumerate(models[corpus])]
                 rows += lmonnx_rows(pairs, split, Path(tmp), args.repeats)
+                first = int(args.orders.split(",")[0])
+                binary = Path(tmp) / f"{first}.bin"
+                if args.mix_weight != "none" and binary.is_file():
+                    rows += mixed_rows(models[corpus], binary, first, split, args.mix_weight)
             else:
                 rows.append({"method": "lmonnx", "skipped": f"no --model {corpus}=PATH given"})
             if args.torch_minutes is not None:

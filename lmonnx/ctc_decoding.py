@@ -54,26 +54,36 @@ merges only beams with identical word histories.
 pyctcdecode (it decodes sequentially).  Pickling (to ship the model elsewhere) carries the
 model path and the settings, and the copy reopens the model.
 
+**Saving.**  ``decoder.save_to_dir(path)`` (pyctcdecode's) writes the alphabet and, through
+:meth:`LmonnxLanguageModel.save_to_dir`, a copy of the model with the LM's settings;
+:func:`load_ctcdecoder` reads the directory back (pyctcdecode's ``load_from_dir`` knows only
+KenLM).
+
 pyctcdecode is optional; without it, using this module raises
 :class:`~lmonnx.errors.MissingDependencyError`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Collection, Sequence
 
 import numpy as np
 
-from lmonnx.errors import ArgumentTypeError, InvalidArgumentError, MissingDependencyError
+from lmonnx.atomic import write_atomic
+from lmonnx.errors import (ArgumentTypeError, ArtifactError, InvalidArgumentError,
+                           MissingDependencyError, PathExistsError, PathNotFoundError)
 from lmonnx.incremental import LMState
 from lmonnx.scorer import Scorer
 from lmonnx.validation import check_bool, check_int, check_real
-from lmonnx.vocab import EOS_ID, SPECIAL_TOKENS, UNK_ID
+from lmonnx.vocab import EOS_ID, UNK_ID, decoder_word_ids
 
 try:
     from pyctcdecode.alphabet import Alphabet, verify_alphabet_coverage
@@ -96,6 +106,13 @@ utterance, so pyctcdecode's history pruning never merges beams whose histories d
 
 DEFAULT_CACHE_SIZE = 1024
 """LMStates kept (``4 * (2 * layers * units + V)`` bytes each: ~41 MB at V = 10k)."""
+
+SAVED_MODEL = "model.onnx"
+SAVED_SETTINGS = "lmonnx_language_model.json"
+"""What :meth:`LmonnxLanguageModel.save_to_dir` writes (into pyctcdecode's
+``language_model/`` directory of a saved decoder)."""
+_SAVED_KEYS = {"alpha", "beta", "unk_score_offset", "unigrams", "case_fold", "cache_size",
+               "order"}
 
 PYCTCDECODE_INSTALL = "pip install --no-deps pyctcdecode pygtrie"
 # pyctcdecode 0.5.0 (the latest) declares numpy<2, which lmonnx's numpy>=2 excludes, so pip's
@@ -166,18 +183,6 @@ def _open_scorer(scorer_or_path, providers: str, num_threads: int | None):
                         num_threads=num_threads)
 
 
-def _decoder_word_ids(tokens: Sequence[str], case_fold: bool) -> dict[str, int]:
-    """Decoder word -> token id for every vocabulary word (specials excluded).  With
-    ``case_fold`` the keys are lowercase and the lowest id (the most frequent spelling in
-    training) wins."""
-    word_ids: dict[str, int] = {}
-    for token_id, token in enumerate(tokens):
-        if token in SPECIAL_TOKENS:
-            continue
-        word_ids.setdefault(token.lower() if case_fold else token, token_id)
-    return word_ids
-
-
 def _check_unigrams(unigrams) -> tuple[str, ...] | None:
     if unigrams is None:
         return None
@@ -227,7 +232,7 @@ class LmonnxLanguageModel(AbstractLanguageModel):
         self._cache = _StateCache(check_int("cache_size", cache_size))
         self.scorer, self._reopen_settings = _open_scorer(scorer_or_path, providers, num_threads)
         self._unigrams = _check_unigrams(unigrams)
-        self._word_ids = _decoder_word_ids(self.scorer.vocab.tokens, self.case_fold)
+        self._word_ids = decoder_word_ids(self.scorer.vocab.tokens, self.case_fold)
         self._known = _known_words(self._word_ids, self._unigrams, self.case_fold)
         self._known_prefixes = _prefixes(self._known)
         self._incremental = self.scorer.incremental
@@ -322,11 +327,47 @@ class LmonnxLanguageModel(AbstractLanguageModel):
         ``unigrams``)."""
         return (word.lower() if self.case_fold else word) in self._known
 
+    # ---- saving with the decoder (pyctcdecode's save_to_dir) ---------------------------------
+
+    def save_to_dir(self, filepath) -> None:
+        """Write the model (:data:`SAVED_MODEL`, a copy of the file) and the settings
+        (:data:`SAVED_SETTINGS`, JSON) into the directory ``filepath``: what pyctcdecode's
+        ``BeamSearchDecoderCTC.save_to_dir`` calls; :func:`load_ctcdecoder` reads it back."""
+        settings = self.__getstate__()  # refuses a Scorer opened from bytes
+        directory = Path(filepath)
+        for name in (SAVED_MODEL, SAVED_SETTINGS):
+            if (directory / name).exists():
+                raise PathExistsError(f"{directory / name} exists; save into a new directory")
+        shutil.copyfile(settings.pop("path"), directory / SAVED_MODEL)
+        for name in ("providers", "num_threads"):  # the machine's choice, not the model's
+            settings.pop(name)
+        settings["unigrams"] = None if self._unigrams is None else list(self._unigrams)
+        write_atomic(directory / SAVED_SETTINGS, json.dumps(settings, indent=1) + "\n")
+
+    @classmethod
+    def load_from_dir(cls, filepath, *, providers: str = "cpu",
+                      num_threads: int | None = None) -> "LmonnxLanguageModel":
+        """The language model :meth:`save_to_dir` wrote into ``filepath``."""
+        directory = Path(filepath)
+        settings_path = directory / SAVED_SETTINGS
+        if not settings_path.is_file():
+            raise PathNotFoundError(f"{settings_path} not found: not a directory that "
+                                    "LmonnxLanguageModel.save_to_dir wrote")
+        try:
+            settings = json.loads(settings_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{settings_path}: not lmonnx's settings JSON ({exc})") from None
+        if not isinstance(settings, dict) or set(settings) - _SAVED_KEYS:
+            raise ArtifactError(f"{settings_path}: unexpected settings; expected the keys "
+                                f"{sorted(_SAVED_KEYS)}")
+        return cls(directory / SAVED_MODEL, providers=providers, num_threads=num_threads,
+                   **settings)
+
     # ---- pickling: the path and the settings; the copy reopens the model -----------------
 
     def __getstate__(self) -> dict:
         if self._reopen_settings is None:
-            raise ArgumentTypeError("cannot pickle an LmonnxLanguageModel whose Scorer was "
+            raise ArgumentTypeError("cannot pickle or save an LmonnxLanguageModel whose Scorer was "
                                     "opened from bytes: open the model from a file")
         return dict(self._reopen_settings, alpha=self.alpha, beta=self.beta,
                     unk_score_offset=self.unk_score_offset, unigrams=self._unigrams,
@@ -339,6 +380,22 @@ class LmonnxLanguageModel(AbstractLanguageModel):
     def __repr__(self) -> str:
         return (f"LmonnxLanguageModel({self.scorer!r}, alpha={self.alpha}, beta={self.beta}, "
                 f"unk_score_offset={self.unk_score_offset}, known_words={len(self._known)})")
+
+
+def load_ctcdecoder(filepath, *, providers: str = "cpu", num_threads: int | None = None):
+    """The decoder that ``build_ctcdecoder(...).save_to_dir(filepath)`` saved: pyctcdecode's
+    alphabet file and an :class:`LmonnxLanguageModel` (pyctcdecode's own ``load_from_dir``
+    reads only a KenLM model)."""
+    _require_pyctcdecode()
+    directory = Path(filepath)
+    alphabet_path = directory / BeamSearchDecoderCTC._ALPHABET_SERIALIZED_FILENAME
+    if not alphabet_path.is_file():
+        raise PathNotFoundError(f"{alphabet_path} not found: not a saved decoder directory")
+    alphabet = Alphabet.loads(alphabet_path.read_text(encoding="utf-8"))
+    language_model = LmonnxLanguageModel.load_from_dir(
+        directory / BeamSearchDecoderCTC._LANGUAGE_MODEL_SERIALIZED_DIRECTORY,
+        providers=providers, num_threads=num_threads)
+    return BeamSearchDecoderCTC(alphabet, language_model)
 
 
 def build_ctcdecoder(labels: Sequence[str], scorer_or_path, *, alpha: float = DEFAULT_ALPHA,
@@ -363,5 +420,5 @@ def build_ctcdecoder(labels: Sequence[str], scorer_or_path, *, alpha: float = DE
     return BeamSearchDecoderCTC(alphabet, language_model)
 
 
-__all__ = ["LmonnxLanguageModel", "CTCLMState", "build_ctcdecoder", "LN10", "UNBOUNDED_ORDER",
+__all__ = ["LmonnxLanguageModel", "CTCLMState", "build_ctcdecoder", "load_ctcdecoder", "LN10", "UNBOUNDED_ORDER",
            "DEFAULT_CACHE_SIZE"]

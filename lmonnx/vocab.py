@@ -90,6 +90,19 @@ class TokenizerOptions:
         return cls(preset=d["preset"], lower=d["lower"], filters=d["filters"])
 
 
+def decoder_word_ids(tokens: Sequence[str], case_fold: bool = False) -> dict[str, int]:
+    """A decoder's word -> token id for every vocabulary word (the specials excluded): the
+    lookup of CTC decoders' words (:mod:`lmonnx.ctc_decoding`, :mod:`lmonnx.flashlight_decoding`).
+    With ``case_fold`` the keys are lowercase and the lowest id (the spelling most frequent in
+    training) wins."""
+    word_ids: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        if token in SPECIAL_TOKENS:
+            continue
+        word_ids.setdefault(token.lower() if case_fold else token, token_id)
+    return word_ids
+
+
 class Vocabulary:
     """Tokens in id order (``tokens[:4] == SPECIAL_TOKENS``) plus the tokenizer that produced them."""
 

@@ -12,15 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import import_extra
 
-pyctcdecode = pytest.importorskip("pyctcdecode")
+pyctcdecode = import_extra("pyctcdecode", "asr")
 
-from lmonnx import Scorer  # noqa: E402 (after the skip)
+from benchmark_modules import load_benchmark  # noqa: E402 (after the skip)
+from lmonnx import Scorer  # noqa: E402
 from lmonnx._testing import build_random_lm, make_vocab  # noqa: E402
 from lmonnx.ctc_decoding import (LN10, UNBOUNDED_ORDER, CTCLMState,  # noqa: E402
-                                 LmonnxLanguageModel, build_ctcdecoder)
-from lmonnx.errors import (ArgumentTypeError, InvalidArgumentError,  # noqa: E402
-                           MissingDependencyError, PathNotFoundError)
+                                 LmonnxLanguageModel, build_ctcdecoder, load_ctcdecoder)
+from lmonnx.errors import (ArgumentTypeError, ArtifactError,  # noqa: E402
+                           InvalidArgumentError, MissingDependencyError, PathExistsError,
+                           PathNotFoundError)
 from lmonnx.vocab import UNK_ID  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,15 +31,7 @@ WORDS = "the cat sat on a mat and dog ran to big red hat sun Moses".split()
 SENTENCE = "the big cat sat on a red mat and the dog ran"
 
 
-def _load_ctc_table():
-    path = REPO / "benchmarks" / "ctc_table.py"
-    spec = importlib.util.spec_from_file_location("ctc_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ctc_table = _load_ctc_table()
+ctc_table = load_benchmark("ctc_table")
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +203,41 @@ def test_pickle_round_trip_reopens_the_model(model_path, scorer, emissions):
     assert decode[0] == decode[1]
     with pytest.raises(ArgumentTypeError, match="opened from bytes"):
         pickle.dumps(LmonnxLanguageModel(Scorer(model_path.read_bytes(), providers="cpu")))
+
+
+def test_a_saved_decoder_loads_back_and_decodes_alike(model_path, emissions, tmp_path):
+    decoder = build_ctcdecoder(ctc_table.LABELS, model_path, alpha=0.4, beta=0.9,
+                               unk_score_offset=-3.0, unigrams=["the", "cat", "Moses"],
+                               case_fold=True, cache_size=9, order=4, num_threads=1)
+    decoder.save_to_dir(str(tmp_path))
+    loaded = load_ctcdecoder(tmp_path, num_threads=1)
+    lm, again = decoder._language_model, loaded._language_model
+    assert (again.alpha, again.beta, again.unk_score_offset, again.case_fold, again.order) == \
+        (0.4, 0.9, -3.0, True, 4)
+    assert again.cache_info()["max_size"] == 9 and again.is_known("moses")
+    assert not again.is_known("dog") and lm.is_known("the") and again.is_known("the")
+    assert (tmp_path / "language_model" / "model.onnx").read_bytes() == model_path.read_bytes()
+    assert loaded.decode(emissions, beam_width=8) == decoder.decode(emissions, beam_width=8)
+    with pytest.raises(PathExistsError, match="new directory") as caught:
+        lm.save_to_dir(tmp_path / "language_model")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("damage, error, text", [
+    (lambda d: (d / "alphabet.json").unlink(), PathNotFoundError, "alphabet.json"),
+    (lambda d: (d / "language_model" / "lmonnx_language_model.json").unlink(),
+     PathNotFoundError, "lmonnx_language_model.json"),
+    (lambda d: (d / "language_model" / "lmonnx_language_model.json").write_text("{"),
+     ArtifactError, "not lmonnx's settings"),
+    (lambda d: (d / "language_model" / "lmonnx_language_model.json").write_text('{"x": 1}'),
+     ArtifactError, "unexpected settings"),
+])
+def test_a_damaged_saved_decoder_is_one_line_error(model_path, tmp_path, damage, error, text):
+    build_ctcdecoder(ctc_table.LABELS, model_path).save_to_dir(str(tmp_path))
+    damage(tmp_path)
+    with pytest.raises(error, match=text) as caught:
+        load_ctcdecoder(tmp_path)
+    assert "\n" not in str(caught.value)
 
 
 def test_decode_batch_in_a_fork_pool(model_path, emissions):

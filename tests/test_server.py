@@ -26,6 +26,7 @@ from lmonnx import Scorer  # noqa: E402
 from lmonnx._testing import SOFTMAXES, build_random_lm, make_vocab, random_cutoffs  # noqa: E402
 from lmonnx.serve.batch_queue import Batcher, Draining  # noqa: E402
 from lmonnx.incremental import END  # noqa: E402
+from lmonnx.rescore import Utterance, combined_scores, lm_scores, rescore  # noqa: E402
 from lmonnx.runtime import ModelSession  # noqa: E402
 from lmonnx.serve.app import DrainingServer, build_app, create_app  # noqa: E402
 from lmonnx.serve.service import ARRIVING, ScoringService  # noqa: E402
@@ -273,6 +274,36 @@ def test_predict_and_generate_equal_the_scorer(scorer):
     assert [(x["word"], x["probability"]) for x in predicted["predictions"]] == \
         scorer.predict_next("the company", k=4)
     assert generated["words"] == scorer.generate("the", words=8, seed=5)
+
+
+def test_rescore_equals_lmonnx_rescore_over_the_scorer(scorer):
+    app = create_app(_service(scorer))
+    nbest = [{"hypotheses": ["the company said", "the company sad", " the company said ", ""],
+              "am_scores": [-1.0, -0.5, -2.0, -9]},
+             {"hypotheses": ["it fell sharply"], "am_scores": [0.0]}]
+
+    async def main():
+        async with _client(app) as client:
+            good = await client.post("/v1/rescore", json={"utterances": nbest, "alpha": 0.7,
+                                                          "beta": 0.3})
+            uneven = await client.post("/v1/rescore", json={"utterances": [
+                {"hypotheses": ["a", "b"], "am_scores": [1.0]}]})
+            negative = await client.post("/v1/rescore", json={"utterances": nbest, "alpha": -1})
+            return good, uneven, negative
+
+    good, uneven, negative = run(main())
+    assert good.status_code == 200, good.text
+    utterances = [Utterance(str(i), [h.strip() for h in u["hypotheses"]], u["am_scores"])
+                  for i, u in enumerate(nbest)]
+    lm = lm_scores(scorer, utterances)
+    expected = combined_scores(utterances, lm, alpha=0.7, beta=0.3)
+    best = rescore(utterances, lm, alpha=0.7, beta=0.3)
+    for result, utterance, lm_row, row, index in zip(good.json()["results"], utterances, lm,
+                                                     expected, best):
+        assert result["lm_logprobs"] == lm_row.tolist() and result["scores"] == row.tolist()
+        assert result["best"] == index and result["text"] == utterance.hypotheses[index]
+    assert uneven.status_code == 422 and "2 hypotheses but 1 am_scores" in uneven.text
+    assert negative.status_code == 422 and "alpha" in negative.text
 
 
 def test_a_sentence_of_a_million_words_is_scored_in_windows(tmp_path):

@@ -5,6 +5,8 @@
     POST /v1/generate  {"prefix": "", "words": 20, "temperature": 1, "top_k": null, "seed": null}
     POST /v1/states    {"prefix": ""}                             -> {"state": id, "words": n}
     POST /v1/step      {"steps": [{"state": id, "word": "cat"} | {"state": id, "end": true}]}
+    POST /v1/rescore   {"utterances": [{"hypotheses": [...], "am_scores": [...]}],
+                        "alpha": 0.5, "beta": 0}                 -> {"results": [...]}
     DELETE /v1/states/{id}
     GET /health, /ready, /metrics; the OpenAI / vLLM routes of :mod:`lmonnx.serve.openai_routes`
 
@@ -30,6 +32,7 @@ import logging
 import socket
 import time
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,10 +45,11 @@ from lmonnx.errors import InferenceError, LmonnxError, ProviderError
 from lmonnx.evaluate import token_scores
 from lmonnx.incremental import END, EOS_TEXT
 from lmonnx.metrics import finite_or_none
+from lmonnx.rescore import Utterance, combined_scores
 from lmonnx.serve.batch_queue import Draining, NotStarted, Overloaded, hand_over_the_gil_quickly
 from lmonnx.serve.openai_routes import OpenAIRoute, add_openai_routes
-from lmonnx.serve.protocol import (ApiError, GenerateBody, PredictBody, ScoreBody, StatesBody,
-                                   StepBody, StrictJSONResponse, error_response, json_body,
+from lmonnx.serve.protocol import (ApiError, GenerateBody, PredictBody, RescoreBody, ScoreBody,
+                                   StatesBody, StepBody, StrictJSONResponse, error_response, json_body,
                                    openai_error_response, validation_error)
 from lmonnx.serve.service import ADMITTED, ARRIVING, ClientGone, ScoringService
 from lmonnx.serve.states import UnknownState
@@ -235,7 +239,7 @@ def _endpoint(path: str) -> str:
 
 
 _ENDPOINTS = {"/health", "/ready", "/metrics", "/v1/score", "/v1/predict", "/v1/generate",
-              "/v1/states", "/v1/step", "/v1/models", "/v1/completions", "/tokenizer_info",
+              "/v1/states", "/v1/step", "/v1/rescore", "/v1/models", "/v1/completions", "/tokenizer_info",
               "/tokenize", "/detokenize"}
 def replay_receive(body: bytes, receive, more_body: bool = False):
     """An ASGI ``receive`` that gives the already read ``body`` first, then what ``receive``
@@ -347,6 +351,10 @@ def _add_routes(app: FastAPI, service: ScoringService) -> None:
         return {"prefix": body.prefix, "words": words,
                 "ended": bool(words) and words[-1] == EOS_TEXT}
 
+    @app.post("/v1/rescore")
+    async def rescore(body: RescoreBody, request: Request):
+        return await rescore_answer(service, body, request)
+
     @app.post("/v1/states")
     async def states(body: StatesBody, request: Request):
         key, state = await service.begin(body.prefix, request=request)
@@ -364,6 +372,33 @@ async def score_answer(service: ScoringService, body: ScoreBody, request) -> dic
     (``POST /v1/score``'s answer)."""
     scored = await service.score(body.sentences, per_token=body.per_token, request=request)
     return {"results": [_score_record(e, r, body.per_token) for e, r in scored]}
+
+
+async def rescore_answer(service: ScoringService, body: RescoreBody, request) -> dict:
+    """Rescore n-best lists as ``lmonnx rescore`` does (:mod:`lmonnx.rescore`): each
+    hypothesis gets ``am + alpha * lm + beta * words`` (``lm``: its log-probability with
+    ``</s>``, nats); per utterance, the best's index and text, and every hypothesis's
+    ``lm_logprobs`` and ``scores``.  Each distinct text is scored once, batched with the
+    other callers' sentences (``POST /v1/rescore``'s answer)."""
+    utterances = []
+    for i, item in enumerate(body.utterances):
+        if len(item.am_scores) != len(item.hypotheses):
+            raise ApiError(422, "invalid_request",
+                           f"utterances.{i}: {len(item.hypotheses)} hypotheses but "
+                           f"{len(item.am_scores)} am_scores", param=f"utterances.{i}")
+        utterances.append(Utterance(str(i), tuple(h.strip() for h in item.hypotheses),
+                                    np.array(item.am_scores, dtype=np.float64)))
+    texts = list(dict.fromkeys(h for u in utterances for h in u.hypotheses))
+    scored = await service.score(texts, request=request)
+    logprob = {text: result.logprob for text, (_, result) in zip(texts, scored)}
+    lm = [np.array([logprob[h] for h in u.hypotheses], dtype=np.float64) for u in utterances]
+    scores = combined_scores(utterances, lm, body.alpha, body.beta)
+    results = []
+    for utterance, lm_row, row in zip(utterances, lm, scores):
+        best = int(np.argmax(row))  # the first of equal scores: the earlier hypothesis
+        results.append({"best": best, "text": utterance.hypotheses[best],
+                        "lm_logprobs": lm_row.tolist(), "scores": row.tolist()})
+    return {"results": results}
 
 
 async def step_answer(service: ScoringService, body: StepBody, request) -> dict:

@@ -121,6 +121,17 @@ class StepBody(RequestBody):
     steps: list[StepItem] = Field(min_length=1)
 
 
+class RescoreUtterance(RequestBody):
+    hypotheses: list[StrictStr] = Field(min_length=1)
+    am_scores: list[float] = Field(min_length=1)
+
+
+class RescoreBody(RequestBody):
+    utterances: list[RescoreUtterance] = Field(min_length=1)
+    alpha: float = Field(0.5, ge=0)
+    beta: float = 0.0
+
+
 def json_body(content) -> bytes:
     """JSON as ``lmonnx evaluate`` writes it: NaN and infinities as null, UTF-8 as is."""
     return json_text(content).encode("utf-8")
@@ -143,4 +154,5 @@ class StrictJSONResponse(JSONResponse):
 __all__ = ["ApiError", "error_response", "openai_error_response", "OPENAI_INVALID",
            "validation_error", "RequestBody",
            "ScoreBody", "PredictBody", "GenerateBody", "StatesBody", "StepItem", "StepBody",
+           "RescoreUtterance", "RescoreBody",
            "json_body", "large_json_body", "StrictJSONResponse"]
