@@ -341,7 +341,7 @@ def main(argv=None) -> None:
             rows += pyctcdecode_rows(args, kenlm, model)
         if "flashlight" in chosen:
             rows += flashlight_rows(args, kenlm, model)
-        print(f"\n{'decoder':<12} {'language model':<34} {'WER':>7} {'s/utt':>8}  notes")
+        print(f"\n{'decoder':<12} {'language model':<44} {'WER':>7} {'s/utt':>8}  notes")
         for row in rows:
             row.decode(warm_up_emissions())
             before = row.stats() if row.stats else None
@@ -352,7 +352,7 @@ def main(argv=None) -> None:
                 note = ", ".join(f"{(after[k] - before[k]) / len(sentences):.0f} {k}/utt"
                                  for k in after) + (f"; {note}" if note else "")
             wer = jiwer.wer(sentences, [t.strip() for t in texts])
-            print(f"{row.decoder:<12} {row.lm:<34} {wer:>7.2%} {seconds:>8.3f}  {note}")
+            print(f"{row.decoder:<12} {row.lm:<44} {wer:>7.2%} {seconds:>8.3f}  {note}")
 
 
 def warm_up_emissions() -> np.ndarray:

@@ -278,28 +278,14 @@ class ModelSession:
 
     def _tail_runner(self, weights):
         """``run(k, hidden [n, units]) -> logits [n, size_k]``: one small onnxruntime session
-        per tail cluster (``MatMul -> MatMul -> Add``), on the CPU (the rows are gathered on
-        the host), with this session's options."""
-        from onnx import TensorProto, helper, numpy_helper
+        per tail cluster (``lmonnx.graph.tail_cluster_model``), on the CPU (the rows are
+        gathered on the host), with this session's options."""
+        from lmonnx.graph import tail_cluster_model
 
-        sessions = []
-        for k, (projection, kernel, bias) in enumerate(weights):
-            graph = helper.make_graph(
-                [helper.make_node("MatMul", ["hidden", "projection"], ["projected"]),
-                 helper.make_node("MatMul", ["projected", "kernel"], ["product"]),
-                 helper.make_node("Add", ["product", "bias"], ["logits"])],
-                f"lmonnx_tail_{k}",
-                [helper.make_tensor_value_info("hidden", TensorProto.FLOAT,
-                                               ["rows", projection.shape[0]])],
-                [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                               ["rows", kernel.shape[1]])],
-                [numpy_helper.from_array(a, n) for a, n in
-                 ((projection, "projection"), (kernel, "kernel"), (bias, "bias"))])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            model.ir_version = 8  # what every onnxruntime >= 1.18 reads
-            sessions.append(ort.InferenceSession(model.SerializeToString(), sess_options=
-                                                 _session_options(self.num_threads),
-                                                 providers=[CPU]))
+        sessions = [ort.InferenceSession(
+            tail_cluster_model(k, *arrays),
+            sess_options=_session_options(self.num_threads), providers=[CPU])
+            for k, arrays in enumerate(weights)]
 
         def run(k: int, hidden: np.ndarray) -> np.ndarray:
             try:

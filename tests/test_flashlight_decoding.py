@@ -87,8 +87,8 @@ def test_scoring_the_lexicon_after_the_start_costs_no_call(scorer):
 
 @pytest.mark.parametrize("batch_frames", [0, 3, 1_000_000])
 def test_batched_and_lazy_states_decode_alike(scorer, log_probs, batch_frames):
-    lazy = LexiconCTCDecoder(ctc_table.LABELS, LmonnxFlashlightLM(scorer, WORDS), beam_size=8,
-                             lm_weight=1.5)
+    lazy = LexiconCTCDecoder(ctc_table.LABELS, LmonnxFlashlightLM(scorer, WORDS, batch_frames=None),
+                             beam_size=8, lm_weight=1.5)
     batched = LexiconCTCDecoder(ctc_table.LABELS, LmonnxFlashlightLM(
         scorer, WORDS, batch_frames=batch_frames), beam_size=8, lm_weight=1.5)
     for matrix in log_probs:
