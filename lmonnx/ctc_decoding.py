@@ -35,8 +35,11 @@ characters; else 0).
 (``case_fold=True``: case-insensitively, each lowercase form standing for the model's most
 frequent spelling, its lowest id).  A word the model does not know scores as the model's
 ``<unk>`` plus ``unk_score_offset``, as a word outside KenLM's vocabulary scores as KenLM's
-``<unk>`` plus the offset.  ``unigrams`` (optional) restricts the known words further, as
-pyctcdecode's ``unigrams`` do for KenLM: a word outside them gets the offset too.  The empty
+``<unk>`` plus the offset.  ``unigrams`` (optional: the decoder's vocabulary) restricts the
+known words further, as pyctcdecode's ``unigrams`` do for KenLM: a word outside them gets the
+offset too.  A unigram the model does not know is an error (``unknown="error"``, the default:
+pyctcdecode would drop it from the known words with at most a warning, and the decoder would
+then penalize it as unknown); ``unknown="unk"`` drops it so.  The empty
 word, which pyctcdecode passes at the end of a beam that ended on a space, is no word here:
 it scores ``</s>`` alone, without ``beta`` (KenLM would score it as an unknown word).
 
@@ -83,7 +86,7 @@ from lmonnx.errors import (ArgumentTypeError, ArtifactError, InvalidArgumentErro
 from lmonnx.incremental import LMState
 from lmonnx.scorer import Scorer
 from lmonnx.validation import check_bool, check_int, check_real
-from lmonnx.vocab import EOS_ID, UNK_ID, decoder_word_ids
+from lmonnx.vocab import EOS_ID, UNK_ID, decoder_word_ids, unknown_decoder_words
 
 try:
     from pyctcdecode.alphabet import Alphabet, verify_alphabet_coverage
@@ -111,8 +114,8 @@ SAVED_MODEL = "model.onnx"
 SAVED_SETTINGS = "lmonnx_language_model.json"
 """What :meth:`LmonnxLanguageModel.save_to_dir` writes (into pyctcdecode's
 ``language_model/`` directory of a saved decoder)."""
-_SAVED_KEYS = {"alpha", "beta", "unk_score_offset", "unigrams", "case_fold", "cache_size",
-               "order"}
+_SAVED_KEYS = {"alpha", "beta", "unk_score_offset", "unigrams", "unknown", "case_fold",
+               "cache_size", "order"}
 
 PYCTCDECODE_INSTALL = "pip install --no-deps pyctcdecode pygtrie"
 # pyctcdecode 0.5.0 (the latest) declares numpy<2, which lmonnx's numpy>=2 excludes, so pip's
@@ -191,11 +194,15 @@ def _check_unigrams(unigrams) -> tuple[str, ...] | None:
     return tuple(unigrams)
 
 
-def _known_words(word_ids: dict[str, int], unigrams, case_fold: bool) -> frozenset[str]:
+def _known_words(word_ids: dict[str, int], unigrams, case_fold: bool,
+                 unknown: str = "error") -> frozenset[str]:
     """The words scored without the unknown-word offset: the model's, or those of
-    ``unigrams`` it knows (pyctcdecode keeps the unigrams KenLM knows)."""
+    ``unigrams`` it knows (pyctcdecode keeps the unigrams KenLM knows); a unigram it does not
+    know raises under ``unknown="error"``."""
     if unigrams is None:
+        unknown_decoder_words((), word_ids, case_fold, unknown)  # checks the policy's name
         return frozenset(word_ids)
+    unknown_decoder_words(unigrams, word_ids, case_fold, unknown)
     words = (u.lower() if case_fold else u for u in unigrams)
     return frozenset(w for w in words if w in word_ids)
 
@@ -213,16 +220,18 @@ class LmonnxLanguageModel(AbstractLanguageModel):
     with ``providers`` and ``num_threads``; CPU by default, since a decoder runs one
     hypothesis per onnxruntime call).  ``alpha``, ``beta``, ``unk_score_offset`` (log10
     units): pyctcdecode's, with its defaults.  ``unigrams``: the known words (default: the
-    model's vocabulary).  ``case_fold``: match decoder words to the model's tokens
-    case-insensitively.  ``cache_size``: LMStates kept.  ``order``: reported to pyctcdecode's
+    model's vocabulary).  ``unknown``: ``"error"`` (a unigram the model lacks raises) or
+    ``"unk"`` (it is scored as ``<unk>`` plus the offset).  ``case_fold``: match decoder
+    words to the model's tokens case-insensitively.  ``cache_size``: LMStates kept.  ``order``: reported to pyctcdecode's
     history pruning (default: unbounded).
     """
 
     def __init__(self, scorer_or_path, *, alpha: float = DEFAULT_ALPHA,
                  beta: float = DEFAULT_BETA, unk_score_offset: float = DEFAULT_UNK_LOGP_OFFSET,
-                 unigrams: Collection[str] | None = None, case_fold: bool = False,
-                 cache_size: int = DEFAULT_CACHE_SIZE, order: int = UNBOUNDED_ORDER,
-                 providers: str = "cpu", num_threads: int | None = None):
+                 unigrams: Collection[str] | None = None, unknown: str = "error",
+                 case_fold: bool = False, cache_size: int = DEFAULT_CACHE_SIZE,
+                 order: int = UNBOUNDED_ORDER, providers: str = "cpu",
+                 num_threads: int | None = None):
         _require_pyctcdecode()
         self.alpha = check_real("alpha", alpha)
         self.beta = check_real("beta", beta)
@@ -233,7 +242,8 @@ class LmonnxLanguageModel(AbstractLanguageModel):
         self.scorer, self._reopen_settings = _open_scorer(scorer_or_path, providers, num_threads)
         self._unigrams = _check_unigrams(unigrams)
         self._word_ids = decoder_word_ids(self.scorer.vocab.tokens, self.case_fold)
-        self._known = _known_words(self._word_ids, self._unigrams, self.case_fold)
+        self._known = _known_words(self._word_ids, self._unigrams, self.case_fold, unknown)
+        self.unknown = unknown
         self._known_prefixes = _prefixes(self._known)
         self._incremental = self.scorer.incremental
         self._begin = self._incremental.begin()
@@ -371,7 +381,8 @@ class LmonnxLanguageModel(AbstractLanguageModel):
                                     "opened from bytes: open the model from a file")
         return dict(self._reopen_settings, alpha=self.alpha, beta=self.beta,
                     unk_score_offset=self.unk_score_offset, unigrams=self._unigrams,
-                    case_fold=self.case_fold, cache_size=self._cache.size, order=self._order)
+                    unknown=self.unknown, case_fold=self.case_fold,
+                    cache_size=self._cache.size, order=self._order)
 
     def __setstate__(self, settings: dict) -> None:
         settings = dict(settings)
@@ -401,9 +412,10 @@ def load_ctcdecoder(filepath, *, providers: str = "cpu", num_threads: int | None
 def build_ctcdecoder(labels: Sequence[str], scorer_or_path, *, alpha: float = DEFAULT_ALPHA,
                      beta: float = DEFAULT_BETA,
                      unk_score_offset: float = DEFAULT_UNK_LOGP_OFFSET,
-                     unigrams: Collection[str] | None = None, case_fold: bool = False,
-                     cache_size: int = DEFAULT_CACHE_SIZE, order: int = UNBOUNDED_ORDER,
-                     providers: str = "cpu", num_threads: int | None = None):
+                     unigrams: Collection[str] | None = None, unknown: str = "error",
+                     case_fold: bool = False, cache_size: int = DEFAULT_CACHE_SIZE,
+                     order: int = UNBOUNDED_ORDER, providers: str = "cpu",
+                     num_threads: int | None = None):
     """A pyctcdecode ``BeamSearchDecoderCTC`` for ``labels`` (as pyctcdecode's
     ``build_ctcdecoder`` takes them: ``""`` the blank, ``" "`` the word boundary) with an
     :class:`LmonnxLanguageModel` over ``scorer_or_path`` (the other arguments are its)."""
@@ -412,8 +424,8 @@ def build_ctcdecoder(labels: Sequence[str], scorer_or_path, *, alpha: float = DE
         raise ArgumentTypeError("labels must be a list of str, one per emission column")
     language_model = LmonnxLanguageModel(
         scorer_or_path, alpha=alpha, beta=beta, unk_score_offset=unk_score_offset,
-        unigrams=unigrams, case_fold=case_fold, cache_size=cache_size, order=order,
-        providers=providers, num_threads=num_threads)
+        unigrams=unigrams, unknown=unknown, case_fold=case_fold, cache_size=cache_size,
+        order=order, providers=providers, num_threads=num_threads)
     alphabet = Alphabet.build_alphabet(list(labels))
     if language_model._known:  # logs a warning when the labels lack the words' characters
         verify_alphabet_coverage(alphabet, sorted(language_model._known))

@@ -58,7 +58,7 @@ from lmonnx.errors import ArgumentTypeError, InvalidArgumentError, MissingDepend
 from lmonnx.incremental import LMState
 from lmonnx.scorer import Scorer
 from lmonnx.validation import check_bool, check_int, check_real
-from lmonnx.vocab import EOS_ID, UNK_ID, decoder_word_ids
+from lmonnx.vocab import EOS_ID, UNK_ID, decoder_word_ids, unknown_decoder_words
 
 try:
     from flashlight.lib.text.decoder import LM as _FlashlightLM
@@ -78,7 +78,6 @@ DEFAULT_BATCH_FRAMES = 4
 """Pending children of the last 4 frames computed together: the fastest of 0-16 frames on
 simulated KJV emissions (``benchmarks/ctc_table.py --batch-frames 0,2,4,8,16``, beam 32,
 2x300 model: 0.083 s per utterance against 0.126 computing each history alone)."""
-UNKNOWN_POLICIES = ("error", "unk")
 
 
 def _require_flashlight() -> None:
@@ -93,18 +92,10 @@ def _word_token_ids(words: Sequence[str], tokens: Sequence[str], case_fold: bool
     the model lacks, under ``unknown="unk"``)."""
     if isinstance(words, str) or not all(isinstance(w, str) and w for w in words):
         raise ArgumentTypeError("words must be a list of non-empty str, one per decoder word")
-    if unknown not in UNKNOWN_POLICIES:
-        raise InvalidArgumentError(f"unknown must be one of {UNKNOWN_POLICIES}, got {unknown!r}")
     lookup = decoder_word_ids(tokens, case_fold)
-    keys = [w.lower() if case_fold else w for w in words]
-    missing = [w for w, k in zip(words, keys) if k not in lookup]
-    if missing and unknown == "error":
-        shown = ", ".join(repr(w) for w in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise InvalidArgumentError(
-            f"{len(missing)} decoder word(s) unknown to the model: {shown}{more} (leave them "
-            f"out of the lexicon, or pass unknown='unk' to score them as <unk>)")
-    return np.array([lookup.get(k, UNK_ID) for k in keys], dtype=np.int64)
+    unknown_decoder_words(words, lookup, case_fold, unknown)
+    return np.array([lookup.get(w.lower() if case_fold else w, UNK_ID) for w in words],
+                    dtype=np.int64)
 
 
 class _History:

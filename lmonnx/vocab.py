@@ -103,6 +103,29 @@ def decoder_word_ids(tokens: Sequence[str], case_fold: bool = False) -> dict[str
     return word_ids
 
 
+UNKNOWN_WORD_POLICIES = ("error", "unk")
+"""What a decoder adapter does with a decoder word the model lacks: refuse it, or score it
+as ``<unk>``."""
+
+
+def unknown_decoder_words(words: Sequence[str], word_ids: dict[str, int], case_fold: bool,
+                          unknown: str) -> list[str]:
+    """The words of ``words`` (a decoder's lexicon or unigrams) missing from ``word_ids``
+    (:func:`decoder_word_ids`'s map); under ``unknown="error"`` any raises one
+    ``InvalidArgumentError`` naming them."""
+    if unknown not in UNKNOWN_WORD_POLICIES:
+        raise InvalidArgumentError(f"unknown must be one of {UNKNOWN_WORD_POLICIES}, "
+                                   f"got {unknown!r}")
+    missing = [w for w in words if (w.lower() if case_fold else w) not in word_ids]
+    if missing and unknown == "error":
+        shown = ", ".join(repr(w) for w in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InvalidArgumentError(
+            f"{len(missing)} decoder word(s) unknown to the model: {shown}{more} (leave them "
+            f"out, or pass unknown='unk' to score them as <unk>)")
+    return missing
+
+
 class Vocabulary:
     """Tokens in id order (``tokens[:4] == SPECIAL_TOKENS``) plus the tokenizer that produced them."""
 

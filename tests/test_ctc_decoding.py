@@ -72,11 +72,21 @@ def test_unknown_word_is_unk_plus_offset_in_log10_units(scorer):
     assert state.ids == (UNK_ID,) and lm.word_id("zebra") == UNK_ID and not lm.is_known("zebra")
     # a word the model knows but the unigrams leave out: its own probability, plus the offset
     restricted = LmonnxLanguageModel(scorer, alpha=0.5, beta=0.0, unk_score_offset=-4.0,
-                                     unigrams=["the", "cat", "zebra"])
+                                     unigrams=["the", "cat", "zebra"], unknown="unk")
     score, _ = restricted.score(restricted.get_start_state(), "dog")
     dog, _ = scorer.step(scorer.begin(), "dog")
     assert score == pytest.approx(0.5 * (dog - 4.0 * LN10), rel=1e-12)
     assert restricted.is_known("cat") and not restricted.is_known("zebra")
+
+
+def test_a_unigram_unknown_to_the_model_is_an_error_by_default(scorer, tmp_path):
+    with pytest.raises(InvalidArgumentError, match=r"2 decoder word\(s\) unknown to the model: "
+                       r"'zebra', 'yak'.*unknown='unk'") as caught:
+        build_ctcdecoder(ctc_table.LABELS, scorer, unigrams=["the", "zebra", "yak"])
+    assert "\n" not in str(caught.value)
+    with pytest.raises(InvalidArgumentError, match="unknown must be one of"):
+        LmonnxLanguageModel(scorer, unknown="drop")
+    assert LmonnxLanguageModel(scorer, unigrams=["THE"], case_fold=True).is_known("the")
 
 
 def test_empty_last_word_scores_the_end_alone(scorer):
