@@ -238,6 +238,8 @@ class LexiconCTCDecoder:
     probability after ``<s>`` and smeared by max.
 
     ``words``: the lexicon (default: every vocabulary word the tokens can spell).
+    ``unknown``, ``case_fold``, ``batch_frames``: :class:`LmonnxFlashlightLM`'s, when the LM is
+    made here from a Scorer or a path.
     ``lm``: an :class:`LmonnxFlashlightLM` (or any flashlight ``LM``, e.g. its ``KenLM``, whose
     word indices are ``words``'), a Scorer or a model path to make one, or None: no LM (the
     lexicon-constrained search alone).  The other arguments are flashlight's
@@ -251,7 +253,7 @@ class LexiconCTCDecoder:
                  beam_size_token: int | None = None, beam_threshold: float = 50.0,
                  lm_weight: float = 2.0, word_score: float = 0.0, sil_score: float = 0.0,
                  unk_score: float = -math.inf, case_fold: bool = False,
-                 batch_frames: int | None = DEFAULT_BATCH_FRAMES,
+                 unknown: str = "error", batch_frames: int | None = DEFAULT_BATCH_FRAMES,
                  num_threads: int | None = None):
         _require_flashlight()
         if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
@@ -264,8 +266,8 @@ class LexiconCTCDecoder:
             scorer = lm if isinstance(lm, Scorer) else Scorer(lm, providers="cpu",
                                                                num_threads=num_threads)
             if words is None:
-                words = self.spellable(scorer.vocab.tokens, sil_token, case_fold)
-            lm = LmonnxFlashlightLM(scorer, words, case_fold=case_fold,
+                words = self.spellable(scorer.vocab.tokens, sil_token, case_fold, self.tokens)
+            lm = LmonnxFlashlightLM(scorer, words, unknown=unknown, case_fold=case_fold,
                                     batch_frames=batch_frames)
         if words is None:
             if lm is None:
@@ -274,6 +276,9 @@ class LexiconCTCDecoder:
             if words is None:
                 raise InvalidArgumentError("pass words: the lexicon, in the LM's word order")
         self.words = list(words)
+        if not self.words:
+            raise InvalidArgumentError("the lexicon is empty: no vocabulary word can be spelled "
+                                       "with the tokens (or words was empty)")
         self.lm = lm
         spellings = [spell(w.lower() if case_fold else w, self.tokens, sil_token)
                      for w in self.words]

@@ -155,6 +155,17 @@ def test_unknown_words_are_an_error_or_unk(scorer):
     assert folded.score(folded.start(False), 0)[1] == lm.score(start, 0)[1]
 
 
+def test_the_default_lexicon_is_the_words_the_tokens_spell(scorer):
+    tokens = [t for t in ctc_table.LABELS if t not in ("b", "g")]  # no "big", no "dog"
+    decoder = LexiconCTCDecoder(tokens, scorer)
+    assert sorted(decoder.words) == sorted(w for w in WORDS if not set(w) & {"b", "g"})
+    unk = LexiconCTCDecoder(ctc_table.LABELS, scorer, words=["the", "zebra"], unknown="unk")
+    assert unk.lm.score(unk.lm.start(False), 1)[1] == pytest.approx(
+        scorer.begin().logprob(UNK_ID) * LOG10_E, rel=1e-6)
+    with pytest.raises(InvalidArgumentError, match="'zebra'"):
+        LexiconCTCDecoder(ctc_table.LABELS, scorer, words=["the", "zebra"])
+
+
 def test_spell_ends_words_at_the_boundary():
     assert spell("ab", ["", " ", "a", "b"], " ") == [2, 3, 1]
     assert spell("abc", ["", " ", "a", "b"], " ") is None
@@ -168,7 +179,9 @@ def test_spell_ends_words_at_the_boundary():
      "batch_frames"),
     (lambda s: LexiconCTCDecoder("abc", s), ArgumentTypeError, "tokens"),
     (lambda s: LexiconCTCDecoder(ctc_table.LABELS[1:], s), InvalidArgumentError, "blank_token"),
-    (lambda s: LexiconCTCDecoder(["", " ", "a"], s), InvalidArgumentError, "cannot be spelled"),
+    (lambda s: LexiconCTCDecoder(["", " ", "a"], s, words=["the"]), InvalidArgumentError,
+     "cannot be spelled"),
+    (lambda s: LexiconCTCDecoder(["", " ", "q"], s), InvalidArgumentError, "lexicon is empty"),
     (lambda s: LexiconCTCDecoder(ctc_table.LABELS, None), InvalidArgumentError, "words"),
     (lambda s: LexiconCTCDecoder(ctc_table.LABELS, s, beam_size=0), InvalidArgumentError,
      "beam_size"),
