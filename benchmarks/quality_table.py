@@ -193,7 +193,8 @@ def main() -> None:
             if not 0.0 <= float(args.mix_weight) <= 1.0:
                 raise ValueError
         except ValueError:
-            sys.exit(f"--mix-weight takes a number in [0, 1], auto or none, got {args.mix_weight!r}")
+            sys.exit(f"--mix-weight takes a number in [0, 1], auto or none, "
+                     f"got {args.mix_weight!r}")
     if args.repeats < 1:
         sys.exit(f"--repeats must be at least 1, got {args.repeats}")
     bin_dir = args.kenlm_bin or Path(__file__).resolve().parents[1] / ".kenlm" / "bin"

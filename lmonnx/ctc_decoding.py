@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import threading
 from collections import OrderedDict
@@ -84,9 +83,10 @@ from lmonnx.atomic import write_atomic
 from lmonnx.errors import (ArgumentTypeError, ArtifactError, InvalidArgumentError,
                            MissingDependencyError, PathExistsError, PathNotFoundError)
 from lmonnx.incremental import LMState
-from lmonnx.scorer import Scorer
-from lmonnx.validation import check_bool, check_int, check_real
-from lmonnx.vocab import EOS_ID, UNK_ID, decoder_word_ids, unknown_decoder_words
+from lmonnx.scorer import open_scorer
+from lmonnx.validation import check_bool, check_choice, check_int, check_real
+from lmonnx.vocab import (EOS_ID, UNK_ID, UNKNOWN_WORD_POLICIES, decoder_word_ids,
+                          unknown_decoder_words)
 
 try:
     from pyctcdecode.alphabet import Alphabet, verify_alphabet_coverage
@@ -168,24 +168,6 @@ class _StateCache:
         return len(self._states)
 
 
-def _open_scorer(scorer_or_path, providers: str, num_threads: int | None):
-    """``(scorer, settings to reopen it)``; the settings are None for a Scorer opened from
-    bytes (it cannot be pickled)."""
-    if isinstance(scorer_or_path, Scorer):
-        session = scorer_or_path._session  # the path and options it was opened with
-        if session.path is None:
-            return scorer_or_path, None
-        return scorer_or_path, dict(path=os.fspath(session.path),
-                                    providers=session.provider_choice,
-                                    num_threads=session.num_threads)
-    if not isinstance(scorer_or_path, (str, os.PathLike)):
-        raise ArgumentTypeError(f"scorer_or_path must be an lmonnx.Scorer or a model path, "
-                                f"got {type(scorer_or_path).__name__}")
-    scorer = Scorer(scorer_or_path, providers=providers, num_threads=num_threads)
-    return scorer, dict(path=os.fspath(scorer_or_path), providers=providers,
-                        num_threads=num_threads)
-
-
 def _check_unigrams(unigrams) -> tuple[str, ...] | None:
     if unigrams is None:
         return None
@@ -200,7 +182,6 @@ def _known_words(word_ids: dict[str, int], unigrams, case_fold: bool,
     ``unigrams`` it knows (pyctcdecode keeps the unigrams KenLM knows); a unigram it does not
     know raises under ``unknown="error"``."""
     if unigrams is None:
-        unknown_decoder_words((), word_ids, case_fold, unknown)  # checks the policy's name
         return frozenset(word_ids)
     unknown_decoder_words(unigrams, word_ids, case_fold, unknown)
     words = (u.lower() if case_fold else u for u in unigrams)
@@ -222,8 +203,8 @@ class LmonnxLanguageModel(AbstractLanguageModel):
     units): pyctcdecode's, with its defaults.  ``unigrams``: the known words (default: the
     model's vocabulary).  ``unknown``: ``"error"`` (a unigram the model lacks raises) or
     ``"unk"`` (it is scored as ``<unk>`` plus the offset).  ``case_fold``: match decoder
-    words to the model's tokens case-insensitively.  ``cache_size``: LMStates kept.  ``order``: reported to pyctcdecode's
-    history pruning (default: unbounded).
+    words to the model's tokens case-insensitively.  ``cache_size``: LMStates kept.
+    ``order``: reported to pyctcdecode's history pruning (default: unbounded).
     """
 
     def __init__(self, scorer_or_path, *, alpha: float = DEFAULT_ALPHA,
@@ -233,17 +214,17 @@ class LmonnxLanguageModel(AbstractLanguageModel):
                  order: int = UNBOUNDED_ORDER, providers: str = "cpu",
                  num_threads: int | None = None):
         _require_pyctcdecode()
+        self.unknown = check_choice("unknown", unknown, UNKNOWN_WORD_POLICIES)
         self.alpha = check_real("alpha", alpha)
         self.beta = check_real("beta", beta)
         self.unk_score_offset = check_real("unk_score_offset", unk_score_offset)
         self.case_fold = check_bool("case_fold", case_fold)
         self._order = check_int("order", order)
         self._cache = _StateCache(check_int("cache_size", cache_size))
-        self.scorer, self._reopen_settings = _open_scorer(scorer_or_path, providers, num_threads)
+        self.scorer, self._reopen_settings = open_scorer(scorer_or_path, providers, num_threads)
         self._unigrams = _check_unigrams(unigrams)
         self._word_ids = decoder_word_ids(self.scorer.vocab.tokens, self.case_fold)
         self._known = _known_words(self._word_ids, self._unigrams, self.case_fold, unknown)
-        self.unknown = unknown
         self._known_prefixes = _prefixes(self._known)
         self._incremental = self.scorer.incremental
         self._begin = self._incremental.begin()
@@ -432,5 +413,5 @@ def build_ctcdecoder(labels: Sequence[str], scorer_or_path, *, alpha: float = DE
     return BeamSearchDecoderCTC(alphabet, language_model)
 
 
-__all__ = ["LmonnxLanguageModel", "CTCLMState", "build_ctcdecoder", "load_ctcdecoder", "LN10", "UNBOUNDED_ORDER",
-           "DEFAULT_CACHE_SIZE"]
+__all__ = ["LmonnxLanguageModel", "CTCLMState", "build_ctcdecoder", "load_ctcdecoder", "LN10",
+           "UNBOUNDED_ORDER", "DEFAULT_CACHE_SIZE"]

@@ -56,7 +56,7 @@ import numpy as np
 
 from lmonnx.errors import ArgumentTypeError, InvalidArgumentError, MissingDependencyError
 from lmonnx.incremental import LMState
-from lmonnx.scorer import Scorer
+from lmonnx.scorer import open_scorer
 from lmonnx.validation import check_bool, check_int, check_real
 from lmonnx.vocab import EOS_ID, UNK_ID, decoder_word_ids, unknown_decoder_words
 
@@ -82,8 +82,8 @@ simulated KJV emissions (``benchmarks/ctc_table.py --batch-frames 0,2,4,8,16``, 
 
 def _require_flashlight() -> None:
     if _FLASHLIGHT_MISSING:
-        raise MissingDependencyError(
-            f"lexicon CTC decoding with an lmonnx model needs flashlight-text: {FLASHLIGHT_INSTALL}")
+        raise MissingDependencyError("lexicon CTC decoding with an lmonnx model needs "
+                                     f"flashlight-text: {FLASHLIGHT_INSTALL}")
 
 
 def _word_token_ids(words: Sequence[str], tokens: Sequence[str], case_fold: bool,
@@ -140,13 +140,7 @@ class LmonnxFlashlightLM(_FlashlightLM):
                  providers: str = "cpu", num_threads: int | None = None):
         _require_flashlight()
         _FlashlightLM.__init__(self)
-        if isinstance(scorer_or_path, Scorer):
-            self.scorer = scorer_or_path
-        elif isinstance(scorer_or_path, (str, bytes)) or hasattr(scorer_or_path, "__fspath__"):
-            self.scorer = Scorer(scorer_or_path, providers=providers, num_threads=num_threads)
-        else:
-            raise ArgumentTypeError(f"scorer_or_path must be an lmonnx.Scorer or a model path, "
-                                    f"got {type(scorer_or_path).__name__}")
+        self.scorer, _ = open_scorer(scorer_or_path, providers, num_threads)
         self.words = tuple(words) if not isinstance(words, str) else words
         self.case_fold = check_bool("case_fold", case_fold)
         self.batch_frames = (None if batch_frames is None else
@@ -263,8 +257,7 @@ class LexiconCTCDecoder:
             if token not in self.tokens:
                 raise InvalidArgumentError(f"{name} {token!r} is not one of the tokens")
         if lm is not None and not isinstance(lm, _FlashlightLM):  # a Scorer or a model path
-            scorer = lm if isinstance(lm, Scorer) else Scorer(lm, providers="cpu",
-                                                               num_threads=num_threads)
+            scorer, _ = open_scorer(lm, "cpu", num_threads)
             if words is None:
                 words = self.spellable(scorer.vocab.tokens, sil_token, case_fold, self.tokens)
             lm = LmonnxFlashlightLM(scorer, words, unknown=unknown, case_fold=case_fold,

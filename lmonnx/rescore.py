@@ -36,7 +36,7 @@ import numbers
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -286,10 +286,22 @@ def lm_scores(lm, utterances: Sequence[Utterance], *,
     chunk_hypotheses = check_int("chunk_hypotheses", chunk_hypotheses)
     scored: dict[str, float] = {}
     for chunk in _chunks(utterances, chunk_hypotheses):
-        new = list(dict.fromkeys(h for u in chunk for h in u.hypotheses if h not in scored))
+        new = [h for h in distinct_texts(chunk) if h not in scored]
         if new:
             scored.update(zip(new, _logprobs(lm, new)))
-    return [np.array([scored[h] for h in u.hypotheses], dtype=np.float64) for u in utterances]
+    return lm_arrays(utterances, scored)
+
+
+def distinct_texts(utterances: Sequence[Utterance]) -> list[str]:
+    """Every hypothesis text of ``utterances`` once, in first-seen order: what an LM scores."""
+    return list(dict.fromkeys(h for u in utterances for h in u.hypotheses))
+
+
+def lm_arrays(utterances: Sequence[Utterance], logprob: Mapping[str, float]
+              ) -> list[np.ndarray]:
+    """Each utterance's LM log-probabilities, float64 [n] in nats, looked up by text in
+    ``logprob`` (the scores of :func:`distinct_texts`): :func:`lm_scores`' answer."""
+    return [np.array([logprob[h] for h in u.hypotheses], dtype=np.float64) for u in utterances]
 
 
 # ---- rescoring ----------------------------------------------------------------------------------
@@ -527,5 +539,6 @@ def output_lines(utterances: Sequence[Utterance], lm: Sequence[np.ndarray],
 
 __all__ = ["FORMATS", "DEFAULT_ALPHA", "DEFAULT_BETA", "DEFAULT_ALPHAS", "DEFAULT_BETAS",
            "Utterance", "nbest_format", "read_nbest", "read_references", "lm_scores",
+           "distinct_texts", "lm_arrays",
            "combined_scores", "rescore", "first_pass", "word_error_rate", "word_errors",
            "TuneRow", "TuneResult", "tune", "output_lines"]

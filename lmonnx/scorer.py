@@ -314,4 +314,25 @@ class Scorer:
                 f"vocab_size={len(self.vocab)})")
 
 
-__all__ = ["Scorer", "SentenceScore", "TokenScore", "LMState", "END"]
+def open_scorer(scorer_or_path, providers: str = "cpu", num_threads: int | None = None
+                ) -> tuple[Scorer, dict | None]:
+    """``(scorer, the settings to reopen it)`` for an adapter that takes either a
+    :class:`Scorer` or a model path (opened with ``providers`` and ``num_threads``); the
+    settings (``path``, ``providers``, ``num_threads``) are None for a Scorer opened from
+    bytes, which cannot be reopened (pickled, saved)."""
+    if isinstance(scorer_or_path, Scorer):
+        session = scorer_or_path._session  # the path and options it was opened with
+        if session.path is None:
+            return scorer_or_path, None
+        return scorer_or_path, dict(path=os.fspath(session.path),
+                                    providers=session.provider_choice,
+                                    num_threads=session.num_threads)
+    if not isinstance(scorer_or_path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"scorer_or_path must be an lmonnx.Scorer or a model path, "
+                                f"got {type(scorer_or_path).__name__}")
+    scorer = Scorer(scorer_or_path, providers=providers, num_threads=num_threads)
+    return scorer, dict(path=os.fspath(scorer_or_path), providers=providers,
+                        num_threads=num_threads)
+
+
+__all__ = ["Scorer", "SentenceScore", "TokenScore", "LMState", "END", "open_scorer"]

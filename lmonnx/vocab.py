@@ -32,7 +32,7 @@ import numpy as np
 
 from lmonnx.errors import InvalidArgumentError
 from lmonnx.atomic import write_atomic
-from lmonnx.validation import check_int
+from lmonnx.validation import check_choice, check_int
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -113,9 +113,7 @@ def unknown_decoder_words(words: Sequence[str], word_ids: dict[str, int], case_f
     """The words of ``words`` (a decoder's lexicon or unigrams) missing from ``word_ids``
     (:func:`decoder_word_ids`'s map); under ``unknown="error"`` any raises one
     ``InvalidArgumentError`` naming them."""
-    if unknown not in UNKNOWN_WORD_POLICIES:
-        raise InvalidArgumentError(f"unknown must be one of {UNKNOWN_WORD_POLICIES}, "
-                                   f"got {unknown!r}")
+    check_choice("unknown", unknown, UNKNOWN_WORD_POLICIES)
     missing = [w for w in words if (w.lower() if case_fold else w) not in word_ids]
     if missing and unknown == "error":
         shown = ", ".join(repr(w) for w in missing[:5])

@@ -45,12 +45,12 @@ from lmonnx.errors import InferenceError, LmonnxError, ProviderError
 from lmonnx.evaluate import token_scores
 from lmonnx.incremental import END, EOS_TEXT
 from lmonnx.metrics import finite_or_none
-from lmonnx.rescore import Utterance, combined_scores
+from lmonnx.rescore import Utterance, combined_scores, distinct_texts, lm_arrays
 from lmonnx.serve.batch_queue import Draining, NotStarted, Overloaded, hand_over_the_gil_quickly
 from lmonnx.serve.openai_routes import OpenAIRoute, add_openai_routes
 from lmonnx.serve.protocol import (ApiError, GenerateBody, PredictBody, RescoreBody, ScoreBody,
-                                   StatesBody, StepBody, StrictJSONResponse, error_response, json_body,
-                                   openai_error_response, validation_error)
+                                   StatesBody, StepBody, StrictJSONResponse, error_response,
+                                   json_body, openai_error_response, validation_error)
 from lmonnx.serve.service import ADMITTED, ARRIVING, ClientGone, ScoringService
 from lmonnx.serve.states import UnknownState
 
@@ -239,8 +239,8 @@ def _endpoint(path: str) -> str:
 
 
 _ENDPOINTS = {"/health", "/ready", "/metrics", "/v1/score", "/v1/predict", "/v1/generate",
-              "/v1/states", "/v1/step", "/v1/rescore", "/v1/models", "/v1/completions", "/tokenizer_info",
-              "/tokenize", "/detokenize"}
+              "/v1/states", "/v1/step", "/v1/rescore", "/v1/models", "/v1/completions",
+              "/tokenizer_info", "/tokenize", "/detokenize"}
 def replay_receive(body: bytes, receive, more_body: bool = False):
     """An ASGI ``receive`` that gives the already read ``body`` first, then what ``receive``
     gives (the rest of the body, or the disconnect)."""
@@ -388,10 +388,9 @@ async def rescore_answer(service: ScoringService, body: RescoreBody, request) ->
                            f"{len(item.am_scores)} am_scores", param=f"utterances.{i}")
         utterances.append(Utterance(str(i), tuple(h.strip() for h in item.hypotheses),
                                     np.array(item.am_scores, dtype=np.float64)))
-    texts = list(dict.fromkeys(h for u in utterances for h in u.hypotheses))
+    texts = distinct_texts(utterances)
     scored = await service.score(texts, request=request)
-    logprob = {text: result.logprob for text, (_, result) in zip(texts, scored)}
-    lm = [np.array([logprob[h] for h in u.hypotheses], dtype=np.float64) for u in utterances]
+    lm = lm_arrays(utterances, {text: result.logprob for text, (_, result) in zip(texts, scored)})
     scores = combined_scores(utterances, lm, body.alpha, body.beta)
     results = []
     for utterance, lm_row, row in zip(utterances, lm, scores):
