@@ -322,6 +322,15 @@ def test_a_bad_arpa_file_is_a_one_line_error_naming_it_and_kenlms_reason(tmp_pat
     assert str(bad) in message and "garbage" in message
 
 
+def test_kenlms_own_console_output_does_not_precede_the_error(tmp_path, mixed_arpa, capfd):
+    bad = tmp_path / "bad.arpa"
+    bad.write_text("garbage\n")
+    with pytest.raises(ArtifactError):
+        load_kenlm(bad)
+    load_kenlm(mixed_arpa)  # an ARPA that loads: KenLM's progress bar is not shown either
+    assert capfd.readouterr().err == ""
+
+
 def test_a_missing_path_or_a_directory_is_a_one_line_error(tmp_path, scorer):
     with pytest.raises(PathNotFoundError) as info:
         MixedScorer(scorer, tmp_path / "none.arpa")
