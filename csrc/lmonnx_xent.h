@@ -41,14 +41,17 @@ int lmx_force_simd_path(const char *name);
  *   nll_out[i] = weights[i] * (logsumexp(logits[i, :]) - logits[i, labels[i]])   (nats)
  *   hit_out[i] = 1 when labels[i] is the first argmax of logits[i, :], weights[i] != 0 and
  *                nll_out[i] is not NaN
+ *   max_out[i] = max_j logits[i, j] (what the log-sum-exp shifts by; unspecified for a row
+ *                holding a NaN, whose NLL is NaN)
  *
  * A row with weights[i] == 0 is skipped: its logits are not read, its label not checked, and
- * nll_out[i] = 0, hit_out[i] = 0.  weights == NULL means every row counts.  hit_out may be NULL.
+ * nll_out[i] = 0, hit_out[i] = 0, max_out[i] = -inf.  weights == NULL means every row counts.
+ * hit_out and max_out may be NULL.
  * num_threads <= 0 means the OpenMP default.  Labels of rows that count are checked before any
  * logits are read; on a bad one, returns LMX_BAD_LABEL with *bad_row set and outputs untouched. */
 int lmx_masked_xent(const float *logits, int64_t n_rows, int64_t V,
                     const int64_t *labels, const float *weights,
-                    double *nll_out, uint8_t *hit_out,
+                    double *nll_out, uint8_t *hit_out, float *max_out,
                     int num_threads, int64_t *bad_row);
 
 /* 1 when the extension was built with OpenMP, else 0. */

@@ -40,8 +40,8 @@ static int is_first_argmax(const float *row, int64_t label, float row_max)
 }
 
 int lmx_masked_xent(const float *logits, int64_t n_rows, int64_t V, const int64_t *labels,
-                    const float *weights, double *nll_out, uint8_t *hit_out, int num_threads,
-                    int64_t *bad_row)
+                    const float *weights, double *nll_out, uint8_t *hit_out, float *max_out,
+                    int num_threads, int64_t *bad_row)
 {
     /* Check every counted label before reading any logits: no partial results on error. */
     int64_t n_active = 0;
@@ -67,6 +67,8 @@ int lmx_masked_xent(const float *logits, int64_t n_rows, int64_t V, const int64_
             nll_out[i] = 0.0;
             if (hit_out)
                 hit_out[i] = 0;
+            if (max_out)
+                max_out[i] = -INFINITY;
         } else {
             active[k++] = i;
         }
@@ -97,6 +99,8 @@ int lmx_masked_xent(const float *logits, int64_t n_rows, int64_t V, const int64_
          * argmax: it never counts as a hit. */
         if (hit_out)
             hit_out[i] = (uint8_t)(lse == lse && is_first_argmax(row, labels[i], row_max));
+        if (max_out)
+            max_out[i] = row_max;
     }
     free(active);
     return LMX_OK;

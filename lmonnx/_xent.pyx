@@ -30,7 +30,7 @@ cdef extern from "lmonnx_xent.h" nogil:
     int LMX_NO_MEMORY
     int lmx_masked_xent(const float *logits, int64_t n_rows, int64_t V,
                         const int64_t *labels, const float *weights,
-                        double *nll_out, uint8_t *hit_out,
+                        double *nll_out, uint8_t *hit_out, float *max_out,
                         int num_threads, int64_t *bad_row)
     const char *lmx_simd_path()
     int lmx_force_simd_path(const char *name)
@@ -128,6 +128,16 @@ def masked_token_nll(logits, labels, mask=None, bint want_hits=False, num_thread
     0 where the mask is 0; hits bool [...] (label is the first argmax, counted positions only)
     or None when ``want_hits`` is false.
     """
+    nll, hits, _ = masked_token_stats(logits, labels, mask, want_hits, False, num_threads)
+    return nll, hits
+
+
+def masked_token_stats(logits, labels, mask=None, bint want_hits=False, bint want_max=False,
+                       num_threads=None):
+    """``masked_token_nll``'s ``(nll, hits)`` and, when ``want_max``, each row's maximum
+    logit, float32 [...] (-inf where the mask is 0; unspecified for a row holding a NaN,
+    whose NLL is NaN), else None:
+    the same single pass over the logits."""
     logits = _as_logits(logits)
     shape = logits.shape[:-1]
     cdef int64_t V = logits.shape[-1]
@@ -143,8 +153,10 @@ def masked_token_nll(logits, labels, mask=None, bint want_hits=False, num_thread
 
     nll = np.empty(n_rows, dtype=np.float64)
     hits = np.empty(n_rows, dtype=np.uint8) if want_hits else None
+    maxima = np.empty(n_rows, dtype=np.float32) if want_max else None
     if n_rows == 0:
-        return nll.reshape(shape), (hits.astype(bool).reshape(shape) if want_hits else None)
+        return (nll.reshape(shape), hits.astype(bool).reshape(shape) if want_hits else None,
+                maxima.reshape(shape) if want_max else None)
 
     cdef const float[:, ::1] x = logits.reshape(n_rows, V)
     cdef const int64_t[::1] y = labels_flat
@@ -159,11 +171,16 @@ def masked_token_nll(logits, labels, mask=None, bint want_hits=False, num_thread
     if want_hits:
         hit_view = hits
         hit_ptr = &hit_view[0]
+    cdef float[::1] max_view
+    cdef float *max_ptr = NULL
+    if want_max:
+        max_view = maxima
+        max_ptr = &max_view[0]
     cdef int64_t bad_row = -1
     cdef int rc
     with nogil:
-        rc = lmx_masked_xent(&x[0, 0], n_rows, V, &y[0], w_ptr, &out[0], hit_ptr, threads,
-                             &bad_row)
+        rc = lmx_masked_xent(&x[0, 0], n_rows, V, &y[0], w_ptr, &out[0], hit_ptr, max_ptr,
+                             threads, &bad_row)
     if rc == LMX_BAD_LABEL:
         position = tuple(int(i) for i in np.unravel_index(bad_row, shape)) if shape else ()
         raise InvalidArgumentError(
@@ -171,4 +188,5 @@ def masked_token_nll(logits, labels, mask=None, bint want_hits=False, num_thread
             f"vocabulary [0, {V}); masked positions are not checked")
     if rc == LMX_NO_MEMORY:
         raise MemoryError("lmonnx kernel could not allocate its row index")
-    return nll.reshape(shape), (hits.view(np.bool_).reshape(shape) if want_hits else None)
+    return (nll.reshape(shape), hits.view(np.bool_).reshape(shape) if want_hits else None,
+            maxima.reshape(shape) if want_max else None)

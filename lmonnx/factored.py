@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lmonnx.errors import InvalidArgumentError
-from lmonnx.xent import token_nll_and_hits
+from lmonnx.xent import token_nll_and_hits, token_nll_hits_and_max
 
 SOFTMAX_CHOICES = ("full", "adaptive")
 DEFAULT_CUTOFFS = (2000, 10000, 50000, 200000)
@@ -158,8 +158,8 @@ class TailLayers:
         c0 = self.head_size
         cluster = self.cluster_of(targets)
         head_labels = np.where(cluster < 0, targets, c0 + cluster)
-        nll, head_hit = token_nll_and_hits(head_logits, head_labels, mask,
-                                           num_threads=num_threads)
+        nll, head_hit, head_max = token_nll_hits_and_max(head_logits, head_labels, mask,
+                                                         num_threads=num_threads)
         real = (np.ones(targets.shape, bool) if mask is None else np.asarray(mask) != 0)
         head_nll = nll.reshape(-1).copy()
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -177,13 +177,15 @@ class TailLayers:
             in_cluster_hit[rows] = tail_hit
         hits = self._hits(head_logits.reshape(-1, head_logits.shape[-1]), flat_hidden,
                           flat_targets, head_labels.reshape(-1), flat_cluster, flat_real,
-                          head_nll, flat_nll, head_hit.reshape(-1), in_cluster_hit)
+                          head_nll, flat_nll, head_hit.reshape(-1), head_max.reshape(-1),
+                          in_cluster_hit)
         return nll, hits.reshape(targets.shape)
 
     def _hits(self, head, hidden, targets, head_labels, cluster, real, head_nll, nll,
-              head_hit, in_cluster_hit) -> np.ndarray:
+              head_hit, head_max, in_cluster_hit) -> np.ndarray:
         """Exact first-argmax hits over all V words (see :meth:`target_scores`), bool
-        [positions], from the head's logits [positions, c_0 + clusters]."""
+        [positions], from the head's logits [positions, c_0 + clusters] and their row maxima
+        (the kernel's, over words and cluster tokens alike)."""
         c0 = self.head_size
         hits = np.zeros(len(targets), bool)
         logp = -nll  # the target's log-probability, nats (NaN rows are never hits)
@@ -197,7 +199,12 @@ class TailLayers:
         if not len(rows):
             return hits
         lse = head[rows, head_labels[rows]].astype(np.float64) + head_nll[rows]
-        best = head[:, :c0].max(axis=1)[rows]  # a pass over a view: no copy, no argmax
+        # The best head word's logit: the row's maximum unless a cluster token reaches it;
+        # only those rows (few: a handful of columns compared) need a pass over the words.
+        best = head_max[rows]
+        open_rows = np.flatnonzero(head[rows, c0:].max(axis=1) >= best)
+        if len(open_rows):
+            best[open_rows] = head[rows[open_rows], :c0].max(axis=1)
         ok = np.where(is_head[rows], head[rows, np.where(is_head[rows], targets[rows], 0)] >= best,
                       logp[rows] > best - lse)
         # a head target equal to the best must also be its first: argmax on those rows only

@@ -45,6 +45,19 @@ def token_nll_and_hits(logits, labels, mask=None, *, num_threads=None):
     return _xent.masked_token_nll(logits, labels, mask, True, num_threads)
 
 
+def token_nll_hits_and_max(logits, labels, mask=None, *, num_threads=None):
+    """:func:`token_nll_and_hits` plus each row's maximum logit, from the same single pass.
+
+    Returns
+    -------
+    nll, top1 : as :func:`token_nll_and_hits`
+    row_max : float32 array [...], ``logits.max(-1)`` (what the log-sum-exp shifts by);
+        ``-inf`` at masked positions (their logits are not read); unspecified in a row
+        holding a NaN (its NLL is NaN: check that, not this).
+    """
+    return _xent.masked_token_stats(logits, labels, mask, True, True, num_threads)
+
+
 def masked_cross_entropy(logits, labels, mask=None, *, reduction="sum", num_threads=None):
     """Masked sparse softmax cross-entropy in nats.
 

@@ -259,6 +259,8 @@ def test_export_writes_format_3_equal_to_keras_per_target(adaptive_run):
     (["--softmax", "adaptive", "--cutoffs", "500"], "below the vocabulary's"),
     (["--tail-div", "2"], "--tail-div sets the adaptive softmax's tail widths"),
     (["--softmax", "adaptive", "--tail-div", "0"], "--tail-div"),
+    (["--tie-tails"], "--tie-tails ties the adaptive softmax's tail clusters"),
+    (["--softmax", "adaptive", "--tie-tails", "--tail-div", "2"], "tied tails (--tie-tails)"),
 ])
 def test_bad_softmax_flags_are_one_line_errors(adaptive_run, flags, message, tmp_path, capsys):
     from lmonnx.cli import main
@@ -278,6 +280,61 @@ def test_a_run_directory_from_before_the_softmax_flag_still_loads(tmp_path):
     from lmonnx.train.config import TrainConfig
 
     stored = TrainConfig().to_dict()
-    del stored["softmax"], stored["cutoffs"]
+    del stored["softmax"], stored["cutoffs"], stored["tie_tails"]
     config = TrainConfig.from_dict(stored, tmp_path / "config.json")
-    assert config.softmax == "full" and config.cutoffs is None
+    assert config.softmax == "full" and config.cutoffs is None and not config.tie_tails
+
+
+def test_tied_tails_score_words_with_their_embedding_rows_and_export_exactly(tmp_path):
+    """--tie-tails: no tail weights but biases; a tail word's logit is its embedding row times
+    h plus its bias; the export (identity projection, skipped by the tail sessions) equals
+    Keras per target and stays normalized; int8 keeps it."""
+    pytest.importorskip("tensorflow")
+    import keras
+    import onnx
+
+    from lmonnx.export import export_run
+    from lmonnx.graph import tail_cluster_model
+    from lmonnx.quantize import quantize_file
+    from lmonnx.synth import write_corpus
+    from lmonnx.train.config import TrainConfig
+    from lmonnx.train.trainer import train
+
+    write_corpus(tmp_path, seed=1, words=30, train_sentences=400, valid_sentences=60,
+                 test_sentences=30)
+    result = train(TrainConfig(**TINY, epochs=2, holdout=0.1, softmax="adaptive",
+                               cutoffs=(10, 20), tie_tails=True), tmp_path / "train.txt",
+                   out_dir=tmp_path / "run")
+    first, last = result.history
+    assert last.valid_perplexity < first.valid_perplexity < 34
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    output = model.output_layer
+    assert model.tie_tails and output.tie_tails and not output.projections
+    assert {w.path.split("/")[-1] for w in output.weights} == {
+        "embeddings", "head_bias", "cluster_kernel", "cluster_bias", "tail_0_bias", "tail_1_bias"}
+    h = np.random.default_rng(0).normal(size=(3, 12)).astype(np.float32)
+    table = model.embedding.embeddings.numpy()
+    np.testing.assert_allclose(output.tail_logits(1, h).numpy(),
+                               h @ table[20:34].T + output.tail_biases[1].numpy(), atol=1e-5)
+    (eye, kernel, bias), _ = output.tail_weights()
+    assert np.array_equal(eye, np.eye(12)) and np.array_equal(kernel, table[10:20].T)
+    tail_graph = onnx.load_from_string(tail_cluster_model(0, eye, kernel, bias)).graph
+    assert [n.op_type for n in tail_graph.node] == ["MatMul", "Add"]
+
+    report = export_run(tmp_path / "run", tmp_path / "model.onnx")
+    assert report.parity.ok and report.state.ok
+    session = ModelSession(tmp_path / "model.onnx", providers="cpu")
+    ids = np.array([[2, 5, 12, 30, 7, 25, 11]], np.int32)
+    targets = np.array([[5, 12, 30, 7, 25, 11, 3]], np.int32)
+    keras_log_probs = model.get_logits(model.run_lstm(ids)[0]).numpy()
+    nll, _, _ = session.score_targets(ids, targets, np.ones_like(ids))
+    keras_nll = -np.take_along_axis(keras_log_probs, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(nll, keras_nll, atol=1e-4)
+    onnx_log_probs, _ = session.run(ids)
+    np.testing.assert_allclose(np.exp(onnx_log_probs[0].astype(np.float64)).sum(-1), 1.0,
+                               atol=1e-5)
+    quantize_file(tmp_path / "model.onnx", tmp_path / "int8.onnx",
+                  sample=tmp_path / "valid.txt", force=True)
+    int8_nll, _, _ = ModelSession(tmp_path / "int8.onnx", providers="cpu").score_targets(
+        ids, targets, np.ones_like(ids))
+    assert abs(int8_nll.sum() - nll.sum()) < 0.05 * nll.sum()

@@ -726,6 +726,20 @@ def test_plateau_decays_the_learning_rate_and_patience_stops_the_run(synth, tmp_
     assert record["stopped_early"] is True and record["epochs_trained"] == 5
 
 
+def test_lr_patience_divides_the_rate_only_after_that_many_stale_epochs(synth, tmp_path,
+                                                                       monkeypatch):
+    # --lr-patience 2: one epoch that does not improve (a noisy bump, epoch 2) keeps the rate;
+    # two in a row (epochs 4, 5) divide it, and two more (6, 7) divide it again.
+    scripted_plateaus(monkeypatch, {1: 3.0, 2: 3.1, 3: 2.0, 4: 2.2, 5: 2.1, 6: 2.3, 7: 2.4,
+                                    8: 1.0})
+    result = train(TrainConfig(**TINY, epochs=8, lr_patience=2, seed=7), synth / "train.txt",
+                   synth / "valid.txt", tmp_path / "run")
+    assert [r.learning_rate for r in result.history] == [
+        0.01, 0.01, 0.01, 0.01, 0.01, 0.0025, 0.0025, 0.000625]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert cfg["lr_patience"] == 2
+
+
 def test_constant_rate_and_no_patience(synth, tmp_path, monkeypatch):
     scripted_plateaus(monkeypatch, {1: 3.0, 2: 3.5, 3: 3.6})
     result = train(TrainConfig(**TINY, epochs=3, lr_decay=1, seed=7), synth / "train.txt",

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lmonnx import _xent, masked_cross_entropy, token_nll_and_hits
+from lmonnx.xent import token_nll_hits_and_max
 
 RTOL = 2e-5
 """Promised precision, relative to the float64 reference."""
@@ -224,6 +225,27 @@ def test_top1_hits_are_argmax_equals_label_where_counted(vocab, mask_kind, num_t
     expected = (logits.argmax(axis=-1) == labels) & counts
     np.testing.assert_array_equal(top1, expected)
     assert_matches(nll, reference_nll(logits, labels, mask))
+
+
+@pytest.mark.parametrize("num_threads", [1, 2], ids=lambda n: f"threads={n}")
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "lengths"], ids=lambda k: f"mask={k}")
+@pytest.mark.parametrize("vocab", VOCAB_SIZES, ids=lambda v: f"V={v}")
+def test_row_maxima_come_from_the_same_pass(vocab, mask_kind, num_threads, simd_path):
+    """token_nll_hits_and_max: the NLL and hits of token_nll_and_hits, and each counted row's
+    maximum logit (-inf where masked; a row of -inf has -inf; a NaN row's is unspecified)."""
+    logits, labels, mask = case(vocab, "int64", mask_kind)
+    logits = logits.copy()
+    logits[(0,) * (logits.ndim - 1) + (vocab // 2,)] = np.nan
+    logits[(0,) * (logits.ndim - 2) + (1, 0)] = -np.inf
+    nll, top1, row_max = token_nll_hits_and_max(logits, labels, mask, num_threads=num_threads)
+    want_nll, want_top1 = token_nll_and_hits(logits, labels, mask, num_threads=num_threads)
+    np.testing.assert_array_equal(nll, want_nll)
+    np.testing.assert_array_equal(top1, want_top1)
+    counts = np.ones(labels.shape, bool) if mask is None else mask != 0
+    assert row_max.dtype == np.float32 and row_max.shape == labels.shape
+    numbers = counts & ~np.isnan(logits).any(axis=-1)
+    np.testing.assert_array_equal(row_max[numbers], logits.max(axis=-1)[numbers])
+    assert np.all(row_max[~counts] == -np.inf)
 
 
 def test_top1_ties_go_to_the_first_argmax(simd_path):

@@ -49,13 +49,15 @@ RECIPE_HELP = ("tied (the default): embedding = output layer (units wide), locke
                "course: the course's LanguageModel (V**0.25-wide embedding, separate output "
                "layer, Adam, random windows packed end to end)")
 
-ADDED_SETTINGS = {"softmax": "full", "cutoffs": None, "tail_div": None}
+ADDED_SETTINGS = {"softmax": "full", "cutoffs": None, "tail_div": None, "tie_tails": False,
+                  "lr_patience": 1}
 """Settings newer than some run directories, with the value that reproduces those runs."""
 
 SEED_MAX = 2**32 - 1
 """The largest seed NumPy's legacy generator (which ``keras.utils.set_random_seed`` seeds) takes."""
 
-RESUMABLE = ("epochs", "learning_rate", "lr_decay", "patience", "clipnorm", "max_minutes")
+RESUMABLE = ("epochs", "learning_rate", "lr_decay", "lr_patience", "patience", "clipnorm",
+             "max_minutes")
 """Settings a resumed run may change (applied from the next epoch on, recorded in config.json);
 every other one decides the model, its data or its batches and must equal the run's."""
 
@@ -108,6 +110,9 @@ class TrainConfig:
                           "rows (the same windows per batch; packing is faster)", "bool")
     lr_decay: float = _setting(4.0, "--lr-decay", "divide the learning rate by this after an "
                                "epoch without improvement (1: constant rate)", "real", low=1.0)
+    lr_patience: int = _setting(1, "--lr-patience", "divide the learning rate after this many "
+                                "epochs in a row without improvement (and again after as "
+                                "many more)", "int", low=1)
     patience: int | None = _setting(None, "--patience", "stop after this many epochs in a row "
                                     "without improvement (0: never)", "int", low=0)
     holdout: float = _setting(0.0, "--holdout", "without --valid: this share of the training "
@@ -133,6 +138,10 @@ class TrainConfig:
                                     "is scored from a projection --units / DIV**(k+1) wide "
                                     "(default: 4, PyTorch's div_value; 1: as wide as the "
                                     "LSTM)", "int", low=1)
+    tie_tails: bool = _setting(False, "--tie-tails", "--softmax adaptive: score each tail "
+                               "word with its embedding row, as the head does (tied), instead "
+                               "of a narrower projection and matrix of the tail's own; a tail "
+                               "word then costs --units multiply-adds", "bool")
 
     def validate(self) -> None:
         """``InvalidArgumentError`` / ``ArgumentTypeError`` naming the flag of the first
@@ -182,6 +191,12 @@ class TrainConfig:
         if self.tail_div is not None and self.softmax != "adaptive":
             raise InvalidArgumentError("--tail-div sets the adaptive softmax's tail widths: "
                                        "it needs --softmax adaptive")
+        if self.tie_tails and self.softmax != "adaptive":
+            raise InvalidArgumentError("--tie-tails ties the adaptive softmax's tail clusters "
+                                       "to the embedding: it needs --softmax adaptive")
+        if self.tie_tails and self.tail_div is not None:
+            raise InvalidArgumentError("--tail-div sets the width of untied tails; tied tails "
+                                       "(--tie-tails) are --units wide: drop one of the two")
         return dataclasses.replace(self, **values)
 
     def unusual_learning_rate(self) -> str | None:

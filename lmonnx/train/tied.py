@@ -37,6 +37,7 @@ from __future__ import annotations
 import lmonnx.train._tensorflow  # noqa: F401  (TensorFlow's start-up, quiet, before Keras)
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from lmonnx.errors import InvalidArgumentError  # noqa: E402
@@ -73,7 +74,8 @@ class AdaptiveTiedOutput(keras.layers.Layer):
     """The factored output layer (:mod:`lmonnx.factored`): a head over the ``c_0`` most
     frequent ids, tied to the embedding's first ``c_0`` rows, plus one token per tail cluster
     (untied rows of its own); tail cluster k projects h to ``units / 4**(k+1)`` and scores its
-    words with a matrix and bias of its own.
+    words with a matrix and bias of its own, or (``tie_tails``) scores them with their own
+    embedding rows as the head does, and a bias of its own.
 
     ``call(h)`` gives log-probabilities float32 [..., vocab] over every word (exact and
     normalized: what export checks and ``model(ids)`` returns); :meth:`nll` gives each
@@ -81,11 +83,12 @@ class AdaptiveTiedOutput(keras.layers.Layer):
     """
 
     def __init__(self, embedding: keras.layers.Embedding, cutoffs, tail_div: int = TAIL_SHRINK,
-                 **kwargs):
+                 tie_tails: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.embedding = embedding
         self.cutoffs = [int(c) for c in cutoffs]
         self.tail_div = int(tail_div)
+        self.tie_tails = bool(tie_tails)
         self.supports_masking = True
 
     @property
@@ -108,10 +111,12 @@ class AdaptiveTiedOutput(keras.layers.Layer):
         self.projections, self.tail_kernels, self.tail_biases = [], [], []
         for k, dim in enumerate(tail_dims(units, self.clusters, self.tail_div)):
             size = self.cutoffs[k + 1] - self.cutoffs[k]
-            self.projections.append(self.add_weight(
-                shape=(units, dim), initializer="glorot_uniform", name=f"tail_{k}_projection"))
-            self.tail_kernels.append(self.add_weight(
-                shape=(dim, size), initializer="glorot_uniform", name=f"tail_{k}_kernel"))
+            if not self.tie_tails:  # tied: the words' vectors are their embedding rows
+                self.projections.append(self.add_weight(
+                    shape=(units, dim), initializer="glorot_uniform",
+                    name=f"tail_{k}_projection"))
+                self.tail_kernels.append(self.add_weight(
+                    shape=(dim, size), initializer="glorot_uniform", name=f"tail_{k}_kernel"))
             self.tail_biases.append(self.add_weight(shape=(size,), initializer="zeros",
                                                     name=f"tail_{k}_bias"))
         self.built = True
@@ -124,6 +129,9 @@ class AdaptiveTiedOutput(keras.layers.Layer):
 
     def tail_logits(self, k: int, h):
         """float32 [..., size_k] logits of cluster ``k``'s words."""
+        if self.tie_tails:
+            rows = self.embedding.embeddings[self.cutoffs[k]:self.cutoffs[k + 1]]
+            return tf.matmul(h, rows, transpose_b=True) + self.tail_biases[k]
         return tf.matmul(tf.matmul(h, self.projections[k]), self.tail_kernels[k]) \
             + self.tail_biases[k]
 
@@ -158,7 +166,13 @@ class AdaptiveTiedOutput(keras.layers.Layer):
         return nll
 
     def tail_weights(self) -> list[tuple]:
-        """(projection [units, dim], kernel [dim, size], bias [size]) arrays per cluster."""
+        """(projection [units, dim], kernel [dim, size], bias [size]) arrays per cluster; tied
+        tails as (identity [units, units], their embedding rows transposed, bias)."""
+        if self.tie_tails:
+            table = self.embedding.embeddings.numpy()
+            eye = np.eye(table.shape[1], dtype=np.float32)
+            return [(eye, table[lo:hi].T, b.numpy())
+                    for lo, hi, b in zip(self.cutoffs, self.cutoffs[1:], self.tail_biases)]
         return [(p.numpy(), w.numpy(), b.numpy())
                 for p, w, b in zip(self.projections, self.tail_kernels, self.tail_biases)]
 
@@ -193,12 +207,14 @@ class TiedLanguageModel(ModelSettings, keras.Model):
     cutoffs : the adaptive head/cluster boundaries (None: ``factored.default_cutoffs``).
     tail_div : the adaptive tails' width divisor (cluster k: ``units // tail_div**(k+1)``;
         None: ``factored.TAIL_SHRINK``).
+    tie_tails : score the adaptive tails' words with their embedding rows (tied, as the head
+        is) instead of projections and matrices of their own.
     """
 
     def __init__(self, vocab_size: int, max_length: int, num_lstm_units: int,
                  num_lstm_layers: int, *, dropout: float = 0.0, epoch: int | None = None,
                  embedding_dim: int | None = None, softmax: str = "full", cutoffs=None,
-                 tail_div: int | None = None, **kwargs):
+                 tail_div: int | None = None, tie_tails: bool = False, **kwargs):
         super().__init__(**kwargs)
         if embedding_dim not in (None, num_lstm_units):
             raise InvalidArgumentError(f"a tied model's embedding is num_lstm_units "
@@ -208,6 +224,7 @@ class TiedLanguageModel(ModelSettings, keras.Model):
         self.softmax = check_choice("softmax", softmax, SOFTMAX_CHOICES)
         self.cutoffs = check_cutoffs(cutoffs, vocab_size) if softmax == "adaptive" else None
         self.tail_div = (int(tail_div or TAIL_SHRINK) if softmax == "adaptive" else None)
+        self.tie_tails = bool(tie_tails) and softmax == "adaptive"
         self.embedding = keras.layers.Embedding(
             vocab_size, num_lstm_units, name="embedding",
             embeddings_initializer=keras.initializers.RandomUniform(-EMBEDDING_INIT,
@@ -221,6 +238,7 @@ class TiedLanguageModel(ModelSettings, keras.Model):
                       for i in range(num_lstm_layers + 1)]
         if self.softmax == "adaptive":
             self.output_layer = AdaptiveTiedOutput(self.embedding, self.cutoffs, self.tail_div,
+                                                   self.tie_tails,
                                                    name="adaptive_output")
         else:
             self.output_layer = TiedOutput(self.embedding, name="tied_output")
@@ -277,7 +295,8 @@ class TiedLanguageModel(ModelSettings, keras.Model):
 
     def get_config(self):
         config = super().get_config()
-        config.update(softmax=self.softmax, cutoffs=self.cutoffs, tail_div=self.tail_div)
+        config.update(softmax=self.softmax, cutoffs=self.cutoffs, tail_div=self.tail_div,
+                      tie_tails=self.tie_tails)
         return config
 
     # ---- Keras plumbing ------------------------------------------------------------------

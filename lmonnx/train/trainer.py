@@ -284,7 +284,8 @@ class TrainingRun:
             history.best_epoch = record.epoch
         record.epochs_without_improvement = stale = record.epoch - history.best_epoch
         history.epochs.append(record)
-        decayed = not improved and config.lr_decay != 1
+        decayed = (not improved and stale % config.lr_patience == 0
+                   and config.lr_decay != 1)
         out_of_time, last = self._budget()
         if decayed or (last and config.lr_decay != 1):  # the next epoch's rate
             history.learning_rate /= float(config.lr_decay)
@@ -371,7 +372,7 @@ def _build_model(config: TrainConfig, vocab_size: int) -> RecipeModel:
             model = TiedLanguageModel(vocab_size, config.max_length, config.num_lstm_units,
                                       config.num_lstm_layers, dropout=config.dropout,
                                       softmax=config.softmax, cutoffs=config.cutoffs,
-                                      tail_div=config.tail_div)
+                                      tail_div=config.tail_div, tie_tails=config.tie_tails)
         else:
             model = LanguageModel(vocab_size, config.max_length, config.num_lstm_units,
                                   config.num_lstm_layers, embedding_dim=config.embedding_dim,
