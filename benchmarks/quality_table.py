@@ -99,7 +99,8 @@ def lmonnx_rows(models: list[tuple[Path, Path | None]], split: dict, workdir: Pa
         quantize_file(model, int8, sample=test, force=True)
         for kind, path in (("fp32", model), ("int8", int8)):
             scorer = Scorer(path, providers="cpu")
-            softmax = scorer.config.get("softmax", "full")
+            softmax = scorer.config.get("softmax", "full") + (
+                " (tied tails)" if scorer.config.get("tie_tails") else "")
             entries.append({"method": f"lmonnx {kind}, {softmax} softmax ({model.name})",
                             "scorer": scorer, "train_seconds": _train_seconds(run),
                             "words_per_second": 0.0})

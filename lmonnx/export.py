@@ -229,7 +229,8 @@ def _converted(model, run: RunDir, config: dict, vocab: Vocabulary, opset: int):
     counts = check_graph(proto, model.num_lstm_layers)
     shape = {k: config[k] for k in MODEL_CONFIG_KEYS}
     if is_factored(model):
-        shape.update(softmax="adaptive", cutoffs=list(model.cutoffs))
+        shape.update(softmax="adaptive", cutoffs=list(model.cutoffs),
+                     tie_tails=bool(getattr(model, "tie_tails", False)))
     props = metadata_props(vocab, shape, run.training_record(config),
                            FACTORED_FORMAT if is_factored(model) else FORMAT_VERSION)
     write_metadata(proto, props)

@@ -79,7 +79,8 @@ STDIN_CORPUS = "<stdin>"
 """How ``config.json`` records a corpus that was read from standard input."""
 
 TRAINING_RECORD_SETTINGS = ("recipe", "epochs", "batch_size", "optimizer", "learning_rate",
-                            "clipnorm", "dropout", "seed", "pack", "lr_decay", "patience",
+                            "clipnorm", "dropout", "seed", "pack", "lr_decay", "lr_patience",
+                            "patience",
                             "holdout", "max_minutes")
 
 __all__ = ["RUN_FORMAT", "MANIFEST_FILE", "CONFIG_FILE", "VOCAB_FILE", "MODEL_FILE",

@@ -323,6 +323,7 @@ def test_tied_tails_score_words_with_their_embedding_rows_and_export_exactly(tmp
 
     report = export_run(tmp_path / "run", tmp_path / "model.onnx")
     assert report.parity.ok and report.state.ok
+    assert json.loads(report.metadata["lmonnx.config"])["tie_tails"] is True
     session = ModelSession(tmp_path / "model.onnx", providers="cpu")
     ids = np.array([[2, 5, 12, 30, 7, 25, 11]], np.int32)
     targets = np.array([[5, 12, 30, 7, 25, 11, 3]], np.int32)

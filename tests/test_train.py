@@ -727,7 +727,7 @@ def test_plateau_decays_the_learning_rate_and_patience_stops_the_run(synth, tmp_
 
 
 def test_lr_patience_divides_the_rate_only_after_that_many_stale_epochs(synth, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, said):
     # --lr-patience 2: one epoch that does not improve (a noisy bump, epoch 2) keeps the rate;
     # two in a row (epochs 4, 5) divide it, and two more (6, 7) divide it again.
     scripted_plateaus(monkeypatch, {1: 3.0, 2: 3.1, 3: 2.0, 4: 2.2, 5: 2.1, 6: 2.3, 7: 2.4,
@@ -738,6 +738,10 @@ def test_lr_patience_divides_the_rate_only_after_that_many_stale_epochs(synth, t
         0.01, 0.01, 0.01, 0.01, 0.01, 0.0025, 0.0025, 0.000625]
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert cfg["lr_patience"] == 2
+    printed = said()
+    assert "no improvement 1/2; learning rate stays 0.01" in printed
+    assert "no improvement 2/2; learning rate now 0.0025" in printed
+    assert rundir.RunDir(tmp_path / "run").training_record()["lr_patience"] == 2
 
 
 def test_constant_rate_and_no_patience(synth, tmp_path, monkeypatch):
@@ -914,8 +918,8 @@ def test_resume_applies_what_may_change_and_refuses_the_rest(text, tmp_path, cap
     # A setting that decides the model, its data or its batches: refused, nothing written.
     for flags, line in ((["--units", "7"], "--units 7: the run in {out} was trained with "
                          "--units 12, which a resumed run cannot change (only --epochs, "
-                         "--learning-rate, --lr-decay, --patience, --clipnorm, --max-minutes "
-                         "can); drop the flag or start a new run"),
+                         "--learning-rate, --lr-decay, --lr-patience, --patience, --clipnorm, "
+                         "--max-minutes can); drop the flag or start a new run"),
                         (["--no-pack"], "--no-pack: the run in {out} was trained with "
                          "no --no-pack, which a resumed run cannot change")):
         assert main(["train", str(text), "--out", str(out), "--resume", "--epochs", "2",

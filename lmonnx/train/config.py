@@ -137,11 +137,12 @@ class TrainConfig:
     tail_div: int | None = _setting(None, "--tail-div", "--softmax adaptive: tail cluster k "
                                     "is scored from a projection --units / DIV**(k+1) wide "
                                     "(default: 4, PyTorch's div_value; 1: as wide as the "
-                                    "LSTM)", "int", low=1)
+                                    "LSTM; not with --tie-tails)", "int", low=1)
     tie_tails: bool = _setting(False, "--tie-tails", "--softmax adaptive: score each tail "
                                "word with its embedding row, as the head does (tied), instead "
-                               "of a narrower projection and matrix of the tail's own; a tail "
-                               "word then costs --units multiply-adds", "bool")
+                               "of a projection and matrix of the tail's own (not with "
+                               "--tail-div); a tail word then costs --units multiply-adds",
+                               "bool")
 
     def validate(self) -> None:
         """``InvalidArgumentError`` / ``ArgumentTypeError`` naming the flag of the first
@@ -188,15 +189,15 @@ class TrainConfig:
         if self.cutoffs is not None and self.softmax != "adaptive":
             raise InvalidArgumentError("--cutoffs splits the adaptive softmax's vocabulary: "
                                        "it needs --softmax adaptive")
+        if self.tie_tails and self.tail_div is not None:
+            raise InvalidArgumentError("--tail-div sets the width of untied tails; tied tails "
+                                       "(--tie-tails) are --units wide: drop one of the two")
         if self.tail_div is not None and self.softmax != "adaptive":
             raise InvalidArgumentError("--tail-div sets the adaptive softmax's tail widths: "
                                        "it needs --softmax adaptive")
         if self.tie_tails and self.softmax != "adaptive":
             raise InvalidArgumentError("--tie-tails ties the adaptive softmax's tail clusters "
                                        "to the embedding: it needs --softmax adaptive")
-        if self.tie_tails and self.tail_div is not None:
-            raise InvalidArgumentError("--tail-div sets the width of untied tails; tied tails "
-                                       "(--tie-tails) are --units wide: drop one of the two")
         return dataclasses.replace(self, **values)
 
     def unusual_learning_rate(self) -> str | None:
@@ -266,6 +267,8 @@ def _shown(name: str, value) -> str:
     if isinstance(value, bool):
         default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
         return flag_of(name) if value != default else f"no {flag_of(name)}"
+    if value is None:  # the recipe's or the model's own choice: no flag was given
+        return f"no {flag_of(name)}"
     return f"{flag_of(name)} {value}"
 
 

@@ -14,7 +14,8 @@
            --> weights
            --validate: whole sentences from the zero state (a long one in windows that carry
            the LSTM state), token-weighted exp(sum NLL / tokens)
-           --end_epoch: best so far -> model.keras; no improvement: learning rate / lr_decay;
+           --end_epoch: best so far -> model.keras; lr_patience epochs without improvement:
+             learning rate / lr_decay;
            patience epochs without one, or no time left in max_minutes: stop; checkpoint,
            history.json, curve
 
@@ -338,8 +339,13 @@ class TrainingRun:
                 out_of_time: bool) -> None:
         valid = (f"valid ppl {_ppl(record.valid_perplexity)}" if self.valid_items is not None
                  else "no validation set")
+        rate = self.history.learning_rate
+        changed = "now" if rate != record.learning_rate else "stays"
+        patience = self.config.lr_patience  # "2/3": the stale epochs counted toward an anneal
+        counted = record.epochs_without_improvement % patience or patience
+        stale = f" {counted}/{patience}" if patience > 1 else ""
         after = ("  *best" if improved else
-                 f"  (no improvement; learning rate now {self.history.learning_rate:.3g})"
+                 f"  (no improvement{stale}; learning rate {changed} {rate:.3g})"
                  if self.config.lr_decay != 1 else "  (no improvement)")
         log.info(f"epoch {record.epoch}/{self.config.epochs}: {self.config.optimizer} at "
                  f"learning rate {record.learning_rate:.3g}, train loss "
