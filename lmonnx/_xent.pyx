@@ -136,8 +136,7 @@ def masked_token_stats(logits, labels, mask=None, bint want_hits=False, bint wan
                        num_threads=None):
     """``masked_token_nll``'s ``(nll, hits)`` and, when ``want_max``, each row's maximum
     logit, float32 [...] (-inf where the mask is 0; unspecified for a row holding a NaN,
-    whose NLL is NaN), else None:
-    the same single pass over the logits."""
+    whose NLL is NaN), else None: all from the same single pass over the logits."""
     logits = _as_logits(logits)
     shape = logits.shape[:-1]
     cdef int64_t V = logits.shape[-1]

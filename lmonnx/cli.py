@@ -125,8 +125,8 @@ def _arguments_train(p: argparse.ArgumentParser) -> None:
     start.add_argument("--resume", action="store_true",
                        help="continue the run in --out with its settings; a larger --epochs "
                             "extends a finished one, and --epochs, --learning-rate, "
-                            "--lr-decay, --lr-patience, --patience, --clipnorm and --max-minutes may "
-                            "change")
+                            "--lr-decay, --lr-patience, --patience, --clipnorm and "
+                            "--max-minutes may change")
     start.add_argument("--force", action="store_true",
                        help="start over in an existing --out, deleting only the files its run "
                             "lists in lmonnx-run.json")

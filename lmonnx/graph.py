@@ -250,15 +250,13 @@ def tail_cluster_model(k: int, projection: np.ndarray, kernel: np.ndarray,
     hidden = helper.make_tensor_value_info("hidden", TensorProto.FLOAT,
                                            ["rows", projection.shape[0]])
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", kernel.shape[1]])
-    arrays = [("kernel", kernel), ("bias", bias)]
-    nodes = [helper.make_node("MatMul", ["hidden", "kernel"], ["product"]),
-             helper.make_node("Add", ["product", "bias"], ["logits"])]
     # A tied tail's projection is the identity (``--tie-tails``): multiplying by it changes
     # no number, so the session skips it.
-    if not np.array_equal(projection, np.eye(*projection.shape, dtype=projection.dtype)):
-        arrays.append(("projection", projection))
-        nodes = [helper.make_node("MatMul", ["hidden", "projection"], ["projected"]),
-                 helper.make_node("MatMul", ["projected", "kernel"], ["product"]), nodes[1]]
+    projected = not np.array_equal(projection, np.eye(*projection.shape, dtype=projection.dtype))
+    arrays = [("kernel", kernel), ("bias", bias)] + [("projection", projection)] * projected
+    nodes = [helper.make_node("MatMul", ["hidden", "projection"], ["projected"])] * projected + [
+        helper.make_node("MatMul", ["projected" if projected else "hidden", "kernel"], ["product"]),
+        helper.make_node("Add", ["product", "bias"], ["logits"])]
     weights = [numpy_helper.from_array(np.ascontiguousarray(a, np.float32), n)
                for n, a in arrays]
     graph = helper.make_graph(nodes, f"lmonnx_tail_{k}", [hidden], [logits], weights)

@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, NamedTuple
 
@@ -58,6 +56,7 @@ from lmonnx.errors import (ArgumentTypeError, ArtifactError, CorpusError, Invali
 from lmonnx.evaluate import lookahead_chunks
 from lmonnx.examples import Example, ExampleBuilder
 from lmonnx.metrics import perplexity_of
+from lmonnx.native_stderr import native_stderr_silenced
 from lmonnx.scorer import Scorer, SentenceScore
 from lmonnx.validation import check_int, check_real
 from lmonnx.vocab import UNK_ID
@@ -78,28 +77,6 @@ def _kenlm_module():
     return kenlm
 
 
-@contextmanager
-def _kenlm_console_silenced() -> Iterator[None]:
-    """KenLM's loader writes to file descriptor 2 from C++ (an ARPA file's "faster if you
-    build a binary file" and a progress bar), which would precede lmonnx's one-line error for
-    a file it cannot load: fd 2 points at /dev/null while the block runs (not a thread's
-    business: models load before any scoring starts).  Where fd 2 cannot be duplicated
-    (closed), nothing is redirected."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def load_kenlm(path):
     """The ``kenlm.Model`` at ``path`` (ARPA or KenLM binary).
 
@@ -117,7 +94,9 @@ def load_kenlm(path):
     if not os.path.exists(path):
         raise PathNotFoundError(f"KenLM model not found: {path}")
     try:
-        with _kenlm_console_silenced():
+        # KenLM's loader writes to fd 2 from C++ (an ARPA file's "faster if you build a binary
+        # file" and a progress bar), which would precede the one-line error below
+        with native_stderr_silenced():
             return kenlm.Model(path)
     except Exception as exc:  # kenlm raises OSError for a bad ARPA, others for other damage
         raise ArtifactError(f"{path}: kenlm cannot load it: {first_line(exc)}") from None

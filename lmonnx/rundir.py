@@ -80,8 +80,7 @@ STDIN_CORPUS = "<stdin>"
 
 TRAINING_RECORD_SETTINGS = ("recipe", "epochs", "batch_size", "optimizer", "learning_rate",
                             "clipnorm", "dropout", "seed", "pack", "lr_decay", "lr_patience",
-                            "patience",
-                            "holdout", "max_minutes")
+                            "patience", "holdout", "max_minutes")
 
 __all__ = ["RUN_FORMAT", "MANIFEST_FILE", "CONFIG_FILE", "VOCAB_FILE", "MODEL_FILE",
            "HISTORY_FILE", "CURVE_FILE", "FIXED_FILES", "STDIN_CORPUS", "RunDirError", "RunDir",
